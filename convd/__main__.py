@@ -1,0 +1,3 @@
+from convd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,190 @@
+"""Command line: ``run``, ``inspect``, ``convert``, ``check-config``, ``status``, ``--version``.
+
+Exit codes follow the contract: 0 success, 1 failure or unsafe input, 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from convd import __version__
+from convd.config import Config, default_config, dump, load, resolve_config_path
+from convd.errors import ConfigError, ItemError
+
+__all__ = ["main"]
+
+
+def _load_config(arg: str | None, *, optional: bool) -> Config:
+    path = resolve_config_path(arg)
+    if optional and arg is None and not os.path.exists(path):
+        return default_config()
+    return load(path)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import anyio
+
+    from convd import logs
+    from convd.app import Daemon
+
+    try:
+        cfg = _load_config(args.config, optional=False)
+    except ConfigError as exc:
+        print(f"convd: {exc}", file=sys.stderr)
+        return 1
+    logs.setup(cfg.log.format, cfg.log.level)
+    import structlog
+
+    log = structlog.get_logger("convd")
+    try:
+        anyio.run(Daemon(cfg).run)
+    except ConfigError as exc:
+        log.error("cannot start", error=str(exc))
+        print(f"convd: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from convd.inspection import inspect_path
+
+    out: dict[str, Any] = {"file": args.file}
+    rc = 0
+    try:
+        insp = inspect_path(args.file)
+        out.update(format=insp.format, virtual_size=insp.virtual_size, size=insp.size,
+                   safe=True, reasons=[], matched=insp.matched)
+    except ItemError as exc:
+        out.update(safe=False, code=exc.code, reasons=[exc.message])
+        rc = 1
+    except OSError as exc:
+        out.update(safe=False, code="unreadable", reasons=[f"{exc.strerror}: {args.file}"])
+        rc = 1
+    if args.json:
+        print(json.dumps(out, indent=2))
+    elif out["safe"]:
+        print(f"{args.file}: {out['format']}, virtual size {out['virtual_size']} bytes, "
+              f"file size {out['size']} bytes: safe")
+    else:
+        print(f"{args.file}: unsafe ({out['code']}): {'; '.join(out['reasons'])}")
+    return rc
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import anyio
+
+    from convd import logs
+    from convd.single import convert_one
+
+    try:
+        cfg = _load_config(args.config, optional=True)
+    except ConfigError as exc:
+        print(f"convd: {exc}", file=sys.stderr)
+        return 1
+    logs.setup("console" if sys.stderr.isatty() else cfg.log.format, "warning")
+    try:
+        rec = anyio.run(convert_one, cfg, Path(args.src), Path(args.dst), args.to)
+    except ConfigError as exc:
+        print(f"convd: {exc}", file=sys.stderr)
+        return 1
+    if rec["status"] == "failed":
+        print(f"convd: {rec['error']['code']}: {rec['error']['message']}", file=sys.stderr)
+        return 1
+    print(json.dumps(rec, indent=2))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        cfg = _load_config(args.config, optional=False)
+    except ConfigError as exc:
+        print(f"convd: invalid configuration: {exc}", file=sys.stderr)
+        return 1
+    print(f"# effective configuration from {cfg.source}")
+    print(_toml(dump(cfg)))
+    return 0
+
+
+def _toml(data: dict[str, Any]) -> str:
+    lines = []
+    for section, body in data.items():
+        lines.append(f"[{section}]")
+        tables = {}
+        for k, v in body.items():
+            if isinstance(v, dict):
+                tables[k] = v
+            else:
+                lines.append(f"{k} = {json.dumps(v)}")
+        for k, v in tables.items():
+            inner = ", ".join(f"{json.dumps(kk)} = {json.dumps(vv)}" for kk, vv in v.items())
+            lines.append(f"{k} = {{{inner}}}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from convd.status import read_status, render
+
+    try:
+        cfg = _load_config(args.config, optional=False)
+    except ConfigError as exc:
+        print(f"convd: {exc}", file=sys.stderr)
+        return 1
+    st = read_status(cfg)
+    if args.json:
+        print(json.dumps(st, indent=2))
+    else:
+        print(render(st, now=time.time()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="convd", description="Safe disk image conversion daemon")
+    p.add_argument("--version", action="version", version=f"convd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("-c", "--config", help="config file (default: $CONVD_CONFIG, then /etc/convd/convd.toml)")
+
+    r = sub.add_parser("run", help="run the daemon in the foreground")
+    with_config(r)
+    r.set_defaults(func=cmd_run)
+
+    i = sub.add_parser("inspect", help="safe format detection; never runs qemu-img")
+    i.add_argument("file")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+
+    c = sub.add_parser("convert", help="one image through the same stages as the daemon")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--to", metavar="FMT", help="target format (default: the config's target_format)")
+    with_config(c)
+    c.set_defaults(func=cmd_convert)
+
+    k = sub.add_parser("check-config", help="validate and print the effective configuration")
+    with_config(k)
+    k.set_defaults(func=cmd_check_config)
+
+    s = sub.add_parser("status", help="queue, in-flight items, reserved space, counters")
+    with_config(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

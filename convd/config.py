@@ -1,0 +1,378 @@
+"""Configuration: a frozen dataclass tree, loaded and validated once from TOML.
+
+Every key has a default; an unknown key, a wrong type or an impossible value
+raises :class:`ConfigError` with a message naming the key.  SIGHUP swaps the
+whole tree for a freshly loaded one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from convd.errors import ConfigError
+
+__all__ = [
+    "ALLOWED_SOURCE_FORMATS",
+    "Config",
+    "DEFAULT_CONFIG_PATH",
+    "TARGET_FORMATS",
+    "default_config",
+    "dump",
+    "load",
+    "parse_duration",
+    "parse_size",
+    "resolve_config_path",
+]
+
+DEFAULT_CONFIG_PATH = "/etc/convd/convd.toml"
+TARGET_FORMATS = ("raw", "qcow2", "vmdk", "vdi", "vpc", "vhdx")
+ALLOWED_SOURCE_FORMATS = ("raw", "gpt", "iso", "qcow2", "vmdk", "vdi", "vpc", "vhdx", "qed")
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "t": 1000**4, "tb": 1000**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4, "pib": 1024**5,
+}
+_DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+_NUM_UNIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: Any, key: str = "size") -> int:
+    """``123``, ``"512MiB"``, ``"10GB"`` → bytes."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a size (bytes or a string like '2GiB'), got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{key}: must not be negative, got {value}")
+        return value
+    if isinstance(value, str):
+        m = _NUM_UNIT.match(value)
+        if m and m.group(2).lower() in _SIZE_UNITS:
+            return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    raise ConfigError(f"{key}: expected a size (bytes or a string like '2GiB'), got {value!r}")
+
+
+def parse_duration(value: Any, key: str = "duration") -> float:
+    """``30``, ``2.5``, ``"30s"``, ``"10m"``, ``"6h"`` → seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a duration (seconds or a string like '30s'), got {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ConfigError(f"{key}: must not be negative, got {value}")
+        return float(value)
+    if isinstance(value, str):
+        m = _NUM_UNIT.match(value)
+        if m and m.group(2).lower() in _DURATION_UNITS:
+            return float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
+    raise ConfigError(f"{key}: expected a duration (seconds or a string like '30s'), got {value!r}")
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    root: Path = Path("/var/lib/convd")
+    incoming: Path = Path("/var/lib/convd/incoming")
+    work: Path = Path("/var/lib/convd/work")
+    outgoing: Path = Path("/var/lib/convd/outgoing")
+    failed: Path = Path("/var/lib/convd/failed")
+    # Names this daemon's claim directory under work/; several daemons on one
+    # spool need distinct ones.  Defaults to the host name.
+    instance: str = ""
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    target_format: str = "raw"
+    allowed_formats: tuple[str, ...] = ALLOWED_SOURCE_FORMATS[:-1]
+    max_workers: int = 2
+    timeout: float = 6 * 3600.0
+    max_attempts: int = 3
+    retry_backoff: float = 5.0
+    # Extra qemu-img convert arguments per source format ("*" for all),
+    # replacing convd's tuned defaults for that format.
+    qemu_args: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    # Resource limits for `qemu-img info` on an unvetted file.
+    cpu_time: float = 30.0
+    address_space: int = 1024**3
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    workspace: int = 100 * 1024**3
+    min_free: int = 2 * 1024**3
+    max_virtual_size: int = 4 * 1024**4
+    # "auto" probes the spool filesystem at start-up; true/false overrides.
+    sparse: str = "auto"
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    settle: float = 2.0
+    force_polling: bool = False
+    rescan_interval: float = 30.0
+
+
+@dataclass(frozen=True)
+class ChecksumConfig:
+    algorithms: tuple[str, ...] = ("sha256",)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str = "json"
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = "127.0.0.1:9464"
+
+
+@dataclass(frozen=True)
+class Config:
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
+    checksum: ChecksumConfig = field(default_factory=ChecksumConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    source: Path | None = None  # the file it was loaded from
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        if not self.metrics.listen:
+            return None
+        host, _, port = self.metrics.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    def qemu_args_for(self, source_format: str) -> tuple[str, ...] | None:
+        table = dict(self.convert.qemu_args)
+        if source_format in table:
+            return table[source_format]
+        return table.get("*")
+
+
+def _expect(section: str, key: str, value: Any, kind: type | tuple[type, ...], what: str) -> Any:
+    if isinstance(value, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise ConfigError(f"[{section}] {key}: expected {what}, got {value!r}")
+    if not isinstance(value, kind):
+        raise ConfigError(f"[{section}] {key}: expected {what}, got {value!r}")
+    return value
+
+
+def _str_list(section: str, key: str, value: Any) -> tuple[str, ...]:
+    _expect(section, key, value, list, "a list of strings")
+    for v in value:
+        _expect(section, key, v, str, "a list of strings")
+    return tuple(value)
+
+
+def _one_of(section: str, key: str, value: Any, choices: tuple[str, ...]) -> str:
+    _expect(section, key, value, str, f"one of {', '.join(choices)}")
+    if value not in choices:
+        raise ConfigError(f"[{section}] {key}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _positive(section: str, key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"[{section}] {key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _build(raw: dict[str, Any], base: Path) -> Config:
+    sections = {f.name for f in dataclasses.fields(Config) if f.name != "source"}
+    for name, body in raw.items():
+        if name not in sections:
+            raise ConfigError(f"unknown section [{name}] (known: {', '.join(sorted(sections))})")
+        if not isinstance(body, dict):
+            raise ConfigError(f"[{name}]: expected a table, got {body!r}")
+
+    def section(name: str, cls: type) -> dict[str, Any]:
+        body = dict(raw.get(name, {}))
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in body:
+            if key not in known:
+                raise ConfigError(f"unknown key [{name}] {key} (known: {', '.join(sorted(known))})")
+        return body
+
+    def path(v: Any, key: str) -> Path:
+        _expect("spool", key, v, str, "a path")
+        if not v:
+            raise ConfigError(f"[spool] {key}: must not be empty")
+        p = Path(v)
+        return (p if p.is_absolute() else base / p).resolve()
+
+    s = section("spool", SpoolConfig)
+    root = path(s.get("root", "/var/lib/convd"), "root")
+    instance = _expect("spool", "instance", s.get("instance", socket.gethostname()), str, "a string")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", instance or ""):
+        raise ConfigError(f"[spool] instance: {instance!r} must be 1-64 of [A-Za-z0-9_.-], not starting with . or -")
+    spool = SpoolConfig(
+        root=root,
+        incoming=path(s["incoming"], "incoming") if "incoming" in s else root / "incoming",
+        work=path(s["work"], "work") if "work" in s else root / "work",
+        outgoing=path(s["outgoing"], "outgoing") if "outgoing" in s else root / "outgoing",
+        failed=path(s["failed"], "failed") if "failed" in s else root / "failed",
+        instance=instance,
+    )
+    dirs = [spool.incoming, spool.work, spool.outgoing, spool.failed]
+    if len(set(dirs)) != 4:
+        raise ConfigError("[spool]: incoming, work, outgoing and failed must be four different directories")
+
+    c = section("convert", ConvertConfig)
+    d = ConvertConfig()
+    target = _one_of("convert", "target_format", c.get("target_format", d.target_format), TARGET_FORMATS)
+    allowed = _str_list("convert", "allowed_formats", list(c.get("allowed_formats", d.allowed_formats)))
+    for fmt in allowed:
+        if fmt not in ALLOWED_SOURCE_FORMATS:
+            raise ConfigError(
+                f"[convert] allowed_formats: {fmt!r} is not one of {', '.join(ALLOWED_SOURCE_FORMATS)}"
+            )
+    workers = _expect("convert", "max_workers", c.get("max_workers", d.max_workers), int, "an integer")
+    if not 1 <= workers <= 256:
+        raise ConfigError(f"[convert] max_workers: must be between 1 and 256, got {workers}")
+    attempts = _expect("convert", "max_attempts", c.get("max_attempts", d.max_attempts), int, "an integer")
+    if not 1 <= attempts <= 100:
+        raise ConfigError(f"[convert] max_attempts: must be between 1 and 100, got {attempts}")
+    timeout = parse_duration(c.get("timeout", d.timeout), "[convert] timeout")
+    _positive("convert", "timeout", timeout)
+    backoff = parse_duration(c.get("retry_backoff", d.retry_backoff), "[convert] retry_backoff")
+    qargs_raw = c.get("qemu_args", {})
+    _expect("convert", "qemu_args", qargs_raw, dict, "a table of format = [arguments]")
+    qargs = []
+    for fmt, args in qargs_raw.items():
+        if fmt != "*" and fmt not in ALLOWED_SOURCE_FORMATS:
+            raise ConfigError(f"[convert] qemu_args: {fmt!r} is not a source format or '*'")
+        args = _str_list("convert", f"qemu_args.{fmt}", args)
+        for a in args:
+            if a in ("-f", "-O", "-o", "-p", "-U", "--image-opts", "--target-image-opts") or a.startswith("-o"):
+                raise ConfigError(f"[convert] qemu_args.{fmt}: {a!r} is set by convd and cannot be overridden")
+        qargs.append((fmt, args))
+    convert = ConvertConfig(
+        target_format=target, allowed_formats=allowed, max_workers=workers, timeout=timeout,
+        max_attempts=attempts, retry_backoff=backoff, qemu_args=tuple(qargs),
+    )
+
+    dt = section("detect", DetectConfig)
+    dd = DetectConfig()
+    cpu = parse_duration(dt.get("cpu_time", dd.cpu_time), "[detect] cpu_time")
+    _positive("detect", "cpu_time", cpu)
+    aspace = parse_size(dt.get("address_space", dd.address_space), "[detect] address_space")
+    if aspace < 64 * 1024**2:
+        raise ConfigError(f"[detect] address_space: must be at least 64MiB, got {aspace}")
+    detect = DetectConfig(cpu_time=cpu, address_space=aspace)
+
+    lm = section("limits", LimitsConfig)
+    ld = LimitsConfig()
+    workspace = parse_size(lm.get("workspace", ld.workspace), "[limits] workspace")
+    _positive("limits", "workspace", workspace)
+    sparse = lm.get("sparse", ld.sparse)
+    if isinstance(sparse, bool):
+        sparse = "true" if sparse else "false"
+    sparse = _one_of("limits", "sparse", sparse, ("auto", "true", "false"))
+    limits = LimitsConfig(
+        workspace=workspace,
+        min_free=parse_size(lm.get("min_free", ld.min_free), "[limits] min_free"),
+        max_virtual_size=parse_size(lm.get("max_virtual_size", ld.max_virtual_size), "[limits] max_virtual_size"),
+        sparse=sparse,
+    )
+    _positive("limits", "max_virtual_size", limits.max_virtual_size)
+
+    w = section("watch", WatchConfig)
+    wd = WatchConfig()
+    rescan = parse_duration(w.get("rescan_interval", wd.rescan_interval), "[watch] rescan_interval")
+    _positive("watch", "rescan_interval", rescan)
+    watch = WatchConfig(
+        settle=parse_duration(w.get("settle", wd.settle), "[watch] settle"),
+        force_polling=_expect("watch", "force_polling", w.get("force_polling", wd.force_polling), bool, "true or false"),
+        rescan_interval=rescan,
+    )
+
+    ck = section("checksum", ChecksumConfig)
+    algos = _str_list("checksum", "algorithms", list(ck.get("algorithms", ChecksumConfig().algorithms)))
+    for a in algos:
+        if a not in hashlib.algorithms_available or a.startswith("shake"):
+            raise ConfigError(f"[checksum] algorithms: {a!r} is not a fixed-length hashlib algorithm")
+    checksum = ChecksumConfig(algorithms=algos)
+
+    lg = section("log", LogConfig)
+    log = LogConfig(
+        format=_one_of("log", "format", lg.get("format", "json"), ("json", "console")),
+        level=_one_of("log", "level", str(lg.get("level", "info")).lower(), ("debug", "info", "warning", "error")),
+    )
+
+    mt = section("metrics", MetricsConfig)
+    listen = _expect("metrics", "listen", mt.get("listen", MetricsConfig().listen), str, "'host:port' or ''")
+    if listen:
+        host, sep, port = listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError(f"[metrics] listen: expected 'host:port' or '', got {listen!r}")
+    metrics = MetricsConfig(listen=listen)
+
+    return Config(spool=spool, convert=convert, detect=detect, limits=limits, watch=watch,
+                  checksum=checksum, log=log, metrics=metrics)
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Load and validate a config file; relative paths resolve against its directory."""
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    cfg = _build(raw, p.resolve().parent)
+    return dataclasses.replace(cfg, source=p.resolve())
+
+
+def default_config() -> Config:
+    """Built-in defaults (``inspect`` and ``convert`` use them without a file)."""
+    return _build({}, Path.cwd())
+
+
+def resolve_config_path(arg: str | None) -> str:
+    return arg or os.environ.get("CONVD_CONFIG") or DEFAULT_CONFIG_PATH
+
+
+def dump(cfg: Config) -> dict[str, Any]:
+    """The effective configuration as plain data (for ``check-config``)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, tuple):
+            if v and all(isinstance(x, tuple) and len(x) == 2 for x in v):
+                return {k: plain(x) for k, x in v}
+            return [plain(x) for x in v]
+        return v
+
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        if f.name == "source":
+            continue
+        sect = getattr(cfg, f.name)
+        out[f.name] = {sf.name: plain(getattr(sect, sf.name)) for sf in dataclasses.fields(sect)}
+    return out

@@ -1,0 +1,147 @@
+"""Every durable write and move convd makes on spool files goes through here.
+
+Write: ``O_EXCL`` temp in the destination directory, write, ``fsync``,
+close, rename (never replacing unless asked), ``fsync`` the directory.
+Move: ``renameat2(RENAME_NOREPLACE)`` (hard link + unlink where the
+filesystem lacks it), then ``fsync`` both directories.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "TEMP_SUFFIX",
+    "fsync_dir",
+    "fsync_file",
+    "move",
+    "remove_tree",
+    "write_bytes",
+    "write_json",
+]
+
+TEMP_SUFFIX = ".tmp"
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_renameat2 = getattr(_libc, "renameat2", None)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rename_noreplace(src: str, dst: str) -> None:
+    """Atomic rename that fails with ``FileExistsError`` instead of replacing."""
+    if _renameat2 is not None:
+        rc = _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
+        if rc == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), src, None, dst)
+    # NFS and older kernels: a hard link is the portable no-replace rename for
+    # regular files.  Anything else is only ever moved by convd into its own
+    # directories, so a checked rename cannot race a second writer there.
+    if os.path.isfile(src) and not os.path.islink(src):
+        os.link(src, dst, follow_symlinks=False)
+        os.unlink(src)
+        return
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
+    os.rename(src, dst)
+
+
+def move(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
+         replace: bool = False, sync: bool = True) -> None:
+    """Rename ``src`` to ``dst`` durably; ``FileExistsError`` if ``dst`` exists and not ``replace``."""
+    s, d = os.fspath(src), os.fspath(dst)
+    if replace:
+        os.rename(s, d)
+    else:
+        _rename_noreplace(s, d)
+    if sync:
+        sdir, ddir = os.path.dirname(s), os.path.dirname(d)
+        fsync_dir(ddir)
+        if sdir != ddir:
+            fsync_dir(sdir)
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes, *, replace: bool = False,
+                mode: int = 0o644, sync: bool = True) -> None:
+    """Durably create ``path`` with ``data``; readers see all of it or nothing.
+
+    ``sync=False`` keeps the atomicity but skips the fsyncs, for files that
+    may be lost in a crash (the status snapshot).
+    """
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if sync:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    try:
+        move(tmp, p, replace=replace, sync=sync)
+    except BaseException:
+        with _suppress_missing():
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike[str], obj: Any, *, replace: bool = False,
+               sync: bool = True) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode(), replace=replace, sync=sync)
+
+
+class _suppress_missing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, et: Any, ev: Any, tb: Any) -> bool:
+        return et is not None and issubclass(et, FileNotFoundError)
+
+
+def remove_tree(path: str | os.PathLike[str]) -> None:
+    """Remove a per-item work directory (files only one level deep)."""
+    p = os.fspath(path)
+    try:
+        names = os.listdir(p)
+    except FileNotFoundError:
+        return
+    for n in names:
+        full = os.path.join(p, n)
+        if os.path.isdir(full) and not os.path.islink(full):
+            remove_tree(full)
+        else:
+            with _suppress_missing():
+                os.unlink(full)
+    with _suppress_missing():
+        os.rmdir(p)

@@ -1,0 +1,82 @@
+"""The error hierarchy: each leaf carries the record's stable ``error.code``.
+
+Stages raise these; the runner turns them into ``failed/`` records without
+mapping strings.  Anything else that escapes a stage is a bug in convd and
+never costs the source its bytes.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "ConvdError",
+    "ConvertFailed",
+    "CorruptImage",
+    "FormatMismatch",
+    "ItemError",
+    "NameConflict",
+    "NotRegularFile",
+    "Timeout",
+    "TooLarge",
+    "TransientError",
+    "UnsafeImage",
+    "UnsupportedFormat",
+]
+
+
+class ConvdError(Exception):
+    """Base of every error convd raises on purpose."""
+
+
+class ConfigError(ConvdError):
+    """The configuration is invalid; the message names the key."""
+
+
+class ItemError(ConvdError):
+    """An input is rejected: it goes to ``failed/`` with this code."""
+
+    code = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class UnsafeImage(ItemError):
+    code = "unsafe_image"
+
+
+class UnsupportedFormat(ItemError):
+    code = "unsupported_format"
+
+
+class CorruptImage(ItemError):
+    code = "corrupt_image"
+
+
+class FormatMismatch(ItemError):
+    code = "format_mismatch"
+
+
+class TooLarge(ItemError):
+    code = "too_large"
+
+
+class NotRegularFile(ItemError):
+    code = "not_regular_file"
+
+
+class NameConflict(ItemError):
+    code = "name_conflict"
+
+
+class ConvertFailed(ItemError):
+    code = "convert_failed"
+
+
+class Timeout(ItemError):
+    code = "timeout"
+
+
+class TransientError(ConvdError):
+    """A failure worth retrying (ENOSPC, EIO, a killed qemu-img)."""

@@ -1,0 +1,178 @@
+"""Safe, pure-Python image inspection: the gate before qemu-img sees a file.
+
+Built on oslo.utils' ``format_inspector`` (the inspector Glance, Nova and
+Cinder use).  We add only what it leaves to its callers: opening without
+following links or blocking, the ISO+GPT hybrid rule, the fixed-VHD footer
+(which the inspector reads as raw), and messages an operator can act on.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from oslo_utils.imageutils import format_inspector as fi
+
+from convd.errors import CorruptImage, NotRegularFile, UnsafeImage, UnsupportedFormat
+
+__all__ = ["RAW_FAMILY", "Inspection", "inspect_fd", "inspect_path", "open_regular"]
+
+RAW_FAMILY = frozenset({"raw", "gpt", "iso"})
+_QEMU_NAME = {"vhd": "vpc"}  # the inspector's names → qemu-img's
+_CHUNK = 1 << 20
+_VHD_FOOTER = 512
+
+# The inspector logs every failed check at WARNING; we report them ourselves.
+logging.getLogger(fi.__name__).setLevel(logging.CRITICAL)
+
+
+@dataclass
+class Inspection:
+    format: str  # qemu-img's name, or gpt / iso for raw-family images
+    virtual_size: int
+    size: int
+    matched: list[str] = field(default_factory=list)
+    vhd_fixed: bool = False
+
+    @property
+    def qemu_format(self) -> str:
+        """The ``-f`` value qemu-img must be given."""
+        return "raw" if self.format in RAW_FAMILY else self.format
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "virtual_size": self.virtual_size, "size": self.size}
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISLNK, "a symlink"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISCHR, "a character device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_regular(path: str | os.PathLike[str]) -> int:
+    """Open a regular file read-only, never following a link or blocking on a FIFO."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise
+    if not stat.S_ISREG(st.st_mode):
+        raise NotRegularFile(f"{_kind(st.st_mode)}, not a regular file")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotRegularFile("a symlink, not a regular file") from None
+        raise
+    st2 = os.fstat(fd)
+    if not stat.S_ISREG(st2.st_mode) or (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        raise NotRegularFile(f"{_kind(st2.st_mode)} swapped in for a regular file")
+    return fd
+
+
+def _backing_name(fd: int) -> str:
+    """The qcow2 backing file name, for the error message only (bounded read)."""
+    try:
+        head = os.pread(fd, 20, 0)
+        offset, length = struct.unpack(">QI", head[8:20])
+        if 0 < length <= 1023:
+            return os.pread(fd, length, offset).decode(errors="replace")
+    except (OSError, struct.error):
+        pass
+    return "?"
+
+
+def _fixed_vhd(fd: int, size: int) -> int | None:
+    """Virtual size of a fixed VHD (a ``conectix`` footer at the end only), else None."""
+    if size < 2 * _VHD_FOOTER:
+        return None
+    footer = os.pread(fd, _VHD_FOOTER, size - _VHD_FOOTER)
+    if not footer.startswith(b"conectix"):
+        return None
+    disk_type = struct.unpack(">I", footer[60:64])[0]
+    if disk_type != 2:  # 2 = fixed; a dynamic footer copy belongs at offset 0
+        raise CorruptImage(f"VHD footer at the end names disk type {disk_type}, not fixed")
+    return struct.unpack(">Q", footer[48:56])[0]
+
+
+def _describe_failures(fmt: str, fd: int, exc: fi.SafetyCheckFailed) -> str:
+    parts = []
+    for name, failure in exc.failures.items():
+        text = str(failure) or name
+        if name == "backing_file":
+            text = f"{fmt} backing file points to {_backing_name(fd)}"
+        elif name == "data_file":
+            text = f"{fmt} names an external data file"
+        parts.append(text)
+    return "; ".join(parts)
+
+
+def inspect_fd(fd: int) -> Inspection:
+    """Detect and safety-check an open regular file.
+
+    Raises ``UnsafeImage``, ``UnsupportedFormat`` or ``CorruptImage``.
+    """
+    size = os.fstat(fd).st_size
+    reader = open(fd, "rb", buffering=0, closefd=False)  # noqa: SIM115 - closed below
+    wrapper = fi.InspectWrapper(reader)
+    try:
+        # Stops as soon as every inspector has decided; a VMDK with its grain
+        # directory in a footer is read to the end, as the inspector requires.
+        while wrapper.read(_CHUNK):
+            if wrapper.formats is not None:
+                break
+    finally:
+        wrapper.close()
+        reader.close()
+    try:
+        matches = wrapper.formats or []
+    except fi.ImageFormatError as exc:
+        raise CorruptImage(f"cannot parse image header: {exc}") from None
+    names = sorted(_QEMU_NAME.get(str(m), str(m)) for m in matches)
+    if len(matches) > 1:
+        if set(names) == {"gpt", "iso"}:
+            # A hybrid ISO (bootable from disk too): raw-family, both views agree.
+            matches = [m for m in matches if str(m) == "iso"]
+        else:
+            raise UnsafeImage(f"several formats detected at once: {', '.join(names)} "
+                              "(one header hidden inside another)")
+    insp = matches[0] if matches else None
+    fmt = _QEMU_NAME.get(str(insp), str(insp)) if insp is not None else "raw"
+    if insp is not None:
+        try:
+            insp.safety_check()
+        except fi.SafetyCheckFailed as exc:
+            if set(exc.failures) == {"banned"}:
+                raise UnsupportedFormat(f"{fmt} images are not supported") from None
+            raise UnsafeImage(f"{fmt} failed safety checks: {_describe_failures(fmt, fd, exc)}") from None
+        except fi.ImageFormatError as exc:
+            raise CorruptImage(f"{fmt} header cannot be parsed: {exc}") from None
+    result = Inspection(format=fmt, virtual_size=size, size=size, matched=names)
+    if fmt == "raw":
+        vhd_size = _fixed_vhd(fd, size)
+        if vhd_size is not None:
+            result.format, result.virtual_size, result.vhd_fixed = "vpc", vhd_size, True
+    elif fmt not in RAW_FAMILY:
+        try:
+            result.virtual_size = int(insp.virtual_size) if insp is not None else 0
+        except Exception as exc:  # the inspector's parsers raise what they raise
+            raise CorruptImage(f"{fmt} virtual size cannot be read: {exc}") from None
+        if result.virtual_size <= 0:
+            raise CorruptImage(f"{fmt} header gives no virtual size")
+    return result
+
+
+def inspect_path(path: str | os.PathLike[str]) -> Inspection:
+    fd = open_regular(path)
+    try:
+        return inspect_fd(fd)
+    finally:
+        os.close(fd)

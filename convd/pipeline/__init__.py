@@ -1,0 +1,1 @@
+"""The flow: spool, intake queue, space ledger, and the runner driving items."""

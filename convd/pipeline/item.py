@@ -1,0 +1,60 @@
+"""An item in flight: its claim, the config it was claimed under, what the stages learnt."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from convd.config import Config
+    from convd.inspection import Inspection
+    from convd.pipeline.ledger import Reservation
+    from convd.pipeline.spool import Claim
+
+__all__ = ["Item", "Stage"]
+
+
+class Stage(str, enum.Enum):
+    DETECT = "detect"
+    RESERVE = "reserve"
+    CONVERT = "convert"
+    PUBLISH = "publish"
+    CLEANUP = "cleanup"
+    DONE = "done"
+
+
+@dataclass
+class Item:
+    claim: Claim
+    cfg: Config  # the config in force when it was claimed (SIGHUP applies to later items)
+    stage: Stage = Stage.DETECT
+    inspection: Inspection | None = None
+    source: dict[str, Any] = field(default_factory=dict)
+    passthrough: bool = False
+    estimate: int = 0
+    reservation: Reservation | None = None
+    progress: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+    convert_started: float | None = None
+    timings: dict[str, float] = field(
+        default_factory=lambda: {"detect": 0.0, "wait_space": 0.0, "convert": 0.0, "publish": 0.0}
+    )
+    proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def name(self) -> str:
+        return self.claim.name
+
+    @property
+    def target_format(self) -> str:
+        return self.cfg.convert.target_format
+
+    def eta(self) -> float | None:
+        if self.stage is not Stage.CONVERT or self.convert_started is None or self.progress <= 0.01:
+            return None
+        spent = time.monotonic() - self.convert_started
+        return spent * (1 - self.progress) / self.progress

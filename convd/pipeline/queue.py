@@ -1,0 +1,146 @@
+"""The intake queue: names seen in ``incoming/``, oldest first, and when each may be claimed.
+
+A file renamed in is ready at once.  A file written in place is ready only
+when no process holds it open for writing (a read lease is refused while a
+writer has it open; ``/proc/*/fd`` where leases are not allowed) and its
+size and mtime have been still for ``settle`` seconds.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+__all__ = ["Candidate", "Intake", "has_writer"]
+
+log = structlog.get_logger("convd.intake")
+
+
+def _proc_writers(path: Path) -> bool:
+    """Whether any process we can see has ``path`` open for writing (slow path)."""
+    target = os.fspath(path)
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"{fd_dir}/{fd}") != target:
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{fd}") as fh:
+                    flags = int(fh.readline().split()[1], 8)
+            except (OSError, ValueError, IndexError):
+                continue
+            if flags & (os.O_WRONLY | os.O_RDWR):
+                return True
+    return False
+
+
+def has_writer(path: Path) -> bool:
+    """True while some process holds ``path`` open for writing."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False  # gone, or not ours to open: the claim will find out
+    try:
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EBUSY):
+                return True
+            # EACCES (not our file and no CAP_LEASE), EINVAL (NFS and other
+            # filesystems without leases): look for writers the slow way.
+            return _proc_writers(path)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Candidate:
+    name: str
+    seen: float
+    size: int = -1
+    mtime_ns: int = -1
+    still_since: float = 0.0
+    in_place: bool = False  # written where it lies: settle applies
+
+
+class Intake:
+    def __init__(self, incoming: Path, settle: float) -> None:
+        self.incoming = incoming
+        self.settle = settle
+        self.pending: dict[str, Candidate] = {}
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def saw(self, name: str, *, modified: bool = False, scanned: bool = False) -> None:
+        now = time.monotonic()
+        c = self.pending.get(name)
+        if c is None:
+            c = self.pending[name] = Candidate(name=name, seen=now, still_since=now)
+            if scanned:
+                c.in_place = self._looks_in_place(name)
+        if modified:
+            c.in_place = True
+
+    def forget(self, name: str) -> None:
+        self.pending.pop(name, None)
+
+    def _looks_in_place(self, name: str) -> bool:
+        """A file found by a scan: recently written and not renamed since."""
+        try:
+            st = os.lstat(self.incoming / name)
+        except FileNotFoundError:
+            return False
+        recent = time.time_ns() - st.st_mtime_ns < self.settle * 1e9
+        renamed_after_write = st.st_ctime_ns > st.st_mtime_ns
+        return recent and not renamed_after_write
+
+    def ready(self, limit: int) -> tuple[list[str], float | None]:
+        """Up to ``limit`` names that may be claimed now (oldest first), and
+        seconds until one now held back may be.  Stops looking once it has
+        ``limit``: a long backlog costs nothing until its turn."""
+        now = time.monotonic()
+        out: list[str] = []
+        wait: float | None = None
+        for name, c in list(self.pending.items()):
+            if len(out) >= limit:
+                break
+            path = self.incoming / name
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                del self.pending[name]
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                out.append(name)  # detect rejects it; nothing to wait for
+                continue
+            if (st.st_size, st.st_mtime_ns) != (c.size, c.mtime_ns):
+                if c.size >= 0:
+                    c.in_place = True  # it changed under our eyes
+                c.size, c.mtime_ns, c.still_since = st.st_size, st.st_mtime_ns, now
+            if has_writer(path):
+                c.in_place, c.still_since = True, now
+                wait = min(wait or self.settle, max(self.settle, 0.2))
+                continue
+            if c.in_place:
+                left = c.still_since + self.settle - now
+                if left > 0:
+                    wait = left if wait is None else min(wait, left)
+                    continue
+            out.append(name)
+        return out, wait

@@ -1,0 +1,144 @@
+"""The runner: drives one item through the stages, retries transient failures,
+quarantines rejected inputs, and on cancel leaves the source for recovery."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import structlog
+
+from convd.errors import ConvertFailed, ItemError, NameConflict, TransientError
+from convd.pipeline.item import Item, Stage
+from convd.pipeline.ledger import Ledger
+from convd.pipeline.spool import Spool
+from convd.stages import cleanup, convert, detect, publish, quarantine, reserve
+
+__all__ = ["Context", "finish_handoff", "run_item"]
+
+log = structlog.get_logger("convd.runner")
+
+STAGES: dict[Stage, Callable[[Item, Context], Awaitable[Stage]]] = {
+    Stage.DETECT: detect,
+    Stage.RESERVE: reserve,
+    Stage.CONVERT: convert,
+    Stage.PUBLISH: publish,
+    Stage.CLEANUP: cleanup,
+}
+
+
+def _noop(*_: Any) -> None:
+    return None
+
+
+@dataclass
+class Context:
+    """What the stages share: the spool, the ledger, the worker slots, the hooks."""
+
+    spool: Spool
+    ledger: Ledger
+    slots: anyio.CapacityLimiter
+    sparse: bool = True
+    block_size: int = 4096
+    count_hashed: Callable[[int], None] = _noop
+    on_published: Callable[[Item, dict[str, Any]], None] = _noop
+    on_failed: Callable[[Item, dict[str, Any]], None] = _noop
+    on_retry: Callable[[Item, str], None] = _noop
+    items: dict[str, Item] = field(default_factory=dict)
+
+    def release(self, item: Item) -> None:
+        if item.reservation is not None:
+            self.ledger.release(item.name)
+            item.reservation = None
+
+    def published(self, item: Item, rec: dict[str, Any]) -> None:
+        target = rec.get("target") or {}
+        if rec["status"] == "converted":
+            secs = max(item.timings["convert"], 1e-6)
+            log.info(
+                f"converted {rec['source'].get('format')}→{target.get('format')} "
+                f"{_gib(rec['source'].get('virtual_size', 0))} at "
+                f"{target.get('size', 0) / secs / 2**20:.0f} MiB/s",
+                event_kind="throughput", seconds=round(secs, 3),
+            )
+        self.on_published(item, rec)
+
+    def failed(self, item: Item, rec: dict[str, Any]) -> None:
+        log.warning("rejected", code=rec["error"]["code"], message=rec["error"]["message"])
+        self.on_failed(item, rec)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+async def _discard(item: Item, ctx: Context) -> None:
+    ctx.release(item)
+    with anyio.CancelScope(shield=True):
+        await anyio.to_thread.run_sync(ctx.spool.discard_output, item.claim)
+
+
+async def run_item(item: Item, ctx: Context) -> None:
+    """Drive ``item`` to ``outgoing/`` or ``failed/``; never loses its source."""
+    structlog.contextvars.bind_contextvars(item=item.name)
+    ctx.items[item.name] = item
+    try:
+        while item.stage is not Stage.DONE:
+            stage = item.stage
+            structlog.contextvars.bind_contextvars(stage=stage.value)
+            t0 = time.monotonic()
+            try:
+                item.stage = await STAGES[stage](item, ctx)
+            except TransientError as exc:
+                await _discard(item, ctx)
+                attempts = item.claim.attempts
+                if attempts >= item.cfg.convert.max_attempts:
+                    raise ConvertFailed(f"{exc} (after {attempts} attempts)") from None
+                delay = item.cfg.convert.retry_backoff * 2 ** (attempts - 1)
+                log.warning("convert failed, retrying", error=str(exc), attempt=attempts,
+                            retry_in=round(delay, 1))
+                ctx.on_retry(item, str(exc))
+                item.stage = Stage.RESERVE
+                await anyio.sleep(delay)
+                continue
+            log.info("stage done", duration=round(time.monotonic() - t0, 6), next=item.stage.value)
+    except ItemError as exc:
+        await _discard(item, ctx)
+        with anyio.CancelScope(shield=True):
+            await quarantine(item, ctx, exc)
+    except anyio.get_cancelled_exc_class():
+        # Shutdown: the source stays in work/ and the next start resumes it.
+        await _discard(item, ctx)
+        log.info("stopped; source left for the next start")
+        raise
+    except Exception:
+        await _discard(item, ctx)
+        log.exception("internal error; the source stays in work/ for the next start")
+    finally:
+        ctx.items.pop(item.name, None)
+        structlog.contextvars.unbind_contextvars("item", "stage")
+
+
+async def finish_handoff(item: Item, ctx: Context) -> None:
+    """Recovery of an item that crashed after its record was staged: finish the move."""
+    structlog.contextvars.bind_contextvars(item=item.name, stage="publish")
+    claim = item.claim
+    try:
+        await anyio.to_thread.run_sync(ctx.spool.complete_handoff, claim)
+    except FileExistsError:
+        # outgoing/NAME was taken between the crash and now: a conflict after all.
+        await anyio.to_thread.run_sync(ctx.spool.unstage_handoff, claim)
+        item.source = (claim.pending or {}).get("record", {}).get("source", {})
+        await quarantine(item, ctx, NameConflict(f"outgoing/{item.name} already exists"))
+        return
+    finally:
+        structlog.contextvars.unbind_contextvars("item", "stage")
+    pending = claim.pending or {}
+    await anyio.to_thread.run_sync(ctx.spool.remove_claim, claim)
+    log.info("recovered handoff", item=item.name, dest=pending.get("dest"))
+    rec = pending.get("record", {})
+    (ctx.on_published if pending.get("dest") == "outgoing" else ctx.on_failed)(item, rec)
+

@@ -1,0 +1,267 @@
+"""The spool: directories, claim by rename, atomic handoff, recovery.
+
+Layout under ``work/``: one claim directory per daemon instance
+(``work/<instance>/``, held with an ``flock`` so two daemons never share
+one), and in it one directory per item (``work/<instance>/<NAME>/``) holding
+
+* ``source``       the original bytes, until the result is durable;
+* ``output``       qemu-img's output while it is being written;
+* ``item.json``    attempts so far;
+* ``record.json``  the final record and destination, written durably just
+                   before the handoff, so recovery can finish it.
+
+An item's stage can be read off its files: no ``record.json`` means it is
+converted (again) from ``source``; with one, only the handoff remains.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from convd import durable
+from convd.config import SpoolConfig
+from convd.errors import ConfigError
+
+__all__ = [
+    "IGNORED_SUFFIXES",
+    "Claim",
+    "Spool",
+    "is_candidate_name",
+]
+
+log = structlog.get_logger("convd.spool")
+
+IGNORED_SUFFIXES = (".part", ".tmp")
+SOURCE, OUTPUT, ITEM, RECORD = "source", "output", "item.json", "record.json"
+
+
+def is_candidate_name(name: str) -> bool:
+    """Producers write under a dot-name or ``*.part``/``*.tmp`` and rename in."""
+    return bool(name) and not name.startswith(".") and not name.endswith(IGNORED_SUFFIXES)
+
+
+@dataclass
+class Claim:
+    """An item this instance owns: its directory under ``work/<instance>/``."""
+
+    name: str
+    dir: Path
+    attempts: int = 0
+    pending: dict[str, Any] | None = None  # record.json, when only the handoff is left
+    source_path: Path | None = None  # `convd convert`: the user's file, left where it is
+
+    @property
+    def source(self) -> Path:
+        return self.source_path or self.dir / SOURCE
+
+    @property
+    def output(self) -> Path:
+        return self.dir / OUTPUT
+
+
+class Spool:
+    def __init__(self, cfg: SpoolConfig) -> None:
+        self.cfg = cfg
+        self.incoming, self.outgoing, self.failed = cfg.incoming, cfg.outgoing, cfg.failed
+        self.work = cfg.work
+        self.claims = cfg.work / cfg.instance
+        self._lock_fd: int | None = None
+
+    # -- start-up --------------------------------------------------------
+
+    def prepare(self, *, create: bool = True) -> None:
+        """Create the directories, check they share a filesystem, take the instance lock."""
+        for d in (self.incoming, self.work, self.outgoing, self.failed, self.claims):
+            if create:
+                d.mkdir(parents=True, exist_ok=True)
+            if not d.is_dir():
+                raise ConfigError(f"spool directory {d} does not exist")
+        devs = {d: os.stat(d).st_dev for d in (self.incoming, self.work, self.outgoing, self.failed)}
+        if len(set(devs.values())) != 1:
+            listing = ", ".join(f"{d} (device {dev})" for d, dev in devs.items())
+            raise ConfigError(f"[spool]: all spool directories must be on one filesystem; got {listing}")
+        fd = os.open(self.claims / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(
+                f"another convd with instance {self.cfg.instance!r} is running on {self.work}"
+                " (set [spool] instance to tell daemons apart)"
+            ) from None
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def sweep_temp(self) -> int:
+        """Remove stale durable-write temp files convd left in its own directories."""
+        n = 0
+        for d in (self.outgoing, self.failed, self.claims):
+            for entry in os.scandir(d):
+                if entry.name.startswith(".") and entry.name.endswith(durable.TEMP_SUFFIX):
+                    os.unlink(entry.path)
+                    n += 1
+        return n
+
+    def recover(self) -> list[Claim]:
+        """This instance's unfinished items, from what ``work/<instance>/`` holds."""
+        claims = []
+        for entry in sorted(os.scandir(self.claims), key=lambda e: e.name):
+            if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
+                continue
+            claim = self._load(entry.name)
+            for leftover in os.listdir(claim.dir):
+                if leftover.startswith(".") and leftover.endswith(durable.TEMP_SUFFIX):
+                    os.unlink(claim.dir / leftover)
+            if claim.pending is None:
+                if not os.path.lexists(claim.source):
+                    log.warning("empty claim removed", item=claim.name)
+                    durable.remove_tree(claim.dir)
+                    continue
+                # Mid-convert at the crash: the partial output is worthless.
+                if os.path.lexists(claim.output):
+                    os.unlink(claim.output)
+            claims.append(claim)
+        return claims
+
+    def _load(self, name: str) -> Claim:
+        d = self.claims / name
+        claim = Claim(name=name, dir=d)
+        try:
+            claim.attempts = int(json.loads((d / ITEM).read_bytes()).get("attempts", 0))
+        except (FileNotFoundError, ValueError):
+            pass
+        try:
+            claim.pending = json.loads((d / RECORD).read_bytes())
+        except FileNotFoundError:
+            pass
+        except ValueError:
+            # record.json is written durably, so a torn one cannot happen; if
+            # it does (disk fault), redo the item from its source.
+            log.error("unreadable record.json, converting again", item=name)
+            os.unlink(d / RECORD)
+        return claim
+
+    # -- intake ----------------------------------------------------------
+
+    def scan_incoming(self) -> Iterator[os.DirEntry[str]]:
+        with os.scandir(self.incoming) as it:
+            for entry in it:
+                if is_candidate_name(entry.name):
+                    yield entry
+
+    def claim(self, name: str) -> Claim | None:
+        """Take ``incoming/NAME`` by rename into this instance's claim directory.
+
+        Returns None when another daemon (or the producer) got there first:
+        losing that race is normal, not an error.
+        """
+        d = self.claims / name
+        try:
+            os.mkdir(d, 0o750)
+        except FileExistsError:
+            log.debug("an item of this name is still in flight", item=name)
+            return None
+        try:
+            durable.move(self.incoming / name, d / SOURCE, sync=False)
+        except FileNotFoundError:
+            os.rmdir(d)
+            log.debug("claim lost the race", item=name)
+            return None
+        except BaseException:
+            os.rmdir(d)
+            raise
+        durable.fsync_dir(d)
+        durable.fsync_dir(self.claims)
+        durable.fsync_dir(self.incoming)
+        return Claim(name=name, dir=d)
+
+    # -- per-item state ---------------------------------------------------
+
+    def note_attempt(self, claim: Claim) -> None:
+        claim.attempts += 1
+        durable.write_json(claim.dir / ITEM, {"name": claim.name, "attempts": claim.attempts,
+                                              "updated_at": time.time()}, replace=True)
+
+    def discard_output(self, claim: Claim) -> None:
+        try:
+            os.unlink(claim.output)
+        except FileNotFoundError:
+            pass
+
+    # -- handoff ----------------------------------------------------------
+
+    def free_failed_name(self, name: str) -> str:
+        """``failed/`` never overwrites: NAME, else NAME.1, NAME.2, …"""
+        candidate, n = name, 0
+        while os.path.lexists(self.failed / candidate) or os.path.lexists(self.failed / f"{candidate}.json"):
+            n += 1
+            candidate = f"{name}.{n}"
+        return candidate
+
+    def output_taken(self, name: str) -> bool:
+        return os.path.lexists(self.outgoing / name) or os.path.lexists(self.outgoing / f"{name}.json")
+
+    def stage_handoff(self, claim: Claim, dest: str, final_name: str, payload: str,
+                      record: dict[str, Any]) -> None:
+        """Write ``record.json``: from here on only the handoff remains, even after a crash."""
+        claim.pending = {"dest": dest, "final_name": final_name, "payload": payload, "record": record}
+        durable.write_json(claim.dir / RECORD, claim.pending, replace=True)
+
+    def unstage_handoff(self, claim: Claim) -> None:
+        claim.pending = None
+        os.unlink(claim.dir / RECORD)
+        durable.fsync_dir(claim.dir)
+
+    def complete_handoff(self, claim: Claim) -> None:
+        """Move the payload to ``outgoing/`` or ``failed/``, then its record; idempotent.
+
+        Raises ``FileExistsError`` if ``outgoing/NAME`` was taken meanwhile
+        (the record is not written then).  In ``failed/``, which never
+        overwrites, a taken name is replaced by the next free one.
+        """
+        p = claim.pending
+        assert p is not None
+        dest_dir = self.outgoing if p["dest"] == "outgoing" else self.failed
+        payload = claim.dir / p["payload"]
+        while os.path.lexists(payload):
+            try:
+                durable.move(payload, dest_dir / p["final_name"])
+            except FileExistsError:
+                if p["dest"] == "outgoing":
+                    raise
+                self.stage_handoff(claim, "failed", self.free_failed_name(claim.name),
+                                   p["payload"], p["record"])
+                p = claim.pending
+        rec_path = dest_dir / f"{p['final_name']}.json"
+        try:
+            durable.write_json(rec_path, p["record"])
+        except FileExistsError:
+            # Written before a crash that hit before the clean-up.
+            pass
+
+    def remove_claim(self, claim: Claim) -> None:
+        """Clean up after a durable handoff.
+
+        ``record.json`` goes last: while it exists recovery only finishes the
+        handoff; were it gone first, a surviving ``source`` would be converted
+        a second time.
+        """
+        for name in (SOURCE, OUTPUT, ITEM, RECORD):
+            try:
+                os.unlink(claim.dir / name)
+            except FileNotFoundError:
+                pass
+        durable.remove_tree(claim.dir)

@@ -1,0 +1,206 @@
+"""The one way convd runs qemu-img: argument building, limits, progress, killing.
+
+Every call passes ``-f`` (qemu-img never probes a format).  Children run in
+their own session, die with the daemon (``PR_SET_PDEATHSIG`` via
+``setpriv``), and unvetted files are read under CPU and address-space limits
+(``prlimit``); both are exec wrappers, so the pid we hold is qemu-img's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import shutil
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from convd.errors import ConvertFailed, CorruptImage, Timeout, TransientError
+
+__all__ = [
+    "QemuResult",
+    "convert",
+    "convert_args",
+    "data_bytes",
+    "info",
+    "measure",
+    "qemu_img",
+    "terminate",
+]
+
+_PROGRESS = re.compile(rb"\(\s*([0-9]+(?:\.[0-9]+)?)/100%\)")
+_KILL_GRACE = 3.0
+_setpriv = shutil.which("setpriv")
+_prlimit = shutil.which("prlimit")
+
+
+def qemu_img() -> str:
+    path = shutil.which("qemu-img")
+    if path is None:
+        raise RuntimeError("qemu-img not found on PATH (Debian: apt-get install qemu-utils)")
+    return path
+
+
+@dataclass
+class QemuResult:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def error_text(self) -> str:
+        text = self.stderr.decode(errors="replace").strip()
+        return text.splitlines()[-1] if text else f"exit status {self.returncode}"
+
+
+def _wrap(argv: list[str], cpu_time: float | None = None, address_space: int | None = None) -> list[str]:
+    prefix: list[str] = []
+    if _setpriv:
+        prefix += [_setpriv, "--pdeathsig", "KILL", "--"]
+    if _prlimit and (cpu_time or address_space):
+        prefix += [_prlimit]
+        if cpu_time:
+            prefix += [f"--cpu={max(1, int(cpu_time))}"]
+        if address_space:
+            prefix += [f"--as={address_space}"]
+        prefix += ["--"]
+    return prefix + argv
+
+
+async def terminate(proc: asyncio.subprocess.Process, grace: float = _KILL_GRACE) -> None:
+    """SIGTERM, a bounded wait, then SIGKILL; always reaps, even when cancelled."""
+    if proc.returncode is not None:
+        return
+    with anyio.CancelScope(shield=True):
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        with anyio.move_on_after(grace):
+            await proc.wait()
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
+async def _run(argv: list[str], timeout: float, **limits: Any) -> QemuResult:
+    proc = await asyncio.create_subprocess_exec(
+        *_wrap(argv, **limits),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        with anyio.fail_after(timeout):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        await terminate(proc)
+        raise Timeout(f"qemu-img {argv[1]} exceeded {timeout:g} s") from None
+    except BaseException:
+        await terminate(proc)
+        raise
+    return QemuResult(proc.returncode or 0, out, err)
+
+
+async def info(path: str, fmt: str, *, cpu_time: float, address_space: int) -> dict[str, Any]:
+    """``qemu-img info -f FMT --output=json`` under resource limits."""
+    res = await _run(
+        [qemu_img(), "info", "-f", fmt, "--output=json", path],
+        timeout=cpu_time * 2 + 10, cpu_time=cpu_time, address_space=address_space,
+    )
+    if res.returncode != 0:
+        if res.returncode < 0 or res.returncode in (128 + signal.SIGKILL, 128 + signal.SIGXCPU):
+            raise CorruptImage(f"qemu-img info as {fmt} hit its resource limits ({res.error_text})")
+        raise CorruptImage(f"qemu-img cannot read it as {fmt}: {res.error_text}")
+    try:
+        return json.loads(res.stdout)
+    except ValueError:
+        raise CorruptImage(f"qemu-img info as {fmt} printed no JSON") from None
+
+
+async def data_bytes(path: str, fmt: str, block: int) -> int:
+    """Bytes a sparse raw copy needs: data extents, each rounded out to ``block``."""
+    res = await _run([qemu_img(), "map", "--output=json", "-f", fmt, path], timeout=600)
+    if res.returncode != 0:
+        raise CorruptImage(f"qemu-img map as {fmt}: {res.error_text}")
+    total = 0
+    for ext in json.loads(res.stdout):
+        if ext.get("data"):
+            start = ext["start"] // block * block
+            end = -(-(ext["start"] + ext["length"]) // block) * block
+            total += end - start
+    return total
+
+
+async def measure(path: str, fmt: str, target: str) -> int:
+    """``qemu-img measure`` required size for a ``target`` image of this source."""
+    res = await _run(
+        [qemu_img(), "measure", "--output=json", "-f", fmt, "-O", target, path], timeout=600
+    )
+    if res.returncode != 0:
+        raise CorruptImage(f"qemu-img measure as {fmt}: {res.error_text}")
+    return int(json.loads(res.stdout)["required"])
+
+
+# Tuned defaults (docs/performance.md): out-of-order writes help every
+# sparse raw target; more coroutines help VMDK's many small grains.
+_DEFAULT_ARGS: dict[str, tuple[str, ...]] = {
+    "vmdk": ("-m", "16", "-W"),
+}
+
+
+def convert_args(src_fmt: str, dst_fmt: str, override: Sequence[str] | None) -> list[str]:
+    if override is not None:
+        return list(override)
+    if dst_fmt != "raw":
+        return []
+    return list(_DEFAULT_ARGS.get(src_fmt, ("-W",)))
+
+
+async def convert(
+    src: str, src_fmt: str, dst: str, dst_fmt: str, *,
+    extra_args: Sequence[str], timeout: float,
+    on_progress: Callable[[float], None] | None = None,
+    on_start: Callable[[asyncio.subprocess.Process], None] | None = None,
+) -> None:
+    """Run one ``qemu-img convert``; raise ``TransientError`` on a non-zero exit."""
+    argv = [qemu_img(), "convert", "-p", "-f", src_fmt, "-O", dst_fmt, *extra_args, src, dst]
+    proc = await asyncio.create_subprocess_exec(
+        *_wrap(argv),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+    if on_start:
+        on_start(proc)
+    assert proc.stdout is not None and proc.stderr is not None
+
+    async def progress() -> None:
+        assert proc.stdout is not None
+        while chunk := await proc.stdout.read(4096):
+            if on_progress:
+                found = _PROGRESS.findall(chunk)
+                if found:
+                    on_progress(float(found[-1]) / 100.0)
+
+    try:
+        with anyio.fail_after(timeout):
+            _, err, _ = await asyncio.gather(progress(), proc.stderr.read(), proc.wait())
+    except TimeoutError:
+        await terminate(proc)
+        raise Timeout(f"qemu-img convert exceeded the {timeout:g} s limit") from None
+    except BaseException:
+        await terminate(proc)
+        raise
+    if proc.returncode != 0:
+        text = err.decode(errors="replace").strip()
+        last = text.splitlines()[-1] if text else ""
+        if proc.returncode < 0:
+            raise TransientError(f"qemu-img convert killed by signal {-proc.returncode} {last}".strip())
+        raise TransientError(f"qemu-img convert exited {proc.returncode}: {last}")

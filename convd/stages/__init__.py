@@ -1,0 +1,9 @@
+"""One module per stage; each takes an item and its context, returns the next stage."""
+
+from convd.stages.cleanup import cleanup, quarantine
+from convd.stages.convert import convert
+from convd.stages.detect import detect
+from convd.stages.publish import publish
+from convd.stages.reserve import reserve
+
+__all__ = ["cleanup", "convert", "detect", "publish", "quarantine", "reserve"]

@@ -1,0 +1,44 @@
+"""Convert: one ``qemu-img convert`` into the item's work directory, within a worker slot."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import anyio
+
+from convd import qemu
+from convd.pipeline.item import Item, Stage
+
+if TYPE_CHECKING:
+    from convd.pipeline.runner import Context
+
+__all__ = ["convert"]
+
+
+async def convert(item: Item, ctx: Context) -> Stage:
+    assert item.inspection is not None
+    cfg = item.cfg
+    src_fmt = item.inspection.qemu_format
+    async with ctx.slots:
+        await anyio.to_thread.run_sync(ctx.spool.note_attempt, item.claim)
+        item.progress = 0.0
+        item.convert_started = t0 = time.monotonic()
+
+        def started(proc: object) -> None:
+            item.proc = proc  # type: ignore[assignment]
+
+        def progress(frac: float) -> None:
+            item.progress = frac
+
+        try:
+            await qemu.convert(
+                str(item.claim.source), src_fmt, str(item.claim.output), item.target_format,
+                extra_args=qemu.convert_args(src_fmt, item.target_format, cfg.qemu_args_for(src_fmt)),
+                timeout=cfg.convert.timeout, on_progress=progress, on_start=started,
+            )
+        finally:
+            item.proc = None
+            item.timings["convert"] += time.monotonic() - t0
+    item.progress = 1.0
+    return Stage.PUBLISH

@@ -1,0 +1,82 @@
+"""Detect: the safety gate.  Pure-Python inspection first, then ``qemu-img info``
+under resource limits, and the two must agree before anything converts."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from convd import qemu
+from convd.errors import FormatMismatch, TooLarge, UnsafeImage, UnsupportedFormat
+from convd.inspection import RAW_FAMILY, inspect_fd, open_regular
+from convd.pipeline.item import Item, Stage
+
+if TYPE_CHECKING:
+    from convd.pipeline.runner import Context
+
+__all__ = ["VMDK_CREATE_TYPES", "check_qemu_info", "detect"]
+
+VMDK_CREATE_TYPES = ("monolithicSparse", "streamOptimized")
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def check_qemu_info(info: dict[str, Any], fmt: str, virtual_size: int, path: str) -> None:
+    """qemu-img's view must match the inspector's and hide nothing outside the file."""
+    if info.get("format") != fmt:
+        raise FormatMismatch(f"inspector says {fmt}, qemu-img info -f {fmt} says {info.get('format')}")
+    if info.get("virtual-size") != virtual_size:
+        raise FormatMismatch(
+            f"{fmt} virtual size: inspector {virtual_size}, qemu-img {info.get('virtual-size')}"
+        )
+    if info.get("backing-filename") or info.get("full-backing-filename"):
+        raise UnsafeImage(f"{fmt} backing file points to {info.get('backing-filename')}")
+    data = info.get("format-specific", {}).get("data", {}) or {}
+    if data.get("data-file"):
+        raise UnsafeImage(f"{fmt} external data file {data['data-file']}")
+    if fmt == "vmdk":
+        ctype = data.get("create-type")
+        if ctype not in VMDK_CREATE_TYPES:
+            raise UnsafeImage(f"VMDK create type {ctype} (extents in other files) is not allowed")
+        real = os.path.realpath(path)
+        for ext in data.get("extents", []):
+            name = ext.get("filename")
+            if name and os.path.realpath(name) != real:
+                raise UnsafeImage(f"VMDK extent outside the file: {name}")
+
+
+async def detect(item: Item, ctx: Context) -> Stage:
+    t0 = time.monotonic()
+    cfg = item.cfg
+    path = str(item.claim.source)
+    fd = open_regular(path)
+    try:
+        item.source = {"format": None, "size": os.fstat(fd).st_size}
+        insp = await anyio.to_thread.run_sync(inspect_fd, fd)
+    finally:
+        os.close(fd)
+    item.inspection = insp
+    item.source = insp.as_dict()
+    if insp.format not in cfg.convert.allowed_formats:
+        raise UnsupportedFormat(
+            f"{insp.format} is not in allowed_formats ({', '.join(cfg.convert.allowed_formats)})"
+        )
+    if insp.virtual_size > cfg.limits.max_virtual_size:
+        raise TooLarge(f"virtual size {_human(insp.virtual_size)} is over max_virtual_size "
+                       f"{_human(cfg.limits.max_virtual_size)}")
+    info = await qemu.info(path, insp.qemu_format, cpu_time=cfg.detect.cpu_time,
+                           address_space=cfg.detect.address_space)
+    check_qemu_info(info, insp.qemu_format, insp.virtual_size, path)
+    target = item.target_format
+    item.passthrough = insp.qemu_format == target or (target == "raw" and insp.format in RAW_FAMILY)
+    item.timings["detect"] += time.monotonic() - t0
+    return Stage.RESERVE

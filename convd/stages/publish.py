@@ -1,0 +1,71 @@
+"""Publish: re-inspect and checksum the output, fsync it, hand it to ``outgoing/``
+with its record (image first, record second: the record promises the image)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from convd import record
+from convd.checksum import digest_file
+from convd.errors import NameConflict, UnsafeImage
+from convd.inspection import RAW_FAMILY, inspect_fd
+from convd.pipeline.item import Item, Stage
+from convd.pipeline.spool import OUTPUT, SOURCE
+
+if TYPE_CHECKING:
+    from convd.pipeline.runner import Context
+
+__all__ = ["publish"]
+
+
+def _vet_output(fd: int, target: str) -> int:
+    """The output must be what was asked for, with nothing hidden inside; returns its virtual size."""
+    insp = inspect_fd(fd)
+    ok = insp.format in RAW_FAMILY if target == "raw" else insp.format == target
+    if not ok:
+        raise UnsafeImage(f"the {target} output inspects as {insp.format}: the image hides another format inside")
+    return insp.virtual_size
+
+
+def _finish_output(path: str, item: Item, ctx: Context) -> dict[str, Any]:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        if item.passthrough:
+            assert item.inspection is not None
+            vsize = item.inspection.virtual_size
+        else:
+            os.fsync(fd)  # qemu-img's default cache mode never flushes
+            vsize = _vet_output(fd, item.target_format)
+        sums = digest_file(fd, item.cfg.checksum.algorithms, ctx.count_hashed)
+    finally:
+        os.close(fd)
+    return {"format": item.target_format, "size": size, "virtual_size": vsize, "checksums": sums}
+
+
+async def publish(item: Item, ctx: Context) -> Stage:
+    t0 = time.monotonic()
+    claim = item.claim
+    if ctx.spool.output_taken(item.name):
+        raise NameConflict(f"outgoing/{item.name} already exists")
+    payload = SOURCE if item.passthrough else OUTPUT
+    target = await anyio.to_thread.run_sync(_finish_output, str(claim.dir / payload), item, ctx)
+    item.timings["publish"] += time.monotonic() - t0
+    status = "passthrough" if item.passthrough else "converted"
+    rec = record.build(item, status, target=target)
+
+    def handoff() -> None:
+        ctx.spool.stage_handoff(claim, "outgoing", item.name, payload, rec)
+        try:
+            ctx.spool.complete_handoff(claim)
+        except FileExistsError:
+            ctx.spool.unstage_handoff(claim)
+            raise NameConflict(f"outgoing/{item.name} appeared while publishing") from None
+
+    await anyio.to_thread.run_sync(handoff)
+    ctx.published(item, rec)
+    return Stage.CLEANUP

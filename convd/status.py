@@ -1,0 +1,89 @@
+"""``convd status``: read the daemon's snapshot and the spool, render for people or scripts."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from convd.config import Config
+from convd.pipeline.spool import is_candidate_name
+
+__all__ = ["read_status", "render"]
+
+
+def _count(path: os.PathLike[str] | str, records: bool = False) -> int:
+    try:
+        names = os.listdir(path)
+    except FileNotFoundError:
+        return 0
+    if records:
+        return sum(1 for n in names if n.endswith(".json") and not n.startswith("."))
+    return sum(1 for n in names if is_candidate_name(n))
+
+
+def read_status(cfg: Config) -> dict[str, Any]:
+    """The daemon's snapshot (if one is running) plus what the spool directories hold."""
+    sp = cfg.spool
+    snap_path = sp.work / sp.instance / ".status.json"
+    try:
+        snap = json.loads(snap_path.read_bytes())
+    except (FileNotFoundError, ValueError):
+        snap = None
+    running = False
+    if snap:
+        try:
+            os.kill(int(snap["pid"]), 0)
+            running = time.time() - float(snap["updated_at"]) < 30
+        except (OSError, KeyError, ValueError):
+            running = False
+    return {
+        "running": running,
+        "daemon": snap,
+        "spool": {
+            "root": str(sp.root),
+            "incoming": _count(sp.incoming),
+            "outgoing": _count(sp.outgoing, records=True),
+            "failed": _count(sp.failed, records=True),
+        },
+    }
+
+
+def _bar(frac: float, width: int = 20) -> str:
+    n = int(round(frac * width))
+    return "[" + "#" * n + "." * (width - n) + "]"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n}"
+
+
+def render(st: dict[str, Any], now: float) -> str:
+    sp = st["spool"]
+    lines = [f"spool {sp['root']}: {sp['incoming']} in incoming/, {sp['outgoing']} published, "
+             f"{sp['failed']} failed"]
+    d = st.get("daemon")
+    if not st["running"] or not d:
+        lines.append("daemon: not running" + (" (stale snapshot)" if d else ""))
+        return "\n".join(lines)
+    c = d["counters"]
+    lines.append(f"daemon: pid {d['pid']}, instance {d['instance']}, up {now - d['started_at']:.0f} s, "
+                 f"target {d['target_format']}, {d['max_workers']} workers")
+    lines.append(f"queue: {d['queued']} waiting; done: {c['converted']} converted, "
+                 f"{c['passthrough']} passthrough, {c['failed']} failed")
+    w = d["workspace"]
+    lines.append(f"workspace: {_size(w['reserved'])} reserved of {_size(w['limit'])}, "
+                 f"{_size(w['available'])} available, filesystem {_size(w['filesystem_free'])} free, "
+                 f"{w['waiting']} waiting for space")
+    for i in d["in_flight"]:
+        eta = f" ETA {i['eta']:.0f} s" if i.get("eta") is not None else ""
+        lines.append(f"  {i['name']:<32} {i['stage']:<8} {_bar(i['progress'])} {i['progress'] * 100:5.1f}%"
+                     f"{eta}  {i.get('source_format') or '?'}")
+    if d.get("stuck"):
+        lines.append(f"stuck (internal error, retried at next start): {', '.join(d['stuck'])}")
+    return "\n".join(lines)
