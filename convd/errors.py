@@ -37,9 +37,10 @@ class ItemError(ConvdError):
 
     code = "internal_error"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, detected: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.detected = detected  # the format found before the rejection, for the record
 
 
 class UnsafeImage(ItemError):

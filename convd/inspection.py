@@ -143,7 +143,7 @@ def inspect_fd(fd: int) -> Inspection:
             matches = [m for m in matches if str(m) == "iso"]
         else:
             raise UnsafeImage(f"several formats detected at once: {', '.join(names)} "
-                              "(one header hidden inside another)")
+                              "(one header hidden inside another)", detected="+".join(names))
     insp = matches[0] if matches else None
     fmt = _QEMU_NAME.get(str(insp), str(insp)) if insp is not None else "raw"
     if insp is not None:
@@ -151,10 +151,11 @@ def inspect_fd(fd: int) -> Inspection:
             insp.safety_check()
         except fi.SafetyCheckFailed as exc:
             if set(exc.failures) == {"banned"}:
-                raise UnsupportedFormat(f"{fmt} images are not supported") from None
-            raise UnsafeImage(f"{fmt} failed safety checks: {_describe_failures(fmt, fd, exc)}") from None
+                raise UnsupportedFormat(f"{fmt} images are not supported", detected=fmt) from None
+            raise UnsafeImage(f"{fmt} failed safety checks: {_describe_failures(fmt, fd, exc)}",
+                              detected=fmt) from None
         except fi.ImageFormatError as exc:
-            raise CorruptImage(f"{fmt} header cannot be parsed: {exc}") from None
+            raise CorruptImage(f"{fmt} header cannot be parsed: {exc}", detected=fmt) from None
     result = Inspection(format=fmt, virtual_size=size, size=size, matched=names)
     if fmt == "raw":
         vhd_size = _fixed_vhd(fd, size)
@@ -164,9 +165,9 @@ def inspect_fd(fd: int) -> Inspection:
         try:
             result.virtual_size = int(insp.virtual_size) if insp is not None else 0
         except Exception as exc:  # the inspector's parsers raise what they raise
-            raise CorruptImage(f"{fmt} virtual size cannot be read: {exc}") from None
+            raise CorruptImage(f"{fmt} virtual size cannot be read: {exc}", detected=fmt) from None
         if result.virtual_size <= 0:
-            raise CorruptImage(f"{fmt} header gives no virtual size")
+            raise CorruptImage(f"{fmt} header gives no virtual size", detected=fmt)
     return result
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -58,6 +59,12 @@ class QemuResult:
         return text.splitlines()[-1] if text else f"exit status {self.returncode}"
 
 
+def _child_env() -> dict[str, str]:
+    # systemd's notify/watchdog variables are the daemon's alone.
+    return {k: v for k, v in os.environ.items()
+            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")}
+
+
 def _wrap(argv: list[str], cpu_time: float | None = None, address_space: int | None = None) -> list[str]:
     prefix: list[str] = []
     if _setpriv:
@@ -94,6 +101,7 @@ async def _run(argv: list[str], timeout: float, **limits: Any) -> QemuResult:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
+        env=_child_env(),
     )
     try:
         with anyio.fail_after(timeout):
@@ -176,6 +184,7 @@ async def convert(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
+        env=_child_env(),
     )
     if on_start:
         on_start(proc)

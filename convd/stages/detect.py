@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from convd import qemu
-from convd.errors import FormatMismatch, TooLarge, UnsafeImage, UnsupportedFormat
+from convd.errors import FormatMismatch, ItemError, TooLarge, UnsafeImage, UnsupportedFormat
 from convd.inspection import RAW_FAMILY, inspect_fd, open_regular
 from convd.pipeline.item import Item, Stage
 
@@ -58,12 +58,20 @@ async def detect(item: Item, ctx: Context) -> Stage:
     t0 = time.monotonic()
     cfg = item.cfg
     path = str(item.claim.source)
-    fd = open_regular(path)
     try:
-        item.source = {"format": None, "size": os.fstat(fd).st_size}
-        insp = await anyio.to_thread.run_sync(inspect_fd, fd)
+        fd = open_regular(path)
+        try:
+            item.source = {"format": None, "size": os.fstat(fd).st_size}
+            insp = await anyio.to_thread.run_sync(inspect_fd, fd)
+        finally:
+            os.close(fd)
+    except ItemError as exc:
+        if exc.detected:
+            item.source["format"] = exc.detected
+        raise
     finally:
-        os.close(fd)
+        item.timings["detect"] += time.monotonic() - t0
+    t0 = time.monotonic()
     item.inspection = insp
     item.source = insp.as_dict()
     if insp.format not in cfg.convert.allowed_formats:
@@ -75,8 +83,8 @@ async def detect(item: Item, ctx: Context) -> Stage:
                        f"{_human(cfg.limits.max_virtual_size)}")
     info = await qemu.info(path, insp.qemu_format, cpu_time=cfg.detect.cpu_time,
                            address_space=cfg.detect.address_space)
+    item.timings["detect"] += time.monotonic() - t0
     check_qemu_info(info, insp.qemu_format, insp.virtual_size, path)
     target = item.target_format
     item.passthrough = insp.qemu_format == target or (target == "raw" and insp.format in RAW_FAMILY)
-    item.timings["detect"] += time.monotonic() - t0
     return Stage.RESERVE

@@ -1,0 +1,226 @@
+"""Shared fixtures: real images made with qemu-img/qemu-io, spools, and `convd run` subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+REPO = Path(__file__).resolve().parent.parent
+CORPUS = Path(__file__).resolve().parent / "data" / "os-test-images"
+MiB = 1 << 20
+
+
+def convd_bin() -> str:
+    exe = Path(sys.executable).with_name("convd")
+    return str(exe) if exe.exists() else shutil.which("convd") or "convd"
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    yield
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
+
+
+def run(*argv: str | os.PathLike[str], check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([os.fspath(a) for a in argv], check=check, capture_output=True, text=True, **kw)
+
+
+def qemu_io(path: Path, fmt: str, *cmds: str) -> None:
+    args: list[str] = ["qemu-io", "-f", fmt]
+    for c in cmds:
+        args += ["-c", c]
+    run(*args, path)
+
+
+def make_image(path: Path, fmt: str, virtual: int = 16 * MiB, *, opts: str | None = None,
+               data: bool = True, seed: int = 1, compress: bool = False) -> Path:
+    """An image with random extents, written zeros and holes, made by qemu itself.
+
+    Written as raw with qemu-io, then converted to ``fmt`` (with ``opts``)
+    so every format holds the same guest content.
+    """
+    raw = path.with_name(path.name + ".src.raw")
+    run("qemu-img", "create", "-f", "raw", raw, str(virtual))
+    if data:
+        step = max(virtual // 8, 65536)
+        cmds = []
+        for i, off in enumerate(range(0, virtual, step)):
+            length = min(step // 2, virtual - off)
+            if i % 3 == 0:
+                cmds.append(f"write -P {(seed * 37 + i) % 251 + 1} {off} {length}")
+            elif i % 3 == 1:
+                cmds.append(f"write -z {off} {length}")
+        # a tail of random bytes so content is not all patterns
+        rnd = os.urandom(65536)
+        with open(raw, "r+b") as fh:
+            fh.seek(virtual - 65536)
+            fh.write(rnd)
+        if cmds:
+            qemu_io(raw, "raw", *cmds)
+    if fmt == "raw":
+        raw.rename(path)
+        return path
+    argv: list[str] = ["qemu-img", "convert", "-f", "raw", "-O", fmt]
+    if opts:
+        argv += ["-o", opts]
+    if compress:
+        argv += ["-c"]
+    run(*argv, raw, path)
+    raw.unlink()
+    return path
+
+
+def images_equal(a: Path, fmt_a: str, b: Path, fmt_b: str) -> bool:
+    return run("qemu-img", "compare", "-f", fmt_a, "-F", fmt_b, a, b, check=False).returncode == 0
+
+
+def write_config(tmp_path: Path, **sections: dict[str, Any]) -> Path:
+    """A config for a spool under tmp_path; ``sections`` override keys."""
+    base: dict[str, dict[str, Any]] = {
+        "spool": {"root": str(tmp_path / "spool"), "instance": "test"},
+        "watch": {"settle": 0.5, "rescan_interval": "2s"},
+        "log": {"format": "json", "level": "debug"},
+        "metrics": {"listen": ""},
+        "convert": {"retry_backoff": 0.2},
+    }
+    for name, body in sections.items():
+        base.setdefault(name, {}).update(body)
+    lines = []
+    for name, body in base.items():
+        lines.append(f"[{name}]")
+        for k, v in body.items():
+            lines.append(f"{k} = {json.dumps(v)}")
+    path = tmp_path / "convd.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or pred}")
+        time.sleep(interval)
+
+
+class Daemon:
+    """A real ``convd run`` subprocess in its own process group."""
+
+    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.log_path = config.with_name(f"daemon-{time.monotonic_ns()}.log")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [convd_bin(), "run", "-c", str(config)],
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        wait_for(lambda: any(e.get("event") == "watching" for e in self.events()) or self.proc.poll() is not None,
+                 timeout, what="daemon to start watching")
+        assert self.proc.poll() is None, f"daemon exited {self.proc.returncode}:\n{self.log()}"
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def kill_group(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self._log.close()
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill_group()
+                raise AssertionError(f"daemon did not stop within {timeout}s:\n{self.log()[-3000:]}")
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def daemon_factory() -> Iterator[Callable[..., Daemon]]:
+    made: list[Daemon] = []
+
+    def make(config: Path, ready: bool = True, env: dict[str, str] | None = None) -> Daemon:
+        d = Daemon(config, env)
+        made.append(d)
+        if ready:
+            d.wait_ready()
+        return d
+
+    yield make
+    for d in made:
+        if d.proc.poll() is None:
+            d.kill_group()
+
+
+class Spool:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.incoming, self.work = root / "incoming", root / "work"
+        self.outgoing, self.failed = root / "outgoing", root / "failed"
+
+    def drop(self, src: Path, name: str | None = None) -> str:
+        """Producer protocol: write elsewhere, rename into incoming/."""
+        name = name or src.name
+        tmp = self.incoming / f".{name}.part"
+        shutil.copyfile(src, tmp)
+        os.rename(tmp, self.incoming / name)
+        return name
+
+    def record(self, name: str) -> dict[str, Any] | None:
+        for d in (self.outgoing, self.failed):
+            p = d / f"{name}.json"
+            if p.exists():
+                return json.loads(p.read_text())
+        return None
+
+    def wait_record(self, name: str, timeout: float = 60.0) -> dict[str, Any]:
+        return wait_for(lambda: self.record(name), timeout, what=f"record of {name}")
+
+    def work_files(self) -> list[str]:
+        out = []
+        for dirpath, _dirs, files in os.walk(self.work):
+            for f in files:
+                if not f.startswith("."):
+                    out.append(os.path.relpath(os.path.join(dirpath, f), self.work))
+        return out
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    return Spool(tmp_path / "spool")
