@@ -41,7 +41,7 @@ demo: setup
 	@echo "            results appear in $(CURDIR)/var/outgoing/ (rejects in var/failed/)"
 	@echo "            e.g.  qemu-img create -f qcow2 /tmp/x.qcow2 64M && mv /tmp/x.qcow2 var/incoming/"
 	@echo "            Ctrl-C stops the daemon."
-	CONVD_DEMO=1 $(BIN)/convd run -c $(CONFIG)
+	$(BIN)/convd run -c $(CONFIG)
 
 test: setup
 	$(BIN)/python -m pytest tests

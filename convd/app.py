@@ -219,7 +219,14 @@ class Daemon:
             for name in names:
                 if self.stopping.is_set():
                     break
-                claim = await anyio.to_thread.run_sync(self.spool.claim, name)
+                if name in self.ctx.items:
+                    self.intake.defer(name)  # same name still in flight: it waits in incoming/
+                    continue
+                try:
+                    claim = await anyio.to_thread.run_sync(self.spool.claim, name)
+                except FileExistsError:
+                    self.intake.defer(name)  # an earlier item's work dir, kept after an internal error
+                    continue
                 self.intake.forget(name)
                 if claim is not None:
                     log.info("claimed", item=name)

@@ -100,6 +100,12 @@ class Intake:
     def forget(self, name: str) -> None:
         self.pending.pop(name, None)
 
+    def defer(self, name: str) -> None:
+        """Send a name that cannot be claimed yet to the back of the line."""
+        c = self.pending.pop(name, None)
+        if c is not None:
+            self.pending[name] = c
+
     def _looks_in_place(self, name: str) -> bool:
         """A file found by a scan: recently written and not renamed since."""
         try:

@@ -167,13 +167,12 @@ class Spool:
 
         Returns None when another daemon (or the producer) got there first:
         losing that race is normal, not an error.
+
+        Raises ``FileExistsError`` while an earlier item of the same name is
+        still in ``work/``: the file waits in ``incoming/`` until it is gone.
         """
         d = self.claims / name
-        try:
-            os.mkdir(d, 0o750)
-        except FileExistsError:
-            log.debug("an item of this name is still in flight", item=name)
-            return None
+        os.mkdir(d, 0o750)
         try:
             durable.move(self.incoming / name, d / SOURCE, sync=False)
         except FileNotFoundError:
@@ -183,17 +182,19 @@ class Spool:
         except BaseException:
             os.rmdir(d)
             raise
-        durable.fsync_dir(d)
-        durable.fsync_dir(self.claims)
-        durable.fsync_dir(self.incoming)
+        # No fsync: a rename is atomic, so after a crash the file is in exactly
+        # one of incoming/ or work/ whether or not the claim reached the disk,
+        # and the first durable write of the item (its record) commits it.
         return Claim(name=name, dir=d)
 
     # -- per-item state ---------------------------------------------------
 
     def note_attempt(self, claim: Claim) -> None:
         claim.attempts += 1
+        # Atomic but not fsynced: the count is informational, and a power cut
+        # costing it at worst under-reports one attempt.
         durable.write_json(claim.dir / ITEM, {"name": claim.name, "attempts": claim.attempts,
-                                              "updated_at": time.time()}, replace=True)
+                                              "updated_at": time.time()}, replace=True, sync=False)
 
     def discard_output(self, claim: Claim) -> None:
         try:
