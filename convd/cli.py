@@ -63,7 +63,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         out.update(format=insp.format, virtual_size=insp.virtual_size, size=insp.size,
                    safe=True, reasons=[], matched=insp.matched)
     except ItemError as exc:
-        out.update(safe=False, code=exc.code, reasons=[exc.message])
+        out.update(format=exc.detected, safe=False, code=exc.code, reasons=[exc.message])
         rc = 1
     except OSError as exc:
         out.update(safe=False, code="unreadable", reasons=[f"{exc.strerror}: {args.file}"])

@@ -197,6 +197,9 @@ class Spool:
                                               "updated_at": time.time()}, replace=True, sync=False)
 
     def discard_output(self, claim: Claim) -> None:
+        """Remove a partial output; never one whose handoff is staged (recovery owns it)."""
+        if claim.pending is not None:
+            return
         try:
             os.unlink(claim.output)
         except FileNotFoundError:

@@ -1,0 +1,126 @@
+"""The safety gate and the rules for odd inputs: each rejected file keeps its bytes in failed/."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+
+from conftest import MiB, images_equal, make_image, run, wait_for, write_config
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_output_hiding_a_qcow2_inside_is_rejected_and_source_kept(tmp_path, spool, daemon_factory):
+    # A qcow2 whose *guest content* is itself a qcow2 image: converted to raw,
+    # the output would be a qcow2 file that a later consumer might open.
+    inner = make_image(tmp_path / "inner.qcow2", "qcow2", 4 * MiB)
+    outer = tmp_path / "outer.qcow2"
+    run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", inner, outer)
+    daemon_factory(write_config(tmp_path))
+    spool.drop(outer)
+    rec = spool.wait_record("outer.qcow2")
+    assert rec["error"]["code"] == "unsafe_image", rec
+    assert "inspects as qcow2" in rec["error"]["message"]
+    assert _sha(spool.failed / "outer.qcow2") == _sha(outer)
+    assert not (spool.outgoing / "outer.qcow2").exists()
+
+
+def test_inspector_and_qemu_disagreeing_is_format_mismatch(tmp_path, spool, daemon_factory):
+    vhd = tmp_path / "lying.vhd"
+    run("qemu-img", "create", "-f", "vpc", "-o", "subformat=fixed", vhd, "10M")
+    size = vhd.stat().st_size
+    with open(vhd, "r+b") as fh:  # claim 20 MiB in the footer, checksum fixed up
+        fh.seek(size - 512)
+        foot = bytearray(fh.read(512))
+        struct.pack_into(">Q", foot, 48, 20 * MiB)
+        struct.pack_into(">I", foot, 64, 0)
+        struct.pack_into(">I", foot, 64, ~sum(foot) & 0xFFFFFFFF)
+        fh.seek(size - 512)
+        fh.write(foot)
+    daemon_factory(write_config(tmp_path))
+    spool.drop(vhd)
+    rec = spool.wait_record("lying.vhd")
+    assert rec["error"]["code"] == "format_mismatch", rec
+    assert rec["source"]["format"] == "vpc"
+
+
+def test_header_qemu_cannot_open_is_corrupt_image(tmp_path, spool, daemon_factory):
+    img = make_image(tmp_path / "whole.qcow2", "qcow2", 4 * MiB)
+    data = bytearray(img.read_bytes())
+    struct.pack_into(">I", data, 20, 40)  # cluster_bits = 40: no qemu opens that
+    bad = tmp_path / "bad.qcow2"
+    bad.write_bytes(bytes(data))
+    daemon_factory(write_config(tmp_path))
+    spool.drop(bad)
+    rec = spool.wait_record("bad.qcow2")
+    assert rec["error"]["code"] == "corrupt_image", rec
+    assert "cluster size" in rec["error"]["message"]
+    assert (spool.failed / "bad.qcow2").read_bytes() == bytes(data)
+
+
+def test_fixed_vhd_is_vpc_not_raw(tmp_path, spool, daemon_factory):
+    vhd = make_image(tmp_path / "fixed.vhd", "vpc", 8 * MiB, opts="subformat=fixed")
+    daemon_factory(write_config(tmp_path, convert={"target_format": "vpc"}))
+    spool.drop(vhd)
+    rec = spool.wait_record("fixed.vhd")
+    assert rec["source"]["format"] == "vpc"
+    assert rec["status"] == "passthrough", rec
+
+
+def test_symlink_fifo_and_directory_are_not_regular_files(tmp_path, spool, daemon_factory):
+    d = daemon_factory(write_config(tmp_path))
+    secret = tmp_path / "secret"
+    secret.write_text("do not read me")
+    os.symlink(secret, spool.incoming / "link.raw")
+    os.mkfifo(spool.incoming / "pipe.raw")
+    (spool.incoming / "dir.raw").mkdir()
+    for name in ("link.raw", "pipe.raw", "dir.raw"):
+        rec = spool.wait_record(name)
+        assert rec["error"]["code"] == "not_regular_file", rec
+        assert os.path.lexists(spool.failed / name)
+    assert os.readlink(spool.failed / "link.raw") == str(secret)
+    assert secret.read_text() == "do not read me"
+    # The daemon is still alive and converting after a FIFO.
+    ok = make_image(tmp_path / "after.qcow2", "qcow2", 2 * MiB)
+    spool.drop(ok)
+    assert spool.wait_record("after.qcow2")["status"] == "converted"
+    assert d.proc.poll() is None
+
+
+def test_existing_output_is_a_name_conflict(tmp_path, spool, daemon_factory):
+    img = make_image(tmp_path / "dup.qcow2", "qcow2", 2 * MiB)
+    daemon_factory(write_config(tmp_path))
+    spool.drop(img)
+    first = spool.wait_record("dup.qcow2")
+    assert first["status"] == "converted"
+    spool.drop(img)
+    wait_for(lambda: (spool.failed / "dup.qcow2.json").exists(), 30, what="second copy rejected")
+    rec = spool.record("dup.qcow2")  # outgoing's record is untouched
+    assert rec == first
+    import json
+
+    failed = json.loads((spool.failed / "dup.qcow2.json").read_text())
+    assert failed["error"]["code"] == "name_conflict"
+    assert images_equal(img, "qcow2", spool.outgoing / "dup.qcow2", "raw")
+    assert (spool.failed / "dup.qcow2").read_bytes() == img.read_bytes()
+
+
+def test_unsupported_format_by_config(tmp_path, spool, daemon_factory):
+    img = make_image(tmp_path / "a.vdi", "vdi", 2 * MiB)
+    daemon_factory(write_config(tmp_path, convert={"allowed_formats": ["raw", "qcow2"]}))
+    spool.drop(img)
+    rec = spool.wait_record("a.vdi")
+    assert rec["error"]["code"] == "unsupported_format" and "vdi" in rec["error"]["message"]
+
+
+def test_ignored_names_wait_until_renamed(tmp_path, spool, daemon_factory):
+    img = make_image(tmp_path / "x.qcow2", "qcow2", 2 * MiB)
+    daemon_factory(write_config(tmp_path))
+    for name in (".hidden", "upload.part", "upload.tmp"):
+        (spool.incoming / name).write_bytes(img.read_bytes())
+    os.rename(spool.incoming / "upload.part", spool.incoming / "upload.qcow2")
+    assert spool.wait_record("upload.qcow2")["status"] == "converted"
+    assert sorted(os.listdir(spool.incoming)) == [".hidden", "upload.tmp"]
