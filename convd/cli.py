@@ -27,16 +27,23 @@ def _load_config(arg: str | None, *, optional: bool) -> Config:
     return load(path)
 
 
+def _config_or_none(arg: str | None, *, optional: bool = False, prefix: str = "") -> Config | None:
+    """The config, or None after telling the user why not (exit 1 follows)."""
+    try:
+        return _load_config(arg, optional=optional)
+    except ConfigError as exc:
+        print(f"convd: {prefix}{exc}", file=sys.stderr)
+        return None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import anyio
 
     from convd import logs
     from convd.app import Daemon
 
-    try:
-        cfg = _load_config(args.config, optional=False)
-    except ConfigError as exc:
-        print(f"convd: {exc}", file=sys.stderr)
+    cfg = _config_or_none(args.config)
+    if cfg is None:
         return 1
     logs.setup(cfg.log.format, cfg.log.level)
     import structlog
@@ -84,10 +91,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from convd import logs
     from convd.single import convert_one
 
-    try:
-        cfg = _load_config(args.config, optional=True)
-    except ConfigError as exc:
-        print(f"convd: {exc}", file=sys.stderr)
+    cfg = _config_or_none(args.config, optional=True)
+    if cfg is None:
         return 1
     logs.setup("console" if sys.stderr.isatty() else cfg.log.format, "warning")
     try:
@@ -103,10 +108,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    try:
-        cfg = _load_config(args.config, optional=False)
-    except ConfigError as exc:
-        print(f"convd: invalid configuration: {exc}", file=sys.stderr)
+    cfg = _config_or_none(args.config, prefix="invalid configuration: ")
+    if cfg is None:
         return 1
     print(f"# effective configuration from {cfg.source}")
     print(_toml(dump(cfg)))
@@ -133,10 +136,8 @@ def _toml(data: dict[str, Any]) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     from convd.status import read_status, render
 
-    try:
-        cfg = _load_config(args.config, optional=False)
-    except ConfigError as exc:
-        print(f"convd: {exc}", file=sys.stderr)
+    cfg = _config_or_none(args.config)
+    if cfg is None:
         return 1
     st = read_status(cfg)
     if args.json:

@@ -94,15 +94,19 @@ async def terminate(proc: asyncio.subprocess.Process, grace: float = _KILL_GRACE
         await proc.wait()
 
 
-async def _run(argv: list[str], timeout: float, **limits: Any) -> QemuResult:
-    proc = await asyncio.create_subprocess_exec(
+async def _spawn(argv: list[str], **limits: Any) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
         *_wrap(argv, **limits),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,
+        start_new_session=True,  # our signals only: a terminal's Ctrl-C is the daemon's to handle
         env=_child_env(),
     )
+
+
+async def _run(argv: list[str], timeout: float, **limits: Any) -> QemuResult:
+    proc = await _spawn(argv, **limits)
     try:
         with anyio.fail_after(timeout):
             out, err = await proc.communicate()
@@ -178,14 +182,7 @@ async def convert(
 ) -> None:
     """Run one ``qemu-img convert``; raise ``TransientError`` on a non-zero exit."""
     argv = [qemu_img(), "convert", "-p", "-f", src_fmt, "-O", dst_fmt, *extra_args, src, dst]
-    proc = await asyncio.create_subprocess_exec(
-        *_wrap(argv),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,
-        env=_child_env(),
-    )
+    proc = await _spawn(argv)
     if on_start:
         on_start(proc)
     assert proc.stdout is not None and proc.stderr is not None

@@ -35,11 +35,13 @@ def _finish_output(path: str, item: Item, ctx: Context) -> dict[str, Any]:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         size = os.fstat(fd).st_size
+        # The record promises durable bytes: qemu-img's default cache mode never
+        # flushes, nor need a producer have (cheap when already on disk).
+        os.fsync(fd)
         if item.passthrough:
             assert item.inspection is not None
             vsize = item.inspection.virtual_size
         else:
-            os.fsync(fd)  # qemu-img's default cache mode never flushes
             vsize = _vet_output(fd, item.target_format)
         sums = digest_file(fd, item.cfg.checksum.algorithms, ctx.count_hashed)
     finally:
