@@ -195,7 +195,7 @@ class Daemon:
 
     def _scan(self) -> None:
         for entry in self.spool.scan_incoming():
-            self.intake.saw(entry.name, scanned=True)
+            self.intake.saw(entry.name)
         self._kick()
 
     async def _rescan_loop(self) -> None:

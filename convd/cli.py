@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -49,6 +50,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     import structlog
 
     log = structlog.get_logger("convd")
+    # The intake probes for writers with a read lease; a writer opening the
+    # file while it is held makes the kernel send SIGIO, whose default action
+    # kills.  A handler, not SIG_IGN, so qemu-img children start with the default.
+    signal.signal(signal.SIGIO, lambda signum, frame: None)
     try:
         anyio.run(Daemon(cfg).run)
     except ConfigError as exc:

@@ -68,7 +68,8 @@ def _child_env() -> dict[str, str]:
 def _wrap(argv: list[str], cpu_time: float | None = None, address_space: int | None = None) -> list[str]:
     prefix: list[str] = []
     if _setpriv:
-        prefix += [_setpriv, "--pdeathsig", "KILL", "--"]
+        # Die with the daemon; and drop CAP_LEASE, which is the daemon's alone.
+        prefix += [_setpriv, "--pdeathsig", "KILL", "--inh-caps=-all", "--"]
     if _prlimit and (cpu_time or address_space):
         prefix += [_prlimit]
         if cpu_time:

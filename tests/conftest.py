@@ -186,6 +186,8 @@ def daemon_factory() -> Iterator[Callable[..., Daemon]]:
     for d in made:
         if d.proc.poll() is None:
             d.kill_group()
+        else:
+            d._log.close()
 
 
 class Spool:

@@ -87,13 +87,14 @@ class Intake:
     def __len__(self) -> int:
         return len(self.pending)
 
-    def saw(self, name: str, *, modified: bool = False, scanned: bool = False) -> None:
+    def saw(self, name: str, *, modified: bool = False) -> None:
         now = time.monotonic()
         c = self.pending.get(name)
         if c is None:
             c = self.pending[name] = Candidate(name=name, seen=now, still_since=now)
-            if scanned:
-                c.in_place = self._looks_in_place(name)
+            # The watcher reports a rename into incoming/ and a file created in
+            # place alike ("added"); only the timestamps tell them apart.
+            c.in_place = self._looks_in_place(name)
         if modified:
             c.in_place = True
 
@@ -107,7 +108,13 @@ class Intake:
             self.pending[name] = c
 
     def _looks_in_place(self, name: str) -> bool:
-        """A file found by a scan: recently written and not renamed since."""
+        """Recently written and not renamed since.
+
+        A rename updates ctime, not mtime, so a file renamed in after its last
+        write has ``ctime > mtime``.  Inode timestamps tick coarsely (a jiffy),
+        so a rename within the same tick as the last write looks in place and
+        merely waits ``settle``: delay, never a half-written claim.
+        """
         try:
             st = os.lstat(self.incoming / name)
         except FileNotFoundError:
