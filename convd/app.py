@@ -19,7 +19,7 @@ import anyio
 import structlog
 import watchfiles
 
-from convd import __version__, durable
+from convd import __version__, durable, logs, qemu
 from convd.config import Config, load
 from convd.errors import ConfigError
 from convd.metrics import Metrics
@@ -35,7 +35,6 @@ __all__ = ["Daemon", "probe_sparse"]
 log = structlog.get_logger("convd.daemon")
 
 STATUS_FILE = ".status.json"
-SHUTDOWN_GRACE = 7.0  # of the contract's 10 s
 
 
 def probe_sparse(directory: Path) -> tuple[bool, int]:
@@ -96,6 +95,7 @@ class Daemon:
 
     async def run(self) -> None:
         cfg = self.cfg
+        qemu.check_tools()
         self.spool.prepare()
         try:
             await self._run(cfg)
@@ -145,6 +145,7 @@ class Daemon:
                 # Step 1 done: no more claims.  Step 2: stop children, keep sources.
                 log.info("stopping", in_flight=len(ctx.items))
                 self.notifier.stopping()
+                ctx.stop.set()
                 items.cancel_scope.cancel()
                 tg.cancel_scope.cancel()
         self._write_status()
@@ -252,8 +253,15 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload refused; keeping the old configuration", error=str(exc))
         else:
-            if new.watch.force_polling != self.cfg.watch.force_polling:
-                log.warning("[watch] force_polling applies from the next start")
+            for key, old_v, new_v in (
+                ("[watch] force_polling", self.cfg.watch.force_polling, new.watch.force_polling),
+                ("[metrics] listen", self.cfg.metrics.listen, new.metrics.listen),
+                ("[limits] sparse", self.cfg.limits.sparse, new.limits.sparse),
+            ):
+                if old_v != new_v:
+                    log.warning("this change applies from the next start", key=key)
+            if new.log != self.cfg.log:
+                logs.setup(new.log.format, new.log.level)
             self.cfg = new
             assert self.ctx is not None
             self.ctx.slots.total_tokens = new.convert.max_workers

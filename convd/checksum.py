@@ -10,7 +10,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import threading
 from collections.abc import Callable, Sequence
+
+from convd.errors import Stopped
 
 __all__ = ["digest_file"]
 
@@ -36,8 +39,13 @@ def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
 
 
 def digest_file(fd: int, algorithms: Sequence[str],
-                on_bytes: Callable[[int], None] | None = None) -> dict[str, str]:
-    """Hex digests of the whole file behind ``fd`` (read with pread; fd offset untouched)."""
+                on_bytes: Callable[[int], None] | None = None,
+                stop: threading.Event | None = None) -> dict[str, str]:
+    """Hex digests of the whole file behind ``fd`` (read with pread; fd offset untouched).
+
+    Raises ``Stopped`` soon after ``stop`` is set: a thread cannot be
+    cancelled, and shutdown must not wait for a terabyte to be hashed.
+    """
     if not algorithms:
         return {}
     hashers = [hashlib.new(a) for a in algorithms]
@@ -47,6 +55,8 @@ def digest_file(fd: int, algorithms: Sequence[str],
     pos = 0
 
     def feed(data: memoryview | bytes) -> None:
+        if stop is not None and stop.is_set():
+            raise Stopped("checksum interrupted by shutdown")
         for h in hashers:
             h.update(data)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from convd import __version__
 from convd.config import Config, default_config, dump, load, resolve_config_path
-from convd.errors import ConfigError, ItemError
+from convd.errors import ConfigError, ItemError, StartupError
 
 __all__ = ["main"]
 
@@ -56,7 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGIO, lambda signum, frame: None)
     try:
         anyio.run(Daemon(cfg).run)
-    except ConfigError as exc:
+    except StartupError as exc:
         log.error("cannot start", error=str(exc))
         print(f"convd: {exc}", file=sys.stderr)
         return 1

@@ -39,7 +39,8 @@ __all__ = [
 
 DEFAULT_CONFIG_PATH = "/etc/convd/convd.toml"
 TARGET_FORMATS = ("raw", "qcow2", "vmdk", "vdi", "vpc", "vhdx")
-ALLOWED_SOURCE_FORMATS = ("raw", "gpt", "iso", "qcow2", "vmdk", "vdi", "vpc", "vhdx", "qed")
+# QED is not listed: the inspector bans it whatever the configuration says.
+ALLOWED_SOURCE_FORMATS = ("raw", "gpt", "iso", "qcow2", "vmdk", "vdi", "vpc", "vhdx")
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -96,7 +97,7 @@ class SpoolConfig:
 @dataclass(frozen=True)
 class ConvertConfig:
     target_format: str = "raw"
-    allowed_formats: tuple[str, ...] = ALLOWED_SOURCE_FORMATS[:-1]
+    allowed_formats: tuple[str, ...] = ALLOWED_SOURCE_FORMATS
     max_workers: int = 2
     timeout: float = 6 * 3600.0
     max_attempts: int = 3

@@ -16,6 +16,8 @@ __all__ = [
     "ItemError",
     "NameConflict",
     "NotRegularFile",
+    "StartupError",
+    "Stopped",
     "Timeout",
     "TooLarge",
     "TransientError",
@@ -28,7 +30,11 @@ class ConvdError(Exception):
     """Base of every error convd raises on purpose."""
 
 
-class ConfigError(ConvdError):
+class StartupError(ConvdError):
+    """The daemon cannot start (exit 1)."""
+
+
+class ConfigError(StartupError):
     """The configuration is invalid; the message names the key."""
 
 
@@ -81,3 +87,7 @@ class Timeout(ItemError):
 
 class TransientError(ConvdError):
     """A failure worth retrying (ENOSPC, EIO, a killed qemu-img)."""
+
+
+class Stopped(ConvdError):
+    """Blocking work gave up because the daemon is shutting down."""

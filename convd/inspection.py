@@ -70,6 +70,9 @@ def open_regular(path: str | os.PathLike[str]) -> int:
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise NotRegularFile("a symlink, not a regular file") from None
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise CorruptImage(f"cannot be read: {exc.strerror} (owner uid {st.st_uid}, "
+                               f"mode {stat.S_IMODE(st.st_mode):04o})") from None
         raise
     st2 = os.fstat(fd)
     if not stat.S_ISREG(st2.st_mode) or (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino):

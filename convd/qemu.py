@@ -21,10 +21,11 @@ from typing import Any
 
 import anyio
 
-from convd.errors import ConvertFailed, CorruptImage, Timeout, TransientError
+from convd.errors import CorruptImage, StartupError, Timeout, TransientError
 
 __all__ = [
     "QemuResult",
+    "check_tools",
     "convert",
     "convert_args",
     "data_bytes",
@@ -38,6 +39,15 @@ _PROGRESS = re.compile(rb"\(\s*([0-9]+(?:\.[0-9]+)?)/100%\)")
 _KILL_GRACE = 3.0
 _setpriv = shutil.which("setpriv")
 _prlimit = shutil.which("prlimit")
+
+
+def check_tools() -> None:
+    """Refuse to start without qemu-img, or without the limits its gate relies on."""
+    missing = [name for name, path in (("qemu-img", shutil.which("qemu-img")), ("prlimit", _prlimit),
+                                       ("setpriv", _setpriv)) if path is None]
+    if missing:
+        raise StartupError(f"{', '.join(missing)} not found on PATH "
+                           "(Debian: apt-get install qemu-utils util-linux)")
 
 
 def qemu_img() -> str:
@@ -160,7 +170,7 @@ async def measure(path: str, fmt: str, target: str) -> int:
     return int(json.loads(res.stdout)["required"])
 
 
-# Tuned defaults (docs/performance.md): out-of-order writes help every
+# Tuned defaults (docs/benchmarks.md): out-of-order writes help every
 # sparse raw target; more coroutines help VMDK's many small grains.
 _DEFAULT_ARGS: dict[str, tuple[str, ...]] = {
     "vmdk": ("-m", "16", "-W"),

@@ -13,11 +13,13 @@ from convd.pipeline.spool import is_candidate_name
 __all__ = ["read_status", "render"]
 
 
-def _count(path: os.PathLike[str] | str, records: bool = False) -> int:
+def _count(path: os.PathLike[str] | str, records: bool = False) -> int | None:
     try:
         names = os.listdir(path)
     except FileNotFoundError:
         return 0
+    except PermissionError:
+        return None
     if records:
         return sum(1 for n in names if n.endswith(".json") and not n.startswith("."))
     return sum(1 for n in names if is_candidate_name(n))
@@ -27,18 +29,25 @@ def read_status(cfg: Config) -> dict[str, Any]:
     """The daemon's snapshot (if one is running) plus what the spool directories hold."""
     sp = cfg.spool
     snap_path = sp.work / sp.instance / ".status.json"
+    error = None
     try:
         snap = json.loads(snap_path.read_bytes())
     except (FileNotFoundError, ValueError):
         snap = None
+    except PermissionError:
+        snap, error = None, f"cannot read {snap_path}: permission denied (run as root or the convd user)"
     running = False
     if snap:
         try:
             os.kill(int(snap["pid"]), 0)
-            running = time.time() - float(snap["updated_at"]) < 30
+            alive = True
+        except PermissionError:
+            alive = True  # someone else's process: it exists
         except (OSError, KeyError, ValueError):
-            running = False
+            alive = False
+        running = alive and time.time() - float(snap.get("updated_at", 0)) < 30
     return {
+        "error": error,
         "running": running,
         "daemon": snap,
         "spool": {
@@ -65,8 +74,11 @@ def _size(n: float) -> str:
 
 def render(st: dict[str, Any], now: float) -> str:
     sp = st["spool"]
-    lines = [f"spool {sp['root']}: {sp['incoming']} in incoming/, {sp['outgoing']} published, "
-             f"{sp['failed']} failed"]
+    n = {k: "?" if sp[k] is None else sp[k] for k in ("incoming", "outgoing", "failed")}
+    lines = [f"spool {sp['root']}: {n['incoming']} in incoming/, {n['outgoing']} published, "
+             f"{n['failed']} failed"]
+    if st.get("error"):
+        lines.append(st["error"])
     d = st.get("daemon")
     if not st["running"] or not d:
         lines.append("daemon: not running" + (" (stale snapshot)" if d else ""))

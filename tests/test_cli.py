@@ -142,3 +142,12 @@ def test_status_without_a_daemon_says_not_running(tmp_path):
     r = convd("status", "-c", cfg, "--json")
     assert r.returncode == 0
     assert json.loads(r.stdout)["running"] is False
+
+
+def test_convert_passthrough_copies_and_leaves_the_source(tmp_path):
+    src = make_image(tmp_path / "a.qcow2", "qcow2", 4 * MiB)
+    dst = tmp_path / "copy.qcow2"
+    r = convd("convert", src, dst, "--to", "qcow2")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["status"] == "passthrough"
+    assert dst.read_bytes() == src.read_bytes() and src.exists()

@@ -3,6 +3,7 @@ quarantines rejected inputs, and on cancel leaves the source for recovery."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from typing import Any
 import anyio
 import structlog
 
-from convd.errors import ConvertFailed, ItemError, NameConflict, TransientError
+from convd.errors import ConvertFailed, ItemError, NameConflict, Stopped, TransientError
 from convd.pipeline.item import Item, Stage
 from convd.pipeline.ledger import Ledger
 from convd.pipeline.spool import Spool
@@ -48,6 +49,8 @@ class Context:
     on_failed: Callable[[Item, dict[str, Any]], None] = _noop
     on_retry: Callable[[Item, str], None] = _noop
     items: dict[str, Item] = field(default_factory=dict)
+    # Set at shutdown so work in threads (checksums) gives up promptly.
+    stop: threading.Event = field(default_factory=threading.Event)
 
     def release(self, item: Item) -> None:
         if item.reservation is not None:
@@ -109,6 +112,9 @@ async def run_item(item: Item, ctx: Context) -> None:
         await _discard(item, ctx)
         with anyio.CancelScope(shield=True):
             await quarantine(item, ctx, exc)
+    except Stopped:
+        await _discard(item, ctx)
+        log.info("stopped; source left for the next start")
     except anyio.get_cancelled_exc_class():
         # Shutdown: the source stays in work/ and the next start resumes it.
         await _discard(item, ctx)

@@ -34,7 +34,8 @@ async def convert(item: Item, ctx: Context) -> Stage:
         try:
             await qemu.convert(
                 str(item.claim.source), src_fmt, str(item.claim.output), item.target_format,
-                extra_args=qemu.convert_args(src_fmt, item.target_format, cfg.qemu_args_for(src_fmt)),
+                extra_args=qemu.convert_args(src_fmt, item.target_format,
+                                             cfg.qemu_args_for(item.inspection.format)),
                 timeout=cfg.convert.timeout, on_progress=progress, on_start=started,
             )
         finally:

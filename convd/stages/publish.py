@@ -43,7 +43,7 @@ def _finish_output(path: str, item: Item, ctx: Context) -> dict[str, Any]:
             vsize = item.inspection.virtual_size
         else:
             vsize = _vet_output(fd, item.target_format)
-        sums = digest_file(fd, item.cfg.checksum.algorithms, ctx.count_hashed)
+        sums = digest_file(fd, item.cfg.checksum.algorithms, ctx.count_hashed, ctx.stop)
     finally:
         os.close(fd)
     return {"format": item.target_format, "size": size, "virtual_size": vsize, "checksums": sums}
@@ -55,7 +55,8 @@ async def publish(item: Item, ctx: Context) -> Stage:
     if ctx.spool.output_taken(item.name):
         raise NameConflict(f"outgoing/{item.name} already exists")
     payload = SOURCE if item.passthrough else OUTPUT
-    target = await anyio.to_thread.run_sync(_finish_output, str(claim.dir / payload), item, ctx)
+    path = claim.source if item.passthrough else claim.output
+    target = await anyio.to_thread.run_sync(_finish_output, str(path), item, ctx)
     item.timings["publish"] += time.monotonic() - t0
     status = "passthrough" if item.passthrough else "converted"
     rec = record.build(item, status, target=target)
