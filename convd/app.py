@@ -165,7 +165,11 @@ class Daemon:
         claim = item.claim
         try:
             if claim.pending is not None:
-                await finish_handoff(item, self.ctx)
+                try:
+                    await finish_handoff(item, self.ctx)
+                except Exception:
+                    log.exception("cannot finish the handoff; kept for the next start", item=claim.name)
+                    self.stuck.add(claim.name)
             else:
                 await run_item(item, self.ctx)
                 if os.path.lexists(claim.dir):

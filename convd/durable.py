@@ -87,15 +87,20 @@ def move(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             fsync_dir(sdir)
 
 
+def temp_name(name: str, owner: str = "") -> str:
+    """``.NAME[@OWNER].RANDOM.tmp``: an owner (a spool instance) may sweep its own."""
+    return f".{name}{'@' + owner if owner else ''}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+
+
 def write_bytes(path: str | os.PathLike[str], data: bytes, *, replace: bool = False,
-                mode: int = 0o644, sync: bool = True) -> None:
+                mode: int = 0o644, sync: bool = True, owner: str = "") -> None:
     """Durably create ``path`` with ``data``; readers see all of it or nothing.
 
     ``sync=False`` keeps the atomicity but skips the fsyncs, for files that
     may be lost in a crash (the status snapshot).
     """
     p = Path(path)
-    tmp = p.with_name(f".{p.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+    tmp = p.with_name(temp_name(p.name, owner))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
     try:
         view = memoryview(data)
@@ -117,8 +122,8 @@ def write_bytes(path: str | os.PathLike[str], data: bytes, *, replace: bool = Fa
 
 
 def write_json(path: str | os.PathLike[str], obj: Any, *, replace: bool = False,
-               sync: bool = True) -> None:
-    write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode(), replace=replace, sync=sync)
+               sync: bool = True, owner: str = "") -> None:
+    write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode(), replace=replace, sync=sync, owner=owner)
 
 
 class _suppress_missing:

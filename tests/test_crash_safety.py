@@ -351,9 +351,6 @@ def test_nearly_full_disk_holds_the_item_until_space_returns_without_failing_it(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "convd bug: an OSError from quarantine() escapes run_item's except-ItemError handler "
-    "and takes the whole daemon down (exit 1)"))
 def test_full_disk_while_quarantining_keeps_the_daemon_up_and_the_reject_intact(
     tmp_path: Path, small_fs: Path, daemon_factory: Any
 ) -> None:
@@ -569,9 +566,6 @@ def test_stale_temp_files_are_swept_and_producer_temps_left_alone(
     assert os.listdir(spool.failed) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "convd bug: Spool.sweep_temp deletes every .*.tmp in the shared outgoing/ and failed/ at start-up, "
-    "including a record another instance is writing at that moment"))
 def test_starting_an_instance_leaves_a_record_another_instance_is_writing_alone(
     tmp_path: Path, daemon_factory: Any, spool: Spool
 ) -> None:

@@ -111,7 +111,13 @@ async def run_item(item: Item, ctx: Context) -> None:
     except ItemError as exc:
         await _discard(item, ctx)
         with anyio.CancelScope(shield=True):
-            await quarantine(item, ctx, exc)
+            try:
+                await quarantine(item, ctx, exc)
+            except Exception:
+                # A full or failing disk: the source stays in work/ and the
+                # next start rejects it again; the daemon carries on.
+                log.exception("cannot quarantine; the source stays in work/ for the next start",
+                              code=exc.code)
     except Stopped:
         await _discard(item, ctx)
         log.info("stopped; source left for the next start")

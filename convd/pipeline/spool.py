@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ log = structlog.get_logger("convd.spool")
 
 IGNORED_SUFFIXES = (".part", ".tmp")
 SOURCE, OUTPUT, ITEM, RECORD = "source", "output", "item.json", "record.json"
+# Another instance's temp in outgoing/ or failed/ older than this is abandoned.
+STALE_TEMP_AGE = 3600.0
 
 
 def is_candidate_name(name: str) -> bool:
@@ -106,13 +109,27 @@ class Spool:
             self._lock_fd = None
 
     def sweep_temp(self) -> int:
-        """Remove stale durable-write temp files convd left in its own directories."""
+        """Remove stale durable-write temp files convd left in its own directories.
+
+        outgoing/ and failed/ are shared: there, only this instance's temps
+        (``@instance``) go at once; another's may be a write in progress,
+        and is swept only once it is surely abandoned.
+        """
         n = 0
+        now = time.time()
+        own = re.compile(rf"@{re.escape(self.cfg.instance)}\.[0-9a-f]{{8}}{re.escape(durable.TEMP_SUFFIX)}$")
         for d in (self.outgoing, self.failed, self.claims):
             for entry in os.scandir(d):
-                if entry.name.startswith(".") and entry.name.endswith(durable.TEMP_SUFFIX):
+                if not (entry.name.startswith(".") and entry.name.endswith(durable.TEMP_SUFFIX)):
+                    continue
+                try:
+                    if (d != self.claims and not own.search(entry.name)
+                            and now - entry.stat(follow_symlinks=False).st_mtime < STALE_TEMP_AGE):
+                        continue
                     os.unlink(entry.path)
-                    n += 1
+                except FileNotFoundError:
+                    continue  # another instance swept it first
+                n += 1
         return n
 
     def recover(self) -> list[Claim]:
@@ -251,7 +268,7 @@ class Spool:
                 p = claim.pending
         rec_path = dest_dir / f"{p['final_name']}.json"
         try:
-            durable.write_json(rec_path, p["record"])
+            durable.write_json(rec_path, p["record"], owner=self.cfg.instance)
         except FileExistsError:
             # Written before a crash that hit before the clean-up.
             pass

@@ -20,7 +20,10 @@ __all__ = ["cleanup", "quarantine"]
 
 async def cleanup(item: Item, ctx: Context) -> Stage:
     ctx.release(item)
-    await anyio.to_thread.run_sync(ctx.spool.remove_claim, item.claim)
+    # Shielded: the result is published; a shutdown now should not leave the
+    # claim for recovery to tidy.
+    with anyio.CancelScope(shield=True):
+        await anyio.to_thread.run_sync(ctx.spool.remove_claim, item.claim)
     return Stage.DONE
 
 
