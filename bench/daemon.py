@@ -1,0 +1,208 @@
+"""A ``convd run`` subprocess on a spool of its own, fed by the producer protocol."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from bench.inotify import DirWatch
+
+__all__ = ["Daemon", "Spool", "convd_bin", "parse_ts", "write_config"]
+
+
+def convd_bin() -> str:
+    exe = Path(sys.executable).with_name("convd")
+    found = str(exe) if exe.exists() else shutil.which("convd")
+    if not found:
+        raise SystemExit("convd is not installed in this environment; run `make setup` first")
+    return found
+
+
+def parse_ts(value: str) -> float:
+    """structlog's ISO UTC timestamp as seconds since the epoch."""
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    raise TypeError(value)
+
+
+def write_config(root: Path, *, target: str, algorithms: Iterable[str], max_workers: int = 2,
+                 **extra: dict[str, Any]) -> Path:
+    """The config the bench runs convd with: its own spool under ``root``, JSON logs, no metrics."""
+    sections: dict[str, dict[str, Any]] = {
+        "spool": {"root": str(root), "instance": "bench"},
+        "convert": {"max_workers": max_workers, "target_format": target},
+        "limits": {"workspace": "64GiB", "min_free": "1GiB"},
+        "watch": {"settle": 2.0},
+        "checksum": {"algorithms": list(algorithms)},
+        "log": {"format": "json", "level": "info"},
+        "metrics": {"listen": ""},
+    }
+    for name, body in extra.items():
+        sections.setdefault(name, {}).update(body)
+    root.mkdir(parents=True, exist_ok=True)
+    text = "".join(f"[{name}]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in body.items()) + "\n"
+                   for name, body in sections.items())
+    path = root / "convd.toml"
+    path.write_text(text)
+    return path
+
+
+class Spool:
+    """The four directories under one root, and the producer's side of the protocol."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.incoming, self.work = root / "incoming", root / "work"
+        self.outgoing, self.failed = root / "outgoing", root / "failed"
+
+    def create(self) -> None:
+        for d in (self.incoming, self.work, self.outgoing, self.failed):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def stage_link(self, src: Path, name: str) -> Path:
+        """Pre-stage ``src`` beside the spool (a hard link: no copy, same warm pages)."""
+        staged = self.root / f".stage-{name}"
+        if staged.exists():
+            staged.unlink()
+        os.link(src, staged)
+        return staged
+
+    def stage_copy(self, src: Path, name: str) -> Path:
+        staged = self.root / f".stage-{name}"
+        shutil.copyfile(src, staged)
+        return staged
+
+    def drop_staged(self, staged: Path, name: str) -> None:
+        """The producer's rename into ``incoming/`` (the moment timings start from)."""
+        os.rename(staged, self.incoming / name)
+
+    def watch(self) -> DirWatch:
+        return DirWatch([self.outgoing, self.failed])
+
+    def result(self, directory: str, name: str) -> dict[str, Any]:
+        """The record of ``name``; raises when the item landed in ``failed/``."""
+        rec = json.loads((Path(directory) / f"{name}.json").read_text())
+        if rec.get("status") == "failed" or Path(directory) == self.failed:
+            err = rec.get("error", {})
+            raise RuntimeError(f"convd rejected {name}: {err.get('code')}: {err.get('message')}")
+        return rec
+
+    def consume(self, name: str) -> None:
+        """What a consumer does after reading the result: take it away."""
+        for d in (self.outgoing, self.failed):
+            for n in (name, f"{name}.json"):
+                try:
+                    os.unlink(d / n)
+                except FileNotFoundError:
+                    pass
+
+    def clear_outgoing(self) -> None:
+        for d in (self.outgoing, self.failed):
+            with os.scandir(d) as it:
+                for e in it:
+                    os.unlink(e.path)
+
+
+class Daemon:
+    """``convd run -c CONFIG`` in its own process group, JSON log to a file."""
+
+    def __init__(self, config: Path, spool: Spool, label: str) -> None:
+        self.config, self.spool, self.label = config, spool, label
+        self.log_path = config.with_name("daemon.log")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._offset = self.log_path.stat().st_size
+        self.started_wall = time.time()
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [convd_bin(), "run", "-c", str(config)],
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def new_events(self) -> list[dict[str, Any]]:
+        """JSON log lines written since the last call."""
+        with open(self.log_path, "rb") as fh:
+            fh.seek(self._offset)
+            data = fh.read()
+        cut = data.rfind(b"\n") + 1
+        self._offset += cut
+        out = []
+        for line in data[:cut].splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def wait_ready(self, timeout: float = 30.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for ev in self.new_events():
+                if ev.get("event") == "watching":
+                    return ev
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"convd ({self.label}) exited {self.proc.returncode}:\n{self.tail()}")
+            time.sleep(0.02)
+        raise RuntimeError(f"convd ({self.label}) did not start watching within {timeout:g} s:\n{self.tail()}")
+
+    def tail(self, n: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-n:]
+
+    def status(self, field: str) -> int | None:
+        """A ``/proc/PID/status`` field in bytes (VmHWM, VmRSS)."""
+        try:
+            with open(f"/proc/{self.pid}/status") as fh:
+                for line in fh:
+                    if line.startswith(field + ":"):
+                        return int(line.split()[1]) * 1024
+        except FileNotFoundError:
+            return None
+        return None
+
+    def cpu(self) -> tuple[float, float]:
+        """CPU seconds so far: (the daemon itself, its reaped children: qemu-img and wrappers)."""
+        try:
+            with open(f"/proc/{self.pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            return (float("nan"), float("nan"))
+        tick = os.sysconf("SC_CLK_TCK")
+        # after the comm field: state=0 ... utime=11 stime=12 cutime=13 cstime=14
+        return ((int(fields[11]) + int(fields[12])) / tick, (int(fields[13]) + int(fields[14])) / tick)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode

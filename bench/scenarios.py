@@ -1,0 +1,293 @@
+"""The measurements.  Each returns plain dicts of raw samples (seconds, bytes)
+that the report turns into medians and ratios; nothing here decides pass/miss."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.daemon import Daemon, Spool, parse_ts
+from bench.images import tiny_raw
+from bench.inotify import DirWatch, QueueOverflow
+
+__all__ = [
+    "backlog",
+    "bare_convert",
+    "bare_sequential",
+    "convd_once",
+    "drain",
+    "durable",
+    "hashlib_sha256",
+    "pickup_latency",
+    "quiesce",
+    "settle_fs",
+    "sha256sum",
+    "warm",
+]
+
+Log = Callable[[str], None]
+LARGE_TIMEOUT = 1800.0
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def settle_fs(path: Path) -> None:
+    """``syncfs`` of the bench filesystem, untimed, between runs: the previous run's
+    deletions (and their discards) are committed before the next run's clock starts."""
+    subprocess.run(["sync", "-f", str(path)], check=False)
+
+
+def durable(path: Path) -> None:
+    """Sources are on disk before any run, as a producer's finished upload would be."""
+    _fsync(path)
+
+
+def warm(path: Path) -> None:
+    """Read a file once so its pages are cached, as for every run after it."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        while os.read(fd, 8 << 20):
+            pass
+    finally:
+        os.close(fd)
+
+
+def bare_convert(src: Path, fmt: str, target: str, dst: Path, args: Sequence[str] = (),
+                 precreate: int | None = None) -> dict[str, float]:
+    """``qemu-img convert -f FMT -O TARGET [ARGS] SRC DST`` as Glance runs it, then
+    ``fsync(DST)``: {"bare": until qemu-img exits, "sync": until the output is durable}."""
+    dst.unlink(missing_ok=True)
+    if precreate is not None:
+        with open(dst, "wb") as fh:
+            fh.truncate(precreate)
+    argv = ["qemu-img", "convert", "-f", fmt, "-O", target, *args, str(src), str(dst)]
+    t0 = time.monotonic()
+    res = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t1 = time.monotonic()
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: {res.stderr.decode(errors='replace').strip()}")
+    _fsync(dst)
+    t2 = time.monotonic()
+    return {"bare": t1 - t0, "sync": t2 - t0}
+
+
+def sha256sum(path: Path) -> tuple[float, str]:
+    """Wall time of ``sha256sum PATH`` (coreutils), and the digest it printed."""
+    t0 = time.monotonic()
+    out = subprocess.run(["sha256sum", str(path)], capture_output=True, text=True, check=True).stdout
+    return time.monotonic() - t0, out.split()[0]
+
+
+def hashlib_sha256(path: Path) -> float:
+    """The same pass through Python's hashlib (OpenSSL), for comparison with convd's own."""
+    t0 = time.monotonic()
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(4 << 20):
+            h.update(chunk)
+    return time.monotonic() - t0
+
+
+def quiesce(spool: Spool, timeout: float = 120.0) -> None:
+    """Wait until the daemon has cleaned up after its last item (it does so after the record)."""
+    claims = spool.work / "bench"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            busy = [n for n in os.listdir(claims) if not n.startswith(".")]
+        except FileNotFoundError:
+            busy = []
+        if not busy:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"convd still holds {busy[:5]} in {claims}")
+        time.sleep(0.01)
+
+
+def _claimed_at(daemon: Daemon, names: set[str]) -> dict[str, float]:
+    out = {}
+    for ev in daemon.new_events():
+        if ev.get("event") == "claimed" and ev.get("item") in names and "timestamp" in ev:
+            out[ev["item"]] = parse_ts(ev["timestamp"])
+    return out
+
+
+def convd_once(daemon: Daemon, src: Path, name: str, timeout: float = LARGE_TIMEOUT) -> dict[str, Any]:
+    """One image through a running daemon: pre-staged, renamed in, timed until ``NAME.json``."""
+    spool = daemon.spool
+    staged = spool.stage_link(src, name)
+    with spool.watch() as watch:
+        wall0 = time.time()
+        t0 = time.monotonic()
+        spool.drop_staged(staged, name)
+        seen = watch.wait_for([f"{name}.json"], timeout)
+    directory, t1 = seen[f"{name}.json"]
+    rec = spool.result(directory, name)
+    claimed = _claimed_at(daemon, {name}).get(name)
+    spool.consume(name)
+    quiesce(spool)
+    settle_fs(spool.root)
+    return {
+        "e2e": t1 - t0,
+        "claimed": None if claimed is None else claimed - wall0,
+        "status": rec["status"],
+        "timings": rec.get("timings", {}),
+        "sha256": (rec.get("target") or {}).get("checksums", {}).get("sha256"),
+        "target_size": (rec.get("target") or {}).get("size"),
+    }
+
+
+def drain(daemon: Daemon, sources: Sequence[Path], tag: str) -> dict[str, Any]:
+    """All ``sources`` renamed in at once; time until the last record."""
+    spool = daemon.spool
+    names = [f"{tag}-{i:04d}" for i in range(len(sources))]
+    staged = [spool.stage_link(src, n) for src, n in zip(sources, names)]
+    cpu0 = daemon.cpu()
+    with spool.watch() as watch:
+        wall0 = time.time()
+        t0 = time.monotonic()
+        for s, n in zip(staged, names):
+            spool.drop_staged(s, n)
+        seen = watch.wait_for([f"{n}.json" for n in names], timeout=600)
+    t_last = max(t for _, t in seen.values())
+    quiesce(spool)
+    cpu1 = daemon.cpu()
+    timings: list[dict[str, float]] = []
+    for n in names:
+        d, _ = seen[f"{n}.json"]
+        timings.append(spool.result(d, n).get("timings", {}))
+    claimed = _claimed_at(daemon, set(names))
+    for n in names:
+        spool.consume(n)
+    quiesce(spool)
+    return {"total": t_last - t0, "timings": timings,
+            "claimed": sorted(ts - wall0 for ts in claimed.values()),
+            "cpu_self": cpu1[0] - cpu0[0], "cpu_children": cpu1[1] - cpu0[1]}
+
+
+def bare_sequential(sources: Sequence[Path], fmt: str, outdir: Path, sync: bool) -> dict[str, float]:
+    """Each source through bare ``qemu-img convert -O raw``, one after another."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    outs = [outdir / f"out-{i:04d}.raw" for i in range(len(sources))]
+    for o in outs:
+        o.unlink(missing_ok=True)
+    c0 = os.times()
+    t0 = time.monotonic()
+    for src, dst in zip(sources, outs):
+        subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", str(src), str(dst)],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, check=True)
+        if sync:
+            _fsync(dst)
+    total = time.monotonic() - t0
+    c1 = os.times()
+    for o in outs:
+        o.unlink(missing_ok=True)
+    return {"total": total, "cpu_children": (c1.children_user + c1.children_system)
+            - (c0.children_user + c0.children_system)}
+
+
+def pickup_latency(daemon: Daemon, src: Path, samples: int, log: Log) -> dict[str, list[float]]:
+    """Tiny images one at a time, idle between: rename → claimed (log) and rename → record."""
+    rng = random.Random(6)
+    claimed: list[float] = []
+    record: list[float] = []
+    for i in range(samples):
+        r = convd_once(daemon, src, f"latency-{i:04d}", timeout=60)
+        record.append(r["e2e"])
+        if r["claimed"] is not None:
+            claimed.append(r["claimed"])
+        # An idle daemon between drops, at an irregular rhythm.
+        time.sleep(rng.uniform(0.05, 0.15))
+        if (i + 1) % 25 == 0:
+            log(f"  pick-up latency: {i + 1}/{samples}")
+    return {"claimed": claimed, "record": record}
+
+
+def backlog(root: Path, config: Path, files: int, size: int, log: Log) -> dict[str, Any]:
+    """``files`` tiny raw images already in ``incoming/`` when convd starts; drain them all."""
+    spool = Spool(root)
+    spool.create()
+    log(f"  writing {files} × {size // 1024} KiB raw files into incoming/")
+    for i in range(files):
+        part = spool.incoming / f".backlog-{i:05d}.part"
+        tiny_raw(part, size, seed=1000 + i)
+        os.rename(part, spool.incoming / f"backlog-{i:05d}")
+    done: dict[str, float] = {}
+    failed = 0
+    rss: list[tuple[float, int]] = []
+    watching_wall: float | None = None
+    with DirWatch([spool.outgoing, spool.failed]) as watch:
+        mono_to_wall = time.time() - time.monotonic()
+        daemon = Daemon(config, spool, "backlog")
+        try:
+            next_sample = 0.0
+            next_note = time.monotonic() + 10
+            deadline = time.monotonic() + 3600
+            while len(done) < files:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"backlog: {len(done)}/{files} after an hour")
+                if daemon.proc.poll() is not None:
+                    raise RuntimeError(f"convd exited {daemon.proc.returncode}:\n{daemon.tail()}")
+                try:
+                    events = watch.read(0.05)
+                except QueueOverflow:
+                    events = [(str(d), e.name, time.monotonic())
+                              for d in (spool.outgoing, spool.failed) for e in os.scandir(d)]
+                for d, name, t in events:
+                    if name.endswith(".json") and name[:-5] not in done:
+                        done[name[:-5]] = t
+                        failed += d == str(spool.failed)
+                now = time.monotonic()
+                if now >= next_sample:
+                    v = daemon.status("VmRSS")
+                    if v:
+                        rss.append((now - daemon.started, v))
+                    next_sample = now + 0.25
+                if watching_wall is None:
+                    for ev in daemon.new_events():
+                        if ev.get("event") == "watching":
+                            watching_wall = parse_ts(ev["timestamp"])
+                if now >= next_note:
+                    log(f"  backlog: {len(done)}/{files} done")
+                    next_note = now + 10
+            hwm = daemon.status("VmHWM")
+        finally:
+            rc = daemon.stop()
+    if watching_wall is None:
+        for ev in daemon.new_events():
+            if ev.get("event") == "watching":
+                watching_wall = parse_ts(ev["timestamp"])
+    last_wall = max(done.values()) + mono_to_wall
+    first_wall = min(done.values()) + mono_to_wall
+    statuses: dict[str, int] = {}
+    for d in (spool.outgoing, spool.failed):
+        with os.scandir(d) as it:
+            for e in it:
+                if e.name.endswith(".json"):
+                    st = json.loads(Path(e.path).read_text()).get("status", "?")
+                    statuses[st] = statuses.get(st, 0) + 1
+    return {
+        "files": files,
+        "size": size,
+        "failed": failed,
+        "statuses": statuses,
+        "peak_rss": hwm,
+        "rss_samples": rss,
+        "startup": (watching_wall - daemon.started_wall) if watching_wall else None,
+        "drain": (last_wall - watching_wall) if watching_wall else None,
+        "first_to_last": last_wall - first_wall,
+        "exit": rc,
+    }
