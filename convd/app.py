@@ -12,6 +12,7 @@ import signal
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +31,32 @@ from convd.pipeline.runner import Context, finish_handoff, run_item
 from convd.pipeline.spool import Spool, is_candidate_name
 from convd.sdnotify import Notifier
 
-__all__ = ["Daemon", "probe_sparse"]
+__all__ = ["Daemon", "FsTraits", "probe_filesystem"]
 
 log = structlog.get_logger("convd.daemon")
 
 STATUS_FILE = ".status.json"
 
 
-def probe_sparse(directory: Path) -> tuple[bool, int]:
-    """Does this filesystem keep holes?  And its block size."""
-    with tempfile.NamedTemporaryFile(dir=directory, prefix=".sparse-probe.", suffix=".tmp") as fh:
+@dataclass(frozen=True)
+class FsTraits:
+    sparse: bool  # keeps holes
+    block_size: int
+    direct_io: bool  # O_DIRECT works (not on tmpfs, some network filesystems)
+
+
+def probe_filesystem(directory: Path) -> FsTraits:
+    """What the work filesystem can do, learnt once at start-up."""
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".probe.", suffix=".tmp") as fh:
         fh.truncate(64 << 20)
         fh.flush()
-        st = os.fstat(fh.fileno())
-        return st.st_blocks * 512 < (1 << 20), os.statvfs(directory).f_bsize
+        sparse = os.fstat(fh.fileno()).st_blocks * 512 < (1 << 20)
+        try:
+            os.close(os.open(fh.name, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC))
+            direct = True
+        except OSError:
+            direct = False
+    return FsTraits(sparse=sparse, block_size=os.statvfs(directory).f_bsize, direct_io=direct)
 
 
 class Daemon:
@@ -106,13 +119,12 @@ class Daemon:
 
     async def _run(self, cfg: Config) -> None:
         swept = self.spool.sweep_temp()
-        sparse, block = probe_sparse(self.spool.claims)
-        if cfg.limits.sparse != "auto":
-            sparse = cfg.limits.sparse == "true"
+        fs = probe_filesystem(self.spool.claims)
+        sparse = fs.sparse if cfg.limits.sparse == "auto" else cfg.limits.sparse == "true"
         ledger = Ledger(cfg.limits.workspace, cfg.limits.min_free, StatvfsSpace(str(self.spool.work)))
         self.ctx = ctx = Context(
             spool=self.spool, ledger=ledger, slots=anyio.CapacityLimiter(cfg.convert.max_workers),
-            sparse=sparse, block_size=block, count_hashed=self.metrics.hashed.inc,
+            sparse=sparse, block_size=fs.block_size, direct_io=fs.direct_io, count_hashed=self.metrics.hashed.inc,
             on_published=self._published, on_failed=self._failed,
             on_retry=lambda item, err: self.metrics.retries.inc(),
         )
@@ -125,7 +137,7 @@ class Daemon:
         recovered = self.spool.recover()
         log.info("starting", version=__version__, spool=str(cfg.spool.root), instance=cfg.spool.instance,
                  target_format=cfg.convert.target_format, max_workers=cfg.convert.max_workers,
-                 sparse=sparse, recovered=len(recovered), swept_temp=swept)
+                 sparse=sparse, direct_io=fs.direct_io, recovered=len(recovered), swept_temp=swept)
 
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with anyio.create_task_group() as tg:

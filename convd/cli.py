@@ -37,6 +37,22 @@ def _config_or_none(arg: str | None, *, optional: bool = False, prefix: str = ""
         return None
 
 
+def _use_pidfd_child_watcher() -> None:
+    """Python 3.11 waits for each child in a thread of its own; a pidfd needs none.
+
+    (3.12 picks pidfds by itself and deprecates child watchers.)
+    """
+    if sys.version_info >= (3, 12):
+        return
+    import asyncio
+
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return  # kernel older than 5.3: keep the default
+    asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import anyio
 
@@ -54,6 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # file while it is held makes the kernel send SIGIO, whose default action
     # kills.  A handler, not SIG_IGN, so qemu-img children start with the default.
     signal.signal(signal.SIGIO, lambda signum, frame: None)
+    _use_pidfd_child_watcher()
     try:
         anyio.run(Daemon(cfg).run)
     except StartupError as exc:

@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 
 from convd import durable
-from convd.app import probe_sparse
+from convd.app import probe_filesystem
 from convd.config import Config
 from convd.pipeline.item import Item
 from convd.pipeline.ledger import Ledger, StatvfsSpace
@@ -80,12 +80,14 @@ async def convert_one(cfg: Config, src: Path, dst: Path, target: str | None) -> 
         result.update(rec)
 
     try:
-        sparse, block = probe_sparse(workdir)
+        fs = probe_filesystem(workdir)
+        sparse = fs.sparse if cfg.limits.sparse == "auto" else cfg.limits.sparse == "true"
         spool = SingleFileSpool(dst)
         ctx = Context(
             spool=spool,  # type: ignore[arg-type]
             ledger=Ledger(cfg.limits.workspace, cfg.limits.min_free, StatvfsSpace(str(workdir))),
-            slots=anyio.CapacityLimiter(1), sparse=sparse, block_size=block,
+            slots=anyio.CapacityLimiter(1), sparse=sparse, block_size=fs.block_size,
+            direct_io=fs.direct_io,
             on_published=keep, on_failed=keep,
         )
         claim = Claim(name=dst.name, dir=workdir, source_path=src.absolute())

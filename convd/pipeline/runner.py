@@ -44,6 +44,7 @@ class Context:
     slots: anyio.CapacityLimiter
     sparse: bool = True
     block_size: int = 4096
+    direct_io: bool = True
     count_hashed: Callable[[int], None] = _noop
     on_published: Callable[[Item, dict[str, Any]], None] = _noop
     on_failed: Callable[[Item, dict[str, Any]], None] = _noop

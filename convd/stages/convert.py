@@ -35,7 +35,8 @@ async def convert(item: Item, ctx: Context) -> Stage:
             await qemu.convert(
                 str(item.claim.source), src_fmt, str(item.claim.output), item.target_format,
                 extra_args=qemu.convert_args(src_fmt, item.target_format,
-                                             cfg.qemu_args_for(item.inspection.format)),
+                                             cfg.qemu_args_for(item.inspection.format),
+                                             direct_io=ctx.direct_io),
                 timeout=cfg.convert.timeout, on_progress=progress, on_start=started,
             )
         finally:

@@ -81,10 +81,13 @@ async def detect(item: Item, ctx: Context) -> Stage:
     if insp.virtual_size > cfg.limits.max_virtual_size:
         raise TooLarge(f"virtual size {_human(insp.virtual_size)} is over max_virtual_size "
                        f"{_human(cfg.limits.max_virtual_size)}")
-    info = await qemu.info(path, insp.qemu_format, cpu_time=cfg.detect.cpu_time,
-                           address_space=cfg.detect.address_space)
+    if insp.qemu_format != "raw":
+        # Raw-family images are skipped: `qemu-img info -f raw` has no
+        # metadata to read and can only restate the file size.
+        info = await qemu.info(path, insp.qemu_format, cpu_time=cfg.detect.cpu_time,
+                               address_space=cfg.detect.address_space)
+        check_qemu_info(info, insp.qemu_format, insp.virtual_size, path)
     item.timings["detect"] += time.monotonic() - t0
-    check_qemu_info(info, insp.qemu_format, insp.virtual_size, path)
     target = item.target_format
     item.passthrough = insp.qemu_format == target or (target == "raw" and insp.format in RAW_FAMILY)
     return Stage.RESERVE

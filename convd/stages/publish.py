@@ -4,6 +4,7 @@ with its record (image first, record second: the record promises the image)."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -33,11 +34,21 @@ def _vet_output(fd: int, target: str) -> int:
 
 def _finish_output(path: str, item: Item, ctx: Context) -> dict[str, Any]:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    sync_error: list[OSError] = []
+
+    def sync() -> None:
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            sync_error.append(exc)
+
+    # The record promises durable bytes: qemu-img's default cache mode never
+    # flushes, nor need a producer have.  The flush runs beside the checksum,
+    # which reads the same pages from the cache meanwhile.
+    syncer = threading.Thread(target=sync, name="fsync", daemon=True)
+    syncer.start()
     try:
         size = os.fstat(fd).st_size
-        # The record promises durable bytes: qemu-img's default cache mode never
-        # flushes, nor need a producer have (cheap when already on disk).
-        os.fsync(fd)
         if item.passthrough:
             assert item.inspection is not None
             vsize = item.inspection.virtual_size
@@ -45,7 +56,10 @@ def _finish_output(path: str, item: Item, ctx: Context) -> dict[str, Any]:
             vsize = _vet_output(fd, item.target_format)
         sums = digest_file(fd, item.cfg.checksum.algorithms, ctx.count_hashed, ctx.stop)
     finally:
+        syncer.join()
         os.close(fd)
+    if sync_error:
+        raise sync_error[0]
     return {"format": item.target_format, "size": size, "virtual_size": vsize, "checksums": sums}
 
 

@@ -17,8 +17,9 @@ __all__ = ["MARGIN_BYTES", "estimate", "reserve"]
 # Added to every estimate: a filesystem's metadata for the file, rounding.
 MARGIN_BYTES = 1 << 20
 MARGIN_FRACTION = 0.01
-# Below this virtual size the virtual size itself (an upper bound for any
-# target) is reserved without spawning qemu-img to measure.
+# Up to this virtual size, or while the upper bound takes at most half of
+# what is available, the upper bound is reserved without spawning qemu-img
+# to measure: a spawn costs more than the over-reservation.
 CHEAP_BOUND = 64 << 20
 
 
@@ -27,8 +28,10 @@ async def estimate(item: Item, ctx: Context) -> int:
     insp, target = item.inspection, item.target_format
     path = str(item.claim.source)
     vsize = insp.virtual_size
-    if vsize <= CHEAP_BOUND:
-        need = vsize if target == "raw" else vsize + vsize // 64 + (1 << 20)
+    # An upper bound for any target: every guest byte, plus generous metadata.
+    bound = vsize if target == "raw" else vsize + vsize // 64 + (1 << 20)
+    if vsize <= CHEAP_BOUND or 2 * bound <= ctx.ledger.available():
+        need = bound
     elif target == "raw":
         need = await qemu.data_bytes(path, insp.qemu_format, ctx.block_size) if ctx.sparse else vsize
     else:
