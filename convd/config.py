@@ -316,8 +316,10 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
     checksum = ChecksumConfig(algorithms=algos)
 
     lg = section("log", LogConfig)
+    # Unset: JSON lines (systemd, pipes), console output on a terminal.
+    default_format = "console" if sys.stdout.isatty() else "json"
     log = LogConfig(
-        format=_one_of("log", "format", lg.get("format", "json"), ("json", "console")),
+        format=_one_of("log", "format", lg.get("format", default_format), ("json", "console")),
         level=_one_of("log", "level", str(lg.get("level", "info")).lower(), ("debug", "info", "warning", "error")),
     )
 

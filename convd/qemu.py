@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,17 +116,24 @@ async def _spawn(argv: list[str], **limits: Any) -> asyncio.subprocess.Process:
     )
 
 
-async def _run(argv: list[str], timeout: float, **limits: Any) -> QemuResult:
-    proc = await _spawn(argv, **limits)
+@contextlib.asynccontextmanager
+async def _supervised(proc: asyncio.subprocess.Process, timeout: float, what: str) -> AsyncIterator[None]:
+    """Kill ``proc`` (SIGTERM, then SIGKILL) on timeout, cancellation or error."""
     try:
         with anyio.fail_after(timeout):
-            out, err = await proc.communicate()
+            yield
     except TimeoutError:
         await terminate(proc)
-        raise Timeout(f"qemu-img {argv[1]} exceeded {timeout:g} s") from None
+        raise Timeout(f"qemu-img {what} exceeded its {timeout:g} s limit") from None
     except BaseException:
         await terminate(proc)
         raise
+
+
+async def _run(argv: list[str], timeout: float, **limits: Any) -> QemuResult:
+    proc = await _spawn(argv, **limits)
+    async with _supervised(proc, timeout, argv[1]):
+        out, err = await proc.communicate()
     return QemuResult(proc.returncode or 0, out, err)
 
 
@@ -215,15 +222,8 @@ async def convert(
                 if found:
                     on_progress(float(found[-1]) / 100.0)
 
-    try:
-        with anyio.fail_after(timeout):
-            _, err, _ = await asyncio.gather(progress(), proc.stderr.read(), proc.wait())
-    except TimeoutError:
-        await terminate(proc)
-        raise Timeout(f"qemu-img convert exceeded the {timeout:g} s limit") from None
-    except BaseException:
-        await terminate(proc)
-        raise
+    async with _supervised(proc, timeout, "convert"):
+        _, err, _ = await asyncio.gather(progress(), proc.stderr.read(), proc.wait())
     if proc.returncode != 0:
         text = err.decode(errors="replace").strip()
         last = text.splitlines()[-1] if text else ""

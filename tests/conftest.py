@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -80,6 +81,14 @@ def make_image(path: Path, fmt: str, virtual: int = 16 * MiB, *, opts: str | Non
     run(*argv, raw, path)
     raw.unlink()
     return path
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def images_equal(a: Path, fmt_a: str, b: Path, fmt_b: str) -> bool:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 
 import yaml
 
-from conftest import CORPUS, images_equal, write_config
+from conftest import CORPUS, images_equal, sha256_file, wait_for, write_config
 
 # What each rejected image must be rejected as.
 EXPECTED_CODES = {
@@ -31,9 +30,6 @@ def _manifest() -> list[dict]:
             out.append({**img, "file": name})
     return out
 
-
-def _sha(path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_corpus_usable_images_publish_and_unusable_ones_fail_intact(tmp_path, spool, daemon_factory):
@@ -59,7 +55,7 @@ def test_corpus_usable_images_publish_and_unusable_ones_fail_intact(tmp_path, sp
             assert rec["error"]["code"] == expected, rec
             assert rec["error"]["message"]
             assert "target" not in rec
-            assert _sha(spool.failed / name) == _sha(CORPUS / name), "failed/ must keep the original bytes"
+            assert sha256_file(spool.failed / name) == sha256_file(CORPUS / name), "failed/ must keep the original bytes"
             assert not (spool.outgoing / name).exists()
     assert d.stop() == 0
     assert spool.work_files() == []
@@ -83,8 +79,6 @@ def test_failed_never_overwrites_an_earlier_reject(tmp_path, spool, daemon_facto
     first = (spool.failed / "bad.qcow2.json").read_text()
     spool.drop(bad)
     rec2 = wait = None
-    from conftest import wait_for
-
     wait = wait_for(lambda: (spool.failed / "bad.qcow2.1.json").exists(), 60, what="second reject")
     assert wait
     assert (spool.failed / "bad.qcow2.json").read_text() == first

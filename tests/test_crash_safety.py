@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CORPUS, MiB, Spool, images_equal, make_image, run, wait_for, write_config
+from conftest import (CORPUS, MiB, Spool, images_equal, make_image, run, sha256_file, wait_for,
+                      write_config)
 
 from convd import durable
 from convd.config import load as load_config
@@ -35,13 +36,6 @@ INSTANCE = "test"  # write_config's [spool] instance
 
 # -- helpers -------------------------------------------------------------------
 
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def spool_processes(root: Path) -> list[str]:
@@ -135,12 +129,12 @@ def assert_spool_settled(spool: Spool, converted: dict[str, tuple[Path, str]],
     for name, (src, fmt) in converted.items():
         rec = json.loads((spool.outgoing / f"{name}.json").read_text())
         assert rec["status"] == ("passthrough" if fmt == "raw" else "converted"), (name, rec)
-        assert rec["target"]["checksums"]["sha256"] == sha256(spool.outgoing / name), name
+        assert rec["target"]["checksums"]["sha256"] == sha256_file(spool.outgoing / name), name
         assert images_equal(spool.outgoing / name, "raw", src, fmt), f"outgoing/{name} differs from its source"
     for name, (src, code) in rejected.items():
         rec = json.loads((spool.failed / f"{name}.json").read_text())
         assert (rec["status"], rec["error"]["code"]) == ("failed", code), (name, rec)
-        assert sha256(spool.failed / name) == sha256(src), f"failed/{name} is not the original bytes"
+        assert sha256_file(spool.failed / name) == sha256_file(src), f"failed/{name} is not the original bytes"
     assert os.listdir(spool.incoming) == []
     assert spool.work_files() == [], "image data left in work/"
     assert claim_dirs(spool) == [], "claim directories left in work/"
@@ -220,7 +214,7 @@ def test_image_written_in_place_with_a_long_pause_is_taken_only_once_complete(
     rec = spool.wait_record("slow")
     assert rec["status"] == status, rec
     assert rec["source"]["size"] == len(data)
-    assert rec["target"]["checksums"]["sha256"] == sha256(spool.outgoing / "slow")
+    assert rec["target"]["checksums"]["sha256"] == sha256_file(spool.outgoing / "slow")
     assert images_equal(spool.outgoing / "slow", "raw", src, fmt)
     if fmt == "raw":
         assert rec["target"]["checksums"]["sha256"] == hashlib.sha256(data).hexdigest()
@@ -302,7 +296,7 @@ def test_disk_filling_up_mid_convert_is_retried_or_quarantined_intact(
         fill_leaving(ballast, 1 * MiB)
         if max_attempts > 1:
             wait_for(lambda: "convert failed, retrying" in d.log(), 60, what="a retry after ENOSPC")
-            assert sha256(claim_dir(sp, "big") / "source") == sha256(src), "source changed while retrying"
+            assert sha256_file(claim_dir(sp, "big") / "source") == sha256_file(src), "source changed while retrying"
             ballast.unlink()
             rec = sp.wait_record("big", timeout=120)
             assert rec["status"] == "converted", rec
@@ -314,7 +308,7 @@ def test_disk_filling_up_mid_convert_is_retried_or_quarantined_intact(
             assert rec["status"] == "failed", rec
             assert rec["error"]["code"] == "convert_failed"
             assert "No space left on device" in rec["error"]["message"]
-            assert sha256(sp.failed / "big") == sha256(src)
+            assert sha256_file(sp.failed / "big") == sha256_file(src)
             assert not (sp.outgoing / "big").exists()
     finally:
         ballast.unlink(missing_ok=True)
@@ -366,14 +360,14 @@ def test_full_disk_while_quarantining_keeps_the_daemon_up_and_the_reject_intact(
             e.get("item") == "bad" and e.get("level") in ("warning", "error", "critical") for e in d.events()),
             60, what="the quarantine to meet the full disk")
         assert d.proc.poll() is None, f"the daemon died on a full disk:\n{d.log()[-2000:]}"
-        assert sha256(claim_dir(sp, "bad") / "source") == sha256(bad)
+        assert sha256_file(claim_dir(sp, "bad") / "source") == sha256_file(bad)
         ballast.unlink()
         assert d.stop() == 0
         # Once there is room again, the next start finishes the reject.
         d2 = daemon_factory(full_disk_config(tmp_path, sp.root, 1))
         rec = sp.wait_record("bad")
         assert rec["error"]["code"] == "unsafe_image"
-        assert sha256(sp.failed / "bad") == sha256(bad)
+        assert sha256_file(sp.failed / "bad") == sha256_file(bad)
         assert d2.stop() == 0
     finally:
         ballast.unlink(missing_ok=True)
@@ -398,7 +392,7 @@ def test_sigterm_mid_convert_exits_promptly_keeps_the_source_and_resumes_on_rest
     assert d.stop() == 0
     assert spool_processes(spool.root) == [], "qemu-img outlived the daemon"
     item = claim_dir(spool, "slow")
-    assert sha256(item / "source") == sha256(src)
+    assert sha256_file(item / "source") == sha256_file(src)
     assert not (item / "output").exists()
     assert spool.record("slow") is None
     assert os.listdir(spool.incoming) == []
@@ -428,7 +422,7 @@ def converted_record(name: str, src: Path, out: Path) -> dict[str, Any]:
         "schema": 1, "name": name, "status": "converted",
         "source": {"format": "qcow2", "size": src.stat().st_size, "virtual_size": vsize},
         "target": {"format": "raw", "size": out.stat().st_size, "virtual_size": vsize,
-                   "checksums": {"sha256": sha256(out)}},
+                   "checksums": {"sha256": sha256_file(out)}},
         "timings": {"detect": 0.01, "wait_space": 0.0, "convert": 0.1, "publish": 0.01, "total": 0.2},
         "attempts": 1, "finished_at": "2026-01-01T00:00:00Z", "convd_version": "0.1.0",
     }
@@ -487,7 +481,7 @@ def test_crash_after_staging_a_quarantine_is_finished_with_the_original_bytes(
     d = daemon_factory(cfg)
     wait_for(lambda: (spool.failed / "q.json").exists(), 30, what="failed/q.json")
     assert json.loads((spool.failed / "q.json").read_text()) == rec
-    assert sha256(spool.failed / "q") == sha256(src)
+    assert sha256_file(spool.failed / "q") == sha256_file(src)
     wait_for(lambda: not claim_dir(spool, "q").exists(), 30, what="the claim to be cleaned up")
     assert d.stop() == 0
     assert sorted(os.listdir(spool.failed)) == ["q", "q.json"]

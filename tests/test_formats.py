@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
-from pathlib import Path
 
 import pytest
 
-from conftest import MiB, images_equal, make_image, write_config
+from conftest import MiB, images_equal, make_image, sha256_file, write_config
 
 # (name, qemu format for compare, qemu-img create format, -o options, compressed)
 INPUTS = [
@@ -23,13 +21,6 @@ INPUTS = [
     ("disk.vhdx", "vhdx", "vhdx", None, False),
 ]
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @pytest.mark.parametrize("target", ["raw", "qcow2"])
@@ -57,7 +48,7 @@ def test_every_input_format_converts_and_compares_identical(tmp_path, spool, dae
         assert t["format"] == target
         assert t["size"] == out.stat().st_size
         assert t["virtual_size"] == rec["source"]["virtual_size"]
-        assert t["checksums"] == {"sha256": _sha256(out)}
+        assert t["checksums"] == {"sha256": sha256_file(out)}
         assert set(rec["timings"]) == {"detect", "wait_space", "convert", "publish", "total"}
         assert rec["attempts"] == 1
         assert rec["finished_at"].endswith("Z") and rec["convd_version"]

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 
-from conftest import MiB, images_equal, make_image, run, wait_for, write_config
+from conftest import MiB, images_equal, make_image, run, sha256_file, wait_for, write_config
 
-
-def _sha(path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_output_hiding_a_qcow2_inside_is_rejected_and_source_kept(tmp_path, spool, daemon_factory):
@@ -24,7 +20,7 @@ def test_output_hiding_a_qcow2_inside_is_rejected_and_source_kept(tmp_path, spoo
     rec = spool.wait_record("outer.qcow2")
     assert rec["error"]["code"] == "unsafe_image", rec
     assert "inspects as qcow2" in rec["error"]["message"]
-    assert _sha(spool.failed / "outer.qcow2") == _sha(outer)
+    assert sha256_file(spool.failed / "outer.qcow2") == sha256_file(outer)
     assert not (spool.outgoing / "outer.qcow2").exists()
 
 
