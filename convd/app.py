@@ -36,6 +36,10 @@ __all__ = ["Daemon", "FsTraits", "probe_filesystem"]
 log = structlog.get_logger("convd.daemon")
 
 STATUS_FILE = ".status.json"
+# An item kept in work/ by an internal error is tried again after this,
+# doubling up to the maximum (and at every start).
+STUCK_RETRY = 60.0
+STUCK_RETRY_MAX = 3600.0
 
 
 @dataclass(frozen=True)
@@ -173,21 +177,28 @@ class Daemon:
             self._on_signal(signum)
 
     async def _process(self, item: Item) -> None:
+        """Run an item; one kept in work/ by an error of convd's own is retried with backoff."""
         assert self.ctx is not None
-        claim = item.claim
-        try:
-            if claim.pending is not None:
-                try:
-                    await finish_handoff(item, self.ctx)
-                except Exception:
-                    log.exception("cannot finish the handoff; kept for the next start", item=claim.name)
-                    self.stuck.add(claim.name)
-            else:
-                await run_item(item, self.ctx)
-                if os.path.lexists(claim.dir):
-                    self.stuck.add(claim.name)  # an internal error; kept for the next start
-        finally:
-            self._kick()
+        name, delay = item.name, STUCK_RETRY
+        while True:
+            try:
+                if item.claim.pending is not None:
+                    try:
+                        await finish_handoff(item, self.ctx)
+                    except Exception:
+                        log.exception("cannot finish the handoff; kept in work/", item=name)
+                else:
+                    await run_item(item, self.ctx)
+            finally:
+                self._kick()
+            if not os.path.lexists(item.claim.dir):
+                self.stuck.discard(name)
+                return
+            self.stuck.add(name)
+            log.warning("kept in work/ after an internal error; will retry", item=name, retry_in=delay)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, STUCK_RETRY_MAX)
+            item = Item(claim=self.spool.load_claim(name), cfg=self.cfg)
 
     # -- intake ----------------------------------------------------------
 

@@ -97,5 +97,5 @@ def render(st: dict[str, Any], now: float) -> str:
         lines.append(f"  {i['name']:<32} {i['stage']:<8} {_bar(i['progress'])} {i['progress'] * 100:5.1f}%"
                      f"{eta}  {i.get('source_format') or '?'}")
     if d.get("stuck"):
-        lines.append(f"stuck (internal error, retried at next start): {', '.join(d['stuck'])}")
+        lines.append(f"stuck (internal error, retried with backoff): {', '.join(d['stuck'])}")
     return "\n".join(lines)

@@ -129,7 +129,7 @@ async def run_item(item: Item, ctx: Context) -> None:
         raise
     except Exception:
         await _discard(item, ctx)
-        log.exception("internal error; the source stays in work/ for the next start")
+        log.exception("internal error; the source stays in work/")
     finally:
         ctx.items.pop(item.name, None)
         structlog.contextvars.unbind_contextvars("item", "stage")

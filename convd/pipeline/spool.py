@@ -138,7 +138,7 @@ class Spool:
         for entry in sorted(os.scandir(self.claims), key=lambda e: e.name):
             if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
                 continue
-            claim = self._load(entry.name)
+            claim = self.load_claim(entry.name)
             for leftover in os.listdir(claim.dir):
                 if leftover.startswith(".") and leftover.endswith(durable.TEMP_SUFFIX):
                     os.unlink(claim.dir / leftover)
@@ -153,7 +153,8 @@ class Spool:
             claims.append(claim)
         return claims
 
-    def _load(self, name: str) -> Claim:
+    def load_claim(self, name: str) -> Claim:
+        """A claim as its directory describes it (attempts, a staged handoff)."""
         d = self.claims / name
         claim = Claim(name=name, dir=d)
         try:
