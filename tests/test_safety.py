@@ -120,3 +120,16 @@ def test_ignored_names_wait_until_renamed(tmp_path, spool, daemon_factory):
     os.rename(spool.incoming / "upload.part", spool.incoming / "upload.qcow2")
     assert spool.wait_record("upload.qcow2")["status"] == "converted"
     assert sorted(os.listdir(spool.incoming)) == [".hidden", "upload.tmp"]
+
+
+def test_convert_over_its_time_limit_fails_timeout_and_keeps_the_source(tmp_path, spool, daemon_factory):
+    img = make_image(tmp_path / "slow.qcow2", "qcow2", 32 * MiB)
+    # -r: qemu-img's own rate limit (bytes/s) makes this convert take ~30 s.
+    cfg = write_config(tmp_path, convert={"timeout": "2s"}, **{"convert.qemu_args": {"qcow2": ["-r", "1M"]}})
+    daemon_factory(cfg)
+    spool.drop(img)
+    rec = spool.wait_record("slow.qcow2")
+    assert rec["error"]["code"] == "timeout", rec
+    assert "2 s" in rec["error"]["message"]
+    assert (spool.failed / "slow.qcow2").read_bytes() == img.read_bytes()
+    assert spool.work_files() == []
