@@ -208,18 +208,21 @@ class Daemon:
         def wanted(change: watchfiles.Change, path: str) -> bool:
             return change != watchfiles.Change.deleted and is_candidate_name(os.path.basename(path))
 
-        async for changes in watchfiles.awatch(
-            incoming, watch_filter=wanted, recursive=False, force_polling=self.cfg.watch.force_polling,
-            poll_delay_ms=200, step=5, debounce=100, stop_event=self.stopping, rust_timeout=500,
-            yield_on_timeout=True, ignore_permission_denied=True,
-        ):
-            watching.set()
-            for change, path in changes:
-                name = os.path.basename(path)
-                if os.path.dirname(path) == str(incoming):
-                    self.intake.saw(name, modified=change == watchfiles.Change.modified)
-            if changes:
-                self._kick()
+        try:
+            async for changes in watchfiles.awatch(
+                incoming, watch_filter=wanted, recursive=False, force_polling=self.cfg.watch.force_polling,
+                poll_delay_ms=200, step=5, debounce=100, stop_event=self.stopping, rust_timeout=500,
+                yield_on_timeout=True, ignore_permission_denied=True,
+            ):
+                watching.set()
+                for change, path in changes:
+                    name = os.path.basename(path)
+                    if os.path.dirname(path) == str(incoming):
+                        self.intake.saw(name, modified=change == watchfiles.Change.modified)
+                if changes:
+                    self._kick()
+        finally:
+            watching.set()  # a stop before the first yield must not leave start-up waiting
 
     def _scan(self) -> None:
         for entry in self.spool.scan_incoming():
