@@ -24,6 +24,9 @@ __all__ = ["RAW_FAMILY", "Inspection", "inspect_fd", "inspect_path", "open_regul
 
 RAW_FAMILY = frozenset({"raw", "gpt", "iso"})
 _QEMU_NAME = {"vhd": "vpc"}  # the inspector's names → qemu-img's
+# Small reads first (most headers decide within 64 KiB, and every inspector
+# scans every chunk), large ones for the rare image that must be read through.
+_FIRST_CHUNK = 64 << 10
 _CHUNK = 1 << 20
 _VHD_FOOTER = 512
 
@@ -129,9 +132,13 @@ def inspect_fd(fd: int) -> Inspection:
     try:
         # Stops as soon as every inspector has decided; a VMDK with its grain
         # directory in a footer is read to the end, as the inspector requires.
-        while wrapper.read(_CHUNK):
+        chunk, offset = _FIRST_CHUNK, 0
+        while data := wrapper.read(chunk):
             if wrapper.formats is not None:
                 break
+            offset += len(data)
+            if offset >= _CHUNK:
+                chunk = _CHUNK
     finally:
         wrapper.close()
         reader.close()
