@@ -28,7 +28,7 @@ from convd.pipeline.item import Item, Stage
 from convd.pipeline.ledger import Ledger, StatvfsSpace
 from convd.pipeline.queue import Intake
 from convd.pipeline.runner import Context, finish_handoff, run_item
-from convd.pipeline.spool import Spool, is_candidate_name
+from convd.pipeline.spool import Spool, is_candidate_name, name_fits
 from convd.sdnotify import Notifier
 
 __all__ = ["Daemon", "FsTraits", "probe_filesystem"]
@@ -122,6 +122,7 @@ class Daemon:
             self.notifier.close()
 
     async def _run(self, cfg: Config) -> None:
+        adopted = self.spool.adopt_orphans()
         swept = self.spool.sweep_temp()
         fs = probe_filesystem(self.spool.claims)
         sparse = fs.sparse if cfg.limits.sparse == "auto" else cfg.limits.sparse == "true"
@@ -141,7 +142,7 @@ class Daemon:
         recovered = self.spool.recover()
         log.info("starting", version=__version__, spool=str(cfg.spool.root), instance=cfg.spool.instance,
                  target_format=cfg.convert.target_format, max_workers=cfg.convert.max_workers,
-                 sparse=sparse, direct_io=fs.direct_io, recovered=len(recovered), swept_temp=swept)
+                 sparse=sparse, direct_io=fs.direct_io, recovered=len(recovered), adopted=adopted, swept_temp=swept)
 
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with anyio.create_task_group() as tg:
@@ -206,26 +207,40 @@ class Daemon:
         incoming = self.cfg.spool.incoming
 
         def wanted(change: watchfiles.Change, path: str) -> bool:
-            return change != watchfiles.Change.deleted and is_candidate_name(os.path.basename(path))
+            name = os.path.basename(path)
+            return change != watchfiles.Change.deleted and is_candidate_name(name) and name_fits(name)
 
         try:
-            async for changes in watchfiles.awatch(
-                incoming, watch_filter=wanted, recursive=False, force_polling=self.cfg.watch.force_polling,
-                poll_delay_ms=200, step=5, debounce=100, stop_event=self.stopping, rust_timeout=500,
-                yield_on_timeout=True, ignore_permission_denied=True,
-            ):
-                watching.set()
-                for change, path in changes:
-                    name = os.path.basename(path)
-                    if os.path.dirname(path) == str(incoming):
-                        self.intake.saw(name, modified=change == watchfiles.Change.modified)
-                if changes:
-                    self._kick()
+            while not self.stopping.is_set():
+                try:
+                    async for changes in watchfiles.awatch(
+                        incoming, watch_filter=wanted, recursive=False,
+                        force_polling=self.cfg.watch.force_polling, poll_delay_ms=200, step=5,
+                        debounce=100, stop_event=self.stopping, rust_timeout=500,
+                        yield_on_timeout=True, ignore_permission_denied=True,
+                    ):
+                        watching.set()
+                        for change, path in changes:
+                            name = os.path.basename(path)
+                            if os.path.dirname(path) == str(incoming):
+                                self.intake.saw(name, modified=change == watchfiles.Change.modified)
+                        if changes:
+                            self._kick()
+                except Exception as exc:  # noqa: BLE001 - also its task group's ExceptionGroup
+                    # watchfiles gives up on, e.g., a name that is not UTF-8;
+                    # the directory is the truth, so rescan and watch again.
+                    log.warning("watcher failed; rescanning and restarting it", error=str(exc))
+                    watching.set()
+                    self._scan()
+                    await anyio.sleep(1.0)
         finally:
             watching.set()  # a stop before the first yield must not leave start-up waiting
 
     def _scan(self) -> None:
         for entry in self.spool.scan_incoming():
+            if entry.name not in self.intake.pending and not name_fits(entry.name):
+                log.error("name too long to record; left in incoming/", item=entry.name)
+                continue
             self.intake.saw(entry.name)
         self._kick()
 
@@ -242,6 +257,8 @@ class Daemon:
     async def _dispatch(self, items: anyio.abc.TaskGroup) -> None:
         assert self.ctx is not None
         while not self.stopping.is_set():
+            # A fresh event before looking, so a kick while we claim is not lost.
+            self.wake = anyio.Event()
             if self.reload_requested:
                 self.reload_requested = False
                 self._reload()
@@ -258,6 +275,12 @@ class Daemon:
                 except FileExistsError:
                     self.intake.defer(name)  # an earlier item's work dir, kept after an internal error
                     continue
+                except OSError as exc:
+                    # e.g. a producer's directory we may not move, or a full disk:
+                    # it stays in incoming/ and the next rescan tries again.
+                    log.error("cannot claim; left in incoming/", item=name, error=str(exc))
+                    self.intake.forget(name)
+                    continue
                 self.intake.forget(name)
                 if claim is not None:
                     log.info("claimed", item=name)
@@ -265,7 +288,6 @@ class Daemon:
                     # Registered now so the claim limit counts it at once.
                     self.ctx.items[name] = item
                     items.start_soon(self._process, item)
-            self.wake = anyio.Event()
             with anyio.move_on_after(wait if wait is not None else 5.0):
                 await self.wake.wait()
 
@@ -280,7 +302,7 @@ class Daemon:
             new = load(path)
             if new.spool != self.cfg.spool:
                 raise ConfigError("[spool] changes need a restart")
-        except ConfigError as exc:
+        except Exception as exc:  # whatever a bad file raises, the old configuration stays
             log.error("reload refused; keeping the old configuration", error=str(exc))
         else:
             for key, old_v, new_v in (

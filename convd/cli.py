@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from convd import __version__
-from convd.config import Config, default_config, dump, load, resolve_config_path
+from convd.config import TARGET_FORMATS, Config, default_config, dump, load, resolve_config_path
 from convd.errors import ConfigError, ItemError, StartupError
 
 __all__ = ["main"]
@@ -116,6 +116,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     cfg = _config_or_none(args.config, optional=True)
     if cfg is None:
         return 1
+    if not os.path.lexists(args.src):
+        print(f"convd: {args.src}: no such file", file=sys.stderr)
+        return 1
     logs.setup("console" if sys.stderr.isatty() else cfg.log.format, "warning")
     try:
         rec = anyio.run(convert_one, cfg, Path(args.src), Path(args.dst), args.to)
@@ -189,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="one image through the same stages as the daemon")
     c.add_argument("src")
     c.add_argument("dst")
-    c.add_argument("--to", metavar="FMT", help="target format (default: the config's target_format)")
+    c.add_argument("--to", metavar="FMT", choices=TARGET_FORMATS,
+                   help=f"target format: {', '.join(TARGET_FORMATS)} (default: the config's target_format)")
     with_config(c)
     c.set_defaults(func=cmd_convert)
 

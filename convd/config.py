@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import re
 import socket
@@ -28,6 +29,7 @@ __all__ = [
     "ALLOWED_SOURCE_FORMATS",
     "Config",
     "DEFAULT_CONFIG_PATH",
+    "DetectConfig",
     "TARGET_FORMATS",
     "default_config",
     "dump",
@@ -57,13 +59,16 @@ def parse_size(value: Any, key: str = "size") -> int:
     if isinstance(value, bool):
         raise ConfigError(f"{key}: expected a size (bytes or a string like '2GiB'), got {value!r}")
     if isinstance(value, int):
-        if value < 0:
-            raise ConfigError(f"{key}: must not be negative, got {value}")
+        if not 0 <= value < 2**63:
+            raise ConfigError(f"{key}: must be between 0 and 2^63, got {value}")
         return value
     if isinstance(value, str):
         m = _NUM_UNIT.match(value)
         if m and m.group(2).lower() in _SIZE_UNITS:
-            return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+            n = float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+            if not math.isfinite(n) or n >= 2**63:
+                raise ConfigError(f"{key}: {value!r} is too large")
+            return int(n)
     raise ConfigError(f"{key}: expected a size (bytes or a string like '2GiB'), got {value!r}")
 
 
@@ -72,13 +77,16 @@ def parse_duration(value: Any, key: str = "duration") -> float:
     if isinstance(value, bool):
         raise ConfigError(f"{key}: expected a duration (seconds or a string like '30s'), got {value!r}")
     if isinstance(value, (int, float)):
-        if value < 0:
-            raise ConfigError(f"{key}: must not be negative, got {value}")
+        if not 0 <= value < 1e9:  # also refuses nan and inf
+            raise ConfigError(f"{key}: must be between 0 and 1e9 seconds, got {value}")
         return float(value)
     if isinstance(value, str):
         m = _NUM_UNIT.match(value)
         if m and m.group(2).lower() in _DURATION_UNITS:
-            return float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
+            secs = float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
+            if not secs < 1e9:
+                raise ConfigError(f"{key}: {value!r} is too long")
+            return secs
     raise ConfigError(f"{key}: expected a duration (seconds or a string like '30s'), got {value!r}")
 
 
@@ -219,8 +227,11 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
         _expect("spool", key, v, str, "a path")
         if not v:
             raise ConfigError(f"[spool] {key}: must not be empty")
-        p = Path(v)
-        return (p if p.is_absolute() else base / p).resolve()
+        try:
+            p = Path(v)
+            return (p if p.is_absolute() else base / p).resolve()
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"[spool] {key}: {exc}") from None
 
     s = section("spool", SpoolConfig)
     root = path(s.get("root", "/var/lib/convd"), "root")
@@ -242,7 +253,7 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
     c = section("convert", ConvertConfig)
     d = ConvertConfig()
     target = _one_of("convert", "target_format", c.get("target_format", d.target_format), TARGET_FORMATS)
-    allowed = _str_list("convert", "allowed_formats", list(c.get("allowed_formats", d.allowed_formats)))
+    allowed = _str_list("convert", "allowed_formats", c.get("allowed_formats", list(d.allowed_formats)))
     for fmt in allowed:
         if fmt not in ALLOWED_SOURCE_FORMATS:
             raise ConfigError(
@@ -309,7 +320,7 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
     )
 
     ck = section("checksum", ChecksumConfig)
-    algos = _str_list("checksum", "algorithms", list(ck.get("algorithms", ChecksumConfig().algorithms)))
+    algos = _str_list("checksum", "algorithms", ck.get("algorithms", list(ChecksumConfig().algorithms)))
     for a in algos:
         if a not in hashlib.algorithms_available or a.startswith("shake"):
             raise ConfigError(f"[checksum] algorithms: {a!r} is not a fixed-length hashlib algorithm")

@@ -64,7 +64,12 @@ def _rename_noreplace(src: str, dst: str) -> None:
     # regular files.  Anything else is only ever moved by convd into its own
     # directories, so a checked rename cannot race a second writer there.
     if os.path.isfile(src) and not os.path.islink(src):
-        os.link(src, dst, follow_symlinks=False)
+        try:
+            os.link(src, dst, follow_symlinks=False)
+        except FileExistsError:
+            if not os.path.samestat(os.lstat(src), os.lstat(dst)):
+                raise
+            # else: a move cut short between link and unlink; finish it
         os.unlink(src)
         return
     if os.path.lexists(dst):
@@ -88,8 +93,11 @@ def move(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
 
 
 def temp_name(name: str, owner: str = "") -> str:
-    """``.NAME[@OWNER].RANDOM.tmp``: an owner (a spool instance) may sweep its own."""
-    return f".{name}{'@' + owner if owner else ''}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    """``.NAME[@OWNER].RANDOM.tmp``: an owner (a spool instance) may sweep its own.
+
+    NAME is cut to 100 characters so the temp fits NAME_MAX whatever NAME is.
+    """
+    return f".{name[:100]}{'@' + owner if owner else ''}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes, *, replace: bool = False,

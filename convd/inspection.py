@@ -13,12 +13,13 @@ import logging
 import os
 import stat
 import struct
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from oslo_utils.imageutils import format_inspector as fi
 
-from convd.errors import CorruptImage, NotRegularFile, UnsafeImage, UnsupportedFormat
+from convd.errors import CorruptImage, NotRegularFile, Stopped, UnsafeImage, UnsupportedFormat
 
 __all__ = ["RAW_FAMILY", "Inspection", "inspect_fd", "inspect_path", "open_regular"]
 
@@ -121,10 +122,12 @@ def _describe_failures(fmt: str, fd: int, exc: fi.SafetyCheckFailed) -> str:
     return "; ".join(parts)
 
 
-def inspect_fd(fd: int) -> Inspection:
+def inspect_fd(fd: int, *, stop: threading.Event | None = None, limit: int | None = None) -> Inspection:
     """Detect and safety-check an open regular file.
 
-    Raises ``UnsafeImage``, ``UnsupportedFormat`` or ``CorruptImage``.
+    Raises ``UnsafeImage``, ``UnsupportedFormat`` or ``CorruptImage``; with
+    ``limit``, ``UnsafeImage`` when a header still wants more than ``limit``
+    bytes (only an image header does); ``Stopped`` once ``stop`` is set.
     """
     size = os.fstat(fd).st_size
     reader = open(fd, "rb", buffering=0, closefd=False)  # noqa: SIM115 - closed below
@@ -139,6 +142,10 @@ def inspect_fd(fd: int) -> Inspection:
             offset += len(data)
             if offset >= _CHUNK:
                 chunk = _CHUNK
+            if stop is not None and stop.is_set():
+                raise Stopped("inspection interrupted by shutdown")
+            if limit is not None and offset >= limit:
+                raise UnsafeImage(f"an image header inside asks to read past the first {limit >> 20} MiB")
     finally:
         wrapper.close()
         reader.close()

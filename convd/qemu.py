@@ -21,6 +21,7 @@ from typing import Any
 
 import anyio
 
+from convd.config import DetectConfig
 from convd.errors import CorruptImage, StartupError, Timeout, TransientError
 
 __all__ = [
@@ -153,9 +154,16 @@ async def info(path: str, fmt: str, *, cpu_time: float, address_space: int) -> d
         raise CorruptImage(f"qemu-img info as {fmt} printed no JSON") from None
 
 
-async def data_bytes(path: str, fmt: str, block: int) -> int:
+def _estimate_limits(limits: DetectConfig) -> dict[str, Any]:
+    # A crafted image can make map's JSON huge: the same memory cap as info,
+    # and ten times its CPU (a big, honest image has many extents).
+    return {"cpu_time": limits.cpu_time * 10, "address_space": limits.address_space}
+
+
+async def data_bytes(path: str, fmt: str, block: int, *, limits: DetectConfig) -> int:
     """Bytes a sparse raw copy needs: data extents, each rounded out to ``block``."""
-    res = await _run([qemu_img(), "map", "--output=json", "-f", fmt, path], timeout=600)
+    res = await _run([qemu_img(), "map", "--output=json", "-f", fmt, path], timeout=600,
+                     **_estimate_limits(limits))
     if res.returncode != 0:
         raise CorruptImage(f"qemu-img map as {fmt}: {res.error_text}")
     total = 0
@@ -167,10 +175,11 @@ async def data_bytes(path: str, fmt: str, block: int) -> int:
     return total
 
 
-async def measure(path: str, fmt: str, target: str) -> int:
+async def measure(path: str, fmt: str, target: str, *, limits: DetectConfig) -> int:
     """``qemu-img measure`` required size for a ``target`` image of this source."""
     res = await _run(
-        [qemu_img(), "measure", "--output=json", "-f", fmt, "-O", target, path], timeout=600
+        [qemu_img(), "measure", "--output=json", "-f", fmt, "-O", target, path], timeout=600,
+        **_estimate_limits(limits),
     )
     if res.returncode != 0:
         raise CorruptImage(f"qemu-img measure as {fmt}: {res.error_text}")

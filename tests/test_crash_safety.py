@@ -621,3 +621,17 @@ def test_second_daemon_with_the_same_instance_name_exits_1_with_a_clear_message(
     spool.drop(src, "after")  # the first one still works
     assert spool.wait_record("after")["status"] == "converted"
     assert first.stop() == 0
+
+
+def test_items_of_a_stopped_instance_are_adopted_not_stranded(tmp_path: Path, daemon_factory: Any, spool: Spool) -> None:
+    # A crashed daemon under another host name left a claim behind.
+    src = make_image(tmp_path / "orphan.qcow2", "qcow2", 4 * MiB)
+    old = spool.work / "old-host" / "orphan.qcow2"
+    old.mkdir(parents=True)
+    (old / "source").write_bytes(src.read_bytes())
+    d = daemon_factory(write_config(tmp_path))
+    rec = spool.wait_record("orphan.qcow2")
+    assert rec["status"] == "converted"
+    assert images_equal(src, "qcow2", spool.outgoing / "orphan.qcow2", "raw")
+    assert not old.exists()
+    assert d.stop() == 0

@@ -133,3 +133,27 @@ def test_convert_over_its_time_limit_fails_timeout_and_keeps_the_source(tmp_path
     assert "2 s" in rec["error"]["message"]
     assert (spool.failed / "slow.qcow2").read_bytes() == img.read_bytes()
     assert spool.work_files() == []
+
+
+def test_hard_linked_source_is_rejected_so_no_other_name_can_change_it(tmp_path, spool, daemon_factory):
+    img = make_image(tmp_path / "linked.qcow2", "qcow2", 2 * MiB)
+    daemon_factory(write_config(tmp_path))
+    keep = spool.incoming / ".keep.part"  # ignored by convd, but it is the same inode
+    keep.write_bytes(img.read_bytes())
+    os.link(keep, spool.incoming / "linked.qcow2")
+    rec = spool.wait_record("linked.qcow2")
+    assert rec["error"]["code"] == "unsafe_image" and "hard links" in rec["error"]["message"]
+    assert (spool.failed / "linked.qcow2").read_bytes() == img.read_bytes()
+
+
+def test_name_that_is_not_utf8_neither_crashes_the_daemon_nor_is_lost(tmp_path, spool, daemon_factory):
+    img = make_image(tmp_path / "plain.qcow2", "qcow2", 2 * MiB)
+    d = daemon_factory(write_config(tmp_path))
+    odd = os.path.join(os.fsencode(spool.incoming), b"caf\xe9.qcow2")
+    with open(odd, "wb") as fh:
+        fh.write(img.read_bytes())
+    spool.drop(img)
+    assert spool.wait_record("plain.qcow2")["status"] == "converted"
+    wait_for(lambda: os.path.exists(os.path.join(os.fsencode(spool.outgoing), b"caf\xe9.qcow2.json")), 60,
+             what="the odd name's record")
+    assert d.proc.poll() is None

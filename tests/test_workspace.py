@@ -127,3 +127,15 @@ def test_status_reports_reserved_and_free_bytes(tmp_path, spool, daemon_factory)
 
     ws = json.loads(snap)["workspace"]
     assert ws["limit"] == 1 << 30 and ws["reserved"] == 0 and ws["available"] > 0 and ws["filesystem_free"] > 0
+
+
+def test_target_qemu_cannot_measure_reserves_the_upper_bound(tmp_path, spool, daemon_factory):
+    # qemu-img 7.2 measures only raw and qcow2 outputs; a vpc target with
+    # space too tight for the cheap path must still convert, not fail.
+    cfg = write_config(tmp_path, convert={"target_format": "vpc"}, limits={"workspace": "200MiB", "min_free": 0})
+    img = full_image(tmp_path / "m.qcow2", 100 * MiB, 8 * MiB)
+    daemon_factory(cfg)
+    spool.drop(img)
+    rec = spool.wait_record("m.qcow2")
+    assert rec["status"] == "converted", rec
+    assert images_equal(img, "qcow2", spool.outgoing / "m.qcow2", "vpc")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,20 @@ class Item:
         default_factory=lambda: {"detect": 0.0, "wait_space": 0.0, "convert": 0.0, "publish": 0.0}
     )
     proc: asyncio.subprocess.Process | None = None
+    # (inode, size, mtime, ctime) of the source when detect vetted it: any
+    # change afterwards (an old writer's fd) voids the checks.
+    vetted: tuple[int, int, int, int] | None = None
+
+    def vet(self, st: os.stat_result) -> None:
+        """Remember the source as the safety checks saw it."""
+        self.vetted = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def source_changed(self) -> bool:
+        """Whether the source is not the file that was vetted (ctime cannot be faked)."""
+        if self.vetted is None:
+            return False
+        st = os.lstat(self.claim.source)
+        return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != self.vetted
 
     @property
     def name(self) -> str:

@@ -148,7 +148,8 @@ class Intake:
                 c.size, c.mtime_ns, c.still_since = st.st_size, st.st_mtime_ns, now
             if has_writer(path):
                 c.in_place, c.still_since = True, now
-                wait = min(wait or self.settle, max(self.settle, 0.2))
+                retry = max(self.settle, 0.2)
+                wait = retry if wait is None else min(wait, retry)
                 continue
             if c.in_place:
                 left = c.still_since + self.settle - now

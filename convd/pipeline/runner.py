@@ -143,8 +143,8 @@ async def finish_handoff(item: Item, ctx: Context) -> None:
         await anyio.to_thread.run_sync(ctx.spool.complete_handoff, claim)
     except FileExistsError:
         # outgoing/NAME was taken between the crash and now: a conflict after all.
-        await anyio.to_thread.run_sync(ctx.spool.unstage_handoff, claim)
         item.source = (claim.pending or {}).get("record", {}).get("source", {})
+        await anyio.to_thread.run_sync(ctx.spool.unstage_handoff, claim)
         await quarantine(item, ctx, NameConflict(f"outgoing/{item.name} already exists"))
         return
     finally:

@@ -37,6 +37,7 @@ __all__ = [
     "Claim",
     "Spool",
     "is_candidate_name",
+    "name_fits",
 ]
 
 log = structlog.get_logger("convd.spool")
@@ -47,9 +48,18 @@ SOURCE, OUTPUT, ITEM, RECORD = "source", "output", "item.json", "record.json"
 STALE_TEMP_AGE = 3600.0
 
 
+# NAME.json and failed/NAME.N.json must fit in NAME_MAX (255 bytes).
+MAX_NAME_BYTES = 255 - len(".json") - len(".999")
+
+
 def is_candidate_name(name: str) -> bool:
     """Producers write under a dot-name or ``*.part``/``*.tmp`` and rename in."""
     return bool(name) and not name.startswith(".") and not name.endswith(IGNORED_SUFFIXES)
+
+
+def name_fits(name: str) -> bool:
+    """Whether a record can be written beside this name (longer ones wait, logged)."""
+    return len(os.fsencode(name)) <= MAX_NAME_BYTES
 
 
 @dataclass
@@ -132,6 +142,43 @@ class Spool:
                 n += 1
         return n
 
+    def adopt_orphans(self) -> int:
+        """Take over the items of instances that no longer run (their lock is free).
+
+        A renamed host or a container with a new name must not strand what a
+        crashed daemon had claimed under the old name.
+        """
+        adopted = 0
+        for entry in os.scandir(self.work):
+            if entry.name == self.cfg.instance or not entry.is_dir(follow_symlinks=False):
+                continue
+            try:
+                fd = os.open(os.path.join(entry.path, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue  # that instance is running
+            try:
+                for item in os.scandir(entry.path):
+                    if item.name.startswith(".") or not item.is_dir(follow_symlinks=False):
+                        continue
+                    try:
+                        os.rename(item.path, self.claims / item.name)  # fails if ours has that name
+                        adopted += 1
+                        log.warning("adopted an item of a stopped instance", item=item.name,
+                                    instance=entry.name)
+                    except OSError as exc:
+                        log.error("cannot adopt an item of a stopped instance", item=item.name,
+                                  instance=entry.name, error=exc.strerror)
+            finally:
+                os.close(fd)
+        if adopted:
+            durable.fsync_dir(self.claims)
+        return adopted
+
     def recover(self) -> list[Claim]:
         """This instance's unfinished items, from what ``work/<instance>/`` holds."""
         claims = []
@@ -192,7 +239,10 @@ class Spool:
         d = self.claims / name
         os.mkdir(d, 0o750)
         try:
-            durable.move(self.incoming / name, d / SOURCE, sync=False)
+            # A plain rename: d was just made by us, so nothing can be at
+            # d/source, and rename(2) is atomic on every filesystem (NFS too,
+            # where renameat2 flags are not), so exactly one claimer wins.
+            durable.move(self.incoming / name, d / SOURCE, replace=True, sync=False)
         except FileNotFoundError:
             os.rmdir(d)
             log.debug("claim lost the race", item=name)
@@ -200,9 +250,11 @@ class Spool:
         except BaseException:
             os.rmdir(d)
             raise
-        # No fsync: a rename is atomic, so after a crash the file is in exactly
-        # one of incoming/ or work/ whether or not the claim reached the disk,
-        # and the first durable write of the item (its record) commits it.
+        # Durable before any work: a filesystem that logs fsyncs per inode
+        # (btrfs) must not resurrect the name in incoming/ after a power cut.
+        durable.fsync_dir(d)
+        durable.fsync_dir(self.claims)
+        durable.fsync_dir(self.incoming)
         return Claim(name=name, dir=d)
 
     # -- per-item state ---------------------------------------------------
@@ -238,8 +290,14 @@ class Spool:
 
     def stage_handoff(self, claim: Claim, dest: str, final_name: str, payload: str,
                       record: dict[str, Any]) -> None:
-        """Write ``record.json``: from here on only the handoff remains, even after a crash."""
-        claim.pending = {"dest": dest, "final_name": final_name, "payload": payload, "record": record}
+        """Write ``record.json``: from here on only the handoff remains, even after a crash.
+
+        The payload's inode number is kept, so recovery writes the record only
+        beside this very image (never beside one a consumer put there since).
+        """
+        st = os.lstat(claim.dir / payload)
+        claim.pending = {"dest": dest, "final_name": final_name, "payload": payload, "record": record,
+                         "inode": st.st_ino}
         durable.write_json(claim.dir / RECORD, claim.pending, replace=True)
 
     def unstage_handoff(self, claim: Claim) -> None:
@@ -267,12 +325,25 @@ class Spool:
                 self.stage_handoff(claim, "failed", self.free_failed_name(claim.name),
                                    p["payload"], p["record"])
                 p = claim.pending
+        final = dest_dir / p["final_name"]
         rec_path = dest_dir / f"{p['final_name']}.json"
+        try:
+            ours = os.lstat(final).st_ino == p.get("inode")
+        except FileNotFoundError:
+            ours = False
+        if not ours:
+            # Moved before a crash, and since taken away (or replaced) by a
+            # consumer: the item was delivered; a record now would lie.
+            log.warning("handoff already delivered; record not written again", item=claim.name,
+                        dest=p["dest"])
+            return
         try:
             durable.write_json(rec_path, p["record"], owner=self.cfg.instance)
         except FileExistsError:
             # Written before a crash that hit before the clean-up.
-            pass
+            if json.loads(rec_path.read_bytes()) != p["record"]:
+                log.error("a foreign record sits beside the published image", item=claim.name,
+                          record=str(rec_path))
 
     def remove_claim(self, claim: Claim) -> None:
         """Clean up after a durable handoff.

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from convd import qemu
+from convd.errors import UnsafeImage
 from convd.pipeline.item import Item, Stage
 
 if TYPE_CHECKING:
@@ -31,6 +32,8 @@ async def convert(item: Item, ctx: Context) -> Stage:
         def progress(frac: float) -> None:
             item.progress = frac
 
+        if item.source_changed():
+            raise UnsafeImage("the source changed after its safety checks")
         try:
             await qemu.convert(
                 str(item.claim.source), src_fmt, str(item.claim.output), item.target_format,

@@ -3,6 +3,7 @@ under resource limits, and the two must agree before anything converts."""
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -61,8 +62,15 @@ async def detect(item: Item, ctx: Context) -> Stage:
     try:
         fd = open_regular(path)
         try:
-            item.source = {"format": None, "size": os.fstat(fd).st_size}
-            insp = await anyio.to_thread.run_sync(inspect_fd, fd)
+            st = os.fstat(fd)
+            item.source = {"format": None, "size": st.st_size}
+            if st.st_nlink != 1 and item.claim.source_path is None:
+                # Another name (a hard link left behind) could rewrite the
+                # bytes after they are vetted: qemu-img reads them again later.
+                raise UnsafeImage(f"the file has {st.st_nlink} hard links; another name could change "
+                                  "it after the safety checks")
+            item.vet(st)
+            insp = await anyio.to_thread.run_sync(functools.partial(inspect_fd, fd, stop=ctx.stop))
         finally:
             os.close(fd)
     except ItemError as exc:

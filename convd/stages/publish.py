@@ -23,9 +23,14 @@ if TYPE_CHECKING:
 __all__ = ["publish"]
 
 
-def _vet_output(fd: int, target: str) -> int:
+# Every inspector decides within a few MiB on a plain output; one that wants
+# more has found a header (e.g. a VMDK asking for its footer) inside it.
+_OUTPUT_INSPECT_LIMIT = 16 << 20
+
+
+def _vet_output(fd: int, target: str, stop: threading.Event) -> int:
     """The output must be what was asked for, with nothing hidden inside; returns its virtual size."""
-    insp = inspect_fd(fd)
+    insp = inspect_fd(fd, stop=stop, limit=_OUTPUT_INSPECT_LIMIT)
     ok = insp.format in RAW_FAMILY if target == "raw" else insp.format == target
     if not ok:
         raise UnsafeImage(f"the {target} output inspects as {insp.format}: the image hides another format inside")
@@ -53,8 +58,10 @@ def _finish_output(path: str, item: Item, ctx: Context) -> dict[str, Any]:
             assert item.inspection is not None
             vsize = item.inspection.virtual_size
         else:
-            vsize = _vet_output(fd, item.target_format)
+            vsize = _vet_output(fd, item.target_format, ctx.stop)
         sums = digest_file(fd, item.cfg.checksum.algorithms, ctx.count_hashed, ctx.stop)
+        if item.source_changed():  # after the checksum: a passthrough's sums cover these bytes
+            raise UnsafeImage("the source changed after its safety checks")
     finally:
         syncer.join()
         os.close(fd)

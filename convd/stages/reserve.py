@@ -33,9 +33,12 @@ async def estimate(item: Item, ctx: Context) -> int:
     if vsize <= CHEAP_BOUND or 2 * bound <= ctx.ledger.available():
         need = bound
     elif target == "raw":
-        need = await qemu.data_bytes(path, insp.qemu_format, ctx.block_size) if ctx.sparse else vsize
+        need = await qemu.data_bytes(path, insp.qemu_format, ctx.block_size,
+                                     limits=item.cfg.detect) if ctx.sparse else vsize
+    elif target == "qcow2":  # the only other target qemu-img 7.2 can measure
+        need = await qemu.measure(path, insp.qemu_format, target, limits=item.cfg.detect)
     else:
-        need = await qemu.measure(path, insp.qemu_format, target)
+        need = bound
     return need + int(need * MARGIN_FRACTION) + MARGIN_BYTES
 
 
