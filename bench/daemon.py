@@ -78,17 +78,20 @@ class Spool:
         for d in (self.incoming, self.work, self.outgoing, self.failed):
             d.mkdir(parents=True, exist_ok=True)
 
-    def stage_link(self, src: Path, name: str) -> Path:
-        """Pre-stage ``src`` beside the spool (a hard link: no copy, same warm pages)."""
-        staged = self.root / f".stage-{name}"
-        if staged.exists():
-            staged.unlink()
-        os.link(src, staged)
-        return staged
-
     def stage_copy(self, src: Path, name: str) -> Path:
+        """Pre-stage a private copy of ``src`` beside the spool, flushed like a finished upload.
+
+        Not a hard link: convd refuses a source with a second name (it could be
+        changed after the safety checks).  The copy is untimed.
+        """
         staged = self.root / f".stage-{name}"
+        staged.unlink(missing_ok=True)
         shutil.copyfile(src, staged)
+        fd = os.open(staged, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         return staged
 
     def drop_staged(self, staged: Path, name: str) -> None:

@@ -76,8 +76,9 @@ part of `make test`.
   "sha256sum" is the wall time of coreutils `sha256sum DST` right after.
 - **convd.** One `convd run` daemon per configuration (target raw/qcow2 ×
   checksums off/sha256, `max_workers = 2`, `settle = 2.0`, JSON log), started
-  once and fed one image at a time.  The source is pre-staged as a hard link
-  under the spool root (a dot-name, not watched) and timed from the rename
+  once and fed one image at a time.  The source is pre-staged as a private
+  copy, fsynced (convd refuses hard-linked inputs), under the spool root (a
+  dot-name, not watched), untimed, and timed from the rename
   into `incoming/`; the end is seen by inotify on `outgoing/` (no polling).
   The next run starts only after the daemon has removed its work directory.
 - **Pick-up latency**: rename → the daemon's `{"event": "claimed"}` log line

@@ -128,7 +128,7 @@ def _claimed_at(daemon: Daemon, names: set[str]) -> dict[str, float]:
 def convd_once(daemon: Daemon, src: Path, name: str, timeout: float = LARGE_TIMEOUT) -> dict[str, Any]:
     """One image through a running daemon: pre-staged, renamed in, timed until ``NAME.json``."""
     spool = daemon.spool
-    staged = spool.stage_link(src, name)
+    staged = spool.stage_copy(src, name)
     with spool.watch() as watch:
         wall0 = time.time()
         t0 = time.monotonic()
@@ -154,7 +154,7 @@ def drain(daemon: Daemon, sources: Sequence[Path], tag: str) -> dict[str, Any]:
     """All ``sources`` renamed in at once; time until the last record."""
     spool = daemon.spool
     names = [f"{tag}-{i:04d}" for i in range(len(sources))]
-    staged = [spool.stage_link(src, n) for src, n in zip(sources, names)]
+    staged = [spool.stage_copy(src, n) for src, n in zip(sources, names)]
     cpu0 = daemon.cpu()
     with spool.watch() as watch:
         wall0 = time.time()

@@ -27,6 +27,7 @@ from convd.metrics import Metrics
 from convd.pipeline.item import Item, Stage
 from convd.pipeline.ledger import Ledger, StatvfsSpace
 from convd.pipeline.queue import Intake
+from convd.pipeline.renames import RenameWatch
 from convd.pipeline.runner import Context, finish_handoff, run_item
 from convd.pipeline.spool import Spool, is_candidate_name, name_fits
 from convd.sdnotify import Notifier
@@ -205,6 +206,8 @@ class Daemon:
 
     async def _watch(self, watching: anyio.Event) -> None:
         incoming = self.cfg.spool.incoming
+        renames = RenameWatch(incoming) if not self.cfg.watch.force_polling else None
+        arrivals: dict[str, bool] = {}
 
         def wanted(change: watchfiles.Change, path: str) -> bool:
             name = os.path.basename(path)
@@ -220,10 +223,15 @@ class Daemon:
                         yield_on_timeout=True, ignore_permission_denied=True,
                     ):
                         watching.set()
+                        if renames is not None:
+                            if len(arrivals) > 10_000:
+                                arrivals.clear()  # names watchfiles never reported
+                            arrivals.update(renames.drain())
                         for change, path in changes:
                             name = os.path.basename(path)
                             if os.path.dirname(path) == str(incoming):
-                                self.intake.saw(name, modified=change == watchfiles.Change.modified)
+                                self.intake.saw(name, modified=change == watchfiles.Change.modified,
+                                                renamed=arrivals.pop(name, None))
                         if changes:
                             self._kick()
                 except Exception as exc:  # noqa: BLE001 - also its task group's ExceptionGroup
@@ -235,6 +243,8 @@ class Daemon:
                     await anyio.sleep(1.0)
         finally:
             watching.set()  # a stop before the first yield must not leave start-up waiting
+            if renames is not None:
+                renames.close()
 
     def _scan(self) -> None:
         for entry in self.spool.scan_incoming():

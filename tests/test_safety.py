@@ -157,3 +157,17 @@ def test_name_that_is_not_utf8_neither_crashes_the_daemon_nor_is_lost(tmp_path, 
     wait_for(lambda: os.path.exists(os.path.join(os.fsencode(spool.outgoing), b"caf\xe9.qcow2.json")), 60,
              what="the odd name's record")
     assert d.proc.poll() is None
+
+
+def test_file_renamed_in_right_after_writing_is_taken_without_waiting_settle(tmp_path, spool, daemon_factory):
+    # Written and renamed within one timestamp tick, so ctime == mtime: only
+    # the rename event tells it from a file written in place.
+    daemon_factory(write_config(tmp_path, watch={"settle": 120}))
+    data = os.urandom(1 << 20)
+    part = spool.incoming / ".quick.part"
+    with open(part, "wb") as fh:
+        fh.write(data)
+    os.rename(part, spool.incoming / "quick.raw")
+    rec = spool.wait_record("quick.raw", timeout=30)  # far less than settle
+    assert rec["status"] == "passthrough"
+    assert (spool.outgoing / "quick.raw").read_bytes() == data

@@ -87,14 +87,17 @@ class Intake:
     def __len__(self) -> int:
         return len(self.pending)
 
-    def saw(self, name: str, *, modified: bool = False) -> None:
+    def saw(self, name: str, *, modified: bool = False, renamed: bool | None = None) -> None:
+        """Note a name; ``renamed`` is what inotify said of its arrival, None if unknown."""
         now = time.monotonic()
         c = self.pending.get(name)
         if c is None:
             c = self.pending[name] = Candidate(name=name, seen=now, still_since=now)
-            # The watcher reports a rename into incoming/ and a file created in
-            # place alike ("added"); only the timestamps tell them apart.
-            c.in_place = self._looks_in_place(name)
+            # watchfiles reports a rename into incoming/ and a file created in
+            # place alike ("added"); without inotify's word, timestamps decide.
+            c.in_place = (not renamed) if renamed is not None else self._looks_in_place(name)
+        elif renamed is False:
+            c.in_place = True
         if modified:
             c.in_place = True
 
