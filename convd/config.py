@@ -33,6 +33,7 @@ __all__ = [
     "TARGET_FORMATS",
     "default_config",
     "dump",
+    "format_size",
     "load",
     "parse_duration",
     "parse_size",
@@ -70,6 +71,15 @@ def parse_size(value: Any, key: str = "size") -> int:
                 raise ConfigError(f"{key}: {value!r} is too large")
             return int(n)
     raise ConfigError(f"{key}: expected a size (bytes or a string like '2GiB'), got {value!r}")
+
+
+def format_size(n: float) -> str:
+    """Bytes for people: ``1.5 GiB`` (the inverse of :func:`parse_size`, rounded)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover - the loop always returns
 
 
 def parse_duration(value: Any, key: str = "duration") -> float:

@@ -7,7 +7,7 @@ import os
 import time
 from typing import Any
 
-from convd.config import Config
+from convd.config import Config, format_size
 from convd.pipeline.spool import is_candidate_name
 
 __all__ = ["read_status", "render"]
@@ -64,14 +64,6 @@ def _bar(frac: float, width: int = 20) -> str:
     return "[" + "#" * n + "." * (width - n) + "]"
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n}"
-
-
 def render(st: dict[str, Any], now: float) -> str:
     sp = st["spool"]
     n = {k: "?" if sp[k] is None else sp[k] for k in ("incoming", "outgoing", "failed")}
@@ -89,8 +81,8 @@ def render(st: dict[str, Any], now: float) -> str:
     lines.append(f"queue: {d['queued']} waiting; done: {c['converted']} converted, "
                  f"{c['passthrough']} passthrough, {c['failed']} failed")
     w = d["workspace"]
-    lines.append(f"workspace: {_size(w['reserved'])} reserved of {_size(w['limit'])}, "
-                 f"{_size(w['available'])} available, filesystem {_size(w['filesystem_free'])} free, "
+    lines.append(f"workspace: {format_size(w['reserved'])} reserved of {format_size(w['limit'])}, "
+                 f"{format_size(w['available'])} available, filesystem {format_size(w['filesystem_free'])} free, "
                  f"{w['waiting']} waiting for space")
     for i in d["in_flight"]:
         eta = f" ETA {i['eta']:.0f} s" if i.get("eta") is not None else ""

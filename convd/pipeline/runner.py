@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import structlog
 
+from convd.config import format_size
 from convd.errors import ConvertFailed, ItemError, NameConflict, Stopped, TransientError
 from convd.pipeline.item import Item, Stage
 from convd.pipeline.ledger import Ledger
@@ -64,7 +65,7 @@ class Context:
             secs = max(item.timings["convert"], 1e-6)
             log.info(
                 f"converted {rec['source'].get('format')}→{target.get('format')} "
-                f"{_gib(rec['source'].get('virtual_size', 0))} at "
+                f"{format_size(rec['source'].get('virtual_size', 0))} at "
                 f"{target.get('size', 0) / secs / 2**20:.0f} MiB/s",
                 event_kind="throughput", seconds=round(secs, 3),
             )
@@ -73,10 +74,6 @@ class Context:
     def failed(self, item: Item, rec: dict[str, Any]) -> None:
         log.warning("rejected", code=rec["error"]["code"], message=rec["error"]["message"])
         self.on_failed(item, rec)
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 async def _discard(item: Item, ctx: Context) -> None:

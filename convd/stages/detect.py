@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from convd import qemu
+from convd.config import format_size
 from convd.errors import FormatMismatch, ItemError, TooLarge, UnsafeImage, UnsupportedFormat
 from convd.inspection import RAW_FAMILY, inspect_fd, open_regular
 from convd.pipeline.item import Item, Stage
@@ -21,14 +22,6 @@ if TYPE_CHECKING:
 __all__ = ["VMDK_CREATE_TYPES", "check_qemu_info", "detect"]
 
 VMDK_CREATE_TYPES = ("monolithicSparse", "streamOptimized")
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
 
 
 def check_qemu_info(info: dict[str, Any], fmt: str, virtual_size: int, path: str) -> None:
@@ -87,8 +80,8 @@ async def detect(item: Item, ctx: Context) -> Stage:
             f"{insp.format} is not in allowed_formats ({', '.join(cfg.convert.allowed_formats)})"
         )
     if insp.virtual_size > cfg.limits.max_virtual_size:
-        raise TooLarge(f"virtual size {_human(insp.virtual_size)} is over max_virtual_size "
-                       f"{_human(cfg.limits.max_virtual_size)}")
+        raise TooLarge(f"virtual size {format_size(insp.virtual_size)} is over max_virtual_size "
+                       f"{format_size(cfg.limits.max_virtual_size)}")
     if insp.qemu_format != "raw":
         # Raw-family images are skipped: `qemu-img info -f raw` has no
         # metadata to read and can only restate the file size.
