@@ -63,10 +63,7 @@ def _kind(mode: int) -> str:
 
 def open_regular(path: str | os.PathLike[str]) -> int:
     """Open a regular file read-only, never following a link or blocking on a FIFO."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        raise
+    st = os.lstat(path)
     if not stat.S_ISREG(st.st_mode):
         raise NotRegularFile(f"{_kind(st.st_mode)}, not a regular file")
     try:
