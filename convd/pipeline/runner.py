@@ -17,13 +17,14 @@ from convd.errors import ConvertFailed, ItemError, NameConflict, Stopped, Transi
 from convd.pipeline.item import Item, Stage
 from convd.pipeline.ledger import Ledger
 from convd.pipeline.spool import Spool
-from convd.stages import cleanup, convert, detect, publish, quarantine, reserve
+from convd.stages import cleanup, convert, detect, publish, quarantine, reserve, unpack
 
 __all__ = ["Context", "finish_handoff", "run_item"]
 
 log = structlog.get_logger("convd.runner")
 
 STAGES: dict[Stage, Callable[[Item, Context], Awaitable[Stage]]] = {
+    Stage.UNPACK: unpack,
     Stage.DETECT: detect,
     Stage.RESERVE: reserve,
     Stage.CONVERT: convert,
@@ -55,9 +56,10 @@ class Context:
     stop: threading.Event = field(default_factory=threading.Event)
 
     def release(self, item: Item) -> None:
-        if item.reservation is not None:
-            self.ledger.release(item.name)
-            item.reservation = None
+        for r in (item.reservation, item.unpack_reservation):
+            if r is not None:
+                self.ledger.release(r.key)
+        item.reservation = item.unpack_reservation = None
 
     def published(self, item: Item, rec: dict[str, Any]) -> None:
         target = rec.get("target") or {}
@@ -102,7 +104,8 @@ async def run_item(item: Item, ctx: Context) -> None:
                 log.warning("convert failed, retrying", error=str(exc), attempt=attempts,
                             retry_in=round(delay, 1))
                 ctx.on_retry(item, str(exc))
-                item.stage = Stage.RESERVE
+                # The discard took an unpacked disk with it: unpack again.
+                item.stage = Stage.UNPACK if item.container else Stage.RESERVE
                 await anyio.sleep(delay)
                 continue
             log.info("stage done", duration=round(time.monotonic() - t0, 6), next=item.stage.value)
