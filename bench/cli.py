@@ -137,7 +137,7 @@ def check_space(workdir: Path, args: argparse.Namespace) -> None:
     st = os.statvfs(workdir)
     free = st.f_bavail * st.f_frsize
     need = 0
-    if not (args.skip_large and args.skip_passthrough):
+    if not (args.skip_large and args.skip_passthrough and args.skip_compressed):
         # sources (~55 % allocated each), one output at a time (~data size), the daemons' 1 GiB floor
         need += int(args.size * 0.6 * (len(set(args.formats) | {"raw"})) + args.size + 2 * GiB)
     if not args.skip_backlog:

@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 import zstandard
-from conftest import REPO, MiB, Spool, convd_bin, images_equal, make_image, run, sha256_file, wait_for, write_config
+from conftest import (REPO, MiB, Spool, convd_bin, images_equal, make_image, run, sha256_file, wait_for,
+                      write_config)
 
 from convd import containers
 from convd.errors import UnsafeImage
@@ -386,3 +387,21 @@ def test_sigkill_during_unpacking_ten_times_publishes_once_and_identical(
     assert list(spool.failed.iterdir()) == []
     assert spool.work_files() == []
 
+
+
+def test_concatenated_gzip_members_and_padded_xz_streams_unpack_as_one_disk(tmp_path: Path) -> None:
+    raw = make_image(tmp_path / "d.raw", "raw", 4 * MiB).read_bytes()
+    half = len(raw) // 2
+    cases = {
+        "members.gz": compress("gzip", raw[:half]) + compress("gzip", raw[half:]),  # `cat a.gz b.gz`, pigz
+        "streams.xz": compress("xz", raw[:half]) + bytes(8) + compress("xz", raw[half:]),  # stream padding
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        rec = json.loads(run(convd_bin(), "convert", tmp_path / name, tmp_path / f"{name}.raw").stdout)
+        assert rec["status"] == "passthrough" and rec["source"]["unpacked_size"] == len(raw)
+        assert (tmp_path / f"{name}.raw").read_bytes() == raw
+    cut = tmp_path / "cut.gz"
+    cut.write_bytes(cases["members.gz"][:-20])
+    p = run(convd_bin(), "convert", cut, tmp_path / "cut.raw", check=False)
+    assert p.returncode == 1 and "convd: corrupt_image: a gzip-compressed stream cannot be unpacked" in p.stderr
