@@ -356,10 +356,10 @@ class _Chained:
 class Budget:
     """Bytes the unpacked file may take, grown through ``grow`` up to ``cap``.
 
-    ``grow(total)`` asks the ledger for ``total`` bytes in all and returns
-    whether it got them (the caller decides how long to wait and raises
-    ``TransientError`` or ``TooLarge`` itself).  ``limit_text`` names the
-    limit for the ``too_large`` message.
+    ``grow(total)`` asks the ledger for ``total`` bytes in all; it returns
+    once they are reserved, or raises (``TransientError`` when the space
+    does not come, ``TooLarge`` when it never could).  Past ``cap``,
+    :meth:`need` raises ``TooLarge`` naming ``limit_text``.
     """
 
     cap: int
@@ -390,7 +390,7 @@ def _copy(read: Callable[[int], bytes], out: int, budget: Budget, what: str,
     while chunk:
         end = written + len(chunk)
         budget.need(end, what)
-        if chunk != _ZERO[: len(chunk)]:
+        if chunk != (_ZERO if len(chunk) == _CHUNK else _ZERO[: len(chunk)]):  # else leave a hole
             os.pwrite(out, chunk, written)
         written = end
         if stop.is_set():

@@ -13,7 +13,7 @@ import anyio.from_thread
 
 from convd import containers
 from convd.config import format_size
-from convd.errors import TooLarge, TransientError, UnsupportedFormat
+from convd.errors import ItemError, TooLarge, TransientError, UnsupportedFormat
 from convd.inspection import open_regular
 from convd.pipeline.item import Item, Stage
 from convd.pipeline.spool import UNPACKED
@@ -49,7 +49,10 @@ async def unpack(item: Item, ctx: Context) -> Stage:
     fd = open_regular(claim.dropped)
     try:
         plan = await anyio.to_thread.run_sync(containers.plan, fd)
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, ItemError):  # a container whose very start is damaged
+            item.source = {"format": None, "size": os.fstat(fd).st_size}
+            item.container = {"container": [exc.detected], "size": item.source["size"]}
         os.close(fd)
         raise
     if plan is None:
