@@ -42,7 +42,9 @@ make bench                                   # = .venv/bin/python -m bench, ~8 m
 Options: `--size` (virtual size of the large images, default 2 GiB),
 `--reps` (default 3), `--formats qcow2,vmdk,vdi,vpc,vhdx,raw`,
 `--targets raw,qcow2`, `--skip-large`, `--skip-small`, `--skip-backlog`,
-`--skip-passthrough`, `--variants` (also time bare qemu-img flag variants:
+`--skip-passthrough`, `--skip-compressed` (the raw image as `.xz` and `.gz`
+against `xz -dc`/`gzip -dc` + fsync; compressing it takes several minutes
+the first time, then is reused with `--keep-images`), `--variants` (also time bare qemu-img flag variants:
 `-W`, `-m 16`, `-t none`, `-n --target-is-zero` on a pre-created sparse
 target; about 4 more minutes), `--small-count`, `--small-size`,
 `--latency-samples`, `--passthrough-reps`, `--backlog-files`,

@@ -13,11 +13,9 @@ workspace ledger, so a decompression bomb stops at the limit.
 from __future__ import annotations
 
 import bz2
-import hashlib
 import io
 import lzma
 import os
-import queue
 import tarfile
 import threading
 import zlib
@@ -381,34 +379,9 @@ class Budget:
             self.reserved = want
 
 
-class _Digests:
-    """Checksums of the bytes written, taken in a thread of their own so they overlap
-    decompression (hashlib and the decoders release the GIL)."""
-
-    def __init__(self, algorithms: tuple[str, ...]) -> None:
-        self._algorithms = algorithms
-        self._hashers = [hashlib.new(a) for a in algorithms]
-        self._chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
-        self._thread = threading.Thread(target=self._run, name="unpack-digest", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (chunk := self._chunks.get()) is not None:
-            for h in self._hashers:
-                h.update(chunk)
-
-    def update(self, chunk: bytes) -> None:
-        self._chunks.put(chunk)
-
-    def close(self) -> dict[str, str]:
-        self._chunks.put(None)
-        self._thread.join()
-        return {a: h.hexdigest() for a, h in zip(self._algorithms, self._hashers)}
-
-
 def _copy(read: Callable[[int], bytes], out: int, budget: Budget, what: str,
           stop: threading.Event, progress: Callable[[], None], known: int | None = None,
-          first: bytes = b"", digests: _Digests | None = None) -> int:
+          first: bytes = b"") -> int:
     """Stream ``read`` into ``out`` (holes for zero blocks); returns the bytes written."""
     if known is not None:
         budget.need(known, what)
@@ -417,8 +390,6 @@ def _copy(read: Callable[[int], bytes], out: int, budget: Budget, what: str,
     while chunk:
         end = written + len(chunk)
         budget.need(end, what)
-        if digests is not None:
-            digests.update(chunk)
         if chunk != (_ZERO if len(chunk) == _CHUNK else _ZERO[: len(chunk)]):  # else leave a hole
             os.pwrite(out, chunk, written)
         written = end
@@ -515,7 +486,6 @@ class Unpacked:
     kinds: list[str]
     size: int  # bytes of the unpacked file
     member: str | None = None  # the tar/OVA member it came from
-    digests: dict[str, str] | None = None  # hex, of the unpacked file's bytes, per algorithm asked for
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"container": list(self.kinds), "unpacked_size": self.size}
@@ -525,7 +495,7 @@ class Unpacked:
 
 
 def _from_archive(fileobj: Any, seekable: bool, p: Plan, out: int, budget: Budget,
-                  stop: threading.Event, progress: Callable[[], None], digests: _Digests | None) -> Unpacked:
+                  stop: threading.Event, progress: Callable[[], None]) -> Unpacked:
     kinds = list(p.kinds)
     what = describe(kinds)
     archive = "OVA" if kinds[-1] == "ova" else "tar"
@@ -568,11 +538,11 @@ def _from_archive(fileobj: Any, seekable: bool, p: Plan, out: int, budget: Budge
                 if taken is not None:
                     continue  # a second disk: named below, never written
                 size = _copy(src.read, out, budget, f"member {name!r} of {what}", stop, progress,
-                             known=member.size, first=head, digests=digests)
+                             known=member.size, first=head)
                 taken = name
                 continue
             size = _copy(src.read, out, budget, f"member {name!r} of {what}", stop, progress,
-                         known=member.size, digests=digests)
+                         known=member.size)
             taken = name
     if wanted is not None and taken is None:
         raise UnsupportedFormat(f"{what} references disk {wanted[0]!r}, which the archive does not hold")
@@ -596,11 +566,8 @@ def _members(tf: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
 # -- unpacking -------------------------------------------------------------------------
 
 def unpack(fd: int, p: Plan, dest: str, budget: Budget, *, stop: threading.Event,
-           on_progress: Callable[[float], None] = lambda _f: None,
-           algorithms: tuple[str, ...] = ()) -> Unpacked:
-    """Write the one disk inside the container ``fd`` to ``dest`` (created, never followed),
-    with the ``algorithms`` digests of what was written (taken on the way: a raw disk
-    published as is needs no second read).
+           on_progress: Callable[[float], None] = lambda _f: None) -> Unpacked:
+    """Write the one disk inside the container ``fd`` to ``dest`` (created, never followed).
 
     Raises ``TooLarge`` past the budget's cap, ``UnsafeImage`` for a member
     that is a link, device, absolute or ``..`` path, ``UnsupportedFormat``
@@ -611,7 +578,6 @@ def unpack(fd: int, p: Plan, dest: str, budget: Budget, *, stop: threading.Event
     """
     out = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
     ok = False
-    digests = _Digests(algorithms) if algorithms else None
     try:
         with open(fd, "rb", buffering=_CHUNK, closefd=False) as raw:
             raw.seek(0)  # the descriptor's offset is shared with every reader of it
@@ -620,7 +586,7 @@ def unpack(fd: int, p: Plan, dest: str, budget: Budget, *, stop: threading.Event
                 on_progress(min(1.0, raw.tell() / p.size) if p.size else 1.0)
 
             try:
-                result = _unpack(raw, p, out, budget, stop, progress, digests)
+                result = _unpack(raw, p, out, budget, stop, progress)
             except (tarfile.TarError, *_DECODE_ERRORS) as exc:
                 raise CorruptImage(f"{p.description} cannot be unpacked: {_reason(exc)}",
                                    detected=p.kinds[0]) from None
@@ -628,13 +594,9 @@ def unpack(fd: int, p: Plan, dest: str, budget: Budget, *, stop: threading.Event
         if inner is not None:
             raise UnsupportedFormat(f"{describe(result.kinds + [inner])}: convd unpacks one layer of "
                                     "compression and one archive, not more")
-        if digests is not None:
-            result.digests, digests = digests.close(), None
         ok = True
         return result
     finally:
-        if digests is not None:
-            digests.close()  # the thread ends with the unpack, whatever happened
         os.close(out)
         if not ok:
             try:
@@ -644,13 +606,13 @@ def unpack(fd: int, p: Plan, dest: str, budget: Budget, *, stop: threading.Event
 
 
 def _unpack(raw: IO[bytes], p: Plan, out: int, budget: Budget, stop: threading.Event,
-            progress: Callable[[], None], digests: _Digests | None) -> Unpacked:
+            progress: Callable[[], None]) -> Unpacked:
     outer = p.kinds[0]
     if outer in ARCHIVES:
-        return _from_archive(raw, True, p, out, budget, stop, progress, digests)
+        return _from_archive(raw, True, p, out, budget, stop, progress)
     stream = _decoder(outer, raw)
     first = _read_up_to(stream, HEAD)
     if len(p.kinds) > 1:
-        return _from_archive(_Chained(first, stream), False, p, out, budget, stop, progress, digests)
-    size = _copy(stream.read, out, budget, p.description, stop, progress, first=first, digests=digests)
+        return _from_archive(_Chained(first, stream), False, p, out, budget, stop, progress)
+    size = _copy(stream.read, out, budget, p.description, stop, progress, first=first)
     return Unpacked(kinds=list(p.kinds), size=size)

@@ -39,9 +39,6 @@ class Item:
     # What unpacking a container learnt ({"container": [...], "member": ..., "size":
     # the dropped file's}); it overrides ``source``'s keys in the record.
     container: dict[str, Any] | None = None
-    # Checksums of the unpacked disk, taken while it was written: a passthrough
-    # of it publishes these instead of reading the file again.
-    digests: dict[str, str] | None = None
     passthrough: bool = False
     estimate: int = 0
     reservation: Reservation | None = None

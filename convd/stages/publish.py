@@ -59,10 +59,7 @@ def _finish_output(path: str, item: Item, ctx: Context) -> dict[str, Any]:
             vsize = item.inspection.virtual_size
         else:
             vsize = _vet_output(fd, item.target_format, ctx.stop)
-        if item.passthrough and item.digests is not None:
-            sums = item.digests  # an unpacked disk, hashed as it was written
-        else:
-            sums = digest_file(fd, item.cfg.checksum.algorithms, ctx.count_hashed, ctx.stop)
+        sums = digest_file(fd, item.cfg.checksum.algorithms, ctx.count_hashed, ctx.stop)
         if item.source_changed():  # after the checksum: a passthrough's sums cover these bytes
             raise UnsafeImage("the source changed after its safety checks")
     finally:

@@ -43,7 +43,7 @@ def unpack_limit(max_virtual_size: int) -> int:
 async def unpack(item: Item, ctx: Context) -> Stage:
     claim, cfg = item.claim, item.cfg
     dest = claim.dir / UNPACKED
-    claim.unpacked, item.digests = None, None
+    claim.unpacked = None
     await anyio.to_thread.run_sync(_remove, str(dest))  # a retry's leftovers
     t0 = time.monotonic()
     fd = open_regular(claim.dropped)
@@ -96,14 +96,11 @@ async def unpack(item: Item, ctx: Context) -> Stage:
         budget = containers.Budget(cap=cap, reserved=first, grow=grow)
         item.progress = 0.0
         result = await anyio.to_thread.run_sync(functools.partial(
-            containers.unpack, fd, plan, str(dest), budget, stop=ctx.stop, on_progress=progress,
-            algorithms=cfg.checksum.algorithms))
+            containers.unpack, fd, plan, str(dest), budget, stop=ctx.stop, on_progress=progress))
     finally:
         os.close(fd)
         item.timings["unpack"] = item.timings.get("unpack", 0.0) + time.monotonic() - t0
     claim.unpacked = dest
-    item.digests = result.digests
-    ctx.count_hashed(result.size)
     item.container = {**result.as_dict(), "size": plan.size}
     # Reserved as much as was written, no more: the convert stage reserves its own.
     ctx.ledger.resize(key, max(result.size, 1))
