@@ -405,3 +405,30 @@ def test_concatenated_gzip_members_and_padded_xz_streams_unpack_as_one_disk(tmp_
     cut.write_bytes(cases["members.gz"][:-20])
     p = run(convd_bin(), "convert", cut, tmp_path / "cut.raw", check=False)
     assert p.returncode == 1 and "convd: corrupt_image: a gzip-compressed stream cannot be unpacked" in p.stderr
+
+
+def test_a_reservation_grows_only_into_free_workspace_and_shrinking_admits_waiters(tmp_path: Path) -> None:
+    import anyio
+
+    from convd.pipeline.ledger import Ledger, StatvfsSpace
+
+    async def main() -> None:
+        ledger = Ledger(workspace=100 * MiB, min_free=0, space=StatvfsSpace(str(tmp_path)))
+        await ledger.reserve("unpack", 40 * MiB)
+        await ledger.reserve("other", 40 * MiB)
+        assert ledger.resize("unpack", 60 * MiB)  # 20 MiB were free
+        assert not ledger.resize("unpack", 61 * MiB)  # never queues, never overbooks
+        assert ledger.reserved == 100 * MiB
+        waiter: list[Any] = []
+
+        async def wait_for_space() -> None:
+            waiter.append(await ledger.reserve("late", 30 * MiB))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait_for_space)
+            await anyio.sleep(0.05)
+            assert not waiter
+            assert ledger.resize("unpack", 30 * MiB)  # done: only the bytes written stay reserved
+        assert waiter and ledger.reserved == 100 * MiB
+
+    anyio.run(main)
