@@ -13,7 +13,7 @@ import anyio.from_thread
 
 from convd import containers
 from convd.config import format_size
-from convd.errors import ItemError, TooLarge, TransientError, UnsupportedFormat
+from convd.errors import ItemError, Stopped, TooLarge, TransientError, UnsupportedFormat
 from convd.inspection import open_regular
 from convd.pipeline.item import Item, Stage
 from convd.pipeline.spool import UNPACKED
@@ -27,6 +27,7 @@ __all__ = ["GROW_PATIENCE", "unpack", "unpack_limit"]
 # times _RATIO, if more), and grows by doubling.
 _FIRST_GUESS = 64 << 20
 _RATIO = 4
+_DEFLATE_MAX_RATIO = 1032  # deflate's most output per input byte
 # How long an unpack waits for other items to free workspace before it
 # gives its reservation back and starts over later (two unpacks growing at
 # once must not wait for each other forever).
@@ -70,6 +71,8 @@ async def unpack(item: Item, ctx: Context) -> Stage:
             raise TooLarge(f"{plan.description} states it unpacks to {format_size(plan.stated)}, over "
                            f"max_virtual_size {format_size(cfg.limits.max_virtual_size)}")
         first = plan.stated if plan.stated is not None else max(_FIRST_GUESS, _RATIO * plan.size)
+        if not plan.exact:  # a hint (gzip's ISIZE) may be anything: no more than deflate can give
+            first = min(first, _DEFLATE_MAX_RATIO * plan.size)
         first = min(cap, max(first, 1 << 20))
         if not ctx.ledger.could_ever_fit(first):
             raise TooLarge(f"{plan.description} needs about {format_size(first)} unpacked; the workspace "
@@ -85,7 +88,9 @@ async def unpack(item: Item, ctx: Context) -> Stage:
                                "workspace or the filesystem could never hold it")
             deadline = time.monotonic() + GROW_PATIENCE
             while not anyio.from_thread.run_sync(ctx.ledger.resize, key, total):
-                if ctx.stop.is_set() or time.monotonic() > deadline:
+                if ctx.stop.is_set():
+                    raise Stopped("unpacking interrupted by shutdown")
+                if time.monotonic() > deadline:
                     raise TransientError(f"no workspace to unpack {plan.description} further "
                                          f"(past {format_size(total)})")
                 time.sleep(_GROW_POLL)
