@@ -12,7 +12,7 @@ import anyio
 
 from convd import record
 from convd.checksum import digest_file
-from convd.errors import NameConflict, UnsafeImage
+from convd.errors import ConvertFailed, NameConflict, UnsafeImage
 from convd.inspection import RAW_FAMILY, inspect_fd
 from convd.pipeline.item import Item, Stage
 from convd.pipeline.spool import OUTPUT, SOURCE
@@ -54,11 +54,18 @@ def _finish_output(path: str, item: Item, ctx: Context) -> dict[str, Any]:
     syncer.start()
     try:
         size = os.fstat(fd).st_size
+        assert item.inspection is not None
         if item.passthrough:
-            assert item.inspection is not None
             vsize = item.inspection.virtual_size
         else:
             vsize = _vet_output(fd, item.target_format, ctx.stop)
+            # qemu-img converts whole 512-byte sectors: only a raw source's
+            # odd tail is padded (with zeros); any other change is a bug.
+            want = -(-item.inspection.virtual_size // 512) * 512
+            if vsize != want:
+                raise ConvertFailed(f"the {item.target_format} output's virtual size is {vsize} bytes, "
+                                    f"the source's {item.inspection.virtual_size}: the conversion changed "
+                                    "the disk")
         sums = digest_file(fd, item.cfg.checksum.algorithms, ctx.count_hashed, ctx.stop)
         if item.source_changed():  # after the checksum: a passthrough's sums cover these bytes
             raise UnsafeImage("the source changed after its safety checks")
