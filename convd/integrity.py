@@ -128,7 +128,7 @@ def _qcow2(f: _File) -> int:
     if version not in (2, 3):
         raise f.corrupt(f"unknown qcow2 version {version} (qemu-img reads 2 and 3)")
     if not 9 <= cluster_bits <= 21:
-        raise f.corrupt(f"cluster_bits {cluster_bits} is outside qcow2's 9..21")
+        raise f.corrupt(f"cluster size 2^{cluster_bits} is outside qcow2's 512 B to 2 MiB")
     cluster = 1 << cluster_bits
     if bf_off and (bf_len == 0 or bf_len > 1023 or bf_off + bf_len > min(cluster, f.size)):
         # qcow2.c: "Invalid backing file offset" / "Backing file name too long"
@@ -172,6 +172,8 @@ def _qcow2(f: _File) -> int:
         raise f.corrupt("L1 or refcount table offset is not cluster-aligned")
     if rt_clusters * cluster > _QCOW_MAX_REFTABLE_BYTES or rt_clusters == 0:
         raise f.corrupt(f"refcount table of {rt_clusters} clusters is impossible")
+    if incompat & _QCOW2_DATA_FILE:
+        return size  # the data lives in another file: the inspector rejects it as unsafe
     # Refcount table → refcount blocks: metadata qemu-img check and every writer rely on.
     for first, data in f.slices(rt_off, rt_clusters * cluster, "qcow2 refcount table", 8):
         for i, entry in enumerate(_u64_table(data, True)):
@@ -444,7 +446,7 @@ def _vpc(f: _File) -> int:
         if disk_type != 2:
             raise f.corrupt(f"footer at the end names disk type {disk_type}, not fixed (2)")
         if vsize > f.size - 512:
-            raise f.past_end("fixed disk of {vsize} bytes", vsize + 512)
+            raise f.past_end(f"the footer's disk of {vsize} bytes", vsize + 512)
         return vsize
     if disk_type not in (3, 4):
         raise f.corrupt(f"footer at the start names disk type {disk_type}, not dynamic (3) or differencing (4)")
