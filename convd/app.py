@@ -29,7 +29,7 @@ from convd.pipeline.ledger import Ledger, StatvfsSpace
 from convd.pipeline.queue import Intake
 from convd.pipeline.renames import RenameWatch
 from convd.pipeline.runner import Context, finish_handoff, run_item
-from convd.pipeline.spool import Spool, is_candidate_name, name_fits
+from convd.pipeline.spool import Spool, is_candidate_name, name_refused
 from convd.sdnotify import Notifier
 
 __all__ = ["Daemon", "FsTraits", "probe_filesystem"]
@@ -211,7 +211,7 @@ class Daemon:
 
         def wanted(change: watchfiles.Change, path: str) -> bool:
             name = os.path.basename(path)
-            return change != watchfiles.Change.deleted and is_candidate_name(name) and name_fits(name)
+            return change != watchfiles.Change.deleted and is_candidate_name(name) and name_refused(name) is None
 
         try:
             while not self.stopping.is_set():
@@ -248,8 +248,9 @@ class Daemon:
 
     def _scan(self) -> None:
         for entry in self.spool.scan_incoming():
-            if entry.name not in self.intake.pending and not name_fits(entry.name):
-                log.error("name too long to record; left in incoming/", item=entry.name)
+            refused = name_refused(entry.name) if entry.name not in self.intake.pending else None
+            if refused:
+                log.error("name refused; left in incoming/", item=entry.name, reason=refused)
                 continue
             self.intake.saw(entry.name)
         self._kick()
