@@ -68,7 +68,7 @@ def main() -> int:
         try:
             size = os.fstat(fd).st_size
             verify = _median_time(lambda: integrity.verify(fd, fmt, size), args.reps)
-            inspect = _median_time(lambda: inspect_fd(fd), args.reps)
+            inspect = _median_time(lambda: (os.lseek(fd, 0, os.SEEK_SET), inspect_fd(fd)), args.reps)
         finally:
             os.close(fd)
         info = _spawn_time(["qemu-img", "info", "-f", fmt, "--output=json", str(path)], args.reps)
