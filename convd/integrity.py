@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 import threading
+import uuid
 from array import array
 from collections.abc import Iterator
 
 from convd.config import format_size
 from convd.errors import CorruptImage, Stopped, UnsafeImage, UnsupportedFormat
 
-__all__ = ["QCOW2_ALLOWED_FEATURES", "verify", "vpc_virtual_size"]
+__all__ = ["verify", "vmdk_descriptor", "vpc_virtual_size"]
 
 _SECTOR = 512
 # Tables are read in slices of this many bytes (a table is metadata, but a
@@ -90,30 +92,34 @@ class _File:
             yield start // item, self.read(offset + start, min(step, length - start), what)
 
 
-def _u32_table(data: bytes, big_endian: bool) -> array:
-    table = array("I", data)
-    if big_endian != (struct.pack("=I", 1) == b"\0\0\0\1"):
+_NATIVE_BIG = sys.byteorder == "big"
+
+
+def _table(data: bytes, code: str, big_endian: bool) -> array:
+    """A table of unsigned integers (``code`` "I": 32-bit, "Q": 64-bit) in the file's byte order."""
+    table = array(code, data)
+    if big_endian != _NATIVE_BIG:
         table.byteswap()
     return table
+
+
+def _u32_table(data: bytes, big_endian: bool) -> array:
+    return _table(data, "I", big_endian)
 
 
 def _u64_table(data: bytes, big_endian: bool) -> array:
-    table = array("Q", data)
-    if big_endian != (struct.pack("=I", 1) == b"\0\0\0\1"):
-        table.byteswap()
-    return table
+    return _table(data, "Q", big_endian)
 
 
 # --------------------------------------------------------------------------- qcow2
 # docs/interop/qcow2.txt; qcow2.c qcow2_do_open, qcow2-refcount.c check_refcounts_l1/l2.
 
 # Incompatible feature bits (qcow2.txt, "incompatible_features").
+# Allowed (docs/operations.md says why): dirty (lazy refcounts; reads use
+# only L1/L2), compression type (zstd, qemu >= 5.1), extended L2
+# (subclusters, qemu >= 5.2).  Corrupt is rejected; data file is the
+# inspector's (unsafe); any other bit is unknown to qemu-img 7.2.
 _QCOW2_DIRTY, _QCOW2_CORRUPT, _QCOW2_DATA_FILE, _QCOW2_COMPRESSION, _QCOW2_EXTL2 = (1 << b for b in range(5))
-QCOW2_ALLOWED_FEATURES = {
-    "dirty": "refcounts may lag after a crash (lazy_refcounts); reads use only the L1/L2 tables",
-    "compression_type": "zstd cluster compression (qemu >= 5.1), self-contained",
-    "extended_l2": "subclusters (qemu >= 5.2), self-contained",
-}
 _L1_OFFSET = 0x00FFFFFFFFFFFE00
 _L2_OFFSET = 0x00FFFFFFFFFFFE00
 _L2_COMPRESSED = 1 << 62
@@ -201,6 +207,8 @@ def _qcow2(f: _File) -> int:
         if f.stop is not None and f.stop.is_set():
             raise Stopped("integrity check interrupted by shutdown")
         l2 = _u64_table(f.read(l2_off, cluster, "qcow2 L2 table"), True)
+        if not any(l2):
+            continue
         base = i * span
         for j in range(l2_entries):
             e = l2[j * 2] if extended else l2[j]
@@ -488,8 +496,6 @@ def _vpc(f: _File) -> int:
 # Microsoft's [MS-VHDX]; block/vhdx.c vhdx_open, vhdx_parse_metadata.
 
 def _guid(text: str) -> bytes:
-    import uuid
-
     return uuid.UUID(text).bytes_le
 
 
