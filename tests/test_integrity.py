@@ -49,11 +49,12 @@ def _cut_point(img: Path, fmt: str) -> int:
 
 
 @pytest.mark.parametrize("fmt,opts", [
-    ("qcow2", None), ("qcow2", "extended_l2=on,cluster_size=128k"), ("vmdk", None),
+    ("qcow2", None), ("qcow2", "extended_l2=on,cluster_size=128k"), ("qcow2", "compress"), ("vmdk", None),
     ("vmdk", "subformat=streamOptimized"), ("vdi", None), ("vpc", None), ("vhdx", None),
-], ids=["qcow2", "qcow2-extl2", "vmdk-sparse", "vmdk-stream", "vdi", "vpc", "vhdx"])
+], ids=["qcow2", "qcow2-extl2", "qcow2-compressed", "vmdk-sparse", "vmdk-stream", "vdi", "vpc", "vhdx"])
 def test_source_truncated_at_a_data_extent_is_corrupt_in_every_format(tmp_path, fmt, opts):
-    whole = make_image(tmp_path / f"whole.{fmt}", fmt, 16 * MiB, opts=opts)
+    whole = make_image(tmp_path / f"whole.{fmt}", fmt, 16 * MiB, compress=opts == "compress",
+                       opts=None if opts == "compress" else opts)
     cut = tmp_path / f"cut.{fmt}"
     cut.write_bytes(whole.read_bytes()[:_cut_point(whole, fmt)])
     rc, _, err = convert(cut, tmp_path / "out")
