@@ -159,8 +159,10 @@ def _qcow2(f: _File) -> int:
         ctype = f.read(104, 1, "qcow2 compression type")[0]
         if ctype not in (0, 1):
             raise f.corrupt(f"unknown compression type {ctype} (zlib is 0, zstd 1)")
+    if crypt not in (0, 1, 2):
+        raise f.corrupt(f"unknown encryption method {crypt}")
     if crypt:
-        raise UnsupportedFormat(f"qcow2 is encrypted (crypt_method {crypt}): convd holds no keys",
+        raise UnsupportedFormat(f"qcow2 is encrypted ({'AES' if crypt == 1 else 'LUKS'}): convd holds no keys",
                                 detected="qcow2")
     if size % _SECTOR and size > 0:
         size -= size % _SECTOR  # qcow2.c: bs->total_sectors = header.size / BDRV_SECTOR_SIZE
@@ -357,7 +359,7 @@ def _vdi(f: _File) -> int:
     sector_size, = struct.unpack("<I", h[0x168:0x16C])
     disk_size, block_size, _extra, blocks, allocated = struct.unpack("<QIIII", h[0x170:0x188])
     link, parent = h[0x1A8:0x1B8], h[0x1B8:0x1C8]
-    if any(parent) or itype == 4:
+    if any(parent) or itype in (3, 4):  # undo and differencing images hold changes to another
         raise UnsafeImage(f"VDI is a differencing image of parent {_uuid(parent)} "
                           f"(image type {_VDI_TYPES.get(itype, itype)}): its data is incomplete "
                           "without the parent", detected="vdi")

@@ -264,3 +264,19 @@ def test_daemon_rejects_unreadable_source_once_names_no_work_path_and_refuses_js
     refusal = [e for e in d.events() if e.get("event") == "name refused; left in incoming/"]
     assert refusal and refusal[0]["item"] == "disk.json" and "record" in refusal[0]["reason"]
     assert d.stop() == 0
+
+
+def test_guest_data_with_a_broken_qcow2_header_is_a_hidden_format_not_a_corrupt_source(tmp_path):
+    guest = tmp_path / "guest.raw"
+    guest.write_bytes((b"QFI\xfb" + bytes(range(256)) * 16).ljust(1 * MiB, b"\0"))
+    src = tmp_path / "wrapper.qcow2"
+    run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", guest, src)
+    rc, _, err = convert(src, tmp_path / "out")
+    assert err.startswith("convd: unsafe_image: the raw output inspects as qcow2"), err
+
+
+def test_encrypted_qcow2_is_unsupported_not_corrupt(tmp_path):
+    img = make_image(tmp_path / "e.qcow2", "qcow2", 4 * MiB)
+    _qcow2_edit(img, 32, ">I", 2)  # crypt_method = LUKS
+    rc, _, err = convert(img, tmp_path / "out")
+    assert err.startswith("convd: unsupported_format: qcow2 is encrypted"), err

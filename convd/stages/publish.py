@@ -12,7 +12,7 @@ import anyio
 
 from convd import record
 from convd.checksum import digest_file
-from convd.errors import ConvertFailed, NameConflict, UnsafeImage
+from convd.errors import ConvertFailed, CorruptImage, NameConflict, UnsafeImage
 from convd.inspection import RAW_FAMILY, inspect_fd
 from convd.pipeline.item import Item, Stage
 from convd.pipeline.spool import OUTPUT, SOURCE
@@ -30,10 +30,18 @@ _OUTPUT_INSPECT_LIMIT = 16 << 20
 
 def _vet_output(fd: int, target: str, stop: threading.Event) -> int:
     """The output must be what was asked for, with nothing hidden inside; returns its virtual size."""
-    insp = inspect_fd(fd, stop=stop, limit=_OUTPUT_INSPECT_LIMIT)
-    ok = insp.format in RAW_FAMILY if target == "raw" else insp.format == target
+    try:
+        insp = inspect_fd(fd, stop=stop, limit=_OUTPUT_INSPECT_LIMIT)
+        found = insp.format
+    except CorruptImage as exc:
+        # A header of another format in the guest data need not be a valid
+        # one: it is still hidden inside, and the source is not to blame.
+        if exc.detected in (None, target):
+            raise
+        found = exc.detected
+    ok = found in RAW_FAMILY if target == "raw" else found == target
     if not ok:
-        raise UnsafeImage(f"the {target} output inspects as {insp.format}: the image hides another format inside")
+        raise UnsafeImage(f"the {target} output inspects as {found}: the image hides another format inside")
     return insp.virtual_size
 
 
