@@ -179,11 +179,9 @@ def inspect_fd(fd: int, *, stop: threading.Event | None = None, limit: int | Non
     fmt = _QEMU_NAME.get(str(insp), str(insp)) if insp is not None else "raw"
     qemu_size = None
     if insp is not None:
-        if insp.format_match and fmt in ("qcow2", "vdi", "vpc", "vhdx") or (
-                fmt == "vmdk" and os.pread(fd, 4, 0) == b"KDMV"):
-            # A header that is not a valid instance of its format is corrupt,
-            # before any "reason" is read out of its garbage bytes.
-            qemu_size = integrity.verify(fd, fmt, size, stop=stop)
+        # First: a header that is not a valid instance of its format is
+        # corrupt, before any "reason" is read out of its garbage bytes.
+        qemu_size = integrity.verify(fd, fmt, size, stop=stop)
         try:
             insp.safety_check()
         except fi.SafetyCheckFailed as exc:

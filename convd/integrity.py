@@ -274,7 +274,9 @@ def vmdk_descriptor(fd: int, size: int) -> str:
     return raw.split(b"\0", 1)[0].decode("ascii", errors="replace")
 
 
-def _vmdk(f: _File) -> int:
+def _vmdk(f: _File) -> int | None:
+    if os.pread(f.fd, 4, 0) != b"KDMV":
+        return None  # a descriptor alone: its extents are in other files (the inspector's to refuse)
     h = f.read(0, 512, "VMDK header")
     (_m, version, flags, capacity, grain, _ds, _dn, gtes, _rgd, gd, _over) = struct.unpack(
         "<4sIIQQQQIQQQ", h[:72])
@@ -604,7 +606,8 @@ def verify(fd: int, fmt: str, size: int, *, stop: threading.Event | None = None)
     """Check an image's own metadata; return its virtual size in bytes as qemu-img 7.2 reads it.
 
     ``fmt`` is qemu-img's name of the format the inspector found.  Returns
-    None for formats without allocation metadata (raw, gpt, iso).  Raises
+    None for formats without allocation metadata of their own (raw, gpt,
+    iso, a VMDK descriptor file).  Raises
     ``CorruptImage`` (a table points past the end of the file, the format
     marks itself broken, a header field is impossible), ``UnsafeImage`` (a
     parent disk holds part of the data), ``UnsupportedFormat`` (encrypted)
