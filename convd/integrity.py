@@ -16,6 +16,7 @@ the format specifications they implement.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 import sys
@@ -101,6 +102,31 @@ def _table(data: bytes, code: str, big_endian: bool) -> array:
     if big_endian != _NATIVE_BIG:
         table.byteswap()
     return table
+
+
+@functools.lru_cache(maxsize=64)
+def _bytes_without(mask: int) -> bytes:
+    """Every byte value with none of ``mask``'s bits set (a ``translate`` deletion table)."""
+    return bytes(v for v in range(256) if not v & mask)
+
+
+def _qcow2_plain_table(raw: bytes, cluster_bits: int) -> bool:
+    """Whether every entry of a big-endian standard L2 table is plain: no compressed
+    flag, no reserved bits, offsets cluster-aligned (bit 0, "reads as zeros", allowed).
+
+    Byte slices and ``translate`` keep this at C speed: the common case of a
+    large image costs no Python loop per entry.
+    """
+    if raw[0::8].translate(None, b"\x00\x80"):  # bits 56-62: reserved, compressed
+        return False
+    for k in range((cluster_bits + 7) // 8):  # byte 7 - k holds bits 8k .. 8k+7
+        width = min(cluster_bits - 8 * k, 8)
+        mask = (1 << width) - 1
+        if k == 0:
+            mask &= ~1
+        if raw[7 - k::8].translate(None, _bytes_without(mask)):
+            return False
+    return True
 
 
 def _u32_table(data: bytes, big_endian: bool) -> array:
@@ -198,6 +224,9 @@ def _qcow2(f: _File) -> int:
     comp_bits = 62 - (cluster_bits - 8)
     comp_mask = (1 << comp_bits) - 1
     comp_sectors_mask = (1 << (cluster_bits - 8)) - 1
+    # Each L2 table is read once: two L1 entries sharing one is corruption, and
+    # the work stays bounded by the file's size whatever the header claims.
+    seen_l2 = bytearray((f.size >> cluster_bits) // 8 + 1)
     for i, l1e in enumerate(l1):
         l2_off = l1e & _L1_OFFSET
         if not l2_off:
@@ -206,9 +235,19 @@ def _qcow2(f: _File) -> int:
             raise f.corrupt(f"L1 entry {i} points to an unaligned L2 table at {l2_off:#x}")
         if l2_off + cluster > f.size:
             raise f.past_end(f"L1 entry {i} (L2 table at {l2_off:#x})", l2_off + cluster)
+        n = l2_off >> cluster_bits
+        if seen_l2[n >> 3] & (1 << (n & 7)):
+            raise f.corrupt(f"L1 entry {i} points to an L2 table ({l2_off:#x}) another L1 entry uses")
+        seen_l2[n >> 3] |= 1 << (n & 7)
         if f.stop is not None and f.stop.is_set():
             raise Stopped("integrity check interrupted by shutdown")
-        l2 = _u64_table(f.read(l2_off, cluster, "qcow2 L2 table"), True)
+        raw = f.read(l2_off, cluster, "qcow2 L2 table")
+        if not extended and _qcow2_plain_table(raw, cluster_bits):
+            flat = bytearray(raw)
+            flat[0::8] = bytes(len(flat) // 8)  # drop the "copied" flags
+            if max(_u64_table(bytes(flat), True)) + cluster <= f.size:
+                continue  # every data cluster of this table lies whole inside the file
+        l2 = _u64_table(raw, True)
         if not any(l2):
             continue
         base = i * span
@@ -280,13 +319,6 @@ def _vmdk(f: _File) -> int | None:
     h = f.read(0, 512, "VMDK header")
     (_m, version, flags, capacity, grain, _ds, _dn, gtes, _rgd, gd, _over) = struct.unpack(
         "<4sIIQQQQIQQQ", h[:72])
-    desc = vmdk_descriptor(f.fd, f.size)
-    parent_cid = _vmdk_descriptor_field(desc, "parentCID")
-    hint = _vmdk_descriptor_field(desc, "parentFileNameHint")
-    if hint or (parent_cid is not None and parent_cid.lower() != "ffffffff"):
-        raise UnsafeImage(f"VMDK is a delta disk of parent {hint or '(no name given)'} "
-                          f"(parentCID {parent_cid}): its data is incomplete without the parent",
-                          detected="vmdk")
     if gd == _VMDK_GD_AT_END:
         footer = f.read(f.size - 1024, 512, "VMDK footer")
         if footer[:4] != b"KDMV":
@@ -305,16 +337,29 @@ def _vmdk(f: _File) -> int | None:
     gd_entries = -(-capacity // (grain * gtes))
     if gd_entries * 4 > 512 << 20:
         raise f.corrupt(f"grain directory of {gd_entries} entries is over qemu's limit")
+    desc = vmdk_descriptor(f.fd, f.size)
+    parent_cid = _vmdk_descriptor_field(desc, "parentCID")
+    hint = _vmdk_descriptor_field(desc, "parentFileNameHint")
+    if hint or (parent_cid is not None and parent_cid.lower() != "ffffffff"):
+        raise UnsafeImage(f"VMDK is a delta disk of parent {hint or '(no name given)'} "
+                          f"(parentCID {parent_cid}): its data is incomplete without the parent",
+                          detected="vmdk")
     compressed = bool(flags & _VMDK_FLAG_COMPRESSED)
     markers = bool(flags & _VMDK_FLAG_MARKERS)
     zero_grain = bool(flags & _VMDK_FLAG_ZERO_GRAIN)
     directory = _u32_table(f.read(gd * _SECTOR, gd_entries * 4, "VMDK grain directory"), False)
+    seen_gt: set[int] = set()  # each grain table read once (the file bounds how many there are)
     for i, gt_sec in enumerate(directory):
         if not gt_sec:
             continue
         table = _u32_table(f.read(gt_sec * _SECTOR, gtes * 4, f"VMDK grain directory entry {i}"), False)
+        if gt_sec in seen_gt:
+            raise f.corrupt(f"grain directory entry {i} points to a grain table another entry uses")
+        seen_gt.add(gt_sec)
         if f.stop is not None and f.stop.is_set():
             raise Stopped("integrity check interrupted by shutdown")
+        if not compressed and max(table) * _SECTOR + grain_bytes <= f.size:
+            continue  # every grain of this table lies whole inside the file
         for j, sec in enumerate(table):
             if sec == 0 or (sec == 1 and zero_grain):
                 continue
@@ -322,8 +367,10 @@ def _vmdk(f: _File) -> int | None:
             start = sec * _SECTOR
             where = f"grain table {i} entry {j} (guest offset {guest:#x})"
             if compressed and markers:
-                marker = f.read(start, 12, f"{where}, a grain marker,")
-                lba, length = struct.unpack("<QI", marker)
+                if start + 12 > f.size:
+                    f.data_past_end(f"{where}, a compressed grain,", start + 12)
+                    continue
+                lba, length = struct.unpack("<QI", f.read(start, 12, f"{where}, a grain marker,"))
                 if lba != guest // _SECTOR:
                     raise f.corrupt(f"{where} points to a grain marker for sector {lba}, "
                                     f"not {guest // _SECTOR}")
@@ -361,20 +408,23 @@ def _vdi(f: _File) -> int:
     sector_size, = struct.unpack("<I", h[0x168:0x16C])
     disk_size, block_size, _extra, blocks, allocated = struct.unpack("<QIIII", h[0x170:0x188])
     link, parent = h[0x1A8:0x1B8], h[0x1B8:0x1C8]
-    if any(parent) or itype in (3, 4):  # undo and differencing images hold changes to another
-        raise UnsafeImage(f"VDI is a differencing image of parent {_uuid(parent)} "
-                          f"(image type {_VDI_TYPES.get(itype, itype)}): its data is incomplete "
-                          "without the parent", detected="vdi")
-    if any(link):
-        raise UnsafeImage(f"VDI is linked to image {_uuid(link)}", detected="vdi")
+    # A header that is no valid VDI is corrupt before any reference is read out of it.
     if version != 0x00010001:
         raise f.corrupt(f"unknown VDI version {version >> 16}.{version & 0xFFFF} (qemu-img reads 1.1)")
-    if itype not in (1, 2):
-        raise f.corrupt(f"VDI image type {_VDI_TYPES.get(itype, itype)} is not dynamic or static")
+    if itype not in _VDI_TYPES:
+        raise f.corrupt(f"unknown VDI image type {itype}")
     if off_bmap % _SECTOR or off_data % _SECTOR or sector_size != _SECTOR or block_size != 1 << 20:
         raise f.corrupt("block map, data offset, sector or block size is impossible")
     if blocks > 0x3FFFFFFF or disk_size > blocks * block_size:
         raise f.corrupt(f"disk size {disk_size} does not fit its {blocks} blocks")
+    if any(parent) or itype in (3, 4):  # undo and differencing images hold changes to another
+        raise UnsafeImage(f"VDI is a differencing image of parent {_uuid(parent)} "
+                          f"(image type {_VDI_TYPES[itype]}): its data is incomplete "
+                          "without the parent", detected="vdi")
+    if any(link):
+        raise UnsafeImage(f"VDI is linked to image {_uuid(link)}", detected="vdi")
+    if off_bmap + blocks * 4 > f.size:  # before sizing anything by a header's word
+        raise f.past_end("VDI block map", off_bmap + blocks * 4)
     seen = bytearray(-(-blocks // 8))
     counted = 0
     for first, data in f.slices(off_bmap, blocks * 4, "VDI block map", 4):
@@ -401,6 +451,9 @@ def _vdi(f: _File) -> int:
 # Microsoft's "Virtual Hard Disk Image Format Specification"; block/vpc.c vpc_open.
 
 _VHD_MAX_GEOMETRY = 65535 * 16 * 255
+# Blocks whose overlap is checked (8 MiB of offsets: 2 TiB of 2 MiB blocks,
+# all of what a VHD can hold); qemu checks none.
+_OVERLAP_CAP = 1 << 20
 _VHD_MAX_SECTORS = 0xFF000000
 # vpc.c: these creators size the disk by current_size; all others by CHS geometry.
 _VHD_CURRENT_SIZE_CREATORS = (b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0")
@@ -478,7 +531,7 @@ def _vpc(f: _File) -> int:
     if entries * block_size < vsize:
         raise f.corrupt(f"block allocation table of {entries} entries cannot hold {vsize} bytes")
     bitmap = _round_up(block_size // (8 * _SECTOR), _SECTOR)
-    starts = []
+    starts = array("Q")  # for the overlap check, up to _OVERLAP_CAP blocks (memory stays bounded)
     for first, data in f.slices(bat_off, entries * 4, "VHD block allocation table", 4):
         for i, sec in enumerate(_u32_table(data, True)):
             if sec == 0xFFFFFFFF:
@@ -488,11 +541,12 @@ def _vpc(f: _File) -> int:
             need = bitmap + min(block_size, max(1, vsize - block * block_size))
             if start + need > f.size:
                 f.data_past_end(f"BAT entry {block} (block at {start:#x})", start + need)
-            starts.append((start, block))
-    starts.sort()
-    for (a, ba), (b, bb) in zip(starts, starts[1:]):
+            elif len(starts) < _OVERLAP_CAP:
+                starts.append(start)
+    ordered = sorted(starts)
+    for a, b in zip(ordered, ordered[1:]):
         if b < a + bitmap + block_size:
-            raise f.corrupt(f"BAT entries {ba} and {bb} overlap at {b:#x}")
+            raise f.corrupt(f"two BAT entries share the file's bytes at {b:#x} (blocks overlap)")
     return vsize
 
 
@@ -540,9 +594,10 @@ def _vhdx(f: _File) -> int:
     bat = meta = None
     for k in range(count):
         guid, off, length, _req = struct.unpack("<16sQII", regions[16 + 32 * k:48 + 32 * k])
-        if off % (1 << 20) or off + length > f.size:
-            raise f.past_end(f"region {k}", off + length) if off + length > f.size else \
-                f.corrupt(f"region {k} at {off:#x} is not 1 MiB-aligned")
+        if off + length > f.size:
+            raise f.past_end(f"region {k}", off + length)
+        if off % (1 << 20):
+            raise f.corrupt(f"region {k} at {off:#x} is not 1 MiB-aligned")
         if guid == _VHDX_BAT:
             bat = (off, length)
         elif guid == _VHDX_METADATA:
@@ -564,23 +619,23 @@ def _vhdx(f: _File) -> int:
     except KeyError:
         raise f.corrupt("metadata lacks file parameters, virtual disk size or sector size") from None
     block_size, pflags = struct.unpack("<II", params)
-    if pflags & _VHDX_HAS_PARENT or _VHDX_PARENT_LOCATOR in items:
-        where = items.get(_VHDX_PARENT_LOCATOR)
-        parent = _vhdx_parent(f, *where) if where else "(no locator)"
-        raise UnsafeImage(f"VHDX is a differencing disk of parent {parent}: its data is incomplete "
-                          "without the parent", detected="vhdx")
     if lss not in (512, 4096):
         raise f.corrupt(f"logical sector size {lss} is not 512 or 4096")
     if block_size < 1 << 20 or block_size > 256 << 20 or block_size & (block_size - 1):
         raise f.corrupt(f"block size {block_size} is not a power of two between 1 MiB and 256 MiB")
     if vsize == 0 or vsize > 64 << 40:
         raise f.corrupt(f"virtual disk size {vsize} is impossible")
+    if pflags & _VHDX_HAS_PARENT or _VHDX_PARENT_LOCATOR in items:
+        where = items.get(_VHDX_PARENT_LOCATOR)
+        parent = _vhdx_parent(f, *where) if where else "(no locator)"
+        raise UnsafeImage(f"VHDX is a differencing disk of parent {parent}: its data is incomplete "
+                          "without the parent", detected="vhdx")
     chunk_ratio = (1 << 23) * lss // block_size
     data_blocks = -(-vsize // block_size)
     total = data_blocks + (data_blocks - 1) // chunk_ratio
     if total * 8 > bat[1]:
         raise f.corrupt(f"BAT region of {bat[1]} bytes cannot hold {total} entries")
-    seen: set[int] = set()
+    seen = bytearray((f.size >> 20) // 8 + 1)  # payload blocks start on MiB boundaries inside the file
     for first, data in f.slices(bat[0], total * 8, "VHDX BAT", 8):
         for i, entry in enumerate(_u64_table(data, False)):
             index = first + i
@@ -593,9 +648,11 @@ def _vhdx(f: _File) -> int:
             need = min(block_size, max(1, vsize - block * block_size))
             if start + need > f.size:
                 f.data_past_end(f"BAT entry {index} (payload block {block} at {start:#x})", start + need)
-            if start in seen:
+                continue
+            mib = start >> 20
+            if seen[mib >> 3] & (1 << (mib & 7)):
                 raise f.corrupt(f"BAT entry {index} reuses the payload block at {start:#x}")
-            seen.add(start)
+            seen[mib >> 3] |= 1 << (mib & 7)
     return vsize - vsize % _SECTOR
 
 
