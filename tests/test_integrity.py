@@ -234,7 +234,7 @@ def test_dirty_qcow2_with_lagging_lazy_refcounts_converts(tmp_path):
     assert images_equal(img, "qcow2", tmp_path / "out", "raw")
 
 
-def test_daemon_rejects_unreadable_source_once_names_no_work_path_and_refuses_json_drops(
+def test_daemon_rejects_unreadable_source_once_names_the_right_files_and_refuses_json_drops(
         tmp_path, spool, daemon_factory):
     grain = tmp_path / "grain.vmdk"
     make_cases.vmdk_stream_corrupt_grain(str(grain), str(tmp_path))
@@ -242,6 +242,8 @@ def test_daemon_rejects_unreadable_source_once_names_no_work_path_and_refuses_js
     make_cases.vhdx_log_replay(str(log_vhdx), str(tmp_path))
     disk = make_image(tmp_path / "disk", "qcow2", 4 * MiB)
     d = daemon_factory(write_config(tmp_path, convert={"max_attempts": 3, "retry_backoff": 5}))
+    (spool.outgoing / "stale.json").write_text("{}")  # a record whose image a consumer took
+    spool.drop(disk, "stale")
     spool.drop(grain)
     spool.drop(log_vhdx)
     spool.drop(disk, "disk.json")  # would take the name of disk's record
@@ -257,6 +259,9 @@ def test_daemon_rejects_unreadable_source_once_names_no_work_path_and_refuses_js
     assert "work/" not in msg and str(spool.root) not in msg and "check -r" not in msg
     rec = spool.wait_record("disk")
     assert rec["status"] == "converted"
+    rec = json.loads(wait_for(lambda: (spool.failed / "stale.json").exists() and
+                              (spool.failed / "stale.json").read_text(), what="the conflict"))
+    assert rec["error"] == {"code": "name_conflict", "message": "outgoing/stale.json already exists"}
     wait_for(lambda: "name refused" in d.log(), what="the refusal in the log")
     assert (spool.incoming / "disk.json").exists()
     assert json.loads((spool.outgoing / "disk.json").read_text())["name"] == "disk"

@@ -301,8 +301,12 @@ class Spool:
             candidate = f"{name}.{n}"
         return candidate
 
-    def output_taken(self, name: str) -> bool:
-        return os.path.lexists(self.outgoing / name) or os.path.lexists(self.outgoing / f"{name}.json")
+    def output_taken(self, name: str) -> str | None:
+        """Which of ``outgoing/NAME`` and its record already exists (for the message), else None."""
+        for taken in (name, f"{name}.json"):
+            if os.path.lexists(self.outgoing / taken):
+                return f"outgoing/{taken}"
+        return None
 
     def stage_handoff(self, claim: Claim, dest: str, final_name: str, payload: str,
                       record: dict[str, Any]) -> None:

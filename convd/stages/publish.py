@@ -88,8 +88,9 @@ def _finish_output(path: str, item: Item, ctx: Context) -> dict[str, Any]:
 async def publish(item: Item, ctx: Context) -> Stage:
     t0 = time.monotonic()
     claim = item.claim
-    if ctx.spool.output_taken(item.name):
-        raise NameConflict(f"outgoing/{item.name} already exists")
+    taken = ctx.spool.output_taken(item.name)
+    if taken:
+        raise NameConflict(f"{taken} already exists")
     payload = SOURCE if item.passthrough else OUTPUT
     path = claim.source if item.passthrough else claim.output
     target = await anyio.to_thread.run_sync(_finish_output, str(path), item, ctx)
