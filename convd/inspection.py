@@ -196,6 +196,9 @@ def inspect_fd(fd: int, *, stop: threading.Event | None = None, limit: int | Non
             raise CorruptImage(f"{fmt} header cannot be parsed: {exc}", detected=fmt) from None
     result = Inspection(format=fmt, virtual_size=size, size=size, matched=names)
     if fmt == "raw":
+        short = integrity.cut_short_header(fd, size)
+        if short:
+            raise CorruptImage(f"a {short} header cut short: the file is only {size} bytes", detected=short)
         if _fixed_vhd(fd, size):
             result.format, result.vhd_fixed = "vpc", True
             result.virtual_size = integrity.verify(fd, "vpc", size, stop=stop) or 0

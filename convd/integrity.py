@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from convd.config import format_size
 from convd.errors import CorruptImage, Stopped, UnsafeImage, UnsupportedFormat
 
-__all__ = ["verify", "vmdk_descriptor", "vpc_virtual_size"]
+__all__ = ["cut_short_header", "verify", "vmdk_descriptor", "vpc_virtual_size"]
 
 _SECTOR = 512
 # Tables are read in slices of this many bytes (a table is metadata, but a
@@ -657,6 +657,22 @@ def _vhdx(f: _File) -> int:
 
 
 _CHECKS = {"qcow2": _qcow2, "vmdk": _vmdk, "vdi": _vdi, "vpc": _vpc, "vhdx": _vhdx}
+# Signatures of image formats whose header the inspector only recognises
+# once 512 bytes are there: a shorter file carrying one is a header cut
+# short, not a tiny raw disk.
+_MAGICS = ((0, b"QFI\xfb", "qcow2"), (0x40, b"\x7f\x10\xda\xbe", "vdi"), (0, b"QED\0", "qed"),
+           (0, b"KDMV", "vmdk"), (0, b"conectix", "vpc"), (0, b"vhdxfile", "vhdx"))
+
+
+def cut_short_header(fd: int, size: int) -> str | None:
+    """The format whose signature starts a file too short for that format's header, or None."""
+    if size >= 512:
+        return None
+    head = os.pread(fd, 512, 0)
+    for offset, magic, fmt in _MAGICS:
+        if head[offset:offset + len(magic)] == magic:
+            return fmt
+    return None
 
 
 def verify(fd: int, fmt: str, size: int, *, stop: threading.Event | None = None) -> int | None:

@@ -285,3 +285,12 @@ def test_encrypted_qcow2_is_unsupported_not_corrupt(tmp_path):
     _qcow2_edit(img, 32, ">I", 2)  # crypt_method = LUKS
     rc, _, err = convert(img, tmp_path / "out")
     assert err.startswith("convd: unsupported_format: qcow2 is encrypted"), err
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "vdi", "vmdk", "vpc", "vhdx"])
+def test_image_header_cut_short_is_corrupt_not_a_tiny_raw_disk(tmp_path, fmt):
+    whole = make_image(tmp_path / f"whole.{fmt}", fmt, 4 * MiB)
+    cut = tmp_path / f"cut.{fmt}"
+    cut.write_bytes(whole.read_bytes()[:300])
+    rc, _, err = convert(cut, tmp_path / "out")
+    assert err.startswith("convd: corrupt_image: "), err
