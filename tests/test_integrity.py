@@ -172,9 +172,16 @@ def _qcow2_edit(path: Path, offset: int, fmt: str, value: int) -> None:
     make_cases.write_at(str(path), offset, struct.pack(fmt, value))
 
 
-@pytest.mark.parametrize("opts", ["extended_l2=on,cluster_size=128k", "compression_type=zstd"])
+@pytest.mark.parametrize("opts", ["extended_l2=on,cluster_size=128k", "compression_type=zstd", "compat=0.10",
+                                  "cluster_size=2M", "cluster_size=512", "snapshot-and-bitmap"])
 def test_documented_self_contained_qcow2_features_convert(tmp_path, opts):
-    img = make_image(tmp_path / "f.qcow2", "qcow2", 8 * MiB, opts=opts, compress="zstd" in opts)
+    if opts == "snapshot-and-bitmap":  # an internal snapshot and a persistent dirty bitmap
+        img = make_image(tmp_path / "f.qcow2", "qcow2", 8 * MiB)
+        run("qemu-img", "bitmap", "--add", img, "b0")
+        run("qemu-img", "snapshot", "-c", "snap1", img)
+        qemu_io(img, "qcow2", "write -P 9 0 512k")  # the active layer moves on
+    else:
+        img = make_image(tmp_path / "f.qcow2", "qcow2", 8 * MiB, opts=opts, compress="zstd" in opts)
     rc, _, err = convert(img, tmp_path / "out")
     assert rc == 0, err
     assert images_equal(img, "qcow2", tmp_path / "out", "raw")
@@ -294,3 +301,17 @@ def test_image_header_cut_short_is_corrupt_not_a_tiny_raw_disk(tmp_path, fmt):
     cut.write_bytes(whole.read_bytes()[:300])
     rc, _, err = convert(cut, tmp_path / "out")
     assert err.startswith("convd: corrupt_image: "), err
+
+
+@pytest.mark.parametrize("fmt,opts", [
+    ("vmdk", "zeroed_grain=on"), ("vdi", "static=on"), ("vpc", "subformat=fixed"),
+    ("vhdx", "subformat=fixed"), ("vhdx", "block_size=1M"),
+])
+def test_other_formats_variants_convert_identically(tmp_path, fmt, opts):
+    img = make_image(tmp_path / f"v.{fmt}", fmt, 8 * MiB, opts=opts)
+    if opts == "zeroed_grain=on":
+        qemu_io(img, fmt, "write -z 0 1M")  # zeroed grains: grain table entries of 1
+    rc, rec, err = convert(img, tmp_path / "out")
+    assert rc == 0, err
+    assert images_equal(img, fmt, tmp_path / "out", "raw")
+    assert rec is not None and rec["source"]["virtual_size"] == qemu_virtual_size(img, fmt)
