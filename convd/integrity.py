@@ -317,7 +317,7 @@ def _vmdk(f: _File) -> int | None:
     if os.pread(f.fd, 4, 0) != b"KDMV":
         return None  # a descriptor alone: its extents are in other files (the inspector's to refuse)
     h = f.read(0, 512, "VMDK header")
-    (_m, version, flags, capacity, grain, _ds, _dn, gtes, _rgd, gd, _over) = struct.unpack(
+    (_m, version, flags, capacity, grain, _ds, _dn, gtes, _rgd, gd, overhead) = struct.unpack(
         "<4sIIQQQQIQQQ", h[:72])
     if gd == _VMDK_GD_AT_END:
         footer = f.read(f.size - 1024, 512, "VMDK footer")
@@ -358,14 +358,18 @@ def _vmdk(f: _File) -> int | None:
         seen_gt.add(gt_sec)
         if f.stop is not None and f.stop.is_set():
             raise Stopped("integrity check interrupted by shutdown")
-        if not compressed and max(table) * _SECTOR + grain_bytes <= f.size:
-            continue  # every grain of this table lies whole inside the file
+        if not compressed and max(table) * _SECTOR + grain_bytes <= f.size and \
+                min((sec for sec in table if sec > 1), default=overhead) >= overhead:
+            continue  # every grain of this table lies whole inside the file, after the metadata
         for j, sec in enumerate(table):
             if sec == 0 or (sec == 1 and zero_grain):
                 continue
             guest = (i * gtes + j) * grain_bytes
             start = sec * _SECTOR
             where = f"grain table {i} entry {j} (guest offset {guest:#x})"
+            if sec < overhead:  # the guest would read the header, descriptor or tables
+                raise f.corrupt(f"{where} points into the metadata at the start of the file "
+                                f"(sector {sec}; grains start at {overhead})")
             if compressed and markers:
                 if start + 12 > f.size:
                     f.data_past_end(f"{where}, a compressed grain,", start + 12)
@@ -531,6 +535,8 @@ def _vpc(f: _File) -> int:
     if entries * block_size < vsize:
         raise f.corrupt(f"block allocation table of {entries} entries cannot hold {vsize} bytes")
     bitmap = _round_up(block_size // (8 * _SECTOR), _SECTOR)
+    metadata = ((0, _SECTOR, "footer copy"), (dyn_off, dyn_off + 1024, "dynamic disk header"),
+                (bat_off, bat_off + entries * 4, "block allocation table"))
     starts = array("Q")  # for the overlap check, up to _OVERLAP_CAP blocks (memory stays bounded)
     for first, data in f.slices(bat_off, entries * 4, "VHD block allocation table", 4):
         for i, sec in enumerate(_u32_table(data, True)):
@@ -539,6 +545,9 @@ def _vpc(f: _File) -> int:
             block = first + i
             start = sec * _SECTOR
             need = bitmap + min(block_size, max(1, vsize - block * block_size))
+            for lo, hi, what in metadata:
+                if start < hi and start + bitmap + block_size > lo:
+                    raise f.corrupt(f"BAT entry {block} points a block at {start:#x} over the {what}")
             if start + need > f.size:
                 f.data_past_end(f"BAT entry {block} (block at {start:#x})", start + need)
             elif len(starts) < _OVERLAP_CAP:
