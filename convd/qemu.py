@@ -94,10 +94,18 @@ class QemuResult:
         return reason(self.stderr, self.returncode, self.paths)
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(address_space: int | None = None) -> dict[str, str]:
     # systemd's notify/watchdog variables are the daemon's alone.
-    return {k: v for k, v in os.environ.items()
-            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")}
+    if address_space:
+        # glibc reserves 64 MiB of address space per malloc arena, one per
+        # thread up to 8 × cores: under the address-space limit, qemu-img's
+        # worker threads then fail to start now and then ("qemu_thread_create:
+        # Resource temporarily unavailable", abort), and a healthy image
+        # would be rejected.  One arena is plenty for info/check/map.
+        env["MALLOC_ARENA_MAX"] = "1"
+    return env
 
 
 def _wrap(argv: list[str], cpu_time: float | None = None, address_space: int | None = None) -> list[str]:
@@ -137,7 +145,7 @@ async def _spawn(argv: list[str], **limits: Any) -> asyncio.subprocess.Process:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,  # our signals only: a terminal's Ctrl-C is the daemon's to handle
-        env=_child_env(),
+        env=_child_env(limits.get("address_space")),
     )
 
 
