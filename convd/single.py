@@ -43,8 +43,8 @@ class SingleFileSpool:
         except FileNotFoundError:
             pass
 
-    def output_taken(self, name: str) -> bool:
-        return os.path.lexists(self.dst)
+    def output_taken(self, name: str) -> str | None:
+        return str(self.dst) if os.path.lexists(self.dst) else None
 
     def free_failed_name(self, name: str) -> str:
         return name

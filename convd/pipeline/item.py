@@ -70,6 +70,12 @@ class Item:
         return self.claim.name
 
     @property
+    def label(self) -> str:
+        """How messages name the source: the item's name, or for ``convd convert``
+        the user's own path (never a path inside work/)."""
+        return str(self.claim.source_path) if self.claim.source_path is not None else self.name
+
+    @property
     def target_format(self) -> str:
         return self.cfg.convert.target_format
 

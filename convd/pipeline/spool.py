@@ -40,6 +40,7 @@ __all__ = [
     "Spool",
     "is_candidate_name",
     "name_fits",
+    "name_refused",
 ]
 
 log = structlog.get_logger("convd.spool")
@@ -63,6 +64,21 @@ def is_candidate_name(name: str) -> bool:
 def name_fits(name: str) -> bool:
     """Whether a record can be written beside this name (longer ones wait, logged)."""
     return len(os.fsencode(name)) <= MAX_NAME_BYTES
+
+
+def name_refused(name: str) -> str | None:
+    """Why a name dropped in ``incoming/`` can never be an input (it waits there, logged), or None.
+
+    ``NAME.json`` is refused: published or rejected, its bytes would take the
+    name of the record of an input called ``NAME`` (in ``outgoing/`` or
+    ``failed/``), and a consumer waiting for that record could read an
+    image as it.  No rename into ``failed/`` avoids that, so it stays put.
+    """
+    if not name_fits(name):
+        return f"longer than {MAX_NAME_BYTES} bytes: no record name would fit"
+    if name.endswith(".json"):
+        return "NAME.json would take the name of another input's record (rename it, e.g. to NAME.json.img)"
+    return None
 
 
 @dataclass
@@ -305,8 +321,12 @@ class Spool:
             candidate = f"{name}.{n}"
         return candidate
 
-    def output_taken(self, name: str) -> bool:
-        return os.path.lexists(self.outgoing / name) or os.path.lexists(self.outgoing / f"{name}.json")
+    def output_taken(self, name: str) -> str | None:
+        """Which of ``outgoing/NAME`` and its record already exists (for the message), else None."""
+        for taken in (name, f"{name}.json"):
+            if os.path.lexists(self.outgoing / taken):
+                return f"outgoing/{taken}"
+        return None
 
     def stage_handoff(self, claim: Claim, dest: str, final_name: str, payload: str,
                       record: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ import watchfiles
 
 from convd.pipeline.queue import Intake
 from convd.pipeline.renames import RenameWatch
-from convd.pipeline.spool import Spool, is_candidate_name, name_fits
+from convd.pipeline.spool import Spool, is_candidate_name, name_refused
 
 __all__ = ["Watcher"]
 
@@ -44,7 +44,7 @@ class Watcher:
 
         def wanted(change: watchfiles.Change, path: str) -> bool:
             name = os.path.basename(path)
-            return change != watchfiles.Change.deleted and is_candidate_name(name) and name_fits(name)
+            return change != watchfiles.Change.deleted and is_candidate_name(name) and name_refused(name) is None
 
         try:
             while not self.stopping.is_set():
@@ -82,8 +82,9 @@ class Watcher:
     def scan(self) -> None:
         """Note every candidate name in ``incoming/`` (the directory is the truth)."""
         for entry in self.spool.scan_incoming():
-            if entry.name not in self.intake.pending and not name_fits(entry.name):
-                log.error("name too long to record; left in incoming/", item=entry.name)
+            refused = name_refused(entry.name) if entry.name not in self.intake.pending else None
+            if refused:
+                log.error("name refused; left in incoming/", item=entry.name, reason=refused)
                 continue
             self.intake.saw(entry.name)
         self.on_change()
