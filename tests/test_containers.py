@@ -301,19 +301,10 @@ def test_inspect_reports_a_container_for_what_it_is(tmp_path: Path) -> None:
     assert "an OVA appliance (a tar with an OVF descriptor) inside a gzip-compressed stream" in out["reasons"][0]
 
 
-def _field_cases() -> Path | None:
-    for base in (REPO.parent, REPO.parent.parent, Path("/work")):
-        if (base / "shared" / "field" / "make_cases.py").exists():
-            return base / "shared" / "field"
-    return None
-
-
 @pytest.mark.parametrize("case, fmt", [("appliance.ova", "vmdk"), ("cloudimg.qcow2.xz", "qcow2")])
 def test_field_container_cases_convert_to_the_disk_inside(tmp_path: Path, case: str, fmt: str) -> None:
-    field = _field_cases()
-    if field is None:
-        pytest.skip("shared/field/make_cases.py is not beside the repository")
-    run(sys.executable, field / "make_cases.py", tmp_path, case)
+    # The field generator, vendored beside the other field cases (tests/test_field.py).
+    run(sys.executable, REPO / "tests" / "data" / "field" / "make_cases.py", tmp_path, case)
     p = run(convd_bin(), "convert", tmp_path / case, tmp_path / "out.raw")
     rec = json.loads(p.stdout)
     assert rec["status"] == "converted" and rec["source"]["format"] == fmt

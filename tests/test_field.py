@@ -2,7 +2,8 @@
 
 Each goes through ``convd convert`` as a user would run it.  appliance.ova
 and cloudimg.qcow2.xz (containers and compressed streams) belong to the
-unpacking work and are tested there.
+unpacking work and are tested in tests/test_containers.py, from the same
+generator.
 """
 
 from __future__ import annotations
