@@ -6,17 +6,129 @@ outputs have reserved but not yet written.  Items that do not fit now wait
 in arrival order; a later, smaller item may go ahead of the oldest waiter,
 but at most ``max_bypass`` times in a row, after which admissions stop until
 the oldest fits (so a big item is never starved).
+
+Daemons sharing a filesystem also count each other's outstanding bytes
+through :class:`SharedLedger` (``work/.ledger``), so together they never
+push it below ``min_free``; each one's ``workspace`` stays its own budget.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anyio
+import structlog
 
-__all__ = ["Ledger", "Reservation", "StatvfsSpace"]
+from convd import durable
+
+__all__ = ["Ledger", "Reservation", "SharedLedger", "StatvfsSpace"]
+
+log = structlog.get_logger("convd.ledger")
+
+LEDGER, LEDGER_LOCK = ".ledger", ".ledger.lock"
+# Live daemons rewrite their entry at least this often (seconds) ...
+SHARED_REFRESH = 5.0
+# ... and an entry not rewritten for this long is a dead daemon's: dropped.
+SHARED_STALE = 60.0
+# How long admission tries for the ledger's lock before it waits for the next round.
+SHARED_LOCK_PATIENCE = 0.2
+
+
+class SharedLedger:
+    """``work/.ledger``: each daemon's reserved-but-unwritten bytes, for all daemons on one filesystem.
+
+    A JSON object ``{"instances": {INSTANCE: {"outstanding": BYTES,
+    "updated_at": UNIX_TIME}}}``, read-modify-written under an ``flock`` on
+    ``work/.ledger.lock`` (flock excludes across NFS, CephFS and GlusterFS
+    clients).  Entries older than ``SHARED_STALE`` seconds, and those of
+    instances found stopped, are dropped by whoever writes next; this needs
+    the nodes' clocks in step (NTP), as any lease does.
+    """
+
+    def __init__(self, work: Path, instance: str) -> None:
+        self.path = work / LEDGER
+        self.lock_path = work / LEDGER_LOCK
+        self.instance = instance
+        self.others = 0  # the other daemons' outstanding bytes, as last read
+        self._dead: set[str] = set()
+
+    def forget(self, instances: Iterable[str]) -> None:
+        """Drop these instances' entries at the next update (they were found stopped)."""
+        self._dead.update(instances)
+
+    @contextlib.contextmanager
+    def open(self, patience: float = SHARED_LOCK_PATIENCE, *,
+             refresh: bool = False) -> Iterator[dict[str, int] | None]:
+        """The live entries (instance -> outstanding bytes) under the ledger's lock.
+
+        Written back on exit if they changed (or ``refresh``: this
+        instance's entry gets a new time stamp).  Yields None if the lock
+        stayed busy for ``patience`` seconds.  Raises OSError on a spool I/O
+        error.
+        """
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            deadline = time.monotonic() + patience
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        yield None
+                        return
+                    time.sleep(0.01)
+            raw = self._read()
+            now = time.time()
+            live = {k: e for k, e in raw.items()
+                    if k == self.instance or (k not in self._dead and now - e[1] <= SHARED_STALE)}
+            entries = {k: e[0] for k, e in live.items()}
+            yield entries
+            self.others = sum(v for k, v in entries.items() if k != self.instance)
+            if refresh or len(live) != len(raw) or entries != {k: e[0] for k, e in live.items()}:
+                stamps = {k: e[1] for k, e in live.items()} | {self.instance: now}
+                durable.write_json(self.path, {"instances": {
+                    k: {"outstanding": v, "updated_at": stamps.get(k, now)} for k, v in entries.items()}},
+                    replace=True, sync=False, owner=self.instance)
+            self._dead.clear()
+        finally:
+            os.close(fd)  # drops the lock
+
+    def _read(self) -> dict[str, tuple[int, float]]:
+        """instance -> (outstanding bytes, updated_at) as the file holds them."""
+        try:
+            raw = json.loads(self.path.read_bytes()).get("instances", {})
+        except FileNotFoundError:
+            return {}
+        except (ValueError, AttributeError):
+            log.error("unreadable shared ledger; starting it afresh", path=str(self.path))
+            return {}
+        out = {}
+        for inst, e in raw.items():
+            try:
+                out[inst] = (int(e["outstanding"]), float(e["updated_at"]))
+            except (TypeError, KeyError, ValueError):
+                continue
+        return out
+
+    def update(self, outstanding: int | None, patience: float = SHARED_LOCK_PATIENCE) -> int | None:
+        """Write this instance's ``outstanding`` bytes (None: remove its entry) and
+        return the others' sum, or None if the lock stayed busy."""
+        with self.open(patience, refresh=outstanding is not None) as entries:
+            if entries is None:
+                return None
+            if outstanding is None:
+                entries.pop(self.instance, None)
+            else:
+                entries[self.instance] = int(outstanding)
+        return self.others
 
 
 @dataclass
@@ -52,7 +164,8 @@ class StatvfsSpace:
 
 class Ledger:
     def __init__(self, workspace: int, min_free: int, space: StatvfsSpace,
-                 max_bypass: int = 4, on_change: Callable[[], None] | None = None) -> None:
+                 max_bypass: int = 4, on_change: Callable[[], None] | None = None,
+                 shared: SharedLedger | None = None) -> None:
         self.workspace = workspace
         self.min_free = min_free
         self.space = space
@@ -61,6 +174,7 @@ class Ledger:
         self.waiting: list[Reservation] = []
         self._bypassed = 0  # admissions that jumped over the current oldest waiter
         self._on_change = on_change
+        self.shared = shared
 
     # -- what is reserved and what is free ------------------------------------
 
@@ -72,11 +186,33 @@ class Ledger:
         """Reserved bytes that running outputs have not written yet."""
         return sum(max(0, r.size - r.written()) for r in self.active.values())
 
+    def others_outstanding(self) -> int:
+        """Bytes other daemons on this filesystem have reserved but not written yet."""
+        return self.shared.others if self.shared else 0
+
     def available(self) -> int:
         """Bytes a new output may still take: the smaller of budget and disk."""
         budget = self.workspace - self.reserved
-        disk = self.space.free() - self.min_free - self.outstanding()
+        disk = self.space.free() - self.min_free - self.outstanding() - self.others_outstanding()
         return min(budget, disk)
+
+    def publish(self) -> None:
+        """Refresh this daemon's entry in the shared ledger (called every ``SHARED_REFRESH`` s)."""
+        if self.shared is None:
+            return
+        try:
+            self.shared.update(self.outstanding(), patience=1.0)
+        except OSError as exc:
+            log.warning("cannot update the shared ledger", error=str(exc))
+
+    def withdraw(self) -> None:
+        """Remove this daemon's entry from the shared ledger (clean shutdown)."""
+        if self.shared is None:
+            return
+        try:
+            self.shared.update(None, patience=1.0)
+        except OSError as exc:
+            log.warning("cannot update the shared ledger", error=str(exc))
 
     def could_ever_fit(self, size: int) -> bool:
         return size <= self.workspace and size <= self.space.total() - self.min_free
@@ -109,7 +245,28 @@ class Ledger:
                 self._on_change()
 
     def admit(self) -> None:
-        """Admit waiters in order; a later one may pass the oldest a bounded number of times."""
+        """Admit waiters in order; a later one may pass the oldest a bounded number of times.
+
+        With a shared ledger, the others' reservations are read and ours
+        written in one locked step, so two daemons cannot both spend the
+        same free bytes; if its lock stays busy, admission waits a round.
+        """
+        if self.shared is None or not self.waiting:
+            self._admit()
+            return
+        try:
+            with self.shared.open() as entries:
+                if entries is None:
+                    return
+                self.shared.others = sum(v for k, v in entries.items() if k != self.shared.instance)
+                before = len(self.active)
+                self._admit()
+                if len(self.active) != before:
+                    entries[self.shared.instance] = self.outstanding()
+        except OSError as exc:
+            log.warning("cannot read the shared ledger; admissions wait", error=str(exc))
+
+    def _admit(self) -> None:
         avail = self.available() if self.waiting else 0
         i = 0
         while i < len(self.waiting):

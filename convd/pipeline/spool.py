@@ -205,14 +205,14 @@ class Spool:
     def sweep_temp(self) -> int:
         """Remove stale durable-write temp files convd left in its own directories.
 
-        outgoing/ and failed/ are shared: there, only this instance's temps
+        outgoing/, failed/ and work/ (the shared ledger) are shared: there, only this instance's temps
         (``@instance``) go at once; another's may be a write in progress,
         and is swept only once it is surely abandoned.
         """
         n = 0
         now = time.time()
         own = re.compile(rf"@{re.escape(self.cfg.instance)}\.[0-9a-f]{{8}}{re.escape(durable.TEMP_SUFFIX)}$")
-        for d in (self.outgoing, self.failed, self.claims):
+        for d in (self.outgoing, self.failed, self.work, self.claims):
             for entry in os.scandir(d):
                 if not (entry.name.startswith(".") and entry.name.endswith(durable.TEMP_SUFFIX)):
                     continue
@@ -298,10 +298,6 @@ class Spool:
         if adopted:
             durable.fsync_dir(pdir)
         return adopted
-
-    def adopt_orphans(self) -> int:
-        """Start-up adoption (kept until the daemon runs :meth:`take_over` itself)."""
-        return len(self.take_over()[0])
 
     def recover(self) -> list[Claim]:
         """This instance's unfinished items, from what ``work/<instance>/`` holds."""
