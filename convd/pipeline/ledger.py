@@ -240,6 +240,12 @@ class Ledger:
 
     def release(self, key: str) -> None:
         if self.active.pop(key, None) is not None:
+            if self.shared is not None and not self.waiting:
+                # Others may be waiting for exactly these bytes.
+                try:
+                    self.shared.update(self.outstanding())
+                except OSError as exc:
+                    log.warning("cannot update the shared ledger", error=str(exc))
             self.admit()
             if self._on_change:
                 self._on_change()

@@ -47,8 +47,9 @@ def _proc_writers(path: Path) -> bool:
                 if os.readlink(f"{fd_dir}/{fd}") != target:
                     continue
                 with open(f"/proc/{pid}/fdinfo/{fd}") as fh:
-                    flags = int(fh.readline().split()[1], 8)
-            except (OSError, ValueError, IndexError):
+                    # "pos:" comes first; the open flags are on the "flags:" line, in octal.
+                    flags = next(int(line.split()[1], 8) for line in fh if line.startswith("flags:"))
+            except (OSError, ValueError, IndexError, StopIteration):
                 continue
             if flags & (os.O_WRONLY | os.O_RDWR):
                 return True

@@ -249,8 +249,9 @@ class Spool:
         for peer in self.peers():
             pdir = self.work / peer
             try:
-                if not any(_is_item(e) for e in os.scandir(pdir)):
-                    continue
+                with os.scandir(pdir) as it:
+                    if not any(_is_item(e) for e in it):
+                        continue
                 door = _try_flock(pdir / ADOPT)
             except OSError:
                 continue  # vanished or unreadable: nothing of ours

@@ -1,0 +1,169 @@
+"""Live take-over: exactly one survivor adopts a dead instance's items, and probing never
+makes a starting daemon refuse.
+
+The races are run with real processes (each its own open file descriptions,
+as separate daemons have) on real flock'ed files under tmp_path; the
+shared-filesystem version with real daemons is tests/test_sharedfs.py.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from pathlib import Path
+
+import pytest
+
+from convd.config import SpoolConfig
+from convd.errors import ConfigError
+from convd.pipeline.spool import Spool, instance_lock_state
+
+ITEMS = 12
+
+
+def spool_cfg(root: Path, instance: str) -> SpoolConfig:
+    return SpoolConfig(root=root, incoming=root / "incoming", work=root / "work", outgoing=root / "outgoing",
+                       failed=root / "failed", instance=instance)
+
+
+def make_claims(root: Path, instance: str, names: list[str]) -> None:
+    """Items claimed by ``instance``, whose daemon then died (lock released, items left)."""
+    sp = Spool(spool_cfg(root, instance))
+    sp.prepare()
+    for n in names:
+        (root / "incoming" / n).write_bytes(n.encode())
+        assert sp.claim(n) is not None
+    sp.close()
+
+
+def _survivor(root: Path, instance: str, barrier: mp.synchronize.Barrier, out: mp.Queue) -> None:
+    sp = Spool(spool_cfg(root, instance))
+    sp.prepare()
+    barrier.wait()
+    claims, stopped = sp.take_over()
+    out.put((instance, sorted(c.name for c in claims), stopped))
+    sp.close()
+
+
+@pytest.mark.parametrize("trial", range(5))
+def test_two_survivors_adopt_a_dead_instance_items_exactly_once(tmp_path, trial):
+    names = [f"img{i:02d}" for i in range(ITEMS)]
+    make_claims(tmp_path, "dead", names)
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(2)
+    out: mp.Queue = ctx.Queue()
+    procs = [ctx.Process(target=_survivor, args=(tmp_path, inst, barrier, out)) for inst in ("a", "b")]
+    for p in procs:
+        p.start()
+    results = {}
+    for _ in procs:
+        inst, adopted, _stopped = out.get(timeout=60)
+        results[inst] = adopted
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert sorted(results["a"] + results["b"]) == names  # every item once, none twice
+    for inst, adopted in results.items():
+        on_disk = sorted(e.name for e in os.scandir(tmp_path / "work" / inst) if e.is_dir())
+        assert on_disk == adopted
+        for n in adopted:
+            assert (tmp_path / "work" / inst / n / "source").read_bytes() == n.encode()
+    assert not [e for e in os.scandir(tmp_path / "work" / "dead") if e.is_dir()]
+
+
+def test_items_of_a_running_instance_are_not_taken_over(tmp_path):
+    make_claims(tmp_path, "busy", ["x"])
+    owner = Spool(spool_cfg(tmp_path, "busy"))
+    owner.prepare()
+    other = Spool(spool_cfg(tmp_path, "other"))
+    other.prepare()
+    try:
+        assert other.take_over() == ([], [])
+        assert instance_lock_state(tmp_path / "work" / "busy") == "held"
+        assert (tmp_path / "work" / "busy" / "x" / "source").exists()
+    finally:
+        owner.close()
+        other.close()
+    assert instance_lock_state(tmp_path / "work" / "busy") == "free"
+
+
+def test_adopted_items_are_ready_to_run_again(tmp_path):
+    make_claims(tmp_path, "dead", ["half"])
+    (tmp_path / "work" / "dead" / "half" / "output").write_bytes(b"partial")  # mid-convert at the crash
+    sp = Spool(spool_cfg(tmp_path, "live"))
+    sp.prepare()
+    try:
+        claims, stopped = sp.take_over()
+    finally:
+        sp.close()
+    assert stopped == ["dead"]
+    assert [c.name for c in claims] == ["half"]
+    assert claims[0].dir == tmp_path / "work" / "live" / "half"
+    assert not claims[0].output.exists()  # a partial output is worthless
+    assert claims[0].source.read_bytes() == b"half"
+
+
+def test_an_item_whose_name_is_in_flight_here_waits_for_the_next_check(tmp_path):
+    make_claims(tmp_path, "dead", ["same"])
+    sp = Spool(spool_cfg(tmp_path, "live"))
+    sp.prepare()
+    try:
+        (tmp_path / "incoming" / "same").write_bytes(b"mine")
+        assert sp.claim("same") is not None
+        assert sp.take_over()[0] == []
+        assert (tmp_path / "work" / "dead" / "same" / "source").read_bytes() == b"same"
+        assert (tmp_path / "work" / "live" / "same" / "source").read_bytes() == b"mine"
+    finally:
+        sp.close()
+
+
+def _prober(root: Path, stop: mp.synchronize.Event, probes: mp.Value) -> None:
+    d = root / "work" / "owner"
+    while not stop.is_set():
+        instance_lock_state(d)
+        with probes.get_lock():
+            probes.value += 1
+
+
+def test_a_starting_daemon_is_never_refused_because_peers_probe_its_lock(tmp_path):
+    # Two peers probe the owner's lock as fast as they can (as live take-over
+    # and `convd status` do) while the owner starts and stops 200 times.  Before
+    # the .adopt door, a probe holding .lock at the owner's start made it refuse
+    # ("another convd with instance ... is running") about once in ten starts.
+    first = Spool(spool_cfg(tmp_path, "owner"))
+    first.prepare()  # directories and lock files exist
+    first.close()
+    ctx = mp.get_context("fork")
+    stop = ctx.Event()
+    probes = ctx.Value("l", 0)
+    procs = [ctx.Process(target=_prober, args=(tmp_path, stop, probes)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    refused = 0
+    try:
+        while probes.value < 10:  # both probers under way
+            pass
+        for _ in range(200):
+            sp = Spool(spool_cfg(tmp_path, "owner"))
+            try:
+                sp.prepare()
+            except ConfigError:
+                refused += 1
+            finally:
+                sp.close()
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(timeout=30)
+    assert refused == 0
+    assert probes.value > 200
+
+
+def test_a_second_daemon_with_the_same_instance_is_still_refused(tmp_path):
+    first = Spool(spool_cfg(tmp_path, "twin"))
+    first.prepare()
+    try:
+        with pytest.raises(ConfigError, match="another convd with instance 'twin' is running"):
+            Spool(spool_cfg(tmp_path, "twin")).prepare()
+    finally:
+        first.close()
