@@ -169,7 +169,7 @@ class Daemon:
         ledger = self.ctx.ledger
         next_check = anyio.current_time() + self.cfg.spool.takeover_interval
         while True:
-            await anyio.to_thread.run_sync(ledger.publish)
+            await anyio.to_thread.run_sync(ledger.publish, ledger.outstanding())
             now = anyio.current_time()
             if now >= next_check:
                 next_check = now + self.cfg.spool.takeover_interval

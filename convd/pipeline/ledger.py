@@ -196,12 +196,16 @@ class Ledger:
         disk = self.space.free() - self.min_free - self.outstanding() - self.others_outstanding()
         return min(budget, disk)
 
-    def publish(self) -> None:
-        """Refresh this daemon's entry in the shared ledger (called every ``SHARED_REFRESH`` s)."""
+    def publish(self, outstanding: int) -> None:
+        """Refresh this daemon's entry in the shared ledger (every ``SHARED_REFRESH`` s).
+
+        Blocking (a lock and a file on the spool): run it in a worker thread,
+        with ``outstanding()`` taken in the event loop, which owns ``active``.
+        """
         if self.shared is None:
             return
         try:
-            self.shared.update(self.outstanding(), patience=1.0)
+            self.shared.update(outstanding, patience=1.0)
         except OSError as exc:
             log.warning("cannot update the shared ledger", error=str(exc))
 
