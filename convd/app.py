@@ -46,7 +46,7 @@ class Daemon:
         self.cfg = cfg
         self.spool = Spool(cfg.spool)
         self.intake = Intake(cfg.spool.incoming, cfg.watch.settle)
-        self.metrics = Metrics()
+        self.metrics = Metrics(cfg.spool.instance)
         self.notifier = Notifier()
         self.stopping = anyio.Event()
         self.wake = anyio.Event()
@@ -183,9 +183,11 @@ class Daemon:
                 for claim in adopted:
                     self._start_item(items, claim)
                 if adopted:
+                    self.metrics.adopted.inc(len(adopted))
                     log.warning("took over the items of stopped instances", adopted=len(adopted),
                                 instances=stopped)
                     self._kick()
+                await anyio.to_thread.run_sync(self.monitor.count_peers)
             await anyio.sleep(min(SHARED_REFRESH, max(0.0, next_check - anyio.current_time())))
 
     async def _process(self, item: Item) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -86,6 +87,7 @@ class Monitor:
             "version": __version__,
             "pid": os.getpid(),
             "instance": cfg.spool.instance,
+            "host": socket.gethostname(),
             "updated_at": time.time(),
             "started_at": self.started,
             "target_format": cfg.convert.target_format,
@@ -128,6 +130,21 @@ class Monitor:
         m.reserved.set(snap["workspace"]["reserved"])
         m.free.set(snap["workspace"]["available"])
         m.fs_free.set(snap["workspace"]["filesystem_free"])
+
+    def count_peers(self) -> None:
+        """Refresh the per-instance gauges from the instances' status files (heartbeats only)."""
+        from convd.status import instances  # status reads this module's STATUS_FILE
+
+        try:
+            insts = instances(self.spool.work, probe_locks=False)
+        except OSError as exc:
+            log.warning("cannot list the spool's instances", error=str(exc))
+            return
+        for state in ("alive", "stale", "dead"):
+            self.metrics.peers.labels(state=state).set(sum(1 for i in insts if i["state"] == state))
+        self.metrics.peer_items.clear()
+        for i in insts:
+            self.metrics.peer_items.labels(spool_instance=i["instance"]).set(len(i["items"]))
 
     async def run(self, interval: float = 1.0) -> None:
         """Every ``interval`` seconds (or the watchdog's, if shorter): snapshot, STATUS=, WATCHDOG=1."""

@@ -8,15 +8,18 @@ shared-filesystem version with real daemons is tests/test_sharedfs.py.
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
+import time
 from pathlib import Path
 
 import pytest
 
-from convd.config import SpoolConfig
+from convd.config import Config, SpoolConfig
 from convd.errors import ConfigError
 from convd.pipeline.spool import Spool, instance_lock_state
+from convd.status import HEARTBEAT_STALE, instances, locate
 
 ITEMS = 12
 
@@ -167,3 +170,28 @@ def test_a_second_daemon_with_the_same_instance_is_still_refused(tmp_path):
             Spool(spool_cfg(tmp_path, "twin")).prepare()
     finally:
         first.close()
+
+
+def write_heartbeat(root: Path, instance: str, age: float) -> None:
+    (root / "work" / instance / ".status.json").write_text(json.dumps(
+        {"instance": instance, "pid": 1, "host": "h", "updated_at": time.time() - age, "in_flight": []}))
+
+
+def test_status_tells_alive_stale_and_dead_instances_and_what_each_holds(tmp_path):
+    make_claims(tmp_path, "dead", ["a", "b"])
+    spools = {name: Spool(spool_cfg(tmp_path, name)) for name in ("alive", "stale")}
+    for sp in spools.values():
+        sp.prepare()
+    try:
+        write_heartbeat(tmp_path, "alive", 1)
+        write_heartbeat(tmp_path, "stale", HEARTBEAT_STALE + 5)  # lock held, heartbeat stopped: hung
+        write_heartbeat(tmp_path, "dead", 1)  # a fresh heartbeat does not outvote a free lock
+        insts = {i["instance"]: i for i in instances(tmp_path / "work")}
+        assert {k: v["state"] for k, v in insts.items()} == {"alive": "alive", "stale": "stale", "dead": "dead"}
+        assert insts["dead"]["items"] == ["a", "b"]
+        cfg = Config(spool=spool_cfg(tmp_path, "alive"))
+        assert locate(cfg, "a") == {"where": "work", "instance": "dead", "state": "dead"}
+        assert locate(cfg, "nothing") is None
+    finally:
+        for sp in spools.values():
+            sp.close()
