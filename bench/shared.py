@@ -57,6 +57,7 @@ def _records(spool: Spool) -> set[str]:
 
 
 def _start(cluster: Any, root: Path, n: int, conf: Path) -> list[Daemon]:
+    shutil.rmtree(conf, ignore_errors=True)  # bench.daemon appends to daemon.log
     daemons = []
     for k in range(n):
         node_root = cluster.mounts[k] / root.relative_to(cluster.mounts[0])

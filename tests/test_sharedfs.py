@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from conftest import MiB, Daemon, images_equal, make_image, run, wait_for, write_config
+from conftest import MiB, Daemon, convd_bin, images_equal, make_image, run, wait_for, write_config
 from sharedfs import CephCluster, ceph_missing
 
 pytestmark = pytest.mark.slow
@@ -179,6 +179,10 @@ def test_survivors_finish_a_killed_daemon_claims_without_a_restart(ceph, nodes, 
     assert Counter(e["item"] for e in adopted) == Counter(dict.fromkeys(held, 1))
     assert {e["instance"] for e in adopted} <= {victim.name}
     wait_for(lambda: not any(items_in_work(victim.root).values()), timeout=60, interval=0.5)
+    # One view of the cluster, from any node: the victim is dead, the others alive.
+    st = json.loads(run(convd_bin(), "status", "-c", nodes[1].config, "--json").stdout)
+    assert {i["instance"]: i["state"] for i in st["instances"]} == {
+        victim.name: "dead", nodes[1].name: "alive", nodes[2].name: "alive"}
     stop_all(survivors)
     assert_exactly_once_and_identical(victim.root, images, daemons)
     print(f"take-over: {len(held)} claims of the killed daemon finished {took:.1f} s after the kill")

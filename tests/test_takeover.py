@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import shutil
 import time
 from pathlib import Path
 
 import pytest
+from conftest import MiB, images_equal, make_image, wait_for, write_config
 
 from convd.config import Config, SpoolConfig
 from convd.errors import ConfigError
@@ -195,3 +197,65 @@ def test_status_tells_alive_stale_and_dead_instances_and_what_each_holds(tmp_pat
     finally:
         for sp in spools.values():
             sp.close()
+
+
+# -- end to end, on a local spool: real daemons, a real kill -9 --------------------------
+
+
+def test_a_running_daemon_finishes_a_killed_peer_claims_without_a_restart(tmp_path, daemon_factory):
+    root = tmp_path / "spool"
+    configs = {}
+    for inst in ("alpha", "beta"):
+        (tmp_path / inst).mkdir()
+        configs[inst] = write_config(tmp_path / inst, spool={"root": str(root), "instance": inst,
+                                                             "takeover_interval": 1},
+                                     convert={"max_workers": 1})
+    alpha = daemon_factory(configs["alpha"])
+    beta = daemon_factory(configs["beta"])
+    pristine = tmp_path / "pristine"
+    pristine.mkdir()
+    images = {f"img{i}": make_image(pristine / f"{i}.qcow2", "qcow2", (4 + i) * MiB, seed=i + 1) for i in range(4)}
+    for name, src in images.items():
+        tmp = root / "incoming" / f".{name}.part"
+        shutil.copyfile(src, tmp)
+        os.rename(tmp, root / "incoming" / name)
+    held = wait_for(lambda: [n for n in os.listdir(root / "work" / "alpha") if not n.startswith(".")], timeout=30,
+                    what="alpha to claim")
+    alpha.kill_group()
+    for name in images:
+        wait_for(lambda n=name: (root / "outgoing" / f"{n}.json").exists(), timeout=60, what=f"record of {name}")
+    assert beta.stop() == 0
+    for name, src in images.items():
+        assert json.loads((root / "outgoing" / f"{name}.json").read_bytes())["status"] == "converted"
+        assert images_equal(src, "qcow2", root / "outgoing" / name, "raw")
+    assert os.listdir(root / "failed") == []
+    adopted = [e["item"] for e in beta.events() if e.get("event") == "adopted an item of a stopped instance"]
+    claimed = [e["item"] for d in (alpha, beta) for e in d.events() if e.get("event") == "claimed"]
+    assert sorted(claimed) == sorted(images)  # each out of incoming/ once
+    unfinished = [n for n in held if n not in (e["item"] for e in alpha.events() if e.get("event") == "converted")]
+    assert set(unfinished) <= set(adopted)
+    assert len(adopted) == len(set(adopted))
+
+
+def test_a_daemon_started_first_adopts_a_peer_that_dies_later(tmp_path, daemon_factory):
+    # Take-over while running, not at start: beta is up before alpha dies.
+    root = tmp_path / "spool"
+    configs = {}
+    for inst in ("alpha", "beta"):
+        (tmp_path / inst).mkdir()
+        configs[inst] = write_config(tmp_path / inst, spool={"root": str(root), "instance": inst,
+                                                             "takeover_interval": 1})
+    beta = daemon_factory(configs["beta"])
+    beta_started = len(beta.events())
+    alpha = daemon_factory(configs["alpha"])
+    # A claim alpha holds: put it in place as alpha's own (the file stays while alpha runs).
+    src = make_image(tmp_path / "orphan.qcow2", "qcow2", 4 * MiB)
+    item = root / "work" / "alpha" / "orphan"
+    item.mkdir()
+    shutil.copyfile(src, item / "source")
+    assert (item / "source").exists()  # alive alpha: beta leaves it alone
+    alpha.kill_group()
+    wait_for(lambda: (root / "outgoing" / "orphan.json").exists(), timeout=60, what="the orphan's record")
+    assert images_equal(src, "qcow2", root / "outgoing" / "orphan", "raw")
+    assert any(e.get("event") == "took over the items of stopped instances" for e in beta.events()[beta_started:])
+    assert beta.stop() == 0
