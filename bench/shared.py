@@ -190,6 +190,9 @@ def run_shared(count: int, size: int, workdir: Path, out: Path | None) -> int:
     if why:
         _log(f"cannot run: {why}")
         return 1
+    # A SIGTERM (or SIGINT, even when ignored by a background shell) still tears the cluster down.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
     workdir.mkdir(parents=True, exist_ok=True)
     imgs = _make_images(workdir / "shared-images", count, size)
     res: dict[str, Any] = {"started_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

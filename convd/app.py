@@ -115,6 +115,8 @@ class Daemon:
                  filesystem=str(fstype), shared=fstype.shared, sparse=sparse, direct_io=fs.direct_io,
                  recovered=len(recovered), adopted=len(adopted), swept_temp=swept)
 
+        # Known to the others before the first admission (see SharedLedger).
+        await anyio.to_thread.run_sync(ledger.publish, 0)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._signals, signals)

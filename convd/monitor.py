@@ -111,13 +111,23 @@ class Monitor:
 
     def write_status(self) -> None:
         """Write the snapshot under ``work/<instance>/`` and refresh the gauges from it."""
-        if self.ctx is None:
-            return
-        snap = self.snapshot()
+        snap = self.refresh()
+        if snap is not None:
+            self.save(snap)
+
+    def save(self, snap: dict[str, Any]) -> None:
+        """Write ``snap`` to the status file; blocking (on a shared filesystem it can
+        wait seconds for another client's caps), so :meth:`run` calls it in a thread."""
         try:
             durable.write_json(self.spool.claims / STATUS_FILE, snap, replace=True, sync=False)
         except OSError as exc:
             log.warning("cannot write status snapshot", error=str(exc))
+
+    def refresh(self) -> dict[str, Any] | None:
+        """Take the snapshot (in the event loop, which owns the items) and refresh the gauges."""
+        if self.ctx is None:
+            return None
+        snap = self.snapshot()
         m = self.metrics
         m.queued.set(snap["queued"])
         stages = Counter(i["stage"] for i in snap["in_flight"])
@@ -130,6 +140,7 @@ class Monitor:
         m.reserved.set(snap["workspace"]["reserved"])
         m.free.set(snap["workspace"]["available"])
         m.fs_free.set(snap["workspace"]["filesystem_free"])
+        return snap
 
     def count_peers(self) -> None:
         """Refresh the per-instance gauges from the instances' status files (heartbeats only)."""
@@ -151,7 +162,9 @@ class Monitor:
         wd = self.notifier.watchdog_interval
         last_status = ""
         while True:
-            self.write_status()
+            snap = self.refresh()
+            if snap is not None:
+                await anyio.to_thread.run_sync(self.save, snap)
             summary = self.summary()
             if summary != last_status:
                 self.notifier.status(summary)

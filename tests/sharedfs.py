@@ -1,4 +1,5 @@
-"""Real shared filesystems for the scale-out tests: a one-node Ceph cluster with ceph-fuse mounts.
+"""Real shared filesystems for the scale-out tests: a one-node Ceph cluster with ceph-fuse
+mounts, and kernel NFSv4.2 (server and clients) inside User-Mode Linux.
 
 The host kernel has no NFS or CephFS client, so CephFS comes through
 ``ceph-fuse`` (libcephfs, the MDS protocol; each mount is its own client with
@@ -22,7 +23,7 @@ import time
 import uuid
 from pathlib import Path
 
-__all__ = ["CephCluster", "CephUnavailable", "ceph_missing"]
+__all__ = ["CephCluster", "CephUnavailable", "UmlNfs", "ceph_missing", "uml_missing"]
 
 CEPH_TOOLS = ("ceph-mon", "ceph-osd", "ceph-mds", "ceph-mgr", "ceph-fuse", "ceph", "monmaptool", "ceph-authtool")
 
@@ -212,3 +213,123 @@ mgr data = {d}/mgr
                     p.wait()
         self._fuse.clear()
         self._daemons.clear()
+
+
+# -- NFSv4.2 inside User-Mode Linux ----------------------------------------------------------
+
+UML_TOOLS = ("linux.uml", "rpc.nfsd", "exportfs", "rpcbind", "mkfs.ext4", "ip", "nsenter", "modprobe")
+
+_INIT = r"""#!/bin/sh
+# PID 1 of the UML guest: private /run and NFS state (never the host's), the
+# NFS modules, then the job; power off when it is done.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+S={dir}
+exec > $S/guest.log 2>&1
+mount -t proc proc /proc; mount -t sysfs sysfs /sys
+[ -c /dev/null ] || mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm; mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /dev/shm
+mount -t tmpfs tmpfs /run
+mount -t tmpfs tmpfs /var/lib/nfs
+mkdir -p /var/lib/nfs/sm /var/lib/nfs/sm.bak /var/lib/nfs/v4recovery /run/rpc_pipefs /run/netns
+: > /var/lib/nfs/etab; : > /var/lib/nfs/rmtab
+mount -t tmpfs tmpfs /mnt
+mkdir -p /mnt/lib/modules && ln -s /usr/lib/uml/modules/$(uname -r) /mnt/lib/modules/$(uname -r)
+hostname uml-nfs; ip link set lo up
+for m in sunrpc lockd nfsd nfs nfsv3 nfsv4 veth; do modprobe -d /mnt $m; done
+mount -t rpc_pipefs sunrpc /run/rpc_pipefs
+mount -t nfsd nfsd /proc/fs/nfsd
+sh -x $S/nfs-up.sh > $S/nfs-up.log 2>&1 && echo NFS-UP
+sh $S/job.sh; echo "job rc=$?"
+for n in $(seq 1 {nodes}); do umount -f -l $S/mnt$n; done
+sync; poweroff -f
+"""
+
+_NFS_UP = r"""S={dir}
+{leases}
+mount -t ext4 /dev/ubda $S/export
+rpcbind -w; rpc.statd --no-notify
+for n in $(seq 1 {nodes}); do
+  ip netns add node$n
+  ip link add s$n type veth peer name n$n netns node$n
+  ip addr add 10.99.$n.1/24 dev s$n; ip link set s$n up
+  ip -n node$n addr add 10.99.$n.2/24 dev n$n; ip -n node$n link set n$n up; ip -n node$n link set lo up
+  exportfs -o rw,sync,no_subtree_check,no_root_squash,insecure,fsid=0 10.99.$n.2:$S/export
+done
+rpc.mountd
+rpc.nfsd --grace-time 10 --lease-time 10 8
+for n in $(seq 1 {nodes}); do
+  nsenter --net=/run/netns/node$n unshare --uts sh -c "hostname node$n; mount -t nfs4 -o vers=4.2 10.99.$n.1:/ $S/mnt$n"
+  mountpoint -q $S/mnt$n || exit 1
+done
+"""
+
+
+def uml_missing() -> str | None:
+    """Why the UML NFS lab cannot run here, or None if it can."""
+    if os.geteuid() != 0:
+        return "needs root"
+    missing = [t for t in UML_TOOLS if shutil.which(t) is None]
+    if missing:
+        return (f"missing {', '.join(missing)}: run `make sharedfs-deps` "
+                "(apt-get install user-mode-linux nfs-kernel-server iproute2 kmod)")
+    return None
+
+
+class UmlNfs:
+    """Kernel NFSv4.2 (nfsd and ``nodes`` clients, each in its own network namespace
+    with its own NFSv4 client identity) inside one User-Mode Linux guest.
+
+    The guest's root is the host's through hostfs, so the host's venv and
+    qemu-img run unchanged in it; its 10.99.n.x addresses exist only in the
+    guest's own namespaces.  :meth:`run` boots the guest, mounts
+    ``mnt1..mntN`` (paths the host sees only as empty directories), runs
+    ``job`` (a shell script) inside, and powers off; the job reports through
+    files under :attr:`dir` on hostfs.  ``leases=False`` boots with
+    ``fs.leases-enable=0``: nfsd then grants no delegations.  The UML
+    process group is killed whatever happens.
+    """
+
+    def __init__(self, base: Path, nodes: int = 2) -> None:
+        self.dir = base / "uml"
+        self.nodes = nodes
+        self.mounts = [self.dir / f"mnt{n}" for n in range(1, nodes + 1)]
+
+    def run(self, job: str, *, leases: bool = True, timeout: float = 240.0, mem: str = "1536M") -> str:
+        """Boot, run ``job``, power off; returns the guest's log.  Raises on a boot or mount failure."""
+        d = self.dir
+        shutil.rmtree(d, ignore_errors=True)
+        (d / "export").mkdir(parents=True)
+        for m in self.mounts:
+            m.mkdir()
+        img = d / "export.img"
+        with open(img, "wb") as fh:
+            fh.truncate(4 << 30)
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True, capture_output=True)
+        (d / "init.sh").write_text(_INIT.replace("{dir}", str(d)).replace("{nodes}", str(self.nodes)))
+        (d / "init.sh").chmod(0o755)
+        (d / "nfs-up.sh").write_text(_NFS_UP.replace("{dir}", str(d)).replace("{nodes}", str(self.nodes))
+                                     .replace("{leases}", "" if leases else "sysctl -w fs.leases-enable=0"))
+        (d / "job.sh").write_text(job)
+        with open(d / "console.log", "wb") as console:
+            p = subprocess.Popen(
+                ["linux.uml", f"mem={mem}", "rootfstype=hostfs", "rootflags=/", "rw", f"init={d / 'init.sh'}",
+                 f"ubd0={img}", "con=null", "con0=null"],
+                stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+            finally:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
+                img.unlink(missing_ok=True)
+        log = (d / "guest.log").read_text(errors="replace") if (d / "guest.log").exists() else ""
+        if "NFS-UP" not in log:
+            up = (d / "nfs-up.log").read_text(errors="replace") if (d / "nfs-up.log").exists() else ""
+            raise RuntimeError(f"the UML NFS lab did not come up:\n{log[-2000:]}\n{up[-2000:]}")
+        if "job rc=" not in log:
+            raise RuntimeError(f"the UML job did not finish within {timeout:.0f} s:\n{log[-3000:]}")
+        return log
