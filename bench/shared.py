@@ -201,7 +201,9 @@ def run_shared(count: int, size: int, workdir: Path, out: Path | None) -> int:
     res["ceph"] = subprocess.run(["ceph", "--version"], capture_output=True, text=True).stdout.split()[2]
     base = workdir / "ceph"
     shutil.rmtree(base, ignore_errors=True)
-    cluster = CephCluster(base, clients=3, memstore_bytes=10 << 30)
+    opts = dict(o.split("=", 1) for o in os.environ.get("BENCH_CEPH_CLIENT", "").split(",") if "=" in o)
+    res["client_options"] = opts
+    cluster = CephCluster(base, clients=3, memstore_bytes=10 << 30, client_options=opts)
     _log("starting the Ceph cluster")
     cluster.start()
     try:

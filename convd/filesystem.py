@@ -47,6 +47,7 @@ def probe_filesystem(directory: Path) -> FsTraits:
     return FsTraits(sparse=sparse, block_size=os.statvfs(directory).f_bsize, direct_io=direct)
 
 
+_FUSE_MAGIC = 0x65735546
 # f_type values from linux/magic.h (and fs/smb, fs/ceph for the ones it lacks).
 _MAGIC: dict[int, tuple[str, bool]] = {
     0x6969: ("nfs", True),
@@ -63,7 +64,7 @@ _MAGIC: dict[int, tuple[str, bool]] = {
     0x01161970: ("gfs2", True),
     0x7461636F: ("ocfs2", True),
     0x47504653: ("gpfs", True),
-    0x65735546: ("fuse", True),  # refined by the mount's subtype below
+    _FUSE_MAGIC: ("fuse", True),  # refined by the mount's subtype below
     0xEF53: ("ext4", False),
     0x58465342: ("xfs", False),
     0x9123683E: ("btrfs", False),
@@ -73,7 +74,6 @@ _MAGIC: dict[int, tuple[str, bool]] = {
     0xF2F52010: ("f2fs", False),
 }
 
-_FUSE_MAGIC = 0x65735546
 # FUSE subtypes (mountinfo "fuse.<subtype>") known to be network filesystems.
 _FUSE_SHARED = {
     "glusterfs": "glusterfs", "ceph-fuse": "cephfs", "ceph": "cephfs", "sshfs": "sshfs",

@@ -8,7 +8,7 @@ binds to 127.0.0.1 on ports chosen free, lives under a temporary directory,
 and :meth:`CephCluster.stop` unmounts and kills exactly the processes it
 started, whatever state start-up reached.
 
-Usable from tests (the ``ceph_cluster`` fixture in tests/test_sharedfs.py)
+Usable from tests (the ``ceph`` fixture in tests/test_sharedfs.py)
 and from the benchmark (``bench --shared``).
 """
 
@@ -62,8 +62,10 @@ class CephCluster:
     ``mounts`` lists the mount points once :meth:`start` returns.
     """
 
-    def __init__(self, base: Path, clients: int = 2, memstore_bytes: int = 6 << 30) -> None:
+    def __init__(self, base: Path, clients: int = 2, memstore_bytes: int = 6 << 30,
+                 client_options: dict[str, str] | None = None) -> None:
         self.base = base
+        self.client_options = client_options or {}
         self.dir = base / "ceph"
         self.clients = clients
         self.memstore_bytes = memstore_bytes
@@ -148,7 +150,8 @@ admin socket = {d}/run/$name.asok
 log file = {d}/log/$name.log
 pid file = {d}/run/$name.pid
 keyring = {d}/keyring
-[mon.a]
+[client]
+{"".join(f"{k} = {v}{chr(10)}" for k, v in self.client_options.items())}[mon.a]
 mon data = {d}/mon
 [osd.0]
 osd data = {d}/osd0

@@ -17,7 +17,8 @@ from convd.filesystem import classify, detect_type
 from convd.filesystem import _mount_fstype as mount_fstype
 from convd.pipeline.ledger import SHARED_STALE, Ledger, SharedLedger
 from convd.pipeline.queue import Intake, Writer, writer_state
-from tests.conftest import wait_for
+from conftest import wait_for
+from test_ledger import FakeSpace  # one filesystem's free space, seen by both daemons
 
 MOUNTINFO = """\
 22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
@@ -134,19 +135,6 @@ def test_an_unsure_writer_check_holds_a_file_for_settle_only_on_a_shared_filesys
 # -- the shared space ledger ------------------------------------------------
 
 
-class FakeSpace:
-    """One filesystem's free space, seen by both daemons (statvfs cannot be made to lie)."""
-
-    def __init__(self, free: int) -> None:
-        self._free = free
-
-    def free(self) -> int:
-        return self._free
-
-    def total(self) -> int:
-        return self._free
-
-
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
@@ -157,7 +145,7 @@ GiB = 1 << 30
 
 @pytest.mark.anyio
 async def test_two_daemons_on_one_filesystem_never_spend_the_same_free_bytes(tmp_path):
-    space = FakeSpace(10 * GiB)
+    space = FakeSpace(10 * GiB, 10 * GiB)
     a = Ledger(100 * GiB, GiB, space, shared=SharedLedger(tmp_path, "a"))
     b = Ledger(100 * GiB, GiB, space, shared=SharedLedger(tmp_path, "b"))
     for ledger in (a, b, a):  # start-up and a refresh: each knows the other
@@ -180,7 +168,7 @@ async def test_two_daemons_on_one_filesystem_never_spend_the_same_free_bytes(tmp
 
 @pytest.mark.anyio
 async def test_a_dead_or_stale_daemon_reservations_stop_counting(tmp_path):
-    space = FakeSpace(10 * GiB)
+    space = FakeSpace(10 * GiB, 10 * GiB)
     dead = SharedLedger(tmp_path, "dead")
     dead.workspace = 8 * GiB
     assert dead.update(8 * GiB) == 0
@@ -203,7 +191,7 @@ async def test_a_dead_or_stale_daemon_reservations_stop_counting(tmp_path):
 async def test_on_a_roomy_filesystem_admission_touches_no_shared_file(tmp_path):
     # What fits even if every other daemon filled its whole workspace needs no
     # locked step: on CephFS each one costs seconds of cap traffic.
-    space = FakeSpace(100 * GiB)
+    space = FakeSpace(100 * GiB, 100 * GiB)
     a = Ledger(10 * GiB, GiB, space, shared=SharedLedger(tmp_path, "a"))
     b = Ledger(10 * GiB, GiB, space, shared=SharedLedger(tmp_path, "b"))
     for ledger in (a, b, a):

@@ -202,14 +202,19 @@ def test_status_tells_alive_stale_and_dead_instances_and_what_each_holds(tmp_pat
 # -- end to end, on a local spool: real daemons, a real kill -9 --------------------------
 
 
-def test_a_running_daemon_finishes_a_killed_peer_claims_without_a_restart(tmp_path, daemon_factory):
-    root = tmp_path / "spool"
+def peer_configs(tmp_path: Path, root: Path, **sections: dict) -> dict[str, Path]:
+    """Configs of daemons alpha and beta on one spool, checking each other every second."""
     configs = {}
     for inst in ("alpha", "beta"):
         (tmp_path / inst).mkdir()
         configs[inst] = write_config(tmp_path / inst, spool={"root": str(root), "instance": inst,
-                                                             "takeover_interval": 1},
-                                     convert={"max_workers": 1})
+                                                             "takeover_interval": 1}, **sections)
+    return configs
+
+
+def test_a_running_daemon_finishes_a_killed_peer_claims_without_a_restart(tmp_path, daemon_factory):
+    root = tmp_path / "spool"
+    configs = peer_configs(tmp_path, root, convert={"max_workers": 1})
     alpha = daemon_factory(configs["alpha"])
     beta = daemon_factory(configs["beta"])
     pristine = tmp_path / "pristine"
@@ -240,11 +245,7 @@ def test_a_running_daemon_finishes_a_killed_peer_claims_without_a_restart(tmp_pa
 def test_a_daemon_started_first_adopts_a_peer_that_dies_later(tmp_path, daemon_factory):
     # Take-over while running, not at start: beta is up before alpha dies.
     root = tmp_path / "spool"
-    configs = {}
-    for inst in ("alpha", "beta"):
-        (tmp_path / inst).mkdir()
-        configs[inst] = write_config(tmp_path / inst, spool={"root": str(root), "instance": inst,
-                                                             "takeover_interval": 1})
+    configs = peer_configs(tmp_path, root)
     beta = daemon_factory(configs["beta"])
     beta_started = len(beta.events())
     alpha = daemon_factory(configs["alpha"])
