@@ -26,10 +26,13 @@ system-deps:
 	fi
 
 # The shared-spool tests and `make bench-shared` run a one-node Ceph cluster
-# (ceph-fuse mounts) on loopback; as root on Debian/Ubuntu they are installed
-# here, elsewhere those tests fail saying what to install (they skip when not root).
+# (ceph-fuse mounts) on loopback, and kernel NFS inside User-Mode Linux; as
+# root on Debian/Ubuntu their packages are installed here, elsewhere those
+# tests fail saying what to install (they skip when not root).
 SHAREDFS_TOOLS := ceph-mon:ceph-mon ceph-osd:ceph-osd ceph-mds:ceph-mds ceph-mgr:ceph-mgr \
-                  ceph-fuse:ceph-fuse ceph:ceph-common
+                  ceph-fuse:ceph-fuse ceph:ceph-common linux.uml:user-mode-linux \
+                  rpc.nfsd:nfs-kernel-server rpcbind:rpcbind ip:iproute2 modprobe:kmod \
+                  nsenter:util-linux mkfs.ext4:e2fsprogs
 sharedfs-deps:
 	@missing=""; \
 	for pair in $(SHAREDFS_TOOLS); do \
@@ -38,7 +41,7 @@ sharedfs-deps:
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing:$$missing"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$(echo $$missing | tr ' ' '\n' | sort -u); \
 	  else \
 	    echo "shared-filesystem tests need:$$missing (as root: apt-get install$$missing)" >&2; \
 	  fi; \

@@ -108,8 +108,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "and the take-over time after a kill -9")
     p.add_argument("--shared-count", type=int, default=200, help="images per --shared run")
     p.add_argument("--shared-size", type=parse_size, default=16 * MiB, help="virtual size of each --shared image")
-    p.add_argument("--shared-out", type=Path, default=REPO / "bench" / "out" / "shared.md",
-                   help="markdown file for the --shared table ('-' for none)")
+    p.add_argument("--shared-out", type=Path, default=REPO / "docs" / "benchmarks.md",
+                   help="markdown file whose --shared section is (re)written ('-' for none)")
     p.add_argument("--report-from", type=Path, metavar="RESULTS_JSON",
                    help="measure nothing: render a saved results.json to --out and stdout")
     args = p.parse_args(argv)
@@ -357,7 +357,10 @@ def write_report(results: dict[str, Any], out: Path) -> None:
     print(md)
     if str(out) != "-":
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(report.page(md))
+        from bench.shared import shared_block  # `bench --shared` figures live on the same page
+
+        kept = shared_block(out.read_text()) if out.exists() else ""
+        out.write_text(report.page(md) + ("\n" + kept if kept else ""))
         log(f"wrote {out}")
 
 

@@ -1,7 +1,8 @@
 """``python -m bench --shared``: 1, 2 and 3 daemons on one CephFS spool, and the take-over time.
 
 A one-node Ceph cluster on loopback (tests/sharedfs.py) with one ceph-fuse
-client per daemon, as separate API nodes would mount it.  Each run stages
+client per daemon, as separate API nodes would mount it, and one more for
+the producer and consumer.  Each run stages
 ``--shared-count`` qcow2 images beside the spool, renames them all into
 ``incoming/`` (time zero) and waits until a listing of ``outgoing/`` shows
 every record.  The take-over run kills one of three daemons with SIGKILL
@@ -24,11 +25,32 @@ from typing import Any
 from bench.daemon import Daemon, Spool, parse_ts, write_config
 from bench.machine import describe
 
-__all__ = ["run_shared"]
+__all__ = ["SHARED_BEGIN", "SHARED_END", "run_shared", "shared_block", "splice"]
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 TAKEOVER_INTERVAL = 10.0  # the default [spool] takeover_interval
+
+
+# docs/benchmarks.md keeps the --shared section between these markers; a
+# plain `make bench` rewrites the rest of the page and carries the block over.
+SHARED_BEGIN = "<!-- bench --shared: begin -->"
+SHARED_END = "<!-- bench --shared: end -->"
+
+
+def shared_block(page: str) -> str:
+    """The --shared section of a benchmarks page, markers included ("" if none)."""
+    a, b = page.find(SHARED_BEGIN), page.find(SHARED_END)
+    return page[a:b + len(SHARED_END)] + "\n" if a >= 0 and b > a else ""
+
+
+def splice(path: Path, text: str) -> None:
+    """Put ``text`` as the --shared section of ``path`` (replacing the old one, else appended)."""
+    block = f"{SHARED_BEGIN}\n{text.rstrip()}\n{SHARED_END}\n"
+    page = path.read_text() if path.exists() else ""
+    old = shared_block(page)
+    page = page.replace(old, block) if old else page.rstrip() + "\n\n" + block
+    path.write_text(page)
 
 
 def _log(msg: str) -> None:
@@ -73,6 +95,14 @@ def _start(cluster: Any, root: Path, n: int, conf: Path) -> list[Daemon]:
     return daemons
 
 
+def _producer(cluster: Any, root: Path) -> Spool:
+    """The spool as Glance on another API node sees it: through a client of its own
+    (the last mount), so every daemon reads what it writes across clients."""
+    spool = Spool(cluster.mounts[-1] / root.relative_to(cluster.mounts[0]))
+    spool.create()
+    return spool
+
+
 def _drop(spool: Spool, imgs: list[Path]) -> tuple[list[str], float]:
     names = []
     staged = []
@@ -97,8 +127,7 @@ def _wait(pred: Any, timeout: float, what: str) -> None:
 def _throughput(cluster: Any, imgs: list[Path], size: int, n: int, work: Path) -> dict[str, Any]:
     root = cluster.mounts[0] / f"spool-{n}"
     shutil.rmtree(root, ignore_errors=True)
-    spool = Spool(root)
-    spool.create()
+    spool = _producer(cluster, root)
     daemons = _start(cluster, root, n, work / f"conf-{n}")
     try:
         names, t0 = _drop(spool, imgs)
@@ -119,8 +148,7 @@ def _throughput(cluster: Any, imgs: list[Path], size: int, n: int, work: Path) -
 def _takeover(cluster: Any, imgs: list[Path], work: Path) -> dict[str, Any]:
     root = cluster.mounts[0] / "spool-kill"
     shutil.rmtree(root, ignore_errors=True)
-    spool = Spool(root)
-    spool.create()
+    spool = _producer(cluster, root)
     daemons = _start(cluster, root, 3, work / "conf-kill")
     victim = daemons[0]
     try:
@@ -155,14 +183,20 @@ def _takeover(cluster: Any, imgs: list[Path], work: Path) -> dict[str, Any]:
 def render(res: dict[str, Any]) -> str:
     m = res["machine"]
     lines = [
+        "## Several daemons on one CephFS spool (`make bench-shared`)",
+        "",
         f"Measured {res['started_at']} with `{res['command']}` on {m.get('CPU', '?')}, "
         f"{m.get('cores', '?')}, {m.get('memory', '?')}, {m.get('qemu-img', '?')}, convd {m.get('convd', '?')}; "
         f"load average {res['load'][0]:.2f} at the start and {res['load'][1]:.2f} at the end. **One run on a shared, noisy machine**: other test suites ran at "
         "the same time, so treat the figures as rough.",
         "",
         f"CephFS: a one-node Ceph {res['ceph']} cluster on loopback (mon, mgr, one memstore OSD, one MDS), "
-        "one `ceph-fuse` client per daemon. Each daemon: `max_workers = 2`, sha256 checksums. "
-        f"{res['count']} qcow2 images of {res['size'] // MiB} MiB virtual (half written) → raw.",
+        "one `ceph-fuse` client per daemon and one more for the producer and consumer (Glance on another "
+        "node), so every daemon reads and publishes across clients. Each daemon: `max_workers = 2`, "
+        "sha256 checksums. "
+        f"{res['count']} qcow2 images of {res['size'] // MiB} MiB virtual (half written) → raw."
+        + (f" Ceph options: client {res['client_options']}, mds {res['mds_options']}."
+           if res.get("client_options") or res.get("mds_options") else ""),
         "",
         "| daemons | images | wall s | images/s | virtual MiB/s | claims per daemon | failed |",
         "|---:|---:|---:|---:|---:|---|---:|",
@@ -201,9 +235,11 @@ def run_shared(count: int, size: int, workdir: Path, out: Path | None) -> int:
     res["ceph"] = subprocess.run(["ceph", "--version"], capture_output=True, text=True).stdout.split()[2]
     base = workdir / "ceph"
     shutil.rmtree(base, ignore_errors=True)
-    opts = dict(o.split("=", 1) for o in os.environ.get("BENCH_CEPH_CLIENT", "").split(",") if "=" in o)
-    res["client_options"] = opts
-    cluster = CephCluster(base, clients=3, memstore_bytes=10 << 30, client_options=opts)
+    # Tuning experiments: BENCH_CEPH_CLIENT / BENCH_CEPH_MDS = "option=value,option=value".
+    opts, mds = ({k.strip(): v.strip() for k, _, v in (o.partition("=") for o in os.environ.get(var, "").split(",")) if v}
+                 for var in ("BENCH_CEPH_CLIENT", "BENCH_CEPH_MDS"))
+    res["client_options"], res["mds_options"] = opts, mds
+    cluster = CephCluster(base, clients=4, memstore_bytes=10 << 30, client_options=opts, mds_options=mds)
     _log("starting the Ceph cluster")
     cluster.start()
     try:
@@ -222,5 +258,5 @@ def run_shared(count: int, size: int, workdir: Path, out: Path | None) -> int:
     text = render(res)
     print(text)
     if out is not None:
-        out.write_text(text)
+        splice(out, text)
     return 0

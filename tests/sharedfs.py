@@ -63,9 +63,10 @@ class CephCluster:
     """
 
     def __init__(self, base: Path, clients: int = 2, memstore_bytes: int = 6 << 30,
-                 client_options: dict[str, str] | None = None) -> None:
+                 client_options: dict[str, str] | None = None, mds_options: dict[str, str] | None = None) -> None:
         self.base = base
         self.client_options = client_options or {}
+        self.mds_options = mds_options or {}
         self.dir = base / "ceph"
         self.clients = clients
         self.memstore_bytes = memstore_bytes
@@ -157,6 +158,7 @@ mon data = {d}/mon
 osd data = {d}/osd0
 [mds.a]
 mds data = {d}/mds
+{"".join(f"{k} = {v}{chr(10)}" for k, v in self.mds_options.items())}
 [mgr.x]
 mgr data = {d}/mgr
 """)

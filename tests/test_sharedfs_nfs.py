@@ -41,6 +41,10 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+def ts(stamp: str) -> float:
+    return dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
 def run_job(tmp_path: Path, images: Path, *, leases: bool, kill: bool, settle: float = 1.0) -> dict:
     lab = UmlNfs(tmp_path)
     out = tmp_path / "result.json"
@@ -73,6 +77,9 @@ def test_two_nfs_clients_and_a_kill_minus_9_convert_each_image_once(tmp_path, im
     # node1's unfinished claims, adopted by node2 without a restart, each once.
     assert len({e[2] for e in adopted}) == len(adopted)
     assert {e[2] for e in adopted} <= set(held)
+    if adopted:
+        first = min(ts(e[3]) for e in adopted) - res["killed"]["at"]
+        print(f"NFSv4.2: first adoption {first:.1f} s after kill -9 (takeover_interval 2 s)")
     states = {i["instance"]: i["state"] for i in res["status"]["instances"]}
     assert states["node1"] == "dead" and states["node2"] == "alive"
 
@@ -85,8 +92,7 @@ def test_a_server_without_delegations_does_not_stop_claims(tmp_path, images):
     settle = 1.0
     res = run_job(tmp_path, images, leases=False, kill=False, settle=settle)
     assert_exactly_once_and_identical(res, images)
-    claimed_at = {e[2]: dt.datetime.fromisoformat(e[3].replace("Z", "+00:00")).timestamp()
-                  for e in res["events"] if e[1] == "claimed"}
+    claimed_at = {e[2]: ts(e[3]) for e in res["events"] if e[1] == "claimed"}
     delays = sorted(claimed_at[n] - t for n, t in res["dropped"].items())
     print(f"claim delay after the rename, no delegations: median {delays[len(delays) // 2]:.1f} s, "
           f"max {delays[-1]:.1f} s (settle {settle} s, poll 0.2 s; UML is slow)")
