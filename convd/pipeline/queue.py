@@ -181,20 +181,30 @@ class Intake:
                 if c.size >= 0:
                     c.in_place = True  # it changed under our eyes
                 c.size, c.mtime_ns, c.still_since = st.st_size, st.st_mtime_ns, now
+            # Settle first: a file still settling waits anyway, and the writer
+            # check (a lease, maybe a /proc scan) is asked only of a file
+            # that could go now.
+            if c.in_place and self._settling(c, now):
+                wait = self._sooner(wait, c.still_since + self.settle - now)
+                continue
             writer = writer_state(path, shared=self.shared)
             if writer is Writer.OPEN:
                 c.in_place, c.still_since = True, now
-                retry = max(self.settle, 0.2)
-                wait = retry if wait is None else min(wait, retry)
+                wait = self._sooner(wait, max(self.settle, 0.2))
                 continue
-            if writer is Writer.UNSURE:
+            if writer is Writer.UNSURE and not c.in_place:
                 # Only settle can vouch for it now: it waits as if written
                 # in place, measured from when it last changed, never longer.
                 c.in_place = True
-            if c.in_place:
-                left = c.still_since + self.settle - now
-                if left > 0:
-                    wait = left if wait is None else min(wait, left)
+                if self._settling(c, now):
+                    wait = self._sooner(wait, c.still_since + self.settle - now)
                     continue
             out.append(name)
         return out, wait
+
+    def _settling(self, c: Candidate, now: float) -> bool:
+        return c.still_since + self.settle - now > 0
+
+    @staticmethod
+    def _sooner(wait: float | None, t: float) -> float:
+        return t if wait is None else min(wait, t)
