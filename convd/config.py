@@ -27,6 +27,7 @@ from convd.errors import ConfigError
 
 __all__ = [
     "ALLOWED_SOURCE_FORMATS",
+    "CONTAINER_KINDS",
     "Config",
     "DEFAULT_CONFIG_PATH",
     "DetectConfig",
@@ -44,6 +45,8 @@ DEFAULT_CONFIG_PATH = "/etc/convd/convd.toml"
 TARGET_FORMATS = ("raw", "qcow2", "vmdk", "vdi", "vpc", "vhdx")
 # QED is not listed: the inspector bans it whatever the configuration says.
 ALLOWED_SOURCE_FORMATS = ("raw", "gpt", "iso", "qcow2", "vmdk", "vdi", "vpc", "vhdx")
+# Containers convd unpacks (an extension key, [convert] containers; see convd/containers.py).
+CONTAINER_KINDS = ("gzip", "xz", "zstd", "bzip2", "tar", "ova")
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -118,6 +121,7 @@ class SpoolConfig:
 class ConvertConfig:
     target_format: str = "raw"
     allowed_formats: tuple[str, ...] = ALLOWED_SOURCE_FORMATS
+    containers: tuple[str, ...] = CONTAINER_KINDS  # unpacked; any other is unsupported_format
     max_workers: int = 2
     timeout: float = 6 * 3600.0
     max_attempts: int = 3
@@ -275,6 +279,10 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
             raise ConfigError(
                 f"[convert] allowed_formats: {fmt!r} is not one of {', '.join(ALLOWED_SOURCE_FORMATS)}"
             )
+    kinds = _str_list("convert", "containers", c.get("containers", list(d.containers)))
+    for kind in kinds:
+        if kind not in CONTAINER_KINDS:
+            raise ConfigError(f"[convert] containers: {kind!r} is not one of {', '.join(CONTAINER_KINDS)}")
     workers = _expect("convert", "max_workers", c.get("max_workers", d.max_workers), int, "an integer")
     if not 1 <= workers <= 256:
         raise ConfigError(f"[convert] max_workers: must be between 1 and 256, got {workers}")
@@ -296,7 +304,7 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
                 raise ConfigError(f"[convert] qemu_args.{fmt}: {a!r} is set by convd and cannot be overridden")
         qargs.append((fmt, args))
     convert = ConvertConfig(
-        target_format=target, allowed_formats=allowed, max_workers=workers, timeout=timeout,
+        target_format=target, allowed_formats=allowed, containers=kinds, max_workers=workers, timeout=timeout,
         max_attempts=attempts, retry_backoff=backoff, qemu_args=tuple(qargs),
     )
 

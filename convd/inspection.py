@@ -19,6 +19,7 @@ from typing import Any
 
 from oslo_utils.imageutils import format_inspector as fi
 
+from convd import containers
 from convd.errors import CorruptImage, NotRegularFile, Stopped, UnsafeImage, UnsupportedFormat
 
 __all__ = ["RAW_FAMILY", "Inspection", "inspect_fd", "inspect_path", "open_regular"]
@@ -188,6 +189,10 @@ def inspect_fd(fd: int, *, stop: threading.Event | None = None, limit: int | Non
 def inspect_path(path: str | os.PathLike[str]) -> Inspection:
     fd = open_regular(path)
     try:
+        # A container is reported for what it is (convd unpacks it; qemu-img must not see it).
+        if (found := containers.plan(fd)) is not None:
+            raise UnsupportedFormat(f"{found.description}, not a disk image; convd unpacks it and "
+                                    "checks the disk inside", detected="+".join(found.kinds))
         return inspect_fd(fd)
     finally:
         os.close(fd)

@@ -97,7 +97,7 @@ class Monitor:
                 {"name": i.name, "stage": i.stage.value, "progress": round(i.progress, 4),
                  "eta": None if i.eta() is None else round(i.eta() or 0, 1),
                  "source_format": i.source.get("format"), "virtual_size": i.source.get("virtual_size"),
-                 "reserved": i.reservation.size if i.reservation else 0,
+                 "reserved": sum(r.size for r in (i.reservation, i.unpack_reservation) if r is not None),
                  "attempts": i.claim.attempts, "elapsed": round(now - i.started, 3)}
                 for i in self.ctx.items.values()
             ],

@@ -20,6 +20,7 @@ __all__ = ["Item", "Stage"]
 
 
 class Stage(str, enum.Enum):
+    UNPACK = "unpack"
     DETECT = "detect"
     RESERVE = "reserve"
     CONVERT = "convert"
@@ -32,12 +33,16 @@ class Stage(str, enum.Enum):
 class Item:
     claim: Claim
     cfg: Config  # the config in force when it was claimed (SIGHUP applies to later items)
-    stage: Stage = Stage.DETECT
+    stage: Stage = Stage.UNPACK
     inspection: Inspection | None = None
     source: dict[str, Any] = field(default_factory=dict)
+    # What unpacking a container learnt ({"container": [...], "member": ..., "size":
+    # the dropped file's}); it overrides ``source``'s keys in the record.
+    container: dict[str, Any] | None = None
     passthrough: bool = False
     estimate: int = 0
     reservation: Reservation | None = None
+    unpack_reservation: Reservation | None = None  # the unpacked disk's bytes, until the item ends
     progress: float = 0.0
     started: float = field(default_factory=time.monotonic)
     convert_started: float | None = None

@@ -275,6 +275,27 @@ class Ledger:
             raise
         return r
 
+    def resize(self, key: str, size: int) -> bool:
+        """Change an admitted reservation to ``size`` bytes, at once or not at all.
+
+        Shrinking always succeeds (and may admit waiters).  Growing succeeds
+        only while the extra bytes are available now: it never queues, so
+        two reservations growing together cannot wait on each other.  Used
+        for outputs whose size is learnt as they are written (unpacking).
+        """
+        r = self.active.get(key)
+        if r is None:
+            return False
+        extra = size - r.size
+        if extra > 0 and extra > self.available():
+            return False
+        r.size = size
+        if extra < 0:
+            self.admit()
+        elif self._on_change:
+            self._on_change()
+        return True
+
     def release(self, key: str) -> None:
         if self.active.pop(key, None) is not None:
             self.admit()

@@ -5,6 +5,8 @@ Layout under ``work/``: one claim directory per daemon instance
 one), and in it one directory per item (``work/<instance>/<NAME>/``) holding
 
 * ``source``       the original bytes, until the result is durable;
+* ``unpacked``     the disk unpacked from a container (gzip, xz, tar, OVA, …),
+                   when ``source`` is one; rewritten from ``source`` after a crash;
 * ``output``       qemu-img's output while it is being written;
 * ``item.json``    attempts so far;
 * ``record.json``  the final record and destination, written durably just
@@ -55,6 +57,7 @@ log = structlog.get_logger("convd.spool")
 
 IGNORED_SUFFIXES = (".part", ".tmp")
 SOURCE, OUTPUT, ITEM, RECORD = "source", "output", "item.json", "record.json"
+UNPACKED = "unpacked"
 # Another instance's temp in outgoing/ or failed/ older than this is abandoned.
 STALE_TEMP_AGE = 3600.0
 
@@ -133,10 +136,22 @@ class Claim:
     attempts: int = 0
     pending: dict[str, Any] | None = None  # record.json, when only the handoff is left
     source_path: Path | None = None  # `convd convert`: the user's file, left where it is
+    unpacked: Path | None = None  # the disk unpacked from a container source, once written
+
+    @property
+    def dropped(self) -> Path:
+        """The file as it was dropped (the bytes ``failed/`` keeps)."""
+        return self.source_path or self.dir / SOURCE
 
     @property
     def source(self) -> Path:
-        return self.source_path or self.dir / SOURCE
+        """The disk the stages read: the unpacked one when the drop was a container."""
+        return self.unpacked or self.dropped
+
+    @property
+    def source_payload(self) -> str:
+        """The file a passthrough publishes."""
+        return UNPACKED if self.unpacked else SOURCE
 
     @property
     def output(self) -> Path:
@@ -312,13 +327,15 @@ class Spool:
             if leftover.startswith(".") and leftover.endswith(durable.TEMP_SUFFIX):
                 os.unlink(claim.dir / leftover)
         if claim.pending is None:
-            if not os.path.lexists(claim.source):
+            if not os.path.lexists(claim.dropped):
                 log.warning("empty claim removed", item=claim.name)
                 durable.remove_tree(claim.dir)
                 return None
-            # Mid-convert at the crash: the partial output is worthless.
-            if os.path.lexists(claim.output):
-                os.unlink(claim.output)
+            # Mid-convert at the crash: the partial output is worthless;
+            # an unpacked disk may be partial too, and is unpacked again.
+            for partial in (claim.output, claim.dir / UNPACKED):
+                if os.path.lexists(partial):
+                    os.unlink(partial)
         return claim
 
     def load_claim(self, name: str) -> Claim:
@@ -392,13 +409,16 @@ class Spool:
                                               "updated_at": time.time()}, replace=True, sync=False)
 
     def discard_output(self, claim: Claim) -> None:
-        """Remove a partial output; never one whose handoff is staged (recovery owns it)."""
+        """Remove a partial output and any unpacked disk; never one whose handoff is
+        staged (recovery owns it)."""
         if claim.pending is not None:
             return
-        try:
-            os.unlink(claim.output)
-        except FileNotFoundError:
-            pass
+        for path in (claim.output, claim.dir / UNPACKED):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        claim.unpacked = None
 
     # -- handoff ----------------------------------------------------------
 
@@ -477,7 +497,7 @@ class Spool:
         handoff; were it gone first, a surviving ``source`` would be converted
         a second time.
         """
-        for name in (SOURCE, OUTPUT, ITEM, RECORD):
+        for name in (SOURCE, UNPACKED, OUTPUT, ITEM, RECORD):
             try:
                 os.unlink(claim.dir / name)
             except FileNotFoundError:

@@ -15,7 +15,7 @@ from convd.checksum import digest_file
 from convd.errors import NameConflict, UnsafeImage
 from convd.inspection import RAW_FAMILY, inspect_fd
 from convd.pipeline.item import Item, Stage
-from convd.pipeline.spool import OUTPUT, SOURCE
+from convd.pipeline.spool import OUTPUT
 
 if TYPE_CHECKING:
     from convd.pipeline.context import Context
@@ -75,7 +75,7 @@ async def publish(item: Item, ctx: Context) -> Stage:
     claim = item.claim
     if ctx.spool.output_taken(item.name):
         raise NameConflict(f"outgoing/{item.name} already exists")
-    payload = SOURCE if item.passthrough else OUTPUT
+    payload = claim.source_payload if item.passthrough else OUTPUT
     path = claim.source if item.passthrough else claim.output
     target = await anyio.to_thread.run_sync(_finish_output, str(path), item, ctx)
     item.timings["publish"] += time.monotonic() - t0
