@@ -69,6 +69,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--settle", type=float, default=1.0)
     ap.add_argument("--kill", action="store_true", help="kill -9 node1's daemon while it holds claims")
+    ap.add_argument("--cut", action="store_true",
+                    help="with --kill: first cut node1 off the network (its node dies; the server's lease on its lock must expire)")
     args = ap.parse_args()
     roots = [m / "spool" for m in args.mounts]
     for d in ("incoming", "work", "outgoing", "failed"):
@@ -106,10 +108,22 @@ def main() -> int:
                 if time.monotonic() > deadline:
                     raise RuntimeError("node1 claimed nothing")
                 time.sleep(0.02)
+            held = sorted(n for n in os.listdir(vdir) if not n.startswith("."))
+            if args.cut:
+                # The node dies: its link goes down first, so its NFS client can
+                # neither release the lock nor finish anything; the killed
+                # daemon hangs in D state until the link comes back.
+                subprocess.run(["ip", "-n", "node1", "link", "set", "n1", "down"], check=True)
             os.killpg(procs[0].pid, signal.SIGKILL)
+            result["killed"] = {"at": time.time(), "held": held, "cut": args.cut}
+            if args.cut:
+                names_left = set(held)
+                deadline = time.monotonic() + 120
+                while not records(roots[1]) >= names_left and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                result["killed"]["published_after"] = round(time.time() - result["killed"]["at"], 1)
+                subprocess.run(["ip", "-n", "node1", "link", "set", "n1", "up"], check=True)
             procs[0].wait()
-            result["killed"] = {"at": time.time(),
-                                "held": sorted(n for n in os.listdir(vdir) if not n.startswith("."))}
         deadline = time.monotonic() + 150
         # A listing, as consumers on NFS must: stat() may see new names 30 s late.
         while not records(roots[1]) >= names and time.monotonic() < deadline:

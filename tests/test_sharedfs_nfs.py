@@ -45,12 +45,13 @@ def ts(stamp: str) -> float:
     return dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
-def run_job(tmp_path: Path, images: Path, *, leases: bool, kill: bool, settle: float = 1.0) -> dict:
+def run_job(tmp_path: Path, images: Path, *, leases: bool, kill: bool, cut: bool = False,
+            settle: float = 1.0) -> dict:
     lab = UmlNfs(tmp_path)
     out = tmp_path / "result.json"
     job = (f"cd {REPO} && {sys.executable} {REPO / 'tests' / 'nfs_job.py'} --mounts {lab.mounts[0]} "
            f"{lab.mounts[1]} --images {images} --workdir {tmp_path / 'job'} --out {out} --settle {settle}"
-           + (" --kill" if kill else ""))
+           + (" --kill" if kill else "") + (" --cut" if cut else ""))
     log = lab.run(job, leases=leases, timeout=280)
     assert out.exists(), log[-3000:]
     return json.loads(out.read_text())
@@ -96,3 +97,19 @@ def test_a_server_without_delegations_does_not_stop_claims(tmp_path, images):
     delays = sorted(claimed_at[n] - t for n, t in res["dropped"].items())
     print(f"claim delay after the rename, no delegations: median {delays[len(delays) // 2]:.1f} s, "
           f"max {delays[-1]:.1f} s (settle {settle} s, poll 0.2 s; UML is slow)")
+
+
+def test_a_dead_node_claims_move_once_the_server_lease_on_its_lock_expires(tmp_path, images):
+    # node1 is cut off the network, then its daemon killed: its NFS client
+    # cannot release the lock, so the server keeps it for the lease time
+    # (10 s in the lab, 90 s by default); node2 adopts after that, plus at
+    # most one takeover_interval (2 s here), without a restart.
+    res = run_job(tmp_path, images, leases=True, kill=True, cut=True)
+    assert_exactly_once_and_identical(res, images)
+    held = res["killed"]["held"]
+    adopted = [e for e in res["events"] if e[1] == "adopted an item of a stopped instance"]
+    assert {e[2] for e in adopted} <= set(held) and len({e[2] for e in adopted}) == len(adopted)
+    if adopted:
+        first = min(ts(e[3]) for e in adopted) - res["killed"]["at"]
+        print(f"NFSv4.2 node loss (lease 10 s): first adoption {first:.1f} s after the cut, "
+              f"its {len(held)} claims published {res['killed']['published_after']} s after")
