@@ -146,7 +146,9 @@ def assert_exactly_once_and_identical(root: Path, images: dict[str, Path], daemo
 def test_three_daemons_on_cephfs_convert_each_image_exactly_once(ceph, nodes, tmp_path):
     images = make_images(tmp_path, 60, "batch")
     daemons = [n.start() for n in nodes]
-    assert all('"filesystem": "fuse.ceph-fuse"' in d.log() and '"polling": true' in d.log() for d in daemons)
+    for d in daemons:  # found shared: polling, and no O_DIRECT through FUSE
+        assert '"filesystem": "fuse.ceph-fuse"' in d.log() and '"polling": true' in d.log()
+        assert '"direct_io": false' in d.log()
     drop_all(images, nodes)
     wait_for(lambda: set(records(nodes[0].root)) >= set(images), timeout=240, interval=0.5,
              what="60 records on CephFS")

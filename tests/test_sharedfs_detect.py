@@ -48,6 +48,14 @@ def test_filesystem_kind_and_sharing_come_from_magic_and_mount_type(magic, fstyp
     assert (fs.kind, fs.shared) == (kind, shared)
 
 
+def test_fuse_filesystems_are_known_as_fuse_whatever_they_serve():
+    # convd writes without O_DIRECT through FUSE (ceph-fuse left stale pages behind it).
+    assert classify(0x65735546, "fuse.ceph-fuse").fuse
+    assert classify(0x65735546, "fuse.fuse-overlayfs").fuse
+    assert not classify(0x00C36400, "ceph").fuse
+    assert not classify(0xEF53, "ext4").fuse
+
+
 def test_the_deepest_mount_holding_a_path_gives_its_type(tmp_path):
     assert mount_fstype(Path("/srv/spool/incoming"), MOUNTINFO) == "nfs4"
     assert mount_fstype(Path("/srv/spool/local/x"), MOUNTINFO) == "tmpfs"
