@@ -54,7 +54,8 @@ class Daemon:
         self.ctx: Context | None = None
         self.monitor = Monitor(lambda: self.cfg, self.spool, self.intake, self.metrics, self.notifier)
         self.watcher = Watcher(cfg.spool.incoming, self.spool, self.intake,
-                               force_polling=cfg.watch.force_polling, stopping=self.stopping,
+                               force_polling=bool(cfg.watch.force_polling),  # auto: decided in _run
+                               stopping=self.stopping,
                                on_change=self._kick)
 
     # -- signals ---------------------------------------------------------
