@@ -105,6 +105,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md",
                    help="markdown file to (over)write with the latest table; '-' for none")
     p.add_argument("--keep-images", action="store_true", help="keep the image set for the next run")
+    p.add_argument("--shared", action="store_true",
+                   help="instead: 1, 2 and 3 daemons on one CephFS spool (a Ceph cluster on loopback, root), "
+                        "and the take-over time after a kill -9")
+    p.add_argument("--shared-count", type=int, default=200, help="images per --shared run")
+    p.add_argument("--shared-size", type=parse_size, default=16 * MiB, help="virtual size of each --shared image")
+    p.add_argument("--shared-out", type=Path, default=REPO / "docs" / "benchmarks.md",
+                   help="markdown file whose --shared section is (re)written ('-' for none)")
     p.add_argument("--report-from", type=Path, metavar="RESULTS_JSON",
                    help="measure nothing: render a saved results.json to --out and stdout")
     args = p.parse_args(argv)
@@ -387,12 +394,20 @@ def write_report(results: dict[str, Any], out: Path) -> None:
     print(md)
     if str(out) != "-":
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(report.page(md))
+        from bench.shared import shared_block  # `bench --shared` figures live on the same page
+
+        kept = shared_block(out.read_text()) if out.exists() else ""
+        out.write_text(report.page(md) + ("\n" + kept if kept else ""))
         log(f"wrote {out}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.shared:
+        from bench.shared import run_shared
+
+        out = None if str(args.shared_out) == "-" else args.shared_out
+        return run_shared(args.shared_count, args.shared_size, args.workdir.resolve(), out)
     if args.report_from:
         write_report(json.loads(args.report_from.read_text()), args.out)
         return 0

@@ -113,6 +113,8 @@ class SpoolConfig:
     # Names this daemon's claim directory under work/; several daemons on one
     # spool need distinct ones.  Defaults to the host name.
     instance: str = ""
+    # Seconds between checks of the other instances' locks (live take-over).
+    takeover_interval: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,8 @@ class LimitsConfig:
 @dataclass(frozen=True)
 class WatchConfig:
     settle: float = 2.0
-    force_polling: bool = False
+    # None: chosen at start-up (polling on a shared filesystem, inotify otherwise).
+    force_polling: bool | None = None
     rescan_interval: float = 30.0
 
 
@@ -259,7 +262,10 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
         outgoing=path(s["outgoing"], "outgoing") if "outgoing" in s else root / "outgoing",
         failed=path(s["failed"], "failed") if "failed" in s else root / "failed",
         instance=instance,
+        takeover_interval=parse_duration(s.get("takeover_interval", SpoolConfig.takeover_interval),
+                                         "[spool] takeover_interval"),
     )
+    _positive("spool", "takeover_interval", spool.takeover_interval)
     dirs = [spool.incoming, spool.work, spool.outgoing, spool.failed]
     if len(set(dirs)) != 4:
         raise ConfigError("[spool]: incoming, work, outgoing and failed must be four different directories")
@@ -333,7 +339,7 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
     _positive("watch", "rescan_interval", rescan)
     watch = WatchConfig(
         settle=parse_duration(w.get("settle", wd.settle), "[watch] settle"),
-        force_polling=_expect("watch", "force_polling", w.get("force_polling", wd.force_polling), bool, "true or false"),
+        force_polling=_polling(w.get("force_polling", "auto")),
         rescan_interval=rescan,
     )
 
@@ -362,6 +368,13 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
 
     return Config(spool=spool, convert=convert, detect=detect, limits=limits, watch=watch,
                   checksum=checksum, log=log, metrics=metrics)
+
+
+def _polling(value: Any) -> bool | None:
+    """``[watch] force_polling``: true, false, or "auto" (the default) for None."""
+    if value == "auto":
+        return None
+    return _expect("watch", "force_polling", value, bool, 'true, false or "auto"')
 
 
 def load(path: str | os.PathLike[str]) -> Config:
@@ -393,6 +406,8 @@ def dump(cfg: Config) -> dict[str, Any]:
     """The effective configuration as plain data (for ``check-config``)."""
 
     def plain(v: Any) -> Any:
+        if v is None:
+            return "auto"  # the only None in the tree: [watch] force_polling
         if isinstance(v, Path):
             return str(v)
         if isinstance(v, tuple):

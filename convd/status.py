@@ -1,16 +1,96 @@
-"""``convd status``: read the daemon's snapshot and the spool, render for people or scripts."""
+"""``convd status``: read the daemon's snapshot and the spool, render for people or scripts.
+
+On a spool shared by several daemons it also shows every instance under
+``work/`` (see :func:`instances`): whether it runs, what it holds, so an
+operator or the Glance plugin can tell which node has an item.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from convd.config import Config, format_size
-from convd.pipeline.spool import is_candidate_name
+from convd.monitor import STATUS_FILE
+from convd.pipeline.spool import instance_lock_state, is_candidate_name
 
-__all__ = ["read_status", "render"]
+__all__ = ["HEARTBEAT_STALE", "instances", "locate", "read_status", "render"]
+
+# A running daemon rewrites work/<instance>/.status.json every second; one not
+# rewritten for this long (seconds) is hung, or its node is cut off.
+HEARTBEAT_STALE = 30.0
+
+
+def instances(work: Path, now: float | None = None, *, probe_locks: bool = True) -> list[dict[str, Any]]:
+    """Every instance with a directory under ``work/``, sorted by name.
+
+    Each is ``{"instance", "state", "host", "pid", "heartbeat_age", "items",
+    "in_flight"}``.  ``state`` is ``alive`` (its lock is held and its
+    heartbeat, the status file's ``updated_at``, is under
+    ``HEARTBEAT_STALE`` seconds old), ``stale`` (lock held, heartbeat old:
+    hung, or its node cut off while the filesystem still honours its lock),
+    or ``dead`` (lock free: its items are adopted by a live instance within
+    ``[spool] takeover_interval``).  ``items`` names the item directories it
+    holds; ``in_flight`` is its own account of them (stage, progress) while
+    alive.  ``probe_locks=False`` judges by the heartbeat alone; the lock
+    probe goes through the instance's ``.adopt`` door and never disturbs a
+    starting daemon.  Heartbeat ages compare clocks of different nodes:
+    keep them in step (NTP).
+    """
+    now = time.time() if now is None else now
+    out = []
+    try:
+        entries = sorted(os.scandir(work), key=lambda e: e.name)
+    except FileNotFoundError:
+        return []
+    for e in entries:
+        if e.name.startswith(".") or not e.is_dir(follow_symlinks=False):
+            continue
+        d = Path(e.path)
+        try:
+            snap = json.loads((d / STATUS_FILE).read_bytes())
+        except (OSError, ValueError):
+            snap = None
+        try:
+            items = sorted(n.name for n in os.scandir(d) if not n.name.startswith(".") and n.is_dir())
+        except OSError:
+            items = []
+        age = now - float(snap.get("updated_at", 0)) if snap else None
+        fresh = age is not None and age < HEARTBEAT_STALE
+        lock = instance_lock_state(d) if probe_locks else None
+        if lock == "free":
+            state = "dead"
+        elif fresh:
+            state = "alive"
+        else:
+            state = "stale" if lock == "held" or snap else "dead"
+        out.append({
+            "instance": e.name, "state": state,
+            "host": snap.get("host") if snap else None, "pid": snap.get("pid") if snap else None,
+            "heartbeat_age": None if age is None else round(age, 1),
+            "items": items,
+            "in_flight": snap.get("in_flight", []) if snap and state == "alive" else [],
+        })
+    return out
+
+
+def locate(cfg: Config, name: str, insts: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """Where item ``name`` is: ``{"where": "incoming" | "work" | "outgoing" | "failed",
+    "instance": ..., "state": ...}`` (instance and state only in work/), or None."""
+    sp = cfg.spool
+    if os.path.lexists(sp.outgoing / f"{name}.json"):
+        return {"where": "outgoing"}
+    if os.path.lexists(sp.failed / f"{name}.json"):
+        return {"where": "failed"}
+    for inst in instances(sp.work) if insts is None else insts:
+        if name in inst["items"]:
+            return {"where": "work", "instance": inst["instance"], "state": inst["state"]}
+    if os.path.lexists(sp.incoming / name):
+        return {"where": "incoming"}
+    return None
 
 
 def _count(path: os.PathLike[str] | str, records: bool = False) -> int | None:
@@ -28,7 +108,7 @@ def _count(path: os.PathLike[str] | str, records: bool = False) -> int | None:
 def read_status(cfg: Config) -> dict[str, Any]:
     """The daemon's snapshot (if one is running) plus what the spool directories hold."""
     sp = cfg.spool
-    snap_path = sp.work / sp.instance / ".status.json"
+    snap_path = sp.work / sp.instance / STATUS_FILE
     error = None
     try:
         snap = json.loads(snap_path.read_bytes())
@@ -50,6 +130,7 @@ def read_status(cfg: Config) -> dict[str, Any]:
         "error": error,
         "running": running,
         "daemon": snap,
+        "instances": instances(sp.work),
         "spool": {
             "root": str(sp.root),
             "incoming": _count(sp.incoming),
@@ -74,7 +155,23 @@ def render(st: dict[str, Any], now: float) -> str:
     d = st.get("daemon")
     if not st["running"] or not d:
         lines.append("daemon: not running" + (" (stale snapshot)" if d else ""))
-        return "\n".join(lines)
+    else:
+        lines += _render_daemon(d, now)
+    insts = st.get("instances") or []
+    own = d.get("instance") if d else None
+    if any(i["instance"] != own for i in insts):
+        lines.append("instances on this spool:")
+        for i in insts:
+            where = f"{i['host'] or '?'} pid {i['pid'] or '?'}"
+            beat = "" if i["heartbeat_age"] is None else f", heartbeat {i['heartbeat_age']:.0f} s ago"
+            held = f", holds {len(i['items'])}: {', '.join(i['items'][:8])}" + (" …" if len(i["items"]) > 8 else "") \
+                if i["items"] else ""
+            lines.append(f"  {i['instance']:<20} {i['state']:<5}  {where}{beat}{held}")
+    return "\n".join(lines)
+
+
+def _render_daemon(d: dict[str, Any], now: float) -> list[str]:
+    lines = []
     c = d["counters"]
     lines.append(f"daemon: pid {d['pid']}, instance {d['instance']}, up {now - d['started_at']:.0f} s, "
                  f"target {d['target_format']}, {d['max_workers']} workers")
@@ -90,4 +187,4 @@ def render(st: dict[str, Any], now: float) -> str:
                      f"{eta}  {i.get('source_format') or '?'}")
     if d.get("stuck"):
         lines.append(f"stuck (internal error, retried with backoff): {', '.join(d['stuck'])}")
-    return "\n".join(lines)
+    return lines

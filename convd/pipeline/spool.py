@@ -14,6 +14,15 @@ one), and in it one directory per item (``work/<instance>/<NAME>/``) holding
 
 An item's stage can be read off its files: no ``record.json`` means it is
 converted (again) from ``source``; with one, only the handoff remains.
+
+Take-over: each ``work/<instance>/`` has two lock files.  ``.lock`` is held
+(``flock``, exclusive) by its daemon for as long as it runs.  ``.adopt`` is
+the door to it: whoever wants to look at ``.lock`` (a survivor checking
+whether the instance is alive, ``convd status``, or the owner itself at
+start-up) takes ``.adopt`` first.  A survivor that finds ``.lock`` free
+keeps both while it moves the items into its own directory, so exactly one
+survivor adopts them, and an owner starting meanwhile waits at the door
+(``ADOPT_WAIT``) instead of taking a prober's brief hold for a running twin.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import fcntl
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +48,7 @@ __all__ = [
     "IGNORED_SUFFIXES",
     "Claim",
     "Spool",
+    "instance_lock_state",
     "is_candidate_name",
     "name_fits",
     "name_refused",
@@ -52,6 +63,53 @@ UNPACKED = "unpacked"
 STALE_TEMP_AGE = 3600.0
 
 
+LOCK, ADOPT = ".lock", ".adopt"
+# How long a starting daemon waits while a peer holds its door (a liveness
+# probe takes milliseconds; adopting many items on a slow filesystem, longer).
+ADOPT_WAIT = 60.0
+
+
+def _try_flock(path: Path) -> int | None:
+    """An fd holding an exclusive flock on ``path`` (created if need be), or None if it is held.
+
+    flock, not fcntl locks: NFS emulates it with a whole-file POSIX lock and
+    ceph-fuse passes it to the MDS, so it excludes across clients on every
+    shared filesystem tested; nothing else may lock these files.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def instance_lock_state(instance_dir: Path) -> str | None:
+    """Whether the daemon of ``work/<instance>/`` runs: ``"held"``, ``"free"``,
+    or None when the door is taken (a peer is looking or adopting, or the
+    owner is starting: ask again).  Holds the locks for microseconds only."""
+    try:
+        door = _try_flock(instance_dir / ADOPT)
+    except OSError:
+        return None
+    if door is None:
+        return None
+    try:
+        fd = _try_flock(instance_dir / LOCK)
+        if fd is None:
+            return "held"
+        os.close(fd)
+        return "free"
+    except OSError:
+        return None
+    finally:
+        os.close(door)
+
+
 # NAME.json and failed/NAME.N.json must fit in NAME_MAX (255 bytes).
 MAX_NAME_BYTES = 255 - len(".json") - len(".999")
 
@@ -59,6 +117,10 @@ MAX_NAME_BYTES = 255 - len(".json") - len(".999")
 def is_candidate_name(name: str) -> bool:
     """Producers write under a dot-name or ``*.part``/``*.tmp`` and rename in."""
     return bool(name) and not name.startswith(".") and not name.endswith(IGNORED_SUFFIXES)
+
+
+def _is_item(entry: os.DirEntry[str]) -> bool:
+    return not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False)
 
 
 def name_fits(name: str) -> bool:
@@ -119,6 +181,10 @@ class Spool:
         self.work = cfg.work
         self.claims = cfg.work / cfg.instance
         self._lock_fd: int | None = None
+        # claim() and take_over() both make entries in claims/: never at once
+        # (they run in worker threads), so an adopted item never lands on the
+        # directory of a claim being made.
+        self._claims_guard = threading.Lock()
 
     # -- start-up --------------------------------------------------------
 
@@ -133,16 +199,34 @@ class Spool:
         if len(set(devs.values())) != 1:
             listing = ", ".join(f"{d} (device {dev})" for d, dev in devs.items())
             raise ConfigError(f"[spool]: all spool directories must be on one filesystem; got {listing}")
-        fd = os.open(self.claims / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._lock_fd = self._take_own_lock()
+
+    def _take_own_lock(self) -> int:
+        """``work/<instance>/.lock``, entered through ``.adopt`` (see the module docstring).
+
+        Raises ConfigError when a running daemon has the same instance name.
+        """
+        deadline = time.monotonic() + ADOPT_WAIT
+        waited = False
+        while (door := _try_flock(self.claims / ADOPT)) is None:
+            if time.monotonic() > deadline:
+                raise ConfigError(
+                    f"instance {self.cfg.instance!r}: {self.claims / ADOPT} has been held for {ADOPT_WAIT:.0f} s"
+                    " (a peer adopting this instance's items?); try again")
+            if not waited:
+                log.info("a peer is checking or adopting this instance; waiting", instance=self.cfg.instance)
+                waited = True
+            time.sleep(0.05)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+            fd = _try_flock(self.claims / LOCK)
+        finally:
+            os.close(door)
+        if fd is None:
+            # Behind the door, only a running daemon holds .lock.
             raise ConfigError(
                 f"another convd with instance {self.cfg.instance!r} is running on {self.work}"
-                " (set [spool] instance to tell daemons apart)"
-            ) from None
-        self._lock_fd = fd
+                " (set [spool] instance to tell daemons apart)")
+        return fd
 
     def close(self) -> None:
         if self._lock_fd is not None:
@@ -152,14 +236,14 @@ class Spool:
     def sweep_temp(self) -> int:
         """Remove stale durable-write temp files convd left in its own directories.
 
-        outgoing/ and failed/ are shared: there, only this instance's temps
+        outgoing/, failed/ and work/ (the shared ledger) are shared: there, only this instance's temps
         (``@instance``) go at once; another's may be a write in progress,
         and is swept only once it is surely abandoned.
         """
         n = 0
         now = time.time()
         own = re.compile(rf"@{re.escape(self.cfg.instance)}\.[0-9a-f]{{8}}{re.escape(durable.TEMP_SUFFIX)}$")
-        for d in (self.outgoing, self.failed, self.claims):
+        for d in (self.outgoing, self.failed, self.work, self.claims):
             for entry in os.scandir(d):
                 if not (entry.name.startswith(".") and entry.name.endswith(durable.TEMP_SUFFIX)):
                     continue
@@ -173,65 +257,102 @@ class Spool:
                 n += 1
         return n
 
-    def adopt_orphans(self) -> int:
-        """Take over the items of instances that no longer run (their lock is free).
+    def peers(self) -> list[str]:
+        """The other instances that have a directory under ``work/``."""
+        return sorted(e.name for e in os.scandir(self.work)
+                      if e.name != self.cfg.instance and not e.name.startswith(".")
+                      and e.is_dir(follow_symlinks=False))
 
-        A renamed host or a container with a new name must not strand what a
-        crashed daemon had claimed under the old name.
+    def take_over(self) -> tuple[list[Claim], list[str]]:
+        """Adopt the items of every other instance whose daemon no longer runs.
+
+        Called at start-up and then every ``[spool] takeover_interval``: a
+        peer whose ``.lock`` is free (its process died, or its node's lease
+        on the lock expired) has its items moved into this instance's
+        directory and returned, ready to run (as :meth:`recover` leaves
+        them).  Also returns the instances found stopped.  Exactly one
+        survivor adopts a given item: it holds the peer's ``.adopt`` and
+        ``.lock`` while it moves them, and a rename has one winner anyway.
+        An instance directory without items is not probed at all.
         """
-        adopted = 0
-        for entry in os.scandir(self.work):
-            if entry.name == self.cfg.instance or not entry.is_dir(follow_symlinks=False):
-                continue
+        names: list[str] = []
+        stopped: list[str] = []
+        for peer in self.peers():
+            pdir = self.work / peer
             try:
-                fd = os.open(os.path.join(entry.path, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue  # that instance is running
-            try:
-                for item in os.scandir(entry.path):
-                    if item.name.startswith(".") or not item.is_dir(follow_symlinks=False):
+                with os.scandir(pdir) as it:
+                    if not any(_is_item(e) for e in it):
                         continue
-                    try:
-                        os.rename(item.path, self.claims / item.name)  # fails if ours has that name
-                        adopted += 1
-                        log.warning("adopted an item of a stopped instance", item=item.name,
-                                    instance=entry.name)
-                    except OSError as exc:
-                        log.error("cannot adopt an item of a stopped instance", item=item.name,
-                                  instance=entry.name, error=exc.strerror)
+                door = _try_flock(pdir / ADOPT)
+            except OSError:
+                continue  # vanished or unreadable: nothing of ours
+            if door is None:
+                continue  # another survivor is looking (it adopts), or the owner is starting
+            try:
+                fd = _try_flock(pdir / LOCK)
+                if fd is None:
+                    continue  # that instance is running
+                try:
+                    stopped.append(peer)
+                    names += self._adopt_from(pdir, peer)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                log.error("cannot take over a stopped instance", instance=peer, error=exc.strerror)
             finally:
-                os.close(fd)
-        if adopted:
+                os.close(door)
+        if names:
             durable.fsync_dir(self.claims)
+        claims = [c for c in (self._recover_claim(n) for n in sorted(names)) if c is not None]
+        return claims, stopped
+
+    def _adopt_from(self, pdir: Path, peer: str) -> list[str]:
+        adopted = []
+        for item in os.scandir(pdir):
+            if not _is_item(item):
+                continue
+            with self._claims_guard:
+                if os.path.lexists(self.claims / item.name):
+                    # Same name in flight here: it waits for the next check.
+                    log.info("not adopting yet: an item of that name is in flight here", item=item.name,
+                             instance=peer)
+                    continue
+                try:
+                    os.rename(item.path, self.claims / item.name)
+                except FileNotFoundError:
+                    continue  # gone (its owner cleaned it up before it died)
+                except OSError as exc:
+                    log.error("cannot adopt an item of a stopped instance", item=item.name,
+                              instance=peer, error=exc.strerror)
+                    continue
+            adopted.append(item.name)
+            log.warning("adopted an item of a stopped instance", item=item.name, instance=peer)
+        if adopted:
+            durable.fsync_dir(pdir)
         return adopted
 
     def recover(self) -> list[Claim]:
         """This instance's unfinished items, from what ``work/<instance>/`` holds."""
-        claims = []
-        for entry in sorted(os.scandir(self.claims), key=lambda e: e.name):
-            if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
-                continue
-            claim = self.load_claim(entry.name)
-            for leftover in os.listdir(claim.dir):
-                if leftover.startswith(".") and leftover.endswith(durable.TEMP_SUFFIX):
-                    os.unlink(claim.dir / leftover)
-            if claim.pending is None:
-                if not os.path.lexists(claim.dropped):
-                    log.warning("empty claim removed", item=claim.name)
-                    durable.remove_tree(claim.dir)
-                    continue
-                # Mid-convert at the crash: the partial output is worthless;
-                # an unpacked disk may be partial too, and is unpacked again.
-                for partial in (claim.output, claim.dir / UNPACKED):
-                    if os.path.lexists(partial):
-                        os.unlink(partial)
-            claims.append(claim)
-        return claims
+        names = sorted(e.name for e in os.scandir(self.claims) if _is_item(e))
+        return [c for c in (self._recover_claim(n) for n in names) if c is not None]
+
+    def _recover_claim(self, name: str) -> Claim | None:
+        """A claim left by a crash, made ready to run again (None: nothing left of it)."""
+        claim = self.load_claim(name)
+        for leftover in os.listdir(claim.dir):
+            if leftover.startswith(".") and leftover.endswith(durable.TEMP_SUFFIX):
+                os.unlink(claim.dir / leftover)
+        if claim.pending is None:
+            if not os.path.lexists(claim.dropped):
+                log.warning("empty claim removed", item=claim.name)
+                durable.remove_tree(claim.dir)
+                return None
+            # Mid-convert at the crash: the partial output is worthless;
+            # an unpacked disk may be partial too, and is unpacked again.
+            for partial in (claim.output, claim.dir / UNPACKED):
+                if os.path.lexists(partial):
+                    os.unlink(partial)
+        return claim
 
     def load_claim(self, name: str) -> Claim:
         """A claim as its directory describes it (attempts, a staged handoff)."""
@@ -269,6 +390,10 @@ class Spool:
         Raises ``FileExistsError`` while an earlier item of the same name is
         still in ``work/``: the file waits in ``incoming/`` until it is gone.
         """
+        with self._claims_guard:
+            return self._claim(name)
+
+    def _claim(self, name: str) -> Claim | None:
         d = self.claims / name
         os.mkdir(d, 0o750)
         try:
