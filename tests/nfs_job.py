@@ -108,14 +108,18 @@ def main() -> int:
                 if time.monotonic() > deadline:
                     raise RuntimeError("node1 claimed nothing")
                 time.sleep(0.02)
-            held = sorted(n for n in os.listdir(vdir) if not n.startswith("."))
             if args.cut:
                 # The node dies: its link goes down first, so its NFS client can
                 # neither release the lock nor finish anything; the killed
                 # daemon hangs in D state until the link comes back.
                 subprocess.run(["ip", "-n", "node1", "link", "set", "n1", "down"], check=True)
             os.killpg(procs[0].pid, signal.SIGKILL)
-            result["killed"] = {"at": time.time(), "held": held, "cut": args.cut}
+            killed_at = time.time()
+            # What node1 held at its death, as the server has it (through
+            # node2's mount): node1 may claim more between any earlier look
+            # and the kill, and after a cut its own mount hangs.
+            held = sorted(n for n in os.listdir(roots[1] / "work" / "node1") if not n.startswith("."))
+            result["killed"] = {"at": killed_at, "held": held, "cut": args.cut}
             if args.cut:
                 names_left = set(held)
                 deadline = time.monotonic() + 120
