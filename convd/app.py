@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import structlog
 
-from convd import __version__, logs, qemu
+from convd import __version__, launcher, logs, qemu
 from convd.config import Config, load
 from convd.errors import ConfigError
 from convd.filesystem import probe_filesystem
@@ -78,6 +78,7 @@ class Daemon:
         try:
             await self._run(cfg)
         finally:
+            launcher.shutdown()
             self.metrics.close()
             self.spool.close()
             self.notifier.close()
