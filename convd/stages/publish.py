@@ -42,10 +42,12 @@ def _finish_output(path: str, item: Item, ctx: Context) -> dict[str, Any]:
     sync_error: list[OSError] = []
 
     def sync() -> None:
+        t0 = time.monotonic()
         try:
             os.fsync(fd)
         except OSError as exc:
             sync_error.append(exc)
+        item.timings["fsync"] = time.monotonic() - t0
 
     # The record promises durable bytes: qemu-img's default cache mode never
     # flushes, nor need a producer have.  The flush runs beside the checksum,
@@ -59,7 +61,9 @@ def _finish_output(path: str, item: Item, ctx: Context) -> dict[str, Any]:
             vsize = item.inspection.virtual_size
         else:
             vsize = _vet_output(fd, item.target_format, ctx.stop)
+        t0 = time.monotonic()
         sums = digest_file(fd, item.cfg.checksum.algorithms, ctx.count_hashed, ctx.stop)
+        item.timings["hash"] = time.monotonic() - t0
         if item.source_changed():  # after the checksum: a passthrough's sums cover these bytes
             raise UnsafeImage("the source changed after its safety checks")
     finally:
@@ -90,6 +94,8 @@ async def publish(item: Item, ctx: Context) -> Stage:
             ctx.spool.unstage_handoff(claim)
             raise NameConflict(f"outgoing/{item.name} appeared while publishing") from None
 
+    t0 = time.monotonic()
     await anyio.to_thread.run_sync(handoff)
+    item.timings["handoff"] = time.monotonic() - t0  # after the record: in the log event only
     ctx.published(item, rec)
     return Stage.CLEANUP
