@@ -52,7 +52,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = ["Child", "Launcher", "get", "shutdown"]
@@ -392,15 +392,16 @@ class Launcher:
 _instance: Launcher | None = None
 
 
-def get(env: dict[str, str] | None = None) -> Launcher:
-    """This process's launcher, started on first use (or again if it died)."""
+def get(env: Callable[[], dict[str, str]] | None = None) -> Launcher:
+    """This process's launcher, started on first use (or again if it died) with
+    the environment ``env()`` gives (which its children inherit)."""
     global _instance
     if _instance is None or not _instance.alive():
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("the qemu-img launcher must be started from the main thread")
         if _instance is not None:
             _instance.close()
-        _instance = Launcher(env)
+        _instance = Launcher(env() if env else None)
         atexit.register(shutdown)
     return _instance
 

@@ -36,6 +36,7 @@ __all__ = [
     "check_tools",
     "convert",
     "convert_args",
+    "writes_through_cache",
     "data_bytes",
     "info",
     "measure",
@@ -55,7 +56,7 @@ def check_tools() -> None:
     if shutil.which("qemu-img") is None:
         raise StartupError("qemu-img not found on PATH (Debian: apt-get install qemu-utils)")
     try:
-        launcher.get(_child_env())
+        launcher.get(_child_env)
     except OSError as exc:
         raise StartupError(f"cannot start the qemu-img launcher: {exc}") from None
 
@@ -119,7 +120,7 @@ async def _spawn(argv: list[str], cpu_time: float | None = None,
     if address_space:
         limits["address_space"] = int(address_space)
     try:
-        proc = await launcher.get(_child_env()).spawn(argv, limits)
+        proc = await launcher.get(_child_env).spawn(argv, limits)
     except OSError as exc:
         raise TransientError(str(exc)) from None
     _note("spawn", proc.spawn_seconds)
@@ -222,6 +223,15 @@ def convert_args(src_fmt: str, dst_fmt: str, override: Sequence[str] | None, *,
     if dst_fmt not in _DIRECT_TARGETS:
         return []
     return ["-t", "none", "-W"] if direct_io else ["-W"]
+
+
+def writes_through_cache(args: Sequence[str]) -> bool:
+    """Whether ``qemu-img convert`` with ``args`` leaves its output in the page
+    cache (qemu-img's default target cache mode, ``writeback``, never flushes)."""
+    for flag, value in zip(args, args[1:]):
+        if flag == "-t":
+            return value in ("writeback", "unsafe")
+    return True
 
 
 async def convert(
