@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime as dt
 import json
@@ -168,7 +169,7 @@ def run_large(args: argparse.Namespace, imgset: images.ImageSet, ds: dict[Any, D
             for method in _rotate(METHODS, rep + k):
                 if method == "bare":
                     out = bare_dir / f"out.{target}"
-                    r = scenarios.bare_convert(src, fmt, target, out)
+                    r = scenarios.bare_convert(src, images.qemu_format(fmt), target, out)
                     row["bare"].append(r["bare"])
                     row["sync"].append(r["sync"])
                     secs, digest = scenarios.sha256sum(out)
@@ -274,8 +275,9 @@ def run_probes(d: Daemon, workdir: Path) -> dict[str, Any]:
                            "qemu_img_info_raw": timed(["qemu-img", "info", "-f", "raw", "--output=json", str(tiny)]),
                            "true": timed(["true"])}
     if setpriv and prlimit:
-        out["qemu_img_info_wrapped"] = timed([setpriv, "--pdeathsig", "KILL", "--", prlimit, "--cpu=30",
-                                              f"--as={1 << 30}", "--", *info])
+        out["qemu_img_info_wrapped"] = timed([setpriv, "--pdeathsig", "KILL", "--inh-caps=-all", "--", prlimit,
+                                              "--cpu=30", f"--as={1 << 30}", "--", *info])
+    out.update(_launcher_probe([shutil.which("qemu-img") or "qemu-img", *info[1:]]))
     if small.exists():
         dst = workdir / "probe.raw"
         xs = []
@@ -299,12 +301,46 @@ def run_probes(d: Daemon, workdir: Path) -> dict[str, Any]:
     return out
 
 
+def _launcher_probe(argv: list[str], n: int = 30) -> dict[str, float]:
+    """``qemu-img info`` through convd's own launcher, with the limits convd sets:
+    wall per run (median), and CPU per run of this process, the launcher and qemu-img."""
+    try:
+        from convd import launcher
+    except ImportError:
+        return {}
+
+    def cpu_of(pid: int) -> float:
+        with open(f"/proc/{pid}/stat") as fh:
+            f = fh.read().rsplit(")", 1)[1].split()
+        return sum(int(f[i]) for i in (11, 12, 13, 14)) / os.sysconf("SC_CLK_TCK")
+
+    async def go() -> dict[str, float]:
+        lch = launcher.get()
+        xs = []
+        c0, l0 = os.times(), cpu_of(lch.pid)
+        for _ in range(n):
+            t0 = time.monotonic()
+            child = await lch.spawn(argv, {"cpu_time": 30, "address_space": 1 << 30})
+            await child.communicate()
+            xs.append(time.monotonic() - t0)
+        c1, l1 = os.times(), cpu_of(lch.pid)
+        cpu = (c1.user + c1.system + c1.children_user + c1.children_system
+               - c0.user - c0.system - c0.children_user - c0.children_system + l1 - l0)
+        return {"qemu_img_info_launcher": statistics.median(xs), "qemu_img_info_launcher_cpu": cpu / n}
+
+    try:
+        return asyncio.run(go())
+    finally:
+        launcher.shutdown()
+
+
 def run_variants(args: argparse.Namespace, imgset: images.ImageSet, workdir: Path) -> dict[str, Any]:
     """Bare qemu-img with each flag variant, durable (+ fsync); alternating like the rest."""
     out: dict[str, Any] = {}
     vsizes = {}
     for fmt in args.formats:
-        info = json.loads(subprocess.run(["qemu-img", "info", "-f", fmt, "--output=json", str(imgset.files[fmt])],
+        info = json.loads(subprocess.run(["qemu-img", "info", "-f", images.qemu_format(fmt), "--output=json",
+                                          str(imgset.files[fmt])],
                                          capture_output=True, text=True, check=True).stdout)
         vsizes[fmt] = info["virtual-size"]
     pairs = [(f, t) for t in args.targets for f in args.formats if f != t]
@@ -316,7 +352,7 @@ def run_variants(args: argparse.Namespace, imgset: images.ImageSet, workdir: Pat
                 fmt, {label: {"bare": [], "sync": []} for label, _, _ in variants})
             j = (rep + k) % len(variants)
             for label, flags, precreate in variants[j:] + variants[:j]:
-                r = scenarios.bare_convert(imgset.files[fmt], fmt, target, dst, flags,
+                r = scenarios.bare_convert(imgset.files[fmt], images.qemu_format(fmt), target, dst, flags,
                                            precreate=vsizes[fmt] if precreate else None)
                 row[label]["bare"].append(r["bare"])
                 row[label]["sync"].append(r["sync"])
@@ -339,7 +375,7 @@ def _convd_defaults(formats: tuple[str, ...], targets: tuple[str, ...]) -> dict[
     for t in targets:
         for f in formats:
             try:
-                out[f"{f}->{t}"] = " ".join(convert_args(f, t, None)) or "(none)"
+                out[f"{f}->{t}"] = " ".join(convert_args(images.qemu_format(f), t, None)) or "(none)"
             except Exception:  # noqa: BLE001 - an internal API; labels only
                 pass
     return out

@@ -46,8 +46,11 @@ async def convert(item: Item, ctx: Context) -> Stage:
 
         if item.source_changed():
             raise UnsafeImage("the source changed after its safety checks")
+        # O_DIRECT output (-t none) bypasses the page cache, so a checksum
+        # would read every byte back from disk: with checksums, the output is
+        # written through the cache (flushed behind) and hashed from it.
         args = qemu.convert_args(src_fmt, item.target_format, cfg.qemu_args_for(item.inspection.format),
-                                 direct_io=ctx.direct_io)
+                                 direct_io=ctx.direct_io and not cfg.checksum.algorithms)
         try:
             async with anyio.create_task_group() as tg:
                 if qemu.writes_through_cache(args):
