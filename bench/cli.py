@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench import images, report, scenarios
+from bench import images, qsd, report, scenarios
 from bench.daemon import Daemon, Spool, write_config
 from bench.machine import describe
 
@@ -99,6 +99,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-passthrough", action="store_true", help="skip the large raw→raw passthrough")
     p.add_argument("--variants", action="store_true",
                    help="also time bare qemu-img flag variants (-W, -m 16, -t none, --target-is-zero) to raw")
+    p.add_argument("--qsd", action="store_true",
+                   help="also measure the design not taken: one qemu-storage-daemon per worker over QMP "
+                        "(needs qemu-system-common), against qemu-img processes, per small image")
     p.add_argument("--workdir", type=Path, default=REPO / "bench" / "out",
                    help="scratch directory (images, spools, results.json); must have room for ~4× --size")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md",
@@ -460,6 +463,16 @@ def main(argv: list[str] | None = None) -> int:
             cfg = write_config(root, target="raw", algorithms=["sha256"])
             results["backlog"] = scenarios.backlog(root, cfg, args.backlog_files, args.backlog_size, log)
             shutil.rmtree(root)
+        if args.qsd:
+            if not qsd.available():
+                log("--qsd: qemu-storage-daemon not found (Debian: apt-get install qemu-system-common); skipped")
+            else:
+                log(f"qemu-storage-daemon over QMP against qemu-img processes, {args.small_count} small images")
+                small = sorted((workdir / "small").glob("small-*.qcow2"))[:args.small_count]
+                if not small:
+                    images.small_qcow2(workdir / "small" / "small-0000.qcow2", args.small_size, seed=100)
+                    small = [workdir / "small" / "small-0000.qcow2"] * args.small_count
+                results["qsd"] = qsd.compare(small, workdir / "qsd", args.reps)
         if args.variants and imgset is not None:
             log(f"bare qemu-img flag variants, targets {', '.join(args.targets)}")
             results["variants"] = run_variants(args, imgset, workdir)

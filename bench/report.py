@@ -391,6 +391,27 @@ def _variants(res: dict[str, Any]) -> list[str]:
     return out
 
 
+def _qsd(res: dict[str, Any]) -> list[str]:
+    q, p = res["qsd"], res["processes"]
+    n = q["count"]
+    rows = [("one `qemu-storage-daemon`, QMP: blockdev-add, query-named-block-nodes, blockdev-backup, "
+             "blockdev-del", q, "client (Python, JSON)", "qemu-storage-daemon"),
+            ("convd: `qemu-img info` + `qemu-img convert` through the launcher", p, "caller (Python)",
+             "launcher + qemu-img")]
+    out = [
+        f"### The design not taken: one qemu-storage-daemon per worker ({n} × 1 MiB qcow2 → raw, in sequence)",
+        "",
+        "| path | wall per image | CPU: caller | CPU: below it | CPU total |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for label, r, _, _ in rows:
+        out.append(f"| {label} | {_ms(r['wall'])} ms | {_ms(r['cpu_client'])} ms | {_ms(r['cpu_server'])} ms "
+                   f"| {_ms(r['cpu_client'] + r['cpu_server'])} ms |")
+    out += ["", "Outputs identical to the source (`qemu-img compare`): "
+            + ("yes." if q["identical"] else "**no**."), ""]
+    return out
+
+
 def _limit(limit: float, unit: str) -> str:
     return f"≤ {limit:.2f} ×" if unit == "×" else f"≤ {limit:g} {unit}"
 
@@ -410,6 +431,8 @@ def render(results: dict[str, Any]) -> str:
         body += _backlog(results["backlog"], summary)
     if "probes" in results:
         body += _probes(results["probes"])
+    if "qsd" in results:
+        body += _qsd(results["qsd"])
     if "variants" in results:
         body += _variants(results["variants"])
 
