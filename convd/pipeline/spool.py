@@ -236,26 +236,54 @@ class Spool:
         Raises ``FileExistsError`` while an earlier item of the same name is
         still in ``work/``: the file waits in ``incoming/`` until it is gone.
         """
-        d = self.claims / name
-        os.mkdir(d, 0o750)
-        try:
-            # A plain rename: d was just made by us, so nothing can be at
-            # d/source, and rename(2) is atomic on every filesystem (NFS too,
-            # where renameat2 flags are not), so exactly one claimer wins.
-            durable.move(self.incoming / name, d / SOURCE, replace=True, sync=False)
-        except FileNotFoundError:
-            os.rmdir(d)
-            log.debug("claim lost the race", item=name)
-            return None
-        except BaseException:
-            os.rmdir(d)
-            raise
+        got = self.claim_all([name])[name]
+        if isinstance(got, OSError):
+            raise got
+        return got
+
+    def claim_all(self, names: list[str]) -> dict[str, Claim | None | OSError]:
+        """``claim`` for several names at once, with one ``fsync`` of ``work/<instance>/``
+        and of ``incoming/`` for all of them: each claim is durable when this returns,
+        as ``claim``'s is.  Per name: the claim, None (lost the race), or the error."""
+        out: dict[str, Claim | None | OSError] = {}
+        taken: list[Claim] = []
+        for name in names:
+            d = self.claims / name
+            try:
+                os.mkdir(d, 0o750)
+            except OSError as exc:
+                out[name] = exc
+                continue
+            try:
+                # A plain rename: d was just made by us, so nothing can be at
+                # d/source, and rename(2) is atomic on every filesystem (NFS too,
+                # where renameat2 flags are not), so exactly one claimer wins.
+                durable.move(self.incoming / name, d / SOURCE, replace=True, sync=False)
+            except FileNotFoundError:
+                os.rmdir(d)
+                log.debug("claim lost the race", item=name)
+                out[name] = None
+                continue
+            except OSError as exc:
+                os.rmdir(d)
+                out[name] = exc
+                continue
+            claim = Claim(name=name, dir=d)
+            taken.append(claim)
+            out[name] = claim
         # Durable before any work: a filesystem that logs fsyncs per inode
         # (btrfs) must not resurrect the name in incoming/ after a power cut.
-        durable.fsync_dir(d)
-        durable.fsync_dir(self.claims)
-        durable.fsync_dir(self.incoming)
-        return Claim(name=name, dir=d)
+        try:
+            for claim in taken:
+                durable.fsync_dir(claim.dir)
+            if taken:
+                durable.fsync_dir(self.claims)
+                durable.fsync_dir(self.incoming)
+        except OSError as exc:
+            # Moved but not durable: not started now; the next start recovers them.
+            for claim in taken:
+                out[claim.name] = exc
+        return out
 
     # -- per-item state ---------------------------------------------------
 

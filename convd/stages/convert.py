@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from convd import durable, qemu
+from convd import qemu
 from convd.errors import UnsafeImage
 from convd.pipeline.item import Item, Stage
 
@@ -15,18 +15,6 @@ if TYPE_CHECKING:
     from convd.pipeline.context import Context
 
 __all__ = ["convert"]
-
-
-# How often the output's dirty pages are sent to disk while qemu-img writes
-# through the page cache (VMDK sources): publish's fsync then has only the
-# tail to flush instead of the whole image (docs/benchmarks.md, VMDK).
-FLUSH_BEHIND_INTERVAL = 0.2
-
-
-async def _flush_behind(path: str) -> None:
-    while True:
-        await anyio.sleep(FLUSH_BEHIND_INTERVAL)
-        await anyio.to_thread.run_sync(durable.start_writeback, path)
 
 
 async def convert(item: Item, ctx: Context) -> Stage:
@@ -52,14 +40,10 @@ async def convert(item: Item, ctx: Context) -> Stage:
         args = qemu.convert_args(src_fmt, item.target_format, cfg.qemu_args_for(item.inspection.format),
                                  direct_io=ctx.direct_io and not cfg.checksum.algorithms)
         try:
-            async with anyio.create_task_group() as tg:
-                if qemu.writes_through_cache(args):
-                    tg.start_soon(_flush_behind, str(item.claim.output))
-                await qemu.convert(
-                    str(item.claim.source), src_fmt, str(item.claim.output), item.target_format,
-                    extra_args=args, timeout=cfg.convert.timeout, on_progress=progress, on_start=started,
-                )
-                tg.cancel_scope.cancel()
+            await qemu.convert(
+                str(item.claim.source), src_fmt, str(item.claim.output), item.target_format,
+                extra_args=args, timeout=cfg.convert.timeout, on_progress=progress, on_start=started,
+            )
         finally:
             item.proc = None
             item.timings["convert"] += time.monotonic() - t0
