@@ -14,24 +14,15 @@ from typing import Any
 
 import pytest
 from conftest import MiB, Spool, make_image, wait_for, write_config
+from test_crash_safety import spool_processes
 
 from convd import qemu
 from convd.errors import CorruptImage
 
 
-def _processes_naming(path: Path) -> list[int]:
-    needle = os.fsencode(str(path))
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if needle in cmd:
-            found.append(int(pid))
-    return found
+def _pids_under(root: Path) -> list[int]:
+    """Processes whose command line names a path under ``root``."""
+    return [int(p.split(":", 1)[0]) for p in spool_processes(root)]
 
 
 def _limits(pid: int) -> dict[str, tuple[str, str]]:
@@ -58,7 +49,7 @@ def test_qemu_img_info_reads_the_image_under_hard_cpu_and_memory_limits(tmp_path
 
     async def main() -> None:
         task = asyncio.ensure_future(qemu.info(str(fifo), "qcow2", cpu_time=7, address_space=256 * MiB))
-        pids = await asyncio.to_thread(wait_for, lambda: _processes_naming(fifo), 20, 0.02, "qemu-img info")
+        pids = await asyncio.to_thread(wait_for, lambda: _pids_under(tmp_path), 20, 0.02, "qemu-img info")
         pid = seen["pid"] = pids[0]
         seen["limits"] = _limits(pid)
         seen["caps"] = (_status(pid, "CapInh"), _status(pid, "CapAmb"))
@@ -78,7 +69,7 @@ def test_qemu_img_info_reads_the_image_under_hard_cpu_and_memory_limits(tmp_path
     # Nothing of the daemon's or the launcher's leaks in (another child's pipes would keep
     # the daemon from seeing EOF on them).
     assert [f for f in seen["fds"] if f.startswith("socket:")] == []
-    wait_for(lambda: not _processes_naming(fifo), 10, what="qemu-img to be killed")
+    wait_for(lambda: not _pids_under(tmp_path), 10, what="qemu-img to be killed")
 
 
 def test_qemu_img_info_works_at_the_smallest_allowed_address_space(tmp_path: Path) -> None:
@@ -112,7 +103,7 @@ def test_a_running_qemu_img_dies_with_a_sigkilled_daemon(tmp_path: Path, daemon_
     d = daemon_factory(cfg)
     launcher = _launcher_of(d.proc.pid)
     spool.drop(src, "slow.qcow2")
-    converting = wait_for(lambda: _processes_naming(spool.root), 30, what="qemu-img convert to run")
+    converting = wait_for(lambda: _pids_under(spool.root), 30, what="qemu-img convert to run")
     os.kill(d.proc.pid, signal.SIGKILL)  # the daemon alone, not its process group
     d.proc.wait()
     deadline = time.monotonic() + 10
