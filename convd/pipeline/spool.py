@@ -292,7 +292,8 @@ class Spool:
         # Atomic but not fsynced: the count is informational, and a power cut
         # costing it at worst under-reports one attempt.
         durable.write_json(claim.dir / ITEM, {"name": claim.name, "attempts": claim.attempts,
-                                              "updated_at": time.time()}, replace=True, sync=False)
+                                              "updated_at": time.time()}, replace=True, sync=False,
+                           compact=True)
 
     def discard_output(self, claim: Claim) -> None:
         """Remove a partial output; never one whose handoff is staged (recovery owns it)."""
@@ -326,7 +327,7 @@ class Spool:
         st = os.lstat(claim.dir / payload)
         claim.pending = {"dest": dest, "final_name": final_name, "payload": payload, "record": record,
                          "inode": st.st_ino}
-        durable.write_json(claim.dir / RECORD, claim.pending, replace=True)
+        durable.write_json(claim.dir / RECORD, claim.pending, replace=True, compact=True)
 
     def unstage_handoff(self, claim: Claim) -> None:
         claim.pending = None
