@@ -183,11 +183,15 @@ def serve(ctl: socket.socket, daemon: int) -> None:
                 if not data:
                     return  # the daemon is gone
                 reply = socket.socket(fileno=fds[3])
+                pid = 0
                 try:
                     req = json.loads(data)
                     pid = _spawn_limited(req["argv"], fds, req.get("limits") or {})
                     pidfd = os.pidfd_open(pid)
                 except Exception as exc:  # noqa: BLE001 - a bad request must not end the launcher
+                    if pid:  # started but not trackable: not left running unwatched
+                        os.kill(pid, signal.SIGKILL)
+                        os.waitpid(pid, 0)
                     _send(reply, {"error": f"{type(exc).__name__}: {exc}"})
                     reply.close()
                     continue
