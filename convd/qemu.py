@@ -2,8 +2,8 @@
 
 Every call passes ``-f`` (qemu-img never probes a format).  Children are
 started by ``convd.launcher``: each runs in its own session, dies with the
-daemon (``PR_SET_PDEATHSIG``), and reads unvetted files under CPU and
-address-space limits applied before ``execve`` (no exec wrappers).
+daemon (the launcher's ``PR_SET_PDEATHSIG``), and reads unvetted files under
+CPU and address-space limits in force from ``execve`` (no exec wrappers).
 
 While an item runs, ``phase_timings`` holds its ``timings`` dict: every run
 adds ``spawn`` (the launcher's round trip, seconds) and ``qemu_<command>``
@@ -36,13 +36,13 @@ __all__ = [
     "check_tools",
     "convert",
     "convert_args",
-    "writes_through_cache",
     "data_bytes",
     "info",
     "measure",
     "phase_timings",
     "qemu_img",
     "terminate",
+    "writes_through_cache",
 ]
 
 _PROGRESS = re.compile(rb"\(\s*([0-9]+(?:\.[0-9]+)?)/100%\)")
@@ -119,10 +119,8 @@ async def _spawn(argv: list[str], cpu_time: float | None = None,
         limits["cpu_time"] = max(1, int(cpu_time))
     if address_space:
         limits["address_space"] = int(address_space)
-    try:
-        proc = await launcher.get(_child_env).spawn(argv, limits)
-    except OSError as exc:
-        raise TransientError(str(exc)) from None
+    # OSError (qemu-img not startable): an internal error, as a failed exec always was.
+    proc = await launcher.get(_child_env).spawn(argv, limits)
     _note("spawn", proc.spawn_seconds)
     return proc
 
