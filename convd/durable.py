@@ -23,7 +23,6 @@ __all__ = [
     "fsync_file",
     "move",
     "remove_tree",
-    "start_writeback",
     "write_bytes",
     "write_json",
 ]
@@ -34,10 +33,6 @@ _RENAME_NOREPLACE = 1
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _renameat2 = getattr(_libc, "renameat2", None)
-_sync_file_range = getattr(_libc, "sync_file_range", None)
-if _sync_file_range is not None:
-    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-_SYNC_FILE_RANGE_WRITE = 2
 
 
 def _fsync(path: str | os.PathLike[str], flags: int) -> None:
@@ -54,26 +49,6 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 def fsync_file(path: str | os.PathLike[str]) -> None:
     _fsync(path, os.O_NOFOLLOW)
-
-
-def start_writeback(path: str | os.PathLike[str]) -> None:
-    """Start writing ``path``'s dirty pages out, without waiting (``sync_file_range``).
-
-    Not a durability step (no metadata, no disk cache flush; ``fsync`` still
-    follows): it lets the disk work while a writer is still writing, so the
-    final ``fsync`` has only the tail left.  A missing file or a system
-    without the call is no error.
-    """
-    if _sync_file_range is None:
-        return
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return
-    try:
-        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
-    finally:
-        os.close(fd)
 
 
 def _rename_noreplace(src: str, dst: str) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 
 import anyio
 
-from convd import durable, launcher
+from convd import launcher
 from convd.config import DetectConfig
 from convd.errors import CorruptImage, StartupError, Timeout, TransientError
 
@@ -42,7 +42,6 @@ __all__ = [
     "phase_timings",
     "qemu_img",
     "terminate",
-    "writes_through_cache",
 ]
 
 _PROGRESS = re.compile(rb"\(\s*([0-9]+(?:\.[0-9]+)?)/100%\)")
@@ -223,41 +222,13 @@ def convert_args(src_fmt: str, dst_fmt: str, override: Sequence[str] | None, *,
     return ["-t", "none", "-W"] if direct_io else ["-W"]
 
 
-# How often the output's dirty pages are sent to disk while qemu-img writes
-# through the page cache (VMDK sources, or checksums on): publish's fsync
-# then has only the tail to flush (docs/benchmarks.md, VMDK sources).
-FLUSH_BEHIND_INTERVAL = 0.2
-
-
-async def _flush_behind(path: str) -> None:
-    while True:
-        await asyncio.sleep(FLUSH_BEHIND_INTERVAL)
-        try:
-            await anyio.to_thread.run_sync(durable.start_writeback, path)
-        except OSError:
-            return  # only a head start for publish's fsync, which reports any error
-
-
-def writes_through_cache(args: Sequence[str]) -> bool:
-    """Whether ``qemu-img convert`` with ``args`` leaves its output in the page
-    cache (qemu-img's default target cache mode, ``writeback``, never flushes)."""
-    for flag, value in zip(args, args[1:]):
-        if flag == "-t":
-            return value in ("writeback", "unsafe")
-    return True
-
-
 async def convert(
     src: str, src_fmt: str, dst: str, dst_fmt: str, *,
     extra_args: Sequence[str], timeout: float,
     on_progress: Callable[[float], None] | None = None,
     on_start: Callable[[launcher.Child], None] | None = None,
 ) -> None:
-    """Run one ``qemu-img convert``; raise ``TransientError`` on a non-zero exit.
-
-    An output written through the page cache is flushed behind as it grows
-    (``durable.start_writeback``); making it durable is still the caller's fsync.
-    """
+    """Run one ``qemu-img convert``; raise ``TransientError`` on a non-zero exit."""
     argv = [qemu_img(), "convert", "-p", "-f", src_fmt, "-O", dst_fmt, *extra_args, src, dst]
     proc = await _spawn(argv)
     if on_start:
@@ -269,15 +240,8 @@ async def convert(
             if found:
                 on_progress(float(found[-1]) / 100.0)
 
-    flusher = asyncio.ensure_future(_flush_behind(dst)) if writes_through_cache(extra_args) else None
-    try:
-        async with _supervised(proc, timeout, "convert"):
-            _, err, _ = await asyncio.gather(proc.read_stdout(progress), proc.read_stderr(), proc.wait())
-    finally:
-        if flusher is not None:
-            flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await flusher
+    async with _supervised(proc, timeout, "convert"):
+        _, err, _ = await asyncio.gather(proc.read_stdout(progress), proc.read_stderr(), proc.wait())
     _ran(proc, "convert")
     if proc.returncode != 0:
         text = err.decode(errors="replace").strip()

