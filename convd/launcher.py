@@ -20,6 +20,8 @@ What each child gets:
   raise them again);
 - no inheritable or ambient capabilities (the launcher drops them from
   itself at start, what ``setpriv --inh-caps=-all`` did per child);
+- death when the daemon lets go of it: a child whose reply socket the daemon
+  closes before it ended (a cancelled spawn) is SIGKILLed;
 - death with the daemon: the launcher has ``PR_SET_PDEATHSIG(SIGTERM)`` to
   the daemon's main thread, and on that signal, on the end of its socket or
   on any error of its own it SIGKILLs every child it started before it
@@ -168,12 +170,22 @@ def serve(ctl: socket.socket, daemon: int) -> None:
     _drop_inheritable_caps(libc)
     poller = select.poll()
     poller.register(ctl, select.POLLIN)
+    dropped: dict[int, int] = {}  # reply socket fd -> pidfd, while the daemon still holds the child
     try:
         while True:
             for fd, _ in poller.poll():
+                if fd in dropped:
+                    # The daemon closed its end before the child ended (a cancelled
+                    # spawn, a lost handle): nobody will stop that child but us.
+                    poller.unregister(fd)
+                    with contextlib.suppress(OSError):
+                        signal.pidfd_send_signal(dropped.pop(fd), signal.SIGKILL)
+                    continue
                 if fd != ctl.fileno():
                     pid, reply = children.pop(fd)
                     poller.unregister(fd)
+                    if dropped.pop(reply.fileno(), None) is not None:
+                        poller.unregister(reply.fileno())
                     os.close(fd)
                     _, status = os.waitpid(pid, 0)
                     _send(reply, {"returncode": os.waitstatus_to_exitcode(status)})
@@ -201,6 +213,8 @@ def serve(ctl: socket.socket, daemon: int) -> None:
                 _send(reply, {"pid": pid}, [pidfd])
                 children[pidfd] = (pid, reply)
                 poller.register(pidfd, select.POLLIN)
+                dropped[reply.fileno()] = pidfd
+                poller.register(reply, select.POLLHUP)  # the daemon sends nothing more on it
     finally:
         end()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import time
@@ -16,7 +17,7 @@ import pytest
 from conftest import MiB, Spool, make_image, wait_for, write_config
 from test_crash_safety import spool_processes
 
-from convd import qemu
+from convd import launcher, qemu
 from convd.errors import CorruptImage
 
 
@@ -72,6 +73,23 @@ def test_qemu_img_info_reads_the_image_under_hard_cpu_and_memory_limits(tmp_path
     wait_for(lambda: not _pids_under(tmp_path), 10, what="qemu-img to be killed")
 
 
+def test_a_qemu_img_the_daemon_lets_go_of_is_killed(tmp_path: Path) -> None:
+    # E.g. a spawn cancelled between the launcher's fork and its reply: no
+    # handle is left to stop the child, so the launcher must.
+    fifo = tmp_path / "dropped.qcow2"
+    os.mkfifo(fifo)
+
+    async def main() -> int:
+        child = await launcher.get().spawn([qemu.qemu_img(), "info", "-f", "qcow2", str(fifo)])
+        pid = child.pid
+        del child  # its reply socket closes with it
+        gc.collect()
+        return pid
+
+    pid = asyncio.run(main())
+    wait_for(lambda: _gone(pid) or not _pids_under(tmp_path), 10, what="the dropped qemu-img to be killed")
+
+
 def test_qemu_img_info_works_at_the_smallest_allowed_address_space(tmp_path: Path) -> None:
     img = make_image(tmp_path / "small.qcow2", "qcow2", 4 * MiB)
     info = asyncio.run(qemu.info(str(img), "qcow2", cpu_time=5, address_space=64 * MiB))
@@ -101,13 +119,13 @@ def test_a_running_qemu_img_dies_with_a_sigkilled_daemon(tmp_path: Path, daemon_
     src = make_image(tmp_path / "slow.qcow2", "qcow2", 32 * MiB, seed=3)
     cfg = write_config(tmp_path, **{"convert.qemu_args": {"qcow2": ["-W", "-r", "1M"]}})
     d = daemon_factory(cfg)
-    launcher = _launcher_of(d.proc.pid)
+    lch = _launcher_of(d.proc.pid)
     spool.drop(src, "slow.qcow2")
     converting = wait_for(lambda: _pids_under(spool.root), 30, what="qemu-img convert to run")
     os.kill(d.proc.pid, signal.SIGKILL)  # the daemon alone, not its process group
     d.proc.wait()
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not (_gone(launcher) and all(_gone(p) for p in converting)):
+    while time.monotonic() < deadline and not (_gone(lch) and all(_gone(p) for p in converting)):
         time.sleep(0.05)
-    assert _gone(launcher), "the launcher outlived the daemon"
+    assert _gone(lch), "the launcher outlived the daemon"
     assert [p for p in converting if not _gone(p)] == [], "qemu-img outlived the daemon"
