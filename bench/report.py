@@ -211,10 +211,13 @@ the flags (no `--variants` column beats "as Glance" for VMDK by more than
 5 %), not the cache mode (`-t none` is slower, above), not the launcher (the
 same command through the same launcher from a script: 0.42 s against 0.40 s
 bare, 1 GiB), not the staged copy of the source (0.41 s against 0.39 s).
-What is left differs only inside the benchmark's daemon runs (the source
-freshly copied into the spool just before, four idle daemons beside it, the
-output in a new directory); the next step is `perf`/`strace -c` of that
-qemu-img against bare on a quiet machine.  The previous session's 2.5 s
+It persists at a load of 2 with one daemon (2 GiB monolithicSparse, 3
+runs: the `qemu-img convert` inside the daemon 2.46–2.90 s; bare, same flags,
+on a fresh copy staged as the benchmark stages convd's 1.18–1.57 s; on the
+original 0.77–1.12 s).  What is left differs only inside the daemon runs (the
+source freshly copied into the spool and renamed just before, `qemu-img info`
+on it first, the output in a new directory); the next step is `perf` /
+`strace -c -f` of that qemu-img against bare on a quiet machine.  The previous session's 2.5 s
 convert stage is this same effect.
 
 **Checksums (target ≤ 1.00 against bare + fsync + one hashlib pass).**
