@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 import structlog
 
+from convd import qemu
 from convd.errors import ConvertFailed, ItemError, NameConflict, Stopped, TransientError
 from convd.pipeline.context import Context
 from convd.pipeline.item import Item, Stage
@@ -37,6 +38,7 @@ async def _discard(item: Item, ctx: Context) -> None:
 async def run_item(item: Item, ctx: Context) -> None:
     """Drive ``item`` to ``outgoing/`` or ``failed/``; never loses its source."""
     structlog.contextvars.bind_contextvars(item=item.name)
+    qemu.phase_timings.set(item.timings)  # this task's qemu-img runs add their times
     ctx.items[item.name] = item
     try:
         while item.stage is not Stage.DONE:
@@ -58,7 +60,7 @@ async def run_item(item: Item, ctx: Context) -> None:
                 item.stage = Stage.UNPACK if item.container else Stage.RESERVE
                 await anyio.sleep(delay)
                 continue
-            log.info("stage done", duration=round(time.monotonic() - t0, 6), next=item.stage.value)
+            log.debug("stage done", duration=round(time.monotonic() - t0, 6), next=item.stage.value)
     except ItemError as exc:
         await _discard(item, ctx)
         with anyio.CancelScope(shield=True):
