@@ -358,8 +358,11 @@ def _vmdk(f: _File) -> int | None:
         seen_gt.add(gt_sec)
         if f.stop is not None and f.stop.is_set():
             raise Stopped("integrity check interrupted by shutdown")
+        # Entry 1 means "zeroed" only with the zero-grain flag (vmdk.c
+        # VMDK_GTE_ZEROED); without it, qemu reads sector 1: the metadata.
+        low = 1 if zero_grain else 0
         if not compressed and max(table) * _SECTOR + grain_bytes <= f.size and \
-                min((sec for sec in table if sec > 1), default=overhead) >= overhead:
+                min((sec for sec in table if sec > low), default=overhead) >= overhead:
             continue  # every grain of this table lies whole inside the file, after the metadata
         for j, sec in enumerate(table):
             if sec == 0 or (sec == 1 and zero_grain):

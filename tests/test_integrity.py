@@ -315,3 +315,34 @@ def test_other_formats_variants_convert_identically(tmp_path, fmt, opts):
     assert rc == 0, err
     assert images_equal(img, fmt, tmp_path / "out", "raw")
     assert rec is not None and rec["source"]["virtual_size"] == qemu_virtual_size(img, fmt)
+
+
+# --------------------------------------------------------------------------- try1 findings
+# A raw-family disk (source or converted output) whose first sector a probing
+# qemu reads as another format; a fixed VHD around a partitioned disk; data
+# extents over the image's own metadata or cut inside their last sector;
+# empty disks; estimates for sparse sources.
+
+
+def _vmdk_first_gte(img: Path) -> int:
+    """File offset of grain table 0's first entry of a monolithicSparse VMDK."""
+    gd_sec = struct.unpack("<Q", make_cases.read_at(str(img), 56, 8))[0]
+    gt_sec = struct.unpack("<I", make_cases.read_at(str(img), gd_sec * 512, 4))[0]
+    return gt_sec * 512
+
+
+@pytest.mark.parametrize("zero_grain", [False, True], ids=["sector-1", "zero-grain-flag"])
+def test_vmdk_grain_table_entry_one_is_the_metadata_unless_it_means_zeroed(tmp_path, zero_grain):
+    img = make_image(tmp_path / "g.vmdk", "vmdk", 4 * MiB)
+    make_cases.write_at(str(img), _vmdk_first_gte(img), struct.pack("<I", 1))
+    if zero_grain:
+        flags = struct.unpack("<I", make_cases.read_at(str(img), 8, 4))[0]
+        make_cases.write_at(str(img), 8, struct.pack("<I", flags | 4))
+    rc, _, err = convert(img, tmp_path / "out")
+    if zero_grain:
+        assert rc == 0, err
+        assert images_equal(img, "vmdk", tmp_path / "out", "raw")
+        assert make_cases.read_at(str(tmp_path / "out"), 0, 64 << 10) == bytes(64 << 10)
+    else:
+        assert err.startswith("convd: corrupt_image: vmdk: grain table 0 entry 0"), err
+        assert "points into the metadata" in err
