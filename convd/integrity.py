@@ -400,6 +400,7 @@ def _vmdk(f: _File) -> int | None:
 
 _VDI_UNALLOCATED = 0xFFFFFFFE  # and 0xffffffff: entries at or above are not in the file
 _VDI_TYPES = {1: "dynamic", 2: "static", 3: "undo", 4: "differencing"}
+_VDI_HEADER_END = 0x200  # pre-header (64 bytes) + the 1.1 header, padded to a sector
 
 
 def _uuid(raw: bytes) -> str:
@@ -432,6 +433,11 @@ def _vdi(f: _File) -> int:
         raise UnsafeImage(f"VDI is linked to image {_uuid(link)}", detected="vdi")
     if off_bmap + blocks * 4 > f.size:  # before sizing anything by a header's word
         raise f.past_end("VDI block map", off_bmap + blocks * 4)
+    # Data blocks over the header or the block map would read back metadata
+    # as guest data (qemu checks neither).
+    metadata = ((0, _VDI_HEADER_END, "header"), (off_bmap, off_bmap + blocks * 4, "block map"))
+    if off_bmap < _VDI_HEADER_END:
+        raise f.corrupt(f"block map at {off_bmap:#x} lies over the header")
     seen = bytearray(-(-blocks // 8))
     counted = 0
     for first, data in f.slices(off_bmap, blocks * 4, "VDI block map", 4):
@@ -447,6 +453,10 @@ def _vdi(f: _File) -> int:
             counted += 1
             start = off_data + entry * block_size
             need = min(block_size, max(1, disk_size - block * block_size))
+            for lo, hi, what in metadata:
+                if start < hi and start + need > lo:
+                    raise f.corrupt(f"block map entry {block} places data block {entry} at {start:#x}, "
+                                    f"over the {what}")
             if start + need > f.size:
                 f.data_past_end(f"block map entry {block} (data block {entry} at {start:#x})", start + need)
     if counted != allocated:

@@ -346,3 +346,13 @@ def test_vmdk_grain_table_entry_one_is_the_metadata_unless_it_means_zeroed(tmp_p
     else:
         assert err.startswith("convd: corrupt_image: vmdk: grain table 0 entry 0"), err
         assert "points into the metadata" in err
+
+
+@pytest.mark.parametrize("over", ["header", "block map"])
+def test_vdi_data_over_its_own_header_or_block_map_is_corrupt(tmp_path, over):
+    img = make_image(tmp_path / "v.vdi", "vdi", 4 * MiB)
+    off_bmap = struct.unpack("<I", make_cases.read_at(str(img), 0x154, 4))[0]
+    make_cases.write_at(str(img), 0x158, struct.pack("<I", 0 if over == "header" else off_bmap))
+    rc, _, err = convert(img, tmp_path / "out")
+    assert err.startswith("convd: corrupt_image: vdi: block map entry"), err
+    assert f"over the {over}" in err
