@@ -563,6 +563,8 @@ def _vpc(f: _File) -> int:
                     raise f.corrupt(f"BAT entry {block} points a block at {start:#x} over the {what}")
             if start + need > f.size:
                 f.data_past_end(f"BAT entry {block} (block at {start:#x})", start + need)
+            elif start + need > f.size - _SECTOR:  # the footer at the end is metadata too
+                raise f.corrupt(f"BAT entry {block} points a block at {start:#x} over the footer at the end")
             elif len(starts) < _OVERLAP_CAP:
                 starts.append(start)
     ordered = sorted(starts)

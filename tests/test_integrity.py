@@ -356,3 +356,13 @@ def test_vdi_data_over_its_own_header_or_block_map_is_corrupt(tmp_path, over):
     rc, _, err = convert(img, tmp_path / "out")
     assert err.startswith("convd: corrupt_image: vdi: block map entry"), err
     assert f"over the {over}" in err
+
+
+def test_dynamic_vhd_block_running_into_the_footer_at_the_end_is_corrupt(tmp_path):
+    img = make_image(tmp_path / "d.vhd", "vpc", 8 * MiB)
+    data = img.read_bytes()
+    cut = tmp_path / "cut.vhd"
+    cut.write_bytes(data[:-1024] + data[-512:])  # last block's tail gone, footer put back
+    rc, _, err = convert(cut, tmp_path / "out")
+    assert err.startswith("convd: corrupt_image: vpc: BAT entry"), err
+    assert "over the footer at the end" in err
