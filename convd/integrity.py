@@ -17,13 +17,17 @@ the format specifications they implement.
 from __future__ import annotations
 
 import functools
+import io
 import os
 import struct
 import sys
 import threading
 import uuid
+import zlib
 from array import array
 from collections.abc import Iterator
+
+import zstandard
 
 from convd.config import format_size
 from convd.errors import CorruptImage, Stopped, UnsafeImage, UnsupportedFormat
@@ -181,6 +185,7 @@ def _qcow2(f: _File) -> int:
     unknown = incompat & ~(_QCOW2_DIRTY | _QCOW2_CORRUPT | _QCOW2_DATA_FILE | _QCOW2_COMPRESSION | _QCOW2_EXTL2)
     if unknown:
         raise f.corrupt(f"unknown incompatible feature bits {unknown:#x} (qemu-img 7.2 cannot read it)")
+    ctype = 0
     if incompat & _QCOW2_COMPRESSION and header_len > 104:
         ctype = f.read(104, 1, "qcow2 compression type")[0]
         if ctype not in (0, 1):
@@ -259,9 +264,13 @@ def _qcow2(f: _File) -> int:
             where = f"L2 entry {j} of table {i} (guest offset {guest:#x})"
             if e & _L2_COMPRESSED:
                 host = e & comp_mask
-                last_sector = (host & ~0x1FF) + ((e >> comp_bits) & comp_sectors_mask) * _SECTOR
-                if last_sector >= f.size:
-                    f.data_past_end(f"{where}, a compressed cluster at {host:#x},", last_sector + 1)
+                # qcow2.c qcow2_parse_compressed_l2_entry: the data ends with
+                # its last sector; qemu reads it zero-filled past the file's
+                # end, so a stream cut inside that sector must be decoded to
+                # know whether its end is in the file.
+                end = (host & ~0x1FF) + (((e >> comp_bits) & comp_sectors_mask) + 1) * _SECTOR
+                if end > f.size and (host >= f.size or not _qcow2_cluster_decodes(f, host, cluster, ctype)):
+                    f.data_past_end(f"{where}, a compressed cluster at {host:#x},", end)
                 continue
             host = e & _L2_OFFSET
             if not host:
@@ -281,6 +290,20 @@ def _qcow2(f: _File) -> int:
             if host + need > f.size:
                 f.data_past_end(f"{where}, a data cluster at {host:#x},", host + need)
     return size
+
+
+def _qcow2_cluster_decodes(f: _File, host: int, cluster: int, ctype: int) -> bool:
+    """Whether the compressed cluster at ``host`` decodes to a whole cluster from
+    the file's bytes alone (qcow2-threads.c: zlib raw deflate, or zstd)."""
+    data = f.read(host, f.size - host, "qcow2 compressed cluster")
+    try:
+        if ctype == 1:
+            out = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)).read(cluster)
+        else:
+            out = zlib.decompressobj(-12).decompress(data, cluster)
+    except (zlib.error, zstandard.ZstdError):
+        return False
+    return len(out) == cluster
 
 
 # --------------------------------------------------------------------------- VMDK

@@ -324,6 +324,30 @@ def test_other_formats_variants_convert_identically(tmp_path, fmt, opts):
 # empty disks; estimates for sparse sources.
 
 
+@pytest.mark.parametrize("compression", ["zlib", "zstd"])
+def test_compressed_qcow2_cut_inside_its_last_compressed_sector_is_corrupt(tmp_path, compression):
+    raw = tmp_path / "c.raw"
+    run("qemu-img", "create", "-f", "raw", raw, str(4 * MiB))
+    qemu_io(raw, "raw", "write -P 1 0 512k", "write -P 3 3M 1M")  # compressible to the last cluster
+    img = tmp_path / "c.qcow2"
+    run("qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2",
+        *(["-o", "compression_type=zstd"] if compression == "zstd" else []), raw, img)
+    rc, _, err = convert(img, tmp_path / "whole")
+    assert rc == 0, err  # the whole file ends inside that sector too
+    _, entries = _l2_entries(img)
+    comp = [e for e in entries if e & (1 << 62)]
+    host_mask, shift = (1 << 54) - 1, 54  # 64 KiB clusters: 62 - (16 - 8) offset bits
+    last = max(comp, key=lambda e: e & host_mask)
+    host = last & host_mask
+    last_sector = (host & ~511) + ((last >> shift) & 0xFF) * 512
+    assert last_sector < img.stat().st_size  # the old check (last sector starts in the file) passes
+    cut = tmp_path / "cut.qcow2"
+    cut.write_bytes(img.read_bytes()[:last_sector + 1])
+    rc, _, err = convert(cut, tmp_path / "out")
+    assert err.startswith("convd: corrupt_image: qcow2: "), err
+    assert "past the end of the file" in err and "a compressed cluster" in err
+
+
 def _vmdk_first_gte(img: Path) -> int:
     """File offset of grain table 0's first entry of a monolithicSparse VMDK."""
     gd_sec = struct.unpack("<Q", make_cases.read_at(str(img), 56, 8))[0]
