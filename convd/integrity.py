@@ -213,6 +213,15 @@ def _qcow2(f: _File) -> int:
         raise f.corrupt(f"refcount table of {rt_clusters} clusters is impossible")
     if incompat & _QCOW2_DATA_FILE:
         return size  # the data lives in another file: the inspector rejects it as unsafe
+    # A dirty image (lazy refcounts) skips `qemu-img check` (its refcounts
+    # lag by design), so the overlaps check would catch are checked here:
+    # no data cluster may lie on the image's own metadata.
+    meta = _Clusters(f.size, cluster_bits) if incompat & _QCOW2_DIRTY else None
+    if meta is not None:
+        meta.add(0, cluster, "header")
+        meta.add(l1_off, l1_size * 8, "L1 table")
+        meta.add(rt_off, rt_clusters * cluster, "refcount table")
+        _qcow2_snapshot_metadata(f, meta, h)
     # Refcount table → refcount blocks: metadata qemu-img check and every writer rely on.
     for first, data in f.slices(rt_off, rt_clusters * cluster, "qcow2 refcount table", 8):
         for i, entry in enumerate(_u64_table(data, True)):
@@ -222,6 +231,8 @@ def _qcow2(f: _File) -> int:
                     raise f.corrupt(f"refcount table entry {first + i} ({block:#x}) is not cluster-aligned")
                 if block + cluster > f.size:
                     raise f.past_end(f"refcount table entry {first + i} (block at {block:#x})", block + cluster)
+                if meta is not None:
+                    meta.add(block, cluster, "refcount block")
     # Active L1 → L2 tables → data clusters: what qemu-img convert reads.
     l1 = _u64_table(f.read(l1_off, l1_size * 8, "qcow2 L1 table"), True) if l1_size else array("Q")
     span = l2_entries * cluster  # guest bytes per L2 table
@@ -232,6 +243,10 @@ def _qcow2(f: _File) -> int:
     # Each L2 table is read once: two L1 entries sharing one is corruption, and
     # the work stays bounded by the file's size whatever the header claims.
     seen_l2 = bytearray((f.size >> cluster_bits) // 8 + 1)
+    if meta is not None:
+        for l1e in l1:
+            if l1e & _L1_OFFSET and (l1e & _L1_OFFSET) + cluster <= f.size:
+                meta.add(l1e & _L1_OFFSET, cluster, "L2 table")
     for i, l1e in enumerate(l1):
         l2_off = l1e & _L1_OFFSET
         if not l2_off:
@@ -247,7 +262,7 @@ def _qcow2(f: _File) -> int:
         if f.stop is not None and f.stop.is_set():
             raise Stopped("integrity check interrupted by shutdown")
         raw = f.read(l2_off, cluster, "qcow2 L2 table")
-        if not extended and _qcow2_plain_table(raw, cluster_bits):
+        if meta is None and not extended and _qcow2_plain_table(raw, cluster_bits):
             flat = bytearray(raw)
             flat[0::8] = bytes(len(flat) // 8)  # drop the "copied" flags
             if max(_u64_table(bytes(flat), True)) + cluster <= f.size:
@@ -269,6 +284,8 @@ def _qcow2(f: _File) -> int:
                 # end, so a stream cut inside that sector must be decoded to
                 # know whether its end is in the file.
                 end = (host & ~0x1FF) + (((e >> comp_bits) & comp_sectors_mask) + 1) * _SECTOR
+                if meta is not None:
+                    meta.check(host, min(end, f.size) - host, where, f)
                 if end > f.size and (host >= f.size or not _qcow2_cluster_decodes(f, host, cluster, ctype)):
                     f.data_past_end(f"{where}, a compressed cluster at {host:#x},", end)
                 continue
@@ -277,6 +294,8 @@ def _qcow2(f: _File) -> int:
                 continue
             if host % cluster:
                 raise f.corrupt(f"{where} points to an unaligned cluster at {host:#x}")
+            if meta is not None and host < f.size:
+                meta.check(host, cluster, where, f)
             if extended:
                 alloc = l2[j * 2 + 1] & 0xFFFFFFFF
                 need = alloc.bit_length() * sub if alloc else 1
@@ -290,6 +309,46 @@ def _qcow2(f: _File) -> int:
             if host + need > f.size:
                 f.data_past_end(f"{where}, a data cluster at {host:#x},", host + need)
     return size
+
+
+class _Clusters:
+    """Which clusters of a file hold metadata, and what each is (a bitmap plus names)."""
+
+    def __init__(self, size: int, cluster_bits: int) -> None:
+        self.bits, self.size = cluster_bits, size
+        self.map = bytearray((size >> cluster_bits) // 8 + 1)
+        self.names: dict[int, str] = {}
+
+    def _range(self, offset: int, length: int) -> range:
+        last = min(offset + max(length, 1), self.size) - 1
+        return range(offset >> self.bits, (last >> self.bits) + 1)
+
+    def add(self, offset: int, length: int, what: str) -> None:
+        if offset >= self.size:
+            return  # past the end: the bounds checks report it
+        for n in self._range(offset, length):
+            self.map[n >> 3] |= 1 << (n & 7)
+            self.names.setdefault(n, what)
+
+    def check(self, offset: int, length: int, where: str, f: _File) -> None:
+        for n in self._range(offset, length):
+            if self.map[n >> 3] & (1 << (n & 7)):
+                raise f.corrupt(f"{where} points to data at {offset:#x}, over the "
+                                f"{self.names.get(n, 'metadata')} (cluster {n})")
+
+
+def _qcow2_snapshot_metadata(f: _File, meta: _Clusters, h: bytes) -> None:
+    """Mark the snapshot table and the snapshots' L1 tables (qcow2.txt "Snapshot table")."""
+    count, offset = struct.unpack(">IQ", h[60:72])
+    at = offset
+    for k in range(min(count, 65536)):
+        entry = f.read(at, 40, f"qcow2 snapshot {k}")
+        l1_off, l1_size, id_len, name_len = struct.unpack(">QIHH", entry[:16])
+        extra, = struct.unpack(">I", entry[36:40])
+        meta.add(l1_off, l1_size * 8, f"L1 table of snapshot {k}")
+        at += _round_up(40 + extra + id_len + name_len, 8)
+    if count:
+        meta.add(offset, at - offset, "snapshot table")
 
 
 def _qcow2_cluster_decodes(f: _File, host: int, cluster: int, ctype: int) -> bool:

@@ -348,6 +348,25 @@ def test_compressed_qcow2_cut_inside_its_last_compressed_sector_is_corrupt(tmp_p
     assert "past the end of the file" in err and "a compressed cluster" in err
 
 
+@pytest.mark.parametrize("target", ["refcount table", "refcount block", "L1 table", "L2 table"])
+def test_dirty_qcow2_with_data_over_its_own_metadata_is_corrupt(tmp_path, target):
+    img = make_image(tmp_path / "d.qcow2", "qcow2", 4 * MiB)
+    h = make_cases.read_at(str(img), 0, 104)
+    l1_off, rt_off = struct.unpack(">Q", h[40:48])[0], struct.unpack(">Q", h[48:56])[0]
+    l2_off, entries = _l2_entries(img)
+    rb_off = struct.unpack(">Q", make_cases.read_at(str(img), rt_off, 8))[0]
+    where = {"refcount table": rt_off, "refcount block": rb_off, "L1 table": l1_off, "L2 table": l2_off}[target]
+    used = next(i for i, e in enumerate(entries) if e & 0x00FFFFFFFFFFFE00)
+    _qcow2_edit(img, l2_off + 8 * used, ">Q", (1 << 63) | where)
+    incompat = struct.unpack(">Q", h[72:80])[0]
+    _qcow2_edit(img, 72, ">Q", incompat | 1)  # dirty: qemu-img check is not asked
+    before = sha256_file(img)
+    rc, _, err = convert(img, tmp_path / "out")
+    assert err.startswith("convd: corrupt_image: qcow2: L2 entry"), err
+    assert f"over the {target}" in err
+    assert sha256_file(img) == before
+
+
 def _vmdk_first_gte(img: Path) -> int:
     """File offset of grain table 0's first entry of a monolithicSparse VMDK."""
     gd_sec = struct.unpack("<Q", make_cases.read_at(str(img), 56, 8))[0]
