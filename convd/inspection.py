@@ -211,8 +211,9 @@ def inspect_fd(fd: int, *, stop: threading.Event | None = None, limit: int | Non
             # The size qemu-img will convert (integrity documents each rule):
             # VHD by creator (CHS or current size), VDI rounded up to 512, …
             result.virtual_size = qemu_size
-        if result.virtual_size <= 0:
-            raise CorruptImage(f"{fmt} header gives no virtual size", detected=fmt)
+    if result.virtual_size <= 0:
+        what = "the file is empty (0 bytes)" if size == 0 else f"{result.format} header gives no virtual size"
+        raise CorruptImage(f"{what}: an empty disk", detected=result.format)
     return result
 
 

@@ -606,6 +606,10 @@ def _vpc(f: _File) -> int:
     disk_type, = struct.unpack(">I", footer[60:64])
     if vsize // _SECTOR > _VHD_MAX_SECTORS:
         raise f.corrupt(f"virtual size {vsize} is over VHD's 2040 GiB")
+    if vsize == 0:
+        raise f.corrupt(f"footer gives no virtual size (creator {footer[28:32].decode('latin-1')!r} "
+                        f"is sized by CHS geometry {'/'.join(map(str, struct.unpack('>HBB', footer[56:60])))}, "
+                        f"current size {struct.unpack('>Q', footer[48:56])[0]}): an empty disk")
     if fixed:
         if disk_type != 2:
             raise f.corrupt(f"footer at the end names disk type {disk_type}, not fixed (2)")

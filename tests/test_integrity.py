@@ -409,3 +409,26 @@ def test_dynamic_vhd_block_running_into_the_footer_at_the_end_is_corrupt(tmp_pat
     rc, _, err = convert(cut, tmp_path / "out")
     assert err.startswith("convd: corrupt_image: vpc: BAT entry"), err
     assert "over the footer at the end" in err
+
+
+def _empty_fixed_vhd(path: Path) -> None:
+    run("qemu-img", "create", "-f", "vpc", "-o", "subformat=fixed,force_size=on", path, str(4 * MiB))
+    make_cases.vhd_edit_footer(str(path), creator=b"vpc ", chs=(0, 0, 0))
+
+
+def _zero_sized(fmt: str) -> Any:
+    def make(path: Path) -> None:
+        run("qemu-img", "create", "-f", fmt, path, "0")
+    return make
+
+
+@pytest.mark.parametrize("make", [lambda p: p.write_bytes(b""), _empty_fixed_vhd, _zero_sized("qcow2"),
+                                  _zero_sized("vdi"), _zero_sized("vmdk")],
+                         ids=["0-byte-upload", "fixed-vhd-chs-0", "qcow2", "vdi", "vmdk"])
+def test_disk_with_no_virtual_size_is_corrupt(tmp_path, make):
+    src = tmp_path / "empty.img"
+    make(src)
+    rc, _, err = convert(src, tmp_path / "out")
+    assert err.startswith("convd: corrupt_image: "), err
+    assert "empty disk" in err
+    assert not (tmp_path / "out").exists()
