@@ -199,10 +199,13 @@ def inspect_fd(fd: int, *, stop: threading.Event | None = None, limit: int | Non
         short = integrity.cut_short_header(fd, size)
         if short:
             raise CorruptImage(f"a {short} header cut short: the file is only {size} bytes", detected=short)
+    if fmt in RAW_FAMILY:
+        # A fixed VHD of a partitioned disk starts with its MBR/GPT: the
+        # footer at the end decides, whatever the inspector saw first.
         if _fixed_vhd(fd, size):
             result.format, result.vhd_fixed = "vpc", True
             result.virtual_size = integrity.verify(fd, "vpc", size, stop=stop) or 0
-    elif fmt not in RAW_FAMILY:
+    else:
         try:
             result.virtual_size = int(insp.virtual_size) if insp is not None else 0
         except Exception as exc:  # the inspector's parsers raise what they raise

@@ -324,6 +324,29 @@ def test_other_formats_variants_convert_identically(tmp_path, fmt, opts):
 # empty disks; estimates for sparse sources.
 
 
+def _partitioned(path: Path, label: str) -> None:
+    run("qemu-img", "create", "-f", "raw", path, str(32 * MiB))
+    run("parted", "-s", path, "mklabel", label, "mkpart", "primary", "1MiB", "17MiB")
+    make_cases.write_at(str(path), 20 * MiB, b"GUESTDATA" * 100)
+
+
+@pytest.mark.parametrize("label", ["gpt", "msdos"])
+def test_fixed_vhd_of_a_partitioned_disk_is_vpc_without_its_footer(tmp_path, label):
+    disk = tmp_path / "disk.raw"
+    _partitioned(disk, label)
+    vhd = tmp_path / "disk.vhd"
+    run("qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "subformat=fixed,force_size=on", disk, vhd)
+    rc, rec, err = convert(vhd, tmp_path / "out.raw")
+    assert rc == 0, err
+    assert rec["source"]["format"] == "vpc" and rec["source"]["virtual_size"] == vhd.stat().st_size - 512
+    assert rec["target"]["virtual_size"] == 32 * MiB
+    assert images_equal(disk, "raw", tmp_path / "out.raw", "raw")
+    rc, rec, err = convert(vhd, tmp_path / "out.vhd", "--to", "vpc")
+    assert rc == 0, err
+    assert images_equal(disk, "raw", tmp_path / "out.vhd", "vpc")
+    assert (tmp_path / "out.vhd").stat().st_size == vhd.stat().st_size  # not a VHD in a VHD
+
+
 @pytest.mark.parametrize("compression", ["zlib", "zstd"])
 def test_compressed_qcow2_cut_inside_its_last_compressed_sector_is_corrupt(tmp_path, compression):
     raw = tmp_path / "c.raw"
