@@ -32,7 +32,7 @@ import zstandard
 from convd.config import format_size
 from convd.errors import CorruptImage, Stopped, UnsafeImage, UnsupportedFormat
 
-__all__ = ["cut_short_header", "verify", "vmdk_descriptor", "vpc_virtual_size"]
+__all__ = ["MAGICS", "cut_short_header", "verify", "vmdk_descriptor", "vpc_virtual_size"]
 
 _SECTOR = 512
 # Tables are read in slices of this many bytes (a table is metadata, but a
@@ -770,7 +770,7 @@ _CHECKS = {"qcow2": _qcow2, "vmdk": _vmdk, "vdi": _vdi, "vpc": _vpc, "vhdx": _vh
 # Signatures of image formats whose header the inspector only recognises
 # once 512 bytes are there: a shorter file carrying one is a header cut
 # short, not a tiny raw disk.
-_MAGICS = ((0, b"QFI\xfb", "qcow2"), (0x40, b"\x7f\x10\xda\xbe", "vdi"), (0, b"QED\0", "qed"),
+MAGICS = ((0, b"QFI\xfb", "qcow2"), (0x40, b"\x7f\x10\xda\xbe", "vdi"), (0, b"QED\0", "qed"),
            (0, b"KDMV", "vmdk"), (0, b"conectix", "vpc"), (0, b"vhdxfile", "vhdx"))
 
 
@@ -779,7 +779,7 @@ def cut_short_header(fd: int, size: int) -> str | None:
     if size >= 512:
         return None
     head = os.pread(fd, 512, 0)
-    for offset, magic, fmt in _MAGICS:
+    for offset, magic, fmt in MAGICS:
         if head[offset:offset + len(magic)] == magic:
             return fmt
     return None

@@ -323,6 +323,52 @@ def test_other_formats_variants_convert_identically(tmp_path, fmt, opts):
 # extents over the image's own metadata or cut inside their last sector;
 # empty disks; estimates for sparse sources.
 
+_DESCRIPTOR = (b'# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n'
+               b'createType="monolithicFlat"\n\nRW 8 FLAT "/etc/passwd" 0\n')
+_PROBED_SECTORS = {
+    "vmdk-descriptor": _DESCRIPTOR,
+    "vmdk-descriptor-crlf": b"#c\r\n   \r\nversion=2\r\n",
+    "vmdk3-cowd": b"COWD" + bytes(60),
+    "parallels": b"WithoutFreeSpace" + struct.pack("<I", 2) + bytes(44),
+    "bochs": b"Bochs Virtual HD Image".ljust(32, b"\0") + b"Redolog".ljust(16, b"\0")
+             + b"Growing".ljust(16, b"\0") + struct.pack("<I", 0x20000),
+    "cloop": b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n",
+}
+
+
+def _probed_format(path: Path) -> str:
+    """What qemu-img info makes of the file without -f (a failure to open is not raw either)."""
+    p = run("qemu-img", "info", "--output=json", path, check=False)
+    return json.loads(p.stdout)["format"] if p.returncode == 0 else "not raw"
+
+
+@pytest.mark.parametrize("head", list(_PROBED_SECTORS), ids=list(_PROBED_SECTORS))
+def test_raw_disk_that_qemus_probe_reads_as_another_format_is_unsafe(tmp_path, head):
+    src = tmp_path / "disk.img"
+    src.write_bytes(_PROBED_SECTORS[head].ljust(1 * MiB, b"\0"))
+    assert _probed_format(src) != "raw"  # the real qemu is fooled
+    rc, _, err = convert(src, tmp_path / "out")
+    assert err.startswith("convd: unsafe_image: a raw disk whose first sector qemu probes as "), err
+
+
+def test_converted_output_that_starts_with_a_vmdk_descriptor_is_unsafe(tmp_path):
+    guest = tmp_path / "guest.raw"
+    guest.write_bytes(_DESCRIPTOR.ljust(1 * MiB, b"\0"))
+    src = tmp_path / "wrapper.qcow2"
+    run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", guest, src)
+    rc, _, err = convert(src, tmp_path / "out")
+    assert err.startswith("convd: unsafe_image: a raw disk whose first sector qemu probes as vmdk"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_raw_disk_with_a_version_line_past_qemus_probe_window_converts(tmp_path):
+    # qemu probes 512 bytes: comment lines that push "version=" past them leave it raw.
+    src = tmp_path / "disk.img"
+    src.write_bytes((b"#" * 600 + b"\nversion=1\n").ljust(1 * MiB, b"\0"))
+    assert _probed_format(src) == "raw"
+    rc, rec, err = convert(src, tmp_path / "out")
+    assert rc == 0, err
+
 
 def _partitioned(path: Path, label: str) -> None:
     run("qemu-img", "create", "-f", "raw", path, str(32 * MiB))
@@ -455,3 +501,20 @@ def test_disk_with_no_virtual_size_is_corrupt(tmp_path, make):
     assert err.startswith("convd: corrupt_image: "), err
     assert "empty disk" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_daemon_keeps_the_original_bytes_of_hidden_formats_and_empty_disks(tmp_path, spool, daemon_factory):
+    evil = tmp_path / "evil.img"
+    evil.write_bytes(_DESCRIPTOR.ljust(1 * MiB, b"\0"))
+    empty = tmp_path / "empty.vhd"
+    _empty_fixed_vhd(empty)
+    gte = make_image(tmp_path / "gte.vmdk", "vmdk", 4 * MiB)
+    make_cases.write_at(str(gte), _vmdk_first_gte(gte), struct.pack("<I", 1))
+    d = daemon_factory(write_config(tmp_path))
+    for src in (evil, empty, gte):
+        spool.drop(src)
+    for src, code in ((evil, "unsafe_image"), (empty, "corrupt_image"), (gte, "corrupt_image")):
+        rec = spool.wait_record(src.name)
+        assert rec["error"]["code"] == code, rec
+        assert sha256_file(spool.failed / src.name) == sha256_file(src)
+    assert d.stop() == 0
