@@ -253,7 +253,9 @@ def inspect_fd(fd: int, *, stop: threading.Event | None = None, limit: int | Non
                                   detected=fmt) from None
         except fi.ImageFormatError as exc:
             raise CorruptImage(f"{fmt} header cannot be parsed: {exc}", detected=fmt) from None
-    result = Inspection(format=fmt, virtual_size=size, size=size, matched=names)
+    # qemu reads a raw file in whole sectors: a 1000-byte file is a 1024-byte
+    # disk to qemu-img info and convert alike (block.c bdrv_getlength).
+    result = Inspection(format=fmt, virtual_size=-(-size // 512) * 512, size=size, matched=names)
     if fmt == "raw":
         short = integrity.cut_short_header(fd, size)
         if short:

@@ -134,7 +134,9 @@ def test_every_target_keeps_the_virtual_size(tmp_path, target, size):
     want = -(-size // 512) * 512
     assert qemu_virtual_size(out, target) == want
     assert rec is not None
-    assert rec["target"]["virtual_size"] == (size if target == "raw" else want)
+    # The record gives qemu's view for every target, raw included (a raw
+    # file is read in whole sectors).
+    assert rec["target"]["virtual_size"] == want
     assert images_equal(src, "raw", out, target)
 
 
@@ -518,3 +520,9 @@ def test_daemon_keeps_the_original_bytes_of_hidden_formats_and_empty_disks(tmp_p
         assert rec["error"]["code"] == code, rec
         assert sha256_file(spool.failed / src.name) == sha256_file(src)
     assert d.stop() == 0
+
+
+def test_qemu_reason_says_could_not_open_once():
+    from convd.qemu import reason
+    err = b"qemu-img: Could not open 'X.vhdx': Could not open 'X.vhdx': Invalid argument\n"
+    assert reason(err, 1, {}) == "Could not open 'X.vhdx': Invalid argument"
