@@ -522,6 +522,19 @@ def test_daemon_keeps_the_original_bytes_of_hidden_formats_and_empty_disks(tmp_p
     assert d.stop() == 0
 
 
+def test_sparse_source_estimate_for_vmdk_vpc_vhdx_vdi_counts_data_not_virtual_size(tmp_path):
+    src = tmp_path / "s.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", src, str(200 << 30))
+    qemu_io(src, "qcow2", "write -P 0x33 0 64k")
+    cfg = write_config(tmp_path, limits={"workspace": "1GiB"})
+    for target in ("vmdk", "vpc", "vhdx", "vdi"):
+        out = tmp_path / f"out.{target}"
+        rc, rec, err = convert(src, out, "--to", target, "-c", str(cfg))
+        assert rc == 0, (target, err)
+        assert images_equal(src, "qcow2", out, target)
+        out.unlink()
+
+
 def test_qemu_reason_says_could_not_open_once():
     from convd.qemu import reason
     err = b"qemu-img: Could not open 'X.vhdx': Could not open 'X.vhdx': Invalid argument\n"
