@@ -636,6 +636,9 @@ def _vpc(f: _File) -> int:
     bitmap = _round_up(block_size // (8 * _SECTOR), _SECTOR)
     metadata = ((0, _SECTOR, "footer copy"), (dyn_off, dyn_off + 1024, "dynamic disk header"),
                 (bat_off, bat_off + entries * 4, "block allocation table"))
+    # The spec ends every dynamic VHD with a footer (qemu reads the copy at
+    # the start); where one is there, a block running into it reads it back.
+    trailing = f.size >= 2 * _SECTOR and f.read(f.size - _SECTOR, 8, "VHD footer") == b"conectix"
     starts = array("Q")  # for the overlap check, up to _OVERLAP_CAP blocks (memory stays bounded)
     for first, data in f.slices(bat_off, entries * 4, "VHD block allocation table", 4):
         for i, sec in enumerate(_u32_table(data, True)):
@@ -649,7 +652,7 @@ def _vpc(f: _File) -> int:
                     raise f.corrupt(f"BAT entry {block} points a block at {start:#x} over the {what}")
             if start + need > f.size:
                 f.data_past_end(f"BAT entry {block} (block at {start:#x})", start + need)
-            elif start + need > f.size - _SECTOR:  # the footer at the end is metadata too
+            elif trailing and start + need > f.size - _SECTOR:  # the footer at the end is metadata too
                 raise f.corrupt(f"BAT entry {block} points a block at {start:#x} over the footer at the end")
             elif len(starts) < _OVERLAP_CAP:
                 starts.append(start)
