@@ -55,6 +55,8 @@ async def estimate(item: Item, ctx: Context) -> int:
                                      limits=item.cfg.detect, name=item.label) if ctx.sparse else vsize
     elif target == "qcow2":  # the only other target qemu-img 7.2 can measure
         need = await qemu.measure(path, insp.qemu_format, target, limits=item.cfg.detect, name=item.label)
+    elif any(a.startswith("-S") for a in item.cfg.qemu_args_for(insp.format) or ()):
+        need = bound  # an operator's -S changes which zeros qemu-img writes: no data-based estimate
     else:
         # qemu-img writes only the source's data into a new sparse-format
         # image (it starts all zeros): each data extent rounded out to the
