@@ -89,6 +89,8 @@ def reason(stderr: bytes, returncode: int, paths: dict[str, str]) -> str:
     text = stderr.decode(errors="replace")
     for path, label in sorted(paths.items(), key=lambda kv: -len(kv[0])):
         text = text.replace(path, label)
+    # qemu nests "Could not open 'X': " once per layer (format, then file).
+    text = re.sub(r"(Could not open '[^'\n]*': )(?:\1)+", r"\1", text)
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     errors = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("qemu-img:")]
     if errors:
