@@ -65,6 +65,7 @@ _XZ_MEMLIMIT = 256 << 20
 _ZSTD_MAX_WINDOW = 1 << 27
 _OVF_LIMIT = 4 << 20  # an OVF descriptor is a few KiB of XML
 _XZ_MAGIC = b"\xfd7zXZ\x00"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 # A tar member is a disk candidate with one of these at its start (qcow2,
 # VMDK sparse/COWD/descriptor, VDI, dynamic VHD, VHDX, QED), an MBR or GPT,
 # an ISO 9660 volume, or else a size of whole sectors from 1 MiB up (a raw
@@ -89,7 +90,7 @@ def _compression(head: bytes) -> str | None:
         return "gzip"
     if head.startswith(_XZ_MAGIC):
         return "xz"
-    if head.startswith(b"\x28\xb5\x2f\xfd"):
+    if head.startswith(_ZSTD_MAGIC) or _zstd_skippable(head[:4]):
         return "zstd"
     if head[:3] == b"BZh" and head[3:4] in b"123456789" and head[4:10] == b"\x31\x41\x59\x26\x53\x59":
         return "bzip2"
@@ -176,6 +177,94 @@ def _xz_size(fd: int, size: int) -> int | None:
     return total
 
 
+def _zstd_skippable(magic: bytes) -> bool:
+    """A skippable frame's magic, 0x184D2A50..0x184D2A5F (RFC 8878 3.1.2; pzstd starts with one)."""
+    return len(magic) == 4 and magic[1:] == b"\x2a\x4d\x18" and magic[0] & 0xF0 == 0x50
+
+
+class _Window:
+    """``pread`` through a 1 MiB window: many small reads of headers, few system calls."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd, self._base, self._buf = fd, 0, b""
+
+    def get(self, pos: int, n: int) -> bytes:
+        if not (self._base <= pos and pos + n <= self._base + len(self._buf)):
+            self._base, self._buf = pos, os.pread(self._fd, max(n, _CHUNK), pos)
+        return self._buf[pos - self._base: pos - self._base + n]
+
+
+def _zstd_size(fd: int, size: int) -> int | None:
+    """Walk every frame of a zstd file by its headers (RFC 8878 3.1): the content sizes
+    they state added up, or None when a frame states none.
+
+    The decoder alone cannot tell a stream cut at a frame or block boundary
+    from its end, so a frame or block that runs past the end of the file,
+    a frame that never reaches its last block, and bytes after the last
+    frame that are not a frame are all ``CorruptImage`` here, before a byte
+    is decoded.  Costs one header read per block (a block holds at most
+    128 KiB of output).
+    """
+    what = describe(["zstd"])
+    w, pos, total, known, frames = _Window(fd), 0, 0, True, 0
+
+    def truncated(start: int) -> CorruptImage:
+        return CorruptImage(f"{what} is truncated: the frame at byte {start} runs past the end of the "
+                            f"file ({size} bytes); the upload was probably cut short", detected="zstd")
+
+    while pos < size:
+        start = pos
+        magic = w.get(pos, 4)
+        if len(magic) < 4:
+            raise truncated(start)
+        if _zstd_skippable(magic):
+            length = w.get(pos + 4, 4)
+            pos += 8 + int.from_bytes(length, "little")
+            if len(length) < 4 or pos > size:
+                raise truncated(start)
+            continue
+        if magic != _ZSTD_MAGIC:
+            raise CorruptImage(f"{what} has {size - pos} bytes after its last frame (from byte {pos}) "
+                               "that are not a zstd frame", detected="zstd")
+        desc = w.get(pos + 4, 1)
+        if not desc:
+            raise truncated(start)
+        d = desc[0]
+        if d & 0x08:
+            raise CorruptImage(f"{what} has a frame header with its reserved bit set (byte {start})",
+                               detected="zstd")
+        single = bool(d & 0x20)
+        fcs_len = (1 if single else 0, 2, 4, 8)[d >> 6]
+        hlen = 1 + (0 if single else 1) + (0, 1, 2, 4)[d & 3] + fcs_len
+        header = w.get(pos + 4, hlen)
+        if len(header) < hlen:
+            raise truncated(start)
+        if fcs_len:
+            total += int.from_bytes(header[hlen - fcs_len:], "little") + (256 if fcs_len == 2 else 0)
+        else:
+            known = False
+        pos += 4 + hlen
+        while True:
+            block = w.get(pos, 3)
+            if len(block) < 3:
+                raise truncated(start)
+            v = int.from_bytes(block, "little")
+            if (v >> 1) & 3 == 3:
+                raise CorruptImage(f"{what} has a block of the reserved type at byte {pos}", detected="zstd")
+            pos += 3 + (1 if (v >> 1) & 3 == 1 else v >> 3)  # an RLE block stores one byte
+            if pos > size:
+                raise truncated(start)
+            if v & 1:
+                break
+        pos += 4 if d & 0x04 else 0  # the content checksum
+        if pos > size:
+            raise truncated(start)
+        frames += 1
+    if not frames:
+        raise CorruptImage(f"{what} holds no data frame, only skippable ones", detected="zstd")
+    return total if known else None
+
+
 @dataclass
 class Plan:
     """What a look at the start (and, for xz, the end) of a dropped file tells."""
@@ -183,7 +272,7 @@ class Plan:
     kinds: list[str]  # outermost first: ["xz"], ["gzip", "tar"], ["ova"]
     size: int  # the dropped file's bytes
     stated: int | None = None  # bytes it unpacks to, as its format records them
-    exact: bool = False  # ``stated`` is checked by the decoder (xz index, zstd frame), not a hint
+    exact: bool = False  # ``stated`` is a sum the unpacked size must equal (xz index, zstd frames), not a hint
     peek: bytes = b""
 
     @property
@@ -196,12 +285,8 @@ def _stated(fd: int, kind: str, size: int, head: bytes) -> tuple[int | None, boo
         n = _xz_size(fd, size)
         return n, n is not None
     if kind == "zstd":
-        try:
-            n = zstandard.frame_content_size(head)
-        except zstandard.ZstdError:
-            return None, False
-        # Only the first frame's; more frames may follow, so it is a floor.
-        return (n, True) if n >= 0 else (None, False)
+        n = _zstd_size(fd, size)
+        return n, n is not None
     if kind == "gzip" and size >= 18:
         # ISIZE is the last member's size modulo 4 GiB: a hint, never a limit.
         return int.from_bytes(os.pread(fd, 4, size - 4), "little"), False
@@ -620,4 +705,7 @@ def _unpack(raw: IO[bytes], p: Plan, out: int, budget: Budget, stop: threading.E
     if len(p.kinds) > 1:
         return _from_archive(_Chained(first, stream), False, p, out, budget, stop, progress)
     size = _copy(stream.read, out, budget, p.description, stop, progress, first=first)
+    if p.exact and p.stated is not None and size != p.stated:
+        raise CorruptImage(f"{p.description} unpacks to {size} bytes, but its headers state {p.stated}",
+                           detected=outer)
     return Unpacked(kinds=list(p.kinds), size=size)

@@ -26,7 +26,7 @@ from conftest import (REPO, MiB, Spool, convd_bin, images_equal, make_image, run
                       write_config)
 
 from convd import containers
-from convd.errors import UnsafeImage
+from convd.errors import CorruptImage, UnsafeImage
 from convd.pipeline.spool import UNPACKED
 
 INSTANCE = "test"
@@ -240,6 +240,7 @@ def test_containers_without_one_clean_disk_are_rejected_and_kept_and_bombs_are_t
         "zstd-bomb": (zstd_of_zeros_unstated(1152 * MiB), "too_large", ["max_virtual_size"]),
         "nested": (compress("gzip", compress("xz", disk)), "unsupported_format",
                    ["xz-compressed stream inside a gzip-compressed stream"]),
+        "cut-zstd": (compress("zstd", disk)[:-100], "corrupt_image", ["zstd-compressed stream is truncated"]),
     }
     cfg = config(tmp_path, max_virtual_size="1GiB")
     daemon_factory(cfg)
@@ -289,6 +290,47 @@ def test_a_damaged_compressed_stream_is_corrupt_image(tmp_path: Path) -> None:
     p = run(convd_bin(), "convert", cut, tmp_path / "out.raw", check=False)
     assert p.returncode == 1
     assert "convd: corrupt_image: an xz-compressed stream cannot be unpacked" in p.stderr
+
+
+def zstd_frames_unstated(data: bytes, frame: int = MiB) -> bytes:
+    """``data`` as one zstd frame per ``frame`` bytes, none stating its size (as `zstd -` from a pipe)."""
+    c = zstandard.ZstdCompressor(level=1, write_content_size=False)
+    out = io.BytesIO()
+    for i in range(0, len(data), frame):
+        with c.stream_writer(out, closefd=False) as w:
+            w.write(data[i:i + frame])
+    return out.getvalue()
+
+
+def test_a_cut_short_zstd_stream_is_corrupt_image_not_a_shorter_disk(tmp_path: Path) -> None:
+    qcow2 = make_image(tmp_path / "d.qcow2", "qcow2", 4 * MiB)
+    raw = tmp_path / "d.raw"
+    run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", qcow2, raw)
+    for stated in (compress("zstd", raw.read_bytes()), zstd_frames_unstated(raw.read_bytes())):
+        fd = os.open(_write(tmp_path / "whole", stated), os.O_RDONLY)
+        whole = containers.plan(fd)
+        os.close(fd)
+        assert whole is not None and whole.kinds == ["zstd"]
+        # Cut inside a block, at 20 bytes, halfway, and (unstated: four frames) between two frames' blocks.
+        for cut in (len(stated) - 100, len(stated) // 2, 20, len(stated) - 3):
+            fd = os.open(_write(tmp_path / "cut", stated[:cut]), os.O_RDONLY)
+            try:
+                with pytest.raises(CorruptImage, match="zstd-compressed stream is truncated"):
+                    containers.plan(fd)
+            finally:
+                os.close(fd)
+    # Through convert, and a qcow2 inside: the stream is blamed, not the qcow2 it cut short.
+    for name, data in (("raw.zst", compress("zstd", raw.read_bytes())[:-100]),
+                       ("qcow2.zst", zstd_frames_unstated(qcow2.read_bytes())[:-100])):
+        p = run(convd_bin(), "convert", _write(tmp_path / name, data), tmp_path / f"{name}.out", check=False)
+        assert p.returncode == 1
+        assert "convd: corrupt_image: a zstd-compressed stream is truncated" in p.stderr, p.stderr
+        assert not (tmp_path / f"{name}.out").exists()
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
 
 
 def test_inspect_reports_a_container_for_what_it_is(tmp_path: Path) -> None:
