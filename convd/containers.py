@@ -38,6 +38,7 @@ __all__ = [
     "Plan",
     "Unpacked",
     "describe",
+    "foreign",
     "plan",
     "sniff",
     "unpack",
@@ -97,15 +98,35 @@ def _compression(head: bytes) -> str | None:
     return None
 
 
+def _octal_field(field: bytes) -> bool:
+    """A tar numeric field: octal digits, padded with spaces or NULs (or GNU base-256)."""
+    text = field.strip(b" \x00")
+    return field[:1] in (b"\x80", b"\xff") or all(48 <= c <= 55 for c in text)
+
+
 def _tar_header(head: bytes) -> bool:
-    """A ustar/GNU header whose checksum adds up (the magic alone could be chance)."""
-    if len(head) < 512 or head[257:263] not in (b"ustar\x00", b"ustar "):
+    """A tar header whose checksum adds up (the magic alone could be chance).
+
+    ustar/GNU/PAX headers carry a magic; a V7 header (``tar --format=v7``)
+    has none, so it must also look like one: a name, octal numeric fields,
+    a V7 type and nothing where ustar keeps its magic.
+    """
+    if len(head) < 512:
         return False
     try:
         stored = int(head[148:156].split(b"\x00", 1)[0].strip() or b"-1", 8)
     except ValueError:
         return False
-    return stored == sum(head[:148]) + 8 * 32 + sum(head[156:512])
+    rest = head[:148] + b" " * 8 + head[156:512]
+    if stored not in (sum(rest), sum(b - 256 if b > 127 else b for b in rest)):  # old tars summed signed
+        return False
+    if head[257:263] in (b"ustar\x00", b"ustar "):
+        return True
+    name = head[:100].split(b"\x00", 1)[0]
+    return (head[257:263] == bytes(6) and bool(name) and all(c >= 32 for c in name)
+            and head[156:157] in (b"\x00", b"0", b"1", b"2", b"5")
+            and all(_octal_field(head[a:b]) for a, b in ((100, 108), (108, 116), (116, 124), (124, 136),
+                                                         (136, 148))))
 
 
 def _archive(head: bytes) -> str | None:
@@ -116,6 +137,68 @@ def _archive(head: bytes) -> str | None:
     full = (prefix + b"/" + name) if prefix else name
     # A PAX or GNU long-name header first hides the name; tarfile tells later.
     return "ova" if head[156:157] in b"0\x00" and full.lower().endswith(b".ovf") else "tar"
+
+
+# Containers and compressions convd does not unpack, told by a magic and a
+# check of the fields after it (so that a raw disk starting with the same
+# bytes by chance is not taken for one).  Found at the start of a dropped
+# file they are unsupported_format, never a raw disk.  Filesystem images
+# (ISO 9660, squashfs, ext, FAT) are not here: they are raw disks.
+_ZIP_METHODS = {0, 1, 6, 8, 9, 12, 14, 19, 93, 95, 96, 97, 98, 99}
+
+
+def _lzma_alone(head: bytes) -> bool:
+    """A legacy .lzma header (xz's lzma_alone, as xz --format=auto tells it): properties
+    byte < 225, a dictionary of 2^n or 2^n + 2^(n-1) bytes, a size under 256 GiB or
+    unknown; and the first bytes decode."""
+    if len(head) < 13 or head[0] >= 225:
+        return False
+    d = int.from_bytes(head[1:5], "little")
+    top = 1 << (d.bit_length() - 1) if d else 0
+    if not d or d not in (top, top | top >> 1):
+        return False
+    n = int.from_bytes(head[5:13], "little")
+    if n != (1 << 64) - 1 and n >= 1 << 38:
+        return False
+    try:
+        lzma.LZMADecompressor(format=lzma.FORMAT_ALONE, memlimit=_XZ_MEMLIMIT).decompress(head, max_length=4096)
+    except lzma.LZMAError:
+        return False
+    return True
+
+
+def foreign(head: bytes) -> tuple[str, str] | None:
+    """A container convd does not unpack: its kind and what it is (``("zip", "a zip archive")``), or None."""
+    h = head + bytes(16)  # a file of a few bytes
+    if h[:4] == b"PK\x03\x04" and h[4] <= 63 and int.from_bytes(h[8:10], "little") in _ZIP_METHODS:
+        return "zip", "a zip archive"
+    if h[:6] == b"7z\xbc\xaf\x27\x1c":
+        return "7z", "a 7-Zip archive"
+    if h[:7] == b"Rar!\x1a\x07\x00" or h[:8] == b"Rar!\x1a\x07\x01\x00":
+        return "rar", "a RAR archive"
+    if h[:4] == b"\x04\x22\x4d\x18" and h[4] >> 6 == 1 and not h[4] & 0x02:
+        return "lz4", "an lz4-compressed stream"
+    if h[:4] == b"\x02\x21\x4c\x18":
+        return "lz4", "an lz4-compressed stream (legacy format)"
+    if h[:4] == b"LZIP" and h[4] in (0, 1):
+        return "lzip", "an lzip-compressed stream"
+    if h[:9] == b"\x89LZO\x00\r\n\x1a\n":
+        return "lzop", "an lzop-compressed stream"
+    if h[:2] == b"\x1f\x9d" and 9 <= h[2] & 0x1F <= 16 and not h[2] & 0x60:
+        return "compress", "a Unix compress (.Z) stream"
+    if h[:4] == b"xar!" and h[4:6] == b"\x00\x1c" and h[6:8] == b"\x00\x01":
+        return "xar", "a xar archive"
+    if h[:6] in (b"070701", b"070702") and all(c in b"0123456789abcdefABCDEF" for c in h[6:110]):
+        return "cpio", "a cpio archive"
+    if h[:6] == b"070707" and all(48 <= c <= 55 for c in h[6:76]):
+        return "cpio", "a cpio archive"
+    if h[:8] == b"!<arch>\n":
+        return "ar", "an ar archive (a .deb or static library)"
+    if h[:8] == b"MSCF\x00\x00\x00\x00":
+        return "cab", "a Microsoft cabinet"
+    if _lzma_alone(h):
+        return "lzma", "a legacy .lzma stream (lzma_alone)"
+    return None
 
 
 def sniff(head: bytes) -> str | None:
@@ -306,6 +389,9 @@ def plan(fd: int, *, peek: bool = True) -> Plan | None:
     head = os.pread(fd, HEAD, 0)
     kind = sniff(head)
     if kind is None:
+        if (other := foreign(head)) is not None:
+            raise UnsupportedFormat(f"{other[1]}, not a disk image; convd unpacks {', '.join(KINDS)} only",
+                                    detected=other[0])
         return None
     p = Plan(kinds=[kind], size=size)
     p.stated, p.exact = _stated(fd, kind, size, head)
@@ -680,10 +766,14 @@ def unpack(fd: int, p: Plan, dest: str, budget: Budget, *, stop: threading.Event
             except (tarfile.TarError, *_DECODE_ERRORS) as exc:
                 raise CorruptImage(f"{p.description} cannot be unpacked: {_reason(exc)}",
                                    detected=p.kinds[0]) from None
-        inner = sniff(os.pread(out, HEAD, 0))
+        head = os.pread(out, HEAD, 0)
+        inner = sniff(head)
         if inner is not None:
             raise UnsupportedFormat(f"{describe(result.kinds + [inner])}: convd unpacks one layer of "
                                     "compression and one archive, not more")
+        if (other := foreign(head)) is not None:
+            raise UnsupportedFormat(f"{other[1]} inside {describe(result.kinds)}, not a disk image; convd "
+                                    f"unpacks {', '.join(KINDS)} only")
         ok = True
         return result
     finally:

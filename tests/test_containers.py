@@ -14,8 +14,10 @@ import io
 import json
 import lzma
 import os
+import random
 import sys
 import tarfile
+import zipfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from conftest import (REPO, MiB, Spool, convd_bin, images_equal, make_image, run
                       write_config)
 
 from convd import containers
-from convd.errors import CorruptImage, UnsafeImage
+from convd.errors import CorruptImage, UnsafeImage, UnsupportedFormat
 from convd.pipeline.spool import UNPACKED
 
 INSTANCE = "test"
@@ -331,6 +333,61 @@ def test_a_cut_short_zstd_stream_is_corrupt_image_not_a_shorter_disk(tmp_path: P
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+def test_a_v7_tar_and_a_zstd_stream_starting_with_a_skippable_frame_unpack(tmp_path: Path) -> None:
+    qcow2 = make_image(tmp_path / "d.qcow2", "qcow2", 4 * MiB)
+    run("tar", "--format=v7", "-cf", tmp_path / "v7", "-C", tmp_path, "d.qcow2")  # no ustar magic
+    skippable = (0x184D2A53).to_bytes(4, "little") + (5).to_bytes(4, "little") + b"pzstd"
+    _write(tmp_path / "skip", skippable + compress("zstd", qcow2.read_bytes()))
+    for name, container in (("v7", ["tar"]), ("skip", ["zstd"])):
+        p = run(convd_bin(), "convert", tmp_path / name, tmp_path / f"{name}.raw")
+        rec = json.loads(p.stdout)
+        assert rec["status"] == "converted" and rec["source"]["container"] == container, rec
+        assert images_equal(tmp_path / f"{name}.raw", "raw", qcow2, "qcow2")
+
+
+def test_containers_convd_does_not_unpack_are_unsupported_format_never_raw(tmp_path: Path) -> None:
+    disk = (tmp_path / "d.raw")
+    disk.write_bytes(os.urandom(MiB))
+    zipped = io.BytesIO()
+    with zipfile.ZipFile(zipped, "w", zipfile.ZIP_DEFLATED) as z:
+        z.write(disk, "d.raw")
+    lz4_frame = b"\x04\x22\x4d\x18\x64\x40\xa7" + (8).to_bytes(4, "little") + b"\x80" * 8 + bytes(4)
+    cases = {
+        "zip": zipped.getvalue(),
+        "lz4": lz4_frame + bytes(MiB),
+        "lzma": lzma.compress(disk.read_bytes(), format=lzma.FORMAT_ALONE),
+        "7z": b"7z\xbc\xaf\x27\x1c\x00\x04" + bytes(MiB),
+        "cpio": b"070701" + b"0" * 104 + b"d.raw\x00" + bytes(MiB),
+    }
+    for kind, data in cases.items():
+        path = _write(tmp_path / f"upload-{kind}", data)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            with pytest.raises(UnsupportedFormat, match="not a disk image") as err:
+                containers.plan(fd)
+        finally:
+            os.close(fd)
+        assert err.value.detected == kind
+    for kind in ("zip", "lzma"):
+        p = run(convd_bin(), "convert", tmp_path / f"upload-{kind}", tmp_path / "out.raw", check=False)
+        assert p.returncode == 1 and "convd: unsupported_format: a " in p.stderr, p.stderr
+        assert not (tmp_path / "out.raw").exists()
+    # Inside a stream convd does unpack, just the same.
+    p = run(convd_bin(), "convert", _write(tmp_path / "zip.gz", compress("gzip", cases["zip"])),
+            tmp_path / "out.raw", check=False)
+    assert "unsupported_format: a zip archive inside a gzip-compressed stream" in p.stderr, p.stderr
+
+
+def test_raw_disks_starting_with_arbitrary_bytes_are_not_taken_for_containers() -> None:
+    rng = random.Random(9)
+    heads = [rng.randbytes(512) for _ in range(20000)]
+    heads += [bytes(512), b"\xeb\x63\x90" + rng.randbytes(509), b"\xfa\x31\xc0" + rng.randbytes(509)]
+    heads += [b"hsqs" + rng.randbytes(508), bytes(1024)[:512]]  # squashfs: a filesystem image is a raw disk
+    for head in heads:
+        assert containers.sniff(head) is None
+        assert containers.foreign(head) is None
 
 
 def test_inspect_reports_a_container_for_what_it_is(tmp_path: Path) -> None:
