@@ -18,6 +18,7 @@ import lzma
 import os
 import tarfile
 import threading
+import urllib.parse
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -645,6 +646,17 @@ def _norm(name: str) -> str:
     return str(PurePosixPath(name))  # "./disk1.vmdk" → "disk1.vmdk"
 
 
+def _href_names(href: str, what: str) -> tuple[str, ...]:
+    """The member names an OVF ``href`` may mean: as written, and percent-decoded
+    (it is a URI reference, DSP0243 8.1: ``my%20disk.vmdk`` is ``my disk.vmdk``).
+    Raises ``UnsupportedFormat`` for a URL with a scheme or host: a disk outside the archive."""
+    url = urllib.parse.urlsplit(href)
+    if url.scheme or url.netloc:
+        raise UnsupportedFormat(f"{what} references disk {href!r} by URL, outside the archive; "
+                                "convd converts the disk an OVA holds")
+    return tuple(dict.fromkeys((_norm(href), _norm(urllib.parse.unquote(url.path)))))
+
+
 def _is_disk_candidate(head: bytes, size: int) -> bool:
     if head.startswith(_DISK_MAGICS) or sniff(head[:HEAD]) is not None:
         return True
@@ -676,6 +688,7 @@ def _from_archive(fileobj: Any, seekable: bool, p: Plan, out: int, budget: Budge
     what = describe(kinds)
     archive = "OVA" if kinds[-1] == "ova" else "tar"
     wanted: list[str] | None = None
+    names: tuple[str, ...] = ()
     taken: str | None = None
     candidates: list[str] = []
     members: list[str] = []
@@ -694,18 +707,25 @@ def _from_archive(fileobj: Any, seekable: bool, p: Plan, out: int, budget: Budge
                                             "convd reads descriptors up to 4 MiB")
                 src = tf.extractfile(member)
                 assert src is not None
-                wanted = [_norm(n) for n in ovf_disks(src.read(_OVF_LIMIT))]
+                wanted = ovf_disks(src.read(_OVF_LIMIT))
                 if not wanted:
                     raise UnsupportedFormat(f"{what} whose descriptor references no disk")
                 if len(wanted) > 1:
                     raise UnsupportedFormat(f"{what} with {len(wanted)} disks ({', '.join(wanted)}); "
                                             "convd converts single-disk appliances only")
+                names = _href_names(wanted[0], what)
                 continue
             src = tf.extractfile(member)
             assert src is not None
             if wanted is not None:
-                if name != wanted[0] or taken is not None:
+                if name not in names:
                     continue
+                if taken is not None:
+                    # tar -r appends a newer copy; tar xf keeps the last, a
+                    # streaming reader the first: which one is meant is unclear.
+                    raise UnsupportedFormat(f"{what} holds the disk its descriptor references, {name!r}, "
+                                            "more than once; convd converts an appliance whose disk is "
+                                            "there once")
             else:
                 head = _read_up_to(src, _PEEK)
                 if not _is_disk_candidate(head, member.size):

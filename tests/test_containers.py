@@ -390,6 +390,27 @@ def test_raw_disks_starting_with_arbitrary_bytes_are_not_taken_for_containers() 
         assert containers.foreign(head) is None
 
 
+def test_an_ova_holding_its_disk_twice_is_refused_and_a_percent_encoded_href_finds_its_member(
+    tmp_path: Path
+) -> None:
+    old, new = stream_vmdk(tmp_path, "old.vmdk", seed=1), stream_vmdk(tmp_path, "new.vmdk", seed=2)
+    ovf = vbox_ovf([("x-disk001.vmdk", 8 * MiB)])
+    # As `tar -r` leaves it: a newer copy appended; tar xf would give the last, a stream reader the first.
+    dup = tar_of([("x.ovf", ovf), ("x-disk001.vmdk", old.read_bytes()), ("x.mf", b""),
+                  ("x-disk001.vmdk", new.read_bytes())])
+    p = run(convd_bin(), "convert", _write(tmp_path / "dup", dup), tmp_path / "dup.raw", check=False)
+    assert p.returncode == 1 and not (tmp_path / "dup.raw").exists()
+    assert p.stderr.strip().splitlines()[-1] == (
+        "convd: unsupported_format: an OVA appliance (a tar with an OVF descriptor) holds the disk its "
+        "descriptor references, 'x-disk001.vmdk', more than once; convd converts an appliance whose disk "
+        "is there once")
+
+    pct = tar_of([("x.ovf", vbox_ovf([("my%20disk.vmdk", 8 * MiB)])), ("my disk.vmdk", new.read_bytes())])
+    p = run(convd_bin(), "convert", _write(tmp_path / "pct", pct), tmp_path / "pct.raw")
+    assert json.loads(p.stdout)["source"]["member"] == "my disk.vmdk"
+    assert images_equal(tmp_path / "pct.raw", "raw", new, "vmdk")
+
+
 def test_inspect_reports_a_container_for_what_it_is(tmp_path: Path) -> None:
     ova = tmp_path / "appliance"
     ova.write_bytes(compress("gzip", vbox_ova("x", [stream_vmdk(tmp_path, "x.vmdk", seed=1)])))
