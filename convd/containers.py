@@ -74,6 +74,7 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 # disk, a fixed VHD).
 _DISK_MAGICS = (b"QFI\xfb", b"KDMV", b"COWD", b"# Disk DescriptorFile", b"conectix", b"vhdxfile",
                 b"QED\x00")
+_TAR = "tar"
 _PEEK = 32 << 10 | 8  # through the ISO 9660 volume descriptor at 32769
 
 
@@ -495,7 +496,7 @@ _DECODE_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError, zstandard.ZstdE
 
 def _reason(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
-    if isinstance(exc, EOFError):
+    if isinstance(exc, EOFError) or text == "unexpected end of data":  # tarfile's, for a cut member
         return f"truncated ({text})"
     return text
 
@@ -693,8 +694,8 @@ def _from_archive(fileobj: Any, seekable: bool, p: Plan, out: int, budget: Budge
     candidates: list[str] = []
     members: list[str] = []
     size = 0
-    with tarfile.open(fileobj=fileobj, mode="r:" if seekable else "r|") as tf:
-        for i, member in enumerate(_members(tf)):
+    with tarfile.open(fileobj=fileobj, mode="r:" if seekable else "r|", tarinfo=_Header) as tf:
+        for i, member in enumerate(_members(tf, what)):
             _safe_name(member, archive)
             if member.isdir():
                 continue
@@ -751,12 +752,36 @@ def _from_archive(fileobj: Any, seekable: bool, p: Plan, out: int, budget: Budge
     return Unpacked(kinds=kinds, size=size, member=taken)
 
 
-def _members(tf: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+class _Header(tarfile.TarInfo):
+    """A tar header that remembers why reading stopped: tarfile ends its member list
+    quietly at end of file, at half a header and at a bad one, as at the end-of-archive
+    blocks; only the last is a whole archive."""
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.HeaderError as exc:
+            tarfile_.convd_end = exc  # type: ignore[attr-defined]
+            raise
+
+
+def _members(tf: tarfile.TarFile, what: str) -> Iterator[tarfile.TarInfo]:
+    """The members of ``tf`` (opened with ``tarinfo=_Header``), then a check that the archive
+    ended with its end-of-archive block. Raises ``CorruptImage`` for a cut or damaged one."""
     while True:
         member = tf.next()
-        if member is None:
+        if member is not None:
+            yield member
+            continue
+        end = getattr(tf, "convd_end", None)
+        if isinstance(end, tarfile.EOFHeaderError):
             return
-        yield member
+        if isinstance(end, (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError)):
+            raise CorruptImage(f"{what} is a truncated archive: it ends at byte {tf.offset} without the "
+                               "end-of-archive blocks (the upload was probably cut short)", detected=_TAR)
+        raise CorruptImage(f"{what} is a damaged archive: no valid tar header at byte {tf.offset}",
+                           detected=_TAR)
 
 
 # -- unpacking -------------------------------------------------------------------------

@@ -411,6 +411,24 @@ def test_an_ova_holding_its_disk_twice_is_refused_and_a_percent_encoded_href_fin
     assert images_equal(tmp_path / "pct.raw", "raw", new, "vmdk")
 
 
+def test_an_ova_or_tar_cut_between_or_inside_members_is_a_truncated_archive(tmp_path: Path) -> None:
+    disk = stream_vmdk(tmp_path, "d.vmdk", seed=3)
+    ova = vbox_ova("x", [disk])
+    ovf_end = 512 + (len(vbox_ovf([("x-disk001.vmdk", 8 * MiB)])) + 511) // 512 * 512
+    cases = {
+        "between": (ova[:ovf_end], "is a truncated archive"),  # after the OVF, before the disk's header
+        "between.gz": (compress("gzip", ova[:ovf_end]), "is a truncated archive"),
+        "no-end-blocks": (ova.rstrip(b"\x00"), "truncated"),
+        "inside-disk": (ova[:ovf_end + 512 + 4096], "truncated"),
+        "tar-inside-member": (tar_of([("disk.img", bytes(2 * MiB))])[:MiB], "truncated"),
+    }
+    for name, (data, words) in cases.items():
+        p = run(convd_bin(), "convert", _write(tmp_path / name, data), tmp_path / f"{name}.raw", check=False)
+        last = p.stderr.strip().splitlines()[-1]
+        assert last.startswith("convd: corrupt_image: ") and words in last, (name, last)
+        assert not (tmp_path / f"{name}.raw").exists()
+
+
 def test_inspect_reports_a_container_for_what_it_is(tmp_path: Path) -> None:
     ova = tmp_path / "appliance"
     ova.write_bytes(compress("gzip", vbox_ova("x", [stream_vmdk(tmp_path, "x.vmdk", seed=1)])))
