@@ -434,7 +434,8 @@ class _Concatenated(io.RawIOBase):
     def _new(self) -> Any:
         if self._kind == "gzip":
             return zlib.decompressobj(wbits=31)
-        return lzma.LZMADecompressor(memlimit=_XZ_MEMLIMIT)
+        # FORMAT_XZ, not the default AUTO: that would take a legacy .lzma stream after an xz one.
+        return lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=_XZ_MEMLIMIT)
 
     def readable(self) -> bool:
         return True
@@ -455,6 +456,14 @@ class _Concatenated(io.RawIOBase):
                         self._done = True
                         return b""
                     rest = more.lstrip(b"\x00")
+                magic = b"\x1f\x8b\x08" if self._kind == "gzip" else _XZ_MAGIC
+                while len(rest) < len(magic) and (more := self._fp.read(_CHUNK)):
+                    rest += more
+                if not rest.startswith(magic):
+                    # gzip -d ignores such bytes with a warning, xz -d refuses them; convd
+                    # does not guess what they are (a second, damaged member? another format?).
+                    raise _TrailingData(f"bytes after the end of the {self._kind} stream that are not "
+                                       f"another {self._kind} {'member' if self._kind == 'gzip' else 'stream'}")
                 self._dec, self._pending = self._new(), rest
             out = self._step(want)
             if out:
@@ -491,7 +500,11 @@ def _decoder(kind: str, raw: IO[bytes]) -> Any:
         raw, read_size=_CHUNK, read_across_frames=True, closefd=False)
 
 
-_DECODE_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError, zstandard.ZstdError)
+class _TrailingData(ValueError):
+    """Bytes after a compressed stream's end that are not another stream of its kind."""
+
+
+_DECODE_ERRORS = (_TrailingData, EOFError, OSError, zlib.error, lzma.LZMAError, zstandard.ZstdError)
 
 
 def _reason(exc: BaseException) -> str:

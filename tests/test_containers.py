@@ -429,6 +429,18 @@ def test_an_ova_or_tar_cut_between_or_inside_members_is_a_truncated_archive(tmp_
         assert not (tmp_path / f"{name}.raw").exists()
 
 
+def test_bytes_after_a_gzip_or_xz_stream_that_are_not_another_stream_are_corrupt_image(tmp_path: Path) -> None:
+    disk = os.urandom(64 << 10) + bytes(MiB)
+    cases = {
+        "garbage.gz": compress("gzip", disk) + b"garbage from a careless upload\n",
+        "lzma-after.xz": compress("xz", disk) + lzma.compress(disk, format=lzma.FORMAT_ALONE),
+    }
+    for name, data in cases.items():
+        p = run(convd_bin(), "convert", _write(tmp_path / name, data), tmp_path / f"{name}.raw", check=False)
+        assert p.returncode == 1 and "corrupt_image" in p.stderr
+        assert "bytes after the end of the" in p.stderr and "that are not another" in p.stderr, p.stderr
+
+
 def test_inspect_reports_a_container_for_what_it_is(tmp_path: Path) -> None:
     ova = tmp_path / "appliance"
     ova.write_bytes(compress("gzip", vbox_ova("x", [stream_vmdk(tmp_path, "x.vmdk", seed=1)])))
