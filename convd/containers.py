@@ -308,6 +308,10 @@ def _zstd_size(fd: int, size: int) -> int | None:
             if len(length) < 4 or pos > size:
                 raise truncated(start)
             continue
+        if magic != _ZSTD_MAGIC and frames == 0 and (other := foreign(w.get(pos, HEAD))) is not None:
+            # lz4 shares zstd's skippable frames: skippable frames, then an lz4 frame.
+            raise UnsupportedFormat(f"{other[1]}, not a disk image; convd unpacks {', '.join(KINDS)} only",
+                                    detected=other[0])
         if magic != _ZSTD_MAGIC:
             raise CorruptImage(f"{what} has {size - pos} bytes after its last frame (from byte {pos}) "
                                "that are not a zstd frame", detected="zstd")

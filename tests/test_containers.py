@@ -370,6 +370,14 @@ def test_containers_convd_does_not_unpack_are_unsupported_format_never_raw(tmp_p
         finally:
             os.close(fd)
         assert err.value.detected == kind
+    # lz4 shares zstd's skippable frames: one of those first, then an lz4 frame, is still lz4.
+    skippable = (0x184D2A50).to_bytes(4, "little") + (4).to_bytes(4, "little") + b"meta"
+    fd = os.open(_write(tmp_path / "upload-skip-lz4", skippable + cases["lz4"]), os.O_RDONLY)
+    try:
+        with pytest.raises(UnsupportedFormat, match="an lz4-compressed stream, not a disk image"):
+            containers.plan(fd)
+    finally:
+        os.close(fd)
     for kind in ("zip", "lzma"):
         p = run(convd_bin(), "convert", tmp_path / f"upload-{kind}", tmp_path / "out.raw", check=False)
         assert p.returncode == 1 and "convd: unsupported_format: a " in p.stderr, p.stderr
