@@ -198,7 +198,7 @@ def foreign(head: bytes) -> tuple[str, str] | None:
         return "ar", "an ar archive (a .deb or static library)"
     if h[:8] == b"MSCF\x00\x00\x00\x00":
         return "cab", "a Microsoft cabinet"
-    if _lzma_alone(h):
+    if _lzma_alone(head):
         return "lzma", "a legacy .lzma stream (lzma_alone)"
     return None
 
