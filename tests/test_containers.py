@@ -243,6 +243,8 @@ def test_containers_without_one_clean_disk_are_rejected_and_kept_and_bombs_are_t
         "nested": (compress("gzip", compress("xz", disk)), "unsupported_format",
                    ["xz-compressed stream inside a gzip-compressed stream"]),
         "cut-zstd": (compress("zstd", disk)[:-100], "corrupt_image", ["zstd-compressed stream is truncated"]),
+        "lzma-alone": (lzma.compress(disk, format=lzma.FORMAT_ALONE), "unsupported_format",
+                       ["a legacy .lzma stream (lzma_alone), not a disk image"]),
     }
     cfg = config(tmp_path, max_virtual_size="1GiB")
     daemon_factory(cfg)
