@@ -18,6 +18,7 @@ import lzma
 import os
 import tarfile
 import threading
+import urllib.parse
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ __all__ = [
     "Plan",
     "Unpacked",
     "describe",
+    "foreign",
     "plan",
     "sniff",
     "unpack",
@@ -65,12 +67,14 @@ _XZ_MEMLIMIT = 256 << 20
 _ZSTD_MAX_WINDOW = 1 << 27
 _OVF_LIMIT = 4 << 20  # an OVF descriptor is a few KiB of XML
 _XZ_MAGIC = b"\xfd7zXZ\x00"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 # A tar member is a disk candidate with one of these at its start (qcow2,
 # VMDK sparse/COWD/descriptor, VDI, dynamic VHD, VHDX, QED), an MBR or GPT,
 # an ISO 9660 volume, or else a size of whole sectors from 1 MiB up (a raw
 # disk, a fixed VHD).
 _DISK_MAGICS = (b"QFI\xfb", b"KDMV", b"COWD", b"# Disk DescriptorFile", b"conectix", b"vhdxfile",
                 b"QED\x00")
+_TAR = "tar"
 _PEEK = 32 << 10 | 8  # through the ISO 9660 volume descriptor at 32769
 
 
@@ -89,22 +93,42 @@ def _compression(head: bytes) -> str | None:
         return "gzip"
     if head.startswith(_XZ_MAGIC):
         return "xz"
-    if head.startswith(b"\x28\xb5\x2f\xfd"):
+    if head.startswith(_ZSTD_MAGIC) or _zstd_skippable(head[:4]):
         return "zstd"
     if head[:3] == b"BZh" and head[3:4] in b"123456789" and head[4:10] == b"\x31\x41\x59\x26\x53\x59":
         return "bzip2"
     return None
 
 
+def _octal_field(field: bytes) -> bool:
+    """A tar numeric field: octal digits, padded with spaces or NULs (or GNU base-256)."""
+    text = field.strip(b" \x00")
+    return field[:1] in (b"\x80", b"\xff") or all(48 <= c <= 55 for c in text)
+
+
 def _tar_header(head: bytes) -> bool:
-    """A ustar/GNU header whose checksum adds up (the magic alone could be chance)."""
-    if len(head) < 512 or head[257:263] not in (b"ustar\x00", b"ustar "):
+    """A tar header whose checksum adds up (the magic alone could be chance).
+
+    ustar/GNU/PAX headers carry a magic; a V7 header (``tar --format=v7``)
+    has none, so it must also look like one: a name, octal numeric fields,
+    a V7 type and nothing where ustar keeps its magic.
+    """
+    if len(head) < 512:
         return False
     try:
         stored = int(head[148:156].split(b"\x00", 1)[0].strip() or b"-1", 8)
     except ValueError:
         return False
-    return stored == sum(head[:148]) + 8 * 32 + sum(head[156:512])
+    rest = head[:148] + b" " * 8 + head[156:512]
+    if stored not in (sum(rest), sum(b - 256 if b > 127 else b for b in rest)):  # old tars summed signed
+        return False
+    if head[257:263] in (b"ustar\x00", b"ustar "):
+        return True
+    name = head[:100].split(b"\x00", 1)[0]
+    return (head[257:263] == bytes(6) and bool(name) and all(c >= 32 for c in name)
+            and head[156:157] in (b"\x00", b"0", b"1", b"2", b"5")
+            and all(_octal_field(head[a:b]) for a, b in ((100, 108), (108, 116), (116, 124), (124, 136),
+                                                         (136, 148))))
 
 
 def _archive(head: bytes) -> str | None:
@@ -115,6 +139,68 @@ def _archive(head: bytes) -> str | None:
     full = (prefix + b"/" + name) if prefix else name
     # A PAX or GNU long-name header first hides the name; tarfile tells later.
     return "ova" if head[156:157] in b"0\x00" and full.lower().endswith(b".ovf") else "tar"
+
+
+# Containers and compressions convd does not unpack, told by a magic and a
+# check of the fields after it (so that a raw disk starting with the same
+# bytes by chance is not taken for one).  Found at the start of a dropped
+# file they are unsupported_format, never a raw disk.  Filesystem images
+# (ISO 9660, squashfs, ext, FAT) are not here: they are raw disks.
+_ZIP_METHODS = {0, 1, 6, 8, 9, 12, 14, 19, 93, 95, 96, 97, 98, 99}
+
+
+def _lzma_alone(head: bytes) -> bool:
+    """A legacy .lzma header (xz's lzma_alone, as xz --format=auto tells it): properties
+    byte < 225, a dictionary of 2^n or 2^n + 2^(n-1) bytes, a size under 256 GiB or
+    unknown; and the first bytes decode."""
+    if len(head) < 13 or head[0] >= 225:
+        return False
+    d = int.from_bytes(head[1:5], "little")
+    top = 1 << (d.bit_length() - 1) if d else 0
+    if not d or d not in (top, top | top >> 1):
+        return False
+    n = int.from_bytes(head[5:13], "little")
+    if n != (1 << 64) - 1 and n >= 1 << 38:
+        return False
+    try:
+        lzma.LZMADecompressor(format=lzma.FORMAT_ALONE, memlimit=_XZ_MEMLIMIT).decompress(head, max_length=4096)
+    except lzma.LZMAError:
+        return False
+    return True
+
+
+def foreign(head: bytes) -> tuple[str, str] | None:
+    """A container convd does not unpack: its kind and what it is (``("zip", "a zip archive")``), or None."""
+    h = head + bytes(16)  # a file of a few bytes
+    if h[:4] == b"PK\x03\x04" and h[4] <= 63 and int.from_bytes(h[8:10], "little") in _ZIP_METHODS:
+        return "zip", "a zip archive"
+    if h[:6] == b"7z\xbc\xaf\x27\x1c":
+        return "7z", "a 7-Zip archive"
+    if h[:7] == b"Rar!\x1a\x07\x00" or h[:8] == b"Rar!\x1a\x07\x01\x00":
+        return "rar", "a RAR archive"
+    if h[:4] == b"\x04\x22\x4d\x18" and h[4] >> 6 == 1 and not h[4] & 0x02:
+        return "lz4", "an lz4-compressed stream"
+    if h[:4] == b"\x02\x21\x4c\x18":
+        return "lz4", "an lz4-compressed stream (legacy format)"
+    if h[:4] == b"LZIP" and h[4] in (0, 1):
+        return "lzip", "an lzip-compressed stream"
+    if h[:9] == b"\x89LZO\x00\r\n\x1a\n":
+        return "lzop", "an lzop-compressed stream"
+    if h[:2] == b"\x1f\x9d" and 9 <= h[2] & 0x1F <= 16 and not h[2] & 0x60:
+        return "compress", "a Unix compress (.Z) stream"
+    if h[:4] == b"xar!" and h[4:6] == b"\x00\x1c" and h[6:8] == b"\x00\x01":
+        return "xar", "a xar archive"
+    if h[:6] in (b"070701", b"070702") and all(c in b"0123456789abcdefABCDEF" for c in h[6:110]):
+        return "cpio", "a cpio archive"
+    if h[:6] == b"070707" and all(48 <= c <= 55 for c in h[6:76]):
+        return "cpio", "a cpio archive"
+    if h[:8] == b"!<arch>\n":
+        return "ar", "an ar archive (a .deb or static library)"
+    if h[:8] == b"MSCF\x00\x00\x00\x00":
+        return "cab", "a Microsoft cabinet"
+    if _lzma_alone(head):
+        return "lzma", "a legacy .lzma stream (lzma_alone)"
+    return None
 
 
 def sniff(head: bytes) -> str | None:
@@ -176,6 +262,98 @@ def _xz_size(fd: int, size: int) -> int | None:
     return total
 
 
+def _zstd_skippable(magic: bytes) -> bool:
+    """A skippable frame's magic, 0x184D2A50..0x184D2A5F (RFC 8878 3.1.2; pzstd starts with one)."""
+    return len(magic) == 4 and magic[1:] == b"\x2a\x4d\x18" and magic[0] & 0xF0 == 0x50
+
+
+class _Window:
+    """``pread`` through a 1 MiB window: many small reads of headers, few system calls."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd, self._base, self._buf = fd, 0, b""
+
+    def get(self, pos: int, n: int) -> bytes:
+        if not (self._base <= pos and pos + n <= self._base + len(self._buf)):
+            self._base, self._buf = pos, os.pread(self._fd, max(n, _CHUNK), pos)
+        return self._buf[pos - self._base: pos - self._base + n]
+
+
+def _zstd_size(fd: int, size: int) -> int | None:
+    """Walk every frame of a zstd file by its headers (RFC 8878 3.1): the content sizes
+    they state added up, or None when a frame states none.
+
+    The decoder alone cannot tell a stream cut at a frame or block boundary
+    from its end, so a frame or block that runs past the end of the file,
+    a frame that never reaches its last block, and bytes after the last
+    frame that are not a frame are all ``CorruptImage`` here, before a byte
+    is decoded.  Costs one header read per block (a block holds at most
+    128 KiB of output).
+    """
+    what = describe(["zstd"])
+    w, pos, total, known, frames = _Window(fd), 0, 0, True, 0
+
+    def truncated(start: int) -> CorruptImage:
+        return CorruptImage(f"{what} is truncated: the frame at byte {start} runs past the end of the "
+                            f"file ({size} bytes); the upload was probably cut short", detected="zstd")
+
+    while pos < size:
+        start = pos
+        magic = w.get(pos, 4)
+        if len(magic) < 4:
+            raise truncated(start)
+        if _zstd_skippable(magic):
+            length = w.get(pos + 4, 4)
+            pos += 8 + int.from_bytes(length, "little")
+            if len(length) < 4 or pos > size:
+                raise truncated(start)
+            continue
+        if magic != _ZSTD_MAGIC and frames == 0 and (other := foreign(w.get(pos, HEAD))) is not None:
+            # lz4 shares zstd's skippable frames: skippable frames, then an lz4 frame.
+            raise UnsupportedFormat(f"{other[1]}, not a disk image; convd unpacks {', '.join(KINDS)} only",
+                                    detected=other[0])
+        if magic != _ZSTD_MAGIC:
+            raise CorruptImage(f"{what} has {size - pos} bytes after its last frame (from byte {pos}) "
+                               "that are not a zstd frame", detected="zstd")
+        desc = w.get(pos + 4, 1)
+        if not desc:
+            raise truncated(start)
+        d = desc[0]
+        if d & 0x08:
+            raise CorruptImage(f"{what} has a frame header with its reserved bit set (byte {start})",
+                               detected="zstd")
+        single = bool(d & 0x20)
+        fcs_len = (1 if single else 0, 2, 4, 8)[d >> 6]
+        hlen = 1 + (0 if single else 1) + (0, 1, 2, 4)[d & 3] + fcs_len
+        header = w.get(pos + 4, hlen)
+        if len(header) < hlen:
+            raise truncated(start)
+        if fcs_len:
+            total += int.from_bytes(header[hlen - fcs_len:], "little") + (256 if fcs_len == 2 else 0)
+        else:
+            known = False
+        pos += 4 + hlen
+        while True:
+            block = w.get(pos, 3)
+            if len(block) < 3:
+                raise truncated(start)
+            v = int.from_bytes(block, "little")
+            if (v >> 1) & 3 == 3:
+                raise CorruptImage(f"{what} has a block of the reserved type at byte {pos}", detected="zstd")
+            pos += 3 + (1 if (v >> 1) & 3 == 1 else v >> 3)  # an RLE block stores one byte
+            if pos > size:
+                raise truncated(start)
+            if v & 1:
+                break
+        pos += 4 if d & 0x04 else 0  # the content checksum
+        if pos > size:
+            raise truncated(start)
+        frames += 1
+    if not frames:
+        raise CorruptImage(f"{what} holds no data frame, only skippable ones", detected="zstd")
+    return total if known else None
+
+
 @dataclass
 class Plan:
     """What a look at the start (and, for xz, the end) of a dropped file tells."""
@@ -183,7 +361,7 @@ class Plan:
     kinds: list[str]  # outermost first: ["xz"], ["gzip", "tar"], ["ova"]
     size: int  # the dropped file's bytes
     stated: int | None = None  # bytes it unpacks to, as its format records them
-    exact: bool = False  # ``stated`` is checked by the decoder (xz index, zstd frame), not a hint
+    exact: bool = False  # ``stated`` is a sum the unpacked size must equal (xz index, zstd frames), not a hint
     peek: bytes = b""
 
     @property
@@ -196,12 +374,8 @@ def _stated(fd: int, kind: str, size: int, head: bytes) -> tuple[int | None, boo
         n = _xz_size(fd, size)
         return n, n is not None
     if kind == "zstd":
-        try:
-            n = zstandard.frame_content_size(head)
-        except zstandard.ZstdError:
-            return None, False
-        # Only the first frame's; more frames may follow, so it is a floor.
-        return (n, True) if n >= 0 else (None, False)
+        n = _zstd_size(fd, size)
+        return n, n is not None
     if kind == "gzip" and size >= 18:
         # ISIZE is the last member's size modulo 4 GiB: a hint, never a limit.
         return int.from_bytes(os.pread(fd, 4, size - 4), "little"), False
@@ -221,6 +395,9 @@ def plan(fd: int, *, peek: bool = True) -> Plan | None:
     head = os.pread(fd, HEAD, 0)
     kind = sniff(head)
     if kind is None:
+        if (other := foreign(head)) is not None:
+            raise UnsupportedFormat(f"{other[1]}, not a disk image; convd unpacks {', '.join(KINDS)} only",
+                                    detected=other[0])
         return None
     p = Plan(kinds=[kind], size=size)
     p.stated, p.exact = _stated(fd, kind, size, head)
@@ -261,7 +438,8 @@ class _Concatenated(io.RawIOBase):
     def _new(self) -> Any:
         if self._kind == "gzip":
             return zlib.decompressobj(wbits=31)
-        return lzma.LZMADecompressor(memlimit=_XZ_MEMLIMIT)
+        # FORMAT_XZ, not the default AUTO: that would take a legacy .lzma stream after an xz one.
+        return lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=_XZ_MEMLIMIT)
 
     def readable(self) -> bool:
         return True
@@ -282,6 +460,14 @@ class _Concatenated(io.RawIOBase):
                         self._done = True
                         return b""
                     rest = more.lstrip(b"\x00")
+                magic = b"\x1f\x8b\x08" if self._kind == "gzip" else _XZ_MAGIC
+                while len(rest) < len(magic) and (more := self._fp.read(_CHUNK)):
+                    rest += more
+                if not rest.startswith(magic):
+                    # gzip -d ignores such bytes with a warning, xz -d refuses them; convd
+                    # does not guess what they are (a second, damaged member? another format?).
+                    raise _TrailingData(f"bytes after the end of the {self._kind} stream that are not "
+                                       f"another {self._kind} {'member' if self._kind == 'gzip' else 'stream'}")
                 self._dec, self._pending = self._new(), rest
             out = self._step(want)
             if out:
@@ -318,12 +504,16 @@ def _decoder(kind: str, raw: IO[bytes]) -> Any:
         raw, read_size=_CHUNK, read_across_frames=True, closefd=False)
 
 
-_DECODE_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError, zstandard.ZstdError)
+class _TrailingData(ValueError):
+    """Bytes after a compressed stream's end that are not another stream of its kind."""
+
+
+_DECODE_ERRORS = (_TrailingData, EOFError, OSError, zlib.error, lzma.LZMAError, zstandard.ZstdError)
 
 
 def _reason(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
-    if isinstance(exc, EOFError):
+    if isinstance(exc, EOFError) or text == "unexpected end of data":  # tarfile's, for a cut member
         return f"truncated ({text})"
     return text
 
@@ -474,6 +664,17 @@ def _norm(name: str) -> str:
     return str(PurePosixPath(name))  # "./disk1.vmdk" → "disk1.vmdk"
 
 
+def _href_names(href: str, what: str) -> tuple[str, ...]:
+    """The member names an OVF ``href`` may mean: as written, and percent-decoded
+    (it is a URI reference, DSP0243 8.1: ``my%20disk.vmdk`` is ``my disk.vmdk``).
+    Raises ``UnsupportedFormat`` for a URL with a scheme or host: a disk outside the archive."""
+    url = urllib.parse.urlsplit(href)
+    if url.scheme or url.netloc:
+        raise UnsupportedFormat(f"{what} references disk {href!r} by URL, outside the archive; "
+                                "convd converts the disk an OVA holds")
+    return tuple(dict.fromkeys((_norm(href), _norm(urllib.parse.unquote(url.path)))))
+
+
 def _is_disk_candidate(head: bytes, size: int) -> bool:
     if head.startswith(_DISK_MAGICS) or sniff(head[:HEAD]) is not None:
         return True
@@ -505,12 +706,13 @@ def _from_archive(fileobj: Any, seekable: bool, p: Plan, out: int, budget: Budge
     what = describe(kinds)
     archive = "OVA" if kinds[-1] == "ova" else "tar"
     wanted: list[str] | None = None
+    names: tuple[str, ...] = ()
     taken: str | None = None
     candidates: list[str] = []
     members: list[str] = []
     size = 0
-    with tarfile.open(fileobj=fileobj, mode="r:" if seekable else "r|") as tf:
-        for i, member in enumerate(_members(tf)):
+    with tarfile.open(fileobj=fileobj, mode="r:" if seekable else "r|", tarinfo=_Header) as tf:
+        for i, member in enumerate(_members(tf, what)):
             _safe_name(member, archive)
             if member.isdir():
                 continue
@@ -523,18 +725,25 @@ def _from_archive(fileobj: Any, seekable: bool, p: Plan, out: int, budget: Budge
                                             "convd reads descriptors up to 4 MiB")
                 src = tf.extractfile(member)
                 assert src is not None
-                wanted = [_norm(n) for n in ovf_disks(src.read(_OVF_LIMIT))]
+                wanted = ovf_disks(src.read(_OVF_LIMIT))
                 if not wanted:
                     raise UnsupportedFormat(f"{what} whose descriptor references no disk")
                 if len(wanted) > 1:
                     raise UnsupportedFormat(f"{what} with {len(wanted)} disks ({', '.join(wanted)}); "
                                             "convd converts single-disk appliances only")
+                names = _href_names(wanted[0], what)
                 continue
             src = tf.extractfile(member)
             assert src is not None
             if wanted is not None:
-                if name != wanted[0] or taken is not None:
+                if name not in names:
                     continue
+                if taken is not None:
+                    # tar -r appends a newer copy; tar xf keeps the last, a
+                    # streaming reader the first: which one is meant is unclear.
+                    raise UnsupportedFormat(f"{what} holds the disk its descriptor references, {name!r}, "
+                                            "more than once; convd converts an appliance whose disk is "
+                                            "there once")
             else:
                 head = _read_up_to(src, _PEEK)
                 if not _is_disk_candidate(head, member.size):
@@ -560,12 +769,36 @@ def _from_archive(fileobj: Any, seekable: bool, p: Plan, out: int, budget: Budge
     return Unpacked(kinds=kinds, size=size, member=taken)
 
 
-def _members(tf: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+class _Header(tarfile.TarInfo):
+    """A tar header that remembers why reading stopped: tarfile ends its member list
+    quietly at end of file, at half a header and at a bad one, as at the end-of-archive
+    blocks; only the last is a whole archive."""
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.HeaderError as exc:
+            tarfile_.convd_end = exc  # type: ignore[attr-defined]
+            raise
+
+
+def _members(tf: tarfile.TarFile, what: str) -> Iterator[tarfile.TarInfo]:
+    """The members of ``tf`` (opened with ``tarinfo=_Header``), then a check that the archive
+    ended with its end-of-archive block. Raises ``CorruptImage`` for a cut or damaged one."""
     while True:
         member = tf.next()
-        if member is None:
+        if member is not None:
+            yield member
+            continue
+        end = getattr(tf, "convd_end", None)
+        if isinstance(end, tarfile.EOFHeaderError):
             return
-        yield member
+        if isinstance(end, (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError)):
+            raise CorruptImage(f"{what} is a truncated archive: it ends at byte {tf.offset} without the "
+                               "end-of-archive blocks (the upload was probably cut short)", detected=_TAR)
+        raise CorruptImage(f"{what} is a damaged archive: no valid tar header at byte {tf.offset}",
+                           detected=_TAR)
 
 
 # -- unpacking -------------------------------------------------------------------------
@@ -595,10 +828,14 @@ def unpack(fd: int, p: Plan, dest: str, budget: Budget, *, stop: threading.Event
             except (tarfile.TarError, *_DECODE_ERRORS) as exc:
                 raise CorruptImage(f"{p.description} cannot be unpacked: {_reason(exc)}",
                                    detected=p.kinds[0]) from None
-        inner = sniff(os.pread(out, HEAD, 0))
+        head = os.pread(out, HEAD, 0)
+        inner = sniff(head)
         if inner is not None:
             raise UnsupportedFormat(f"{describe(result.kinds + [inner])}: convd unpacks one layer of "
                                     "compression and one archive, not more")
+        if (other := foreign(head)) is not None:
+            raise UnsupportedFormat(f"{other[1]} inside {describe(result.kinds)}, not a disk image; convd "
+                                    f"unpacks {', '.join(KINDS)} only")
         ok = True
         return result
     finally:
@@ -620,4 +857,7 @@ def _unpack(raw: IO[bytes], p: Plan, out: int, budget: Budget, stop: threading.E
     if len(p.kinds) > 1:
         return _from_archive(_Chained(first, stream), False, p, out, budget, stop, progress)
     size = _copy(stream.read, out, budget, p.description, stop, progress, first=first)
+    if p.exact and p.stated is not None and size != p.stated:
+        raise CorruptImage(f"{p.description} unpacks to {size} bytes, but its headers state {p.stated}",
+                           detected=outer)
     return Unpacked(kinds=list(p.kinds), size=size)

@@ -14,8 +14,10 @@ import io
 import json
 import lzma
 import os
+import random
 import sys
 import tarfile
+import zipfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from conftest import (REPO, MiB, Spool, convd_bin, images_equal, make_image, run
                       write_config)
 
 from convd import containers
-from convd.errors import UnsafeImage
+from convd.errors import CorruptImage, UnsafeImage, UnsupportedFormat
 from convd.pipeline.spool import UNPACKED
 
 INSTANCE = "test"
@@ -240,6 +242,9 @@ def test_containers_without_one_clean_disk_are_rejected_and_kept_and_bombs_are_t
         "zstd-bomb": (zstd_of_zeros_unstated(1152 * MiB), "too_large", ["max_virtual_size"]),
         "nested": (compress("gzip", compress("xz", disk)), "unsupported_format",
                    ["xz-compressed stream inside a gzip-compressed stream"]),
+        "cut-zstd": (compress("zstd", disk)[:-100], "corrupt_image", ["zstd-compressed stream is truncated"]),
+        "lzma-alone": (lzma.compress(disk, format=lzma.FORMAT_ALONE), "unsupported_format",
+                       ["a legacy .lzma stream (lzma_alone), not a disk image"]),
     }
     cfg = config(tmp_path, max_virtual_size="1GiB")
     daemon_factory(cfg)
@@ -289,6 +294,161 @@ def test_a_damaged_compressed_stream_is_corrupt_image(tmp_path: Path) -> None:
     p = run(convd_bin(), "convert", cut, tmp_path / "out.raw", check=False)
     assert p.returncode == 1
     assert "convd: corrupt_image: an xz-compressed stream cannot be unpacked" in p.stderr
+
+
+def zstd_frames_unstated(data: bytes, frame: int = MiB) -> bytes:
+    """``data`` as one zstd frame per ``frame`` bytes, none stating its size (as `zstd -` from a pipe)."""
+    c = zstandard.ZstdCompressor(level=1, write_content_size=False)
+    out = io.BytesIO()
+    for i in range(0, len(data), frame):
+        with c.stream_writer(out, closefd=False) as w:
+            w.write(data[i:i + frame])
+    return out.getvalue()
+
+
+def test_a_cut_short_zstd_stream_is_corrupt_image_not_a_shorter_disk(tmp_path: Path) -> None:
+    qcow2 = make_image(tmp_path / "d.qcow2", "qcow2", 4 * MiB)
+    raw = tmp_path / "d.raw"
+    run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", qcow2, raw)
+    for stated in (compress("zstd", raw.read_bytes()), zstd_frames_unstated(raw.read_bytes())):
+        fd = os.open(_write(tmp_path / "whole", stated), os.O_RDONLY)
+        whole = containers.plan(fd)
+        os.close(fd)
+        assert whole is not None and whole.kinds == ["zstd"]
+        # Cut inside a block, at 20 bytes, halfway, and (unstated: four frames) between two frames' blocks.
+        for cut in (len(stated) - 100, len(stated) // 2, 20, len(stated) - 3):
+            fd = os.open(_write(tmp_path / "cut", stated[:cut]), os.O_RDONLY)
+            try:
+                with pytest.raises(CorruptImage, match="zstd-compressed stream is truncated"):
+                    containers.plan(fd)
+            finally:
+                os.close(fd)
+    # Through convert, and a qcow2 inside: the stream is blamed, not the qcow2 it cut short.
+    for name, data in (("raw.zst", compress("zstd", raw.read_bytes())[:-100]),
+                       ("qcow2.zst", zstd_frames_unstated(qcow2.read_bytes())[:-100])):
+        p = run(convd_bin(), "convert", _write(tmp_path / name, data), tmp_path / f"{name}.out", check=False)
+        assert p.returncode == 1
+        assert "convd: corrupt_image: a zstd-compressed stream is truncated" in p.stderr, p.stderr
+        assert not (tmp_path / f"{name}.out").exists()
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_a_v7_tar_and_a_zstd_stream_starting_with_a_skippable_frame_unpack(tmp_path: Path) -> None:
+    qcow2 = make_image(tmp_path / "d.qcow2", "qcow2", 4 * MiB)
+    run("tar", "--format=v7", "-cf", tmp_path / "v7", "-C", tmp_path, "d.qcow2")  # no ustar magic
+    skippable = (0x184D2A53).to_bytes(4, "little") + (5).to_bytes(4, "little") + b"pzstd"
+    _write(tmp_path / "skip", skippable + compress("zstd", qcow2.read_bytes()))
+    for name, container in (("v7", ["tar"]), ("skip", ["zstd"])):
+        p = run(convd_bin(), "convert", tmp_path / name, tmp_path / f"{name}.raw")
+        rec = json.loads(p.stdout)
+        assert rec["status"] == "converted" and rec["source"]["container"] == container, rec
+        assert images_equal(tmp_path / f"{name}.raw", "raw", qcow2, "qcow2")
+
+
+def test_containers_convd_does_not_unpack_are_unsupported_format_never_raw(tmp_path: Path) -> None:
+    disk = (tmp_path / "d.raw")
+    disk.write_bytes(os.urandom(MiB))
+    zipped = io.BytesIO()
+    with zipfile.ZipFile(zipped, "w", zipfile.ZIP_DEFLATED) as z:
+        z.write(disk, "d.raw")
+    lz4_frame = b"\x04\x22\x4d\x18\x64\x40\xa7" + (8).to_bytes(4, "little") + b"\x80" * 8 + bytes(4)
+    cases = {
+        "zip": zipped.getvalue(),
+        "lz4": lz4_frame + bytes(MiB),
+        "lzma": lzma.compress(disk.read_bytes(), format=lzma.FORMAT_ALONE),
+        "7z": b"7z\xbc\xaf\x27\x1c\x00\x04" + bytes(MiB),
+        "cpio": b"070701" + b"0" * 104 + b"d.raw\x00" + bytes(MiB),
+    }
+    for kind, data in cases.items():
+        path = _write(tmp_path / f"upload-{kind}", data)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            with pytest.raises(UnsupportedFormat, match="not a disk image") as err:
+                containers.plan(fd)
+        finally:
+            os.close(fd)
+        assert err.value.detected == kind
+    # lz4 shares zstd's skippable frames: one of those first, then an lz4 frame, is still lz4.
+    skippable = (0x184D2A50).to_bytes(4, "little") + (4).to_bytes(4, "little") + b"meta"
+    fd = os.open(_write(tmp_path / "upload-skip-lz4", skippable + cases["lz4"]), os.O_RDONLY)
+    try:
+        with pytest.raises(UnsupportedFormat, match="an lz4-compressed stream, not a disk image"):
+            containers.plan(fd)
+    finally:
+        os.close(fd)
+    for kind in ("zip", "lzma"):
+        p = run(convd_bin(), "convert", tmp_path / f"upload-{kind}", tmp_path / "out.raw", check=False)
+        assert p.returncode == 1 and "convd: unsupported_format: a " in p.stderr, p.stderr
+        assert not (tmp_path / "out.raw").exists()
+    # Inside a stream convd does unpack, just the same.
+    p = run(convd_bin(), "convert", _write(tmp_path / "zip.gz", compress("gzip", cases["zip"])),
+            tmp_path / "out.raw", check=False)
+    assert "unsupported_format: a zip archive inside a gzip-compressed stream" in p.stderr, p.stderr
+
+
+def test_raw_disks_starting_with_arbitrary_bytes_are_not_taken_for_containers() -> None:
+    rng = random.Random(9)
+    heads = [rng.randbytes(512) for _ in range(20000)]
+    heads += [bytes(512), b"\xeb\x63\x90" + rng.randbytes(509), b"\xfa\x31\xc0" + rng.randbytes(509)]
+    heads += [b"hsqs" + rng.randbytes(508), bytes(1024)[:512]]  # squashfs: a filesystem image is a raw disk
+    for head in heads:
+        assert containers.sniff(head) is None
+        assert containers.foreign(head) is None
+
+
+def test_an_ova_holding_its_disk_twice_is_refused_and_a_percent_encoded_href_finds_its_member(
+    tmp_path: Path
+) -> None:
+    old, new = stream_vmdk(tmp_path, "old.vmdk", seed=1), stream_vmdk(tmp_path, "new.vmdk", seed=2)
+    ovf = vbox_ovf([("x-disk001.vmdk", 8 * MiB)])
+    # As `tar -r` leaves it: a newer copy appended; tar xf would give the last, a stream reader the first.
+    dup = tar_of([("x.ovf", ovf), ("x-disk001.vmdk", old.read_bytes()), ("x.mf", b""),
+                  ("x-disk001.vmdk", new.read_bytes())])
+    p = run(convd_bin(), "convert", _write(tmp_path / "dup", dup), tmp_path / "dup.raw", check=False)
+    assert p.returncode == 1 and not (tmp_path / "dup.raw").exists()
+    assert p.stderr.strip().splitlines()[-1] == (
+        "convd: unsupported_format: an OVA appliance (a tar with an OVF descriptor) holds the disk its "
+        "descriptor references, 'x-disk001.vmdk', more than once; convd converts an appliance whose disk "
+        "is there once")
+
+    pct = tar_of([("x.ovf", vbox_ovf([("my%20disk.vmdk", 8 * MiB)])), ("my disk.vmdk", new.read_bytes())])
+    p = run(convd_bin(), "convert", _write(tmp_path / "pct", pct), tmp_path / "pct.raw")
+    assert json.loads(p.stdout)["source"]["member"] == "my disk.vmdk"
+    assert images_equal(tmp_path / "pct.raw", "raw", new, "vmdk")
+
+
+def test_an_ova_or_tar_cut_between_or_inside_members_is_a_truncated_archive(tmp_path: Path) -> None:
+    disk = stream_vmdk(tmp_path, "d.vmdk", seed=3)
+    ova = vbox_ova("x", [disk])
+    ovf_end = 512 + (len(vbox_ovf([("x-disk001.vmdk", 8 * MiB)])) + 511) // 512 * 512
+    cases = {
+        "between": (ova[:ovf_end], "is a truncated archive"),  # after the OVF, before the disk's header
+        "between.gz": (compress("gzip", ova[:ovf_end]), "is a truncated archive"),
+        "no-end-blocks": (ova.rstrip(b"\x00"), "truncated"),
+        "inside-disk": (ova[:ovf_end + 512 + 4096], "truncated"),
+        "tar-inside-member": (tar_of([("disk.img", bytes(2 * MiB))])[:MiB], "truncated"),
+    }
+    for name, (data, words) in cases.items():
+        p = run(convd_bin(), "convert", _write(tmp_path / name, data), tmp_path / f"{name}.raw", check=False)
+        last = p.stderr.strip().splitlines()[-1]
+        assert last.startswith("convd: corrupt_image: ") and words in last, (name, last)
+        assert not (tmp_path / f"{name}.raw").exists()
+
+
+def test_bytes_after_a_gzip_or_xz_stream_that_are_not_another_stream_are_corrupt_image(tmp_path: Path) -> None:
+    disk = os.urandom(64 << 10) + bytes(MiB)
+    cases = {
+        "garbage.gz": compress("gzip", disk) + b"garbage from a careless upload\n",
+        "lzma-after.xz": compress("xz", disk) + lzma.compress(disk, format=lzma.FORMAT_ALONE),
+    }
+    for name, data in cases.items():
+        p = run(convd_bin(), "convert", _write(tmp_path / name, data), tmp_path / f"{name}.raw", check=False)
+        assert p.returncode == 1 and "corrupt_image" in p.stderr
+        assert "bytes after the end of the" in p.stderr and "that are not another" in p.stderr, p.stderr
 
 
 def test_inspect_reports_a_container_for_what_it_is(tmp_path: Path) -> None:
