@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import structlog
 
-from convd import __version__, launcher, logs, qemu
+from convd import __version__, durable, launcher, logs, qemu
 from convd.config import Config, load
 from convd.errors import ConfigError
 from convd.filesystem import detect_type, probe_filesystem
@@ -192,6 +192,8 @@ class Daemon:
                                 instances=stopped)
                     self._kick()
                 await anyio.to_thread.run_sync(self.monitor.count_peers)
+                # Work directories NFS kept busy (silly-renamed files) at clean-up.
+                await anyio.to_thread.run_sync(durable.sweep_parked, self.spool.claims)
             await anyio.sleep(min(SHARED_REFRESH, max(0.0, next_check - anyio.current_time())))
 
     async def _process(self, item: Item) -> None:

@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "PARKED_PREFIX",
     "TEMP_SUFFIX",
     "fsync_dir",
     "fsync_file",
     "move",
     "remove_tree",
+    "sweep_parked",
     "write_bytes",
     "write_json",
 ]
@@ -145,19 +147,54 @@ class _suppress_missing:
         return et is not None and issubclass(et, FileNotFoundError)
 
 
+PARKED_PREFIX = ".gone-"
+
+
 def remove_tree(path: str | os.PathLike[str]) -> None:
-    """Remove a per-item work directory (files only one level deep)."""
+    """Remove a per-item work directory (files only one level deep).
+
+    On NFS an unlinked file that a process on this client still holds open
+    lives on as ``.nfsXXXX`` (EBUSY to unlink) until it is closed, and keeps
+    its directory from being removed.  The item is finished by then, so its
+    directory is parked under a dot-name (``.gone-NAME-RANDOM``) that nothing
+    takes for an item, and :func:`sweep_parked` removes it later.
+    """
     p = os.fspath(path)
     try:
         names = os.listdir(p)
     except FileNotFoundError:
         return
+    busy = False
     for n in names:
         full = os.path.join(p, n)
         if os.path.isdir(full) and not os.path.islink(full):
             remove_tree(full)
-        else:
-            with _suppress_missing():
-                os.unlink(full)
-    with _suppress_missing():
+            continue
+        try:
+            os.unlink(full)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if not (n.startswith(".nfs") and exc.errno == errno.EBUSY):
+                raise
+            busy = True
+    try:
         os.rmdir(p)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if not busy or exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EBUSY):
+            raise
+        parent, base = os.path.split(p)
+        if not base.startswith(PARKED_PREFIX):
+            os.rename(p, os.path.join(parent, f"{PARKED_PREFIX}{base[:100]}-{secrets.token_hex(4)}"))
+
+
+def sweep_parked(directory: str | os.PathLike[str]) -> None:
+    """Remove the directories :func:`remove_tree` parked in ``directory``, as far as NFS lets it."""
+    for entry in os.scandir(directory):
+        if entry.name.startswith(PARKED_PREFIX) and entry.is_dir(follow_symlinks=False):
+            try:
+                remove_tree(entry.path)
+            except OSError:
+                pass  # still held open; the next sweep tries again

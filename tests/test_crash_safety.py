@@ -635,3 +635,30 @@ def test_items_of_a_stopped_instance_are_adopted_not_stranded(tmp_path: Path, da
     assert images_equal(src, "qcow2", spool.outgoing / "orphan.qcow2", "raw")
     assert not old.exists()
     assert d.stop() == 0
+
+
+def test_a_work_directory_nfs_keeps_busy_is_parked_not_left_as_an_item(tmp_path, monkeypatch):
+    # NFS turns an unlinked file that is still open on this client into
+    # .nfsXXXX, which cannot be unlinked (EBUSY) and keeps rmdir failing.  A
+    # real NFS mount is in tests/test_sharedfs_nfs.py; here the EBUSY is
+    # injected so the clean-up path runs on any filesystem.
+    item = tmp_path / "work" / "node" / "disk"
+    item.mkdir(parents=True)
+    (item / "item.json").write_text("{}")
+    (item / ".nfs0000000000020022").write_text("held open elsewhere")
+    real_unlink = os.unlink
+
+    def unlink(path, *a, **kw):
+        if os.path.basename(path).startswith(".nfs"):
+            raise OSError(errno.EBUSY, "Device or resource busy", path)
+        return real_unlink(path, *a, **kw)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    durable.remove_tree(item)
+    left = os.listdir(item.parent)
+    assert "disk" not in left and len(left) == 1 and left[0].startswith(durable.PARKED_PREFIX)
+    durable.sweep_parked(item.parent)  # still busy: stays parked, no error
+    assert os.listdir(item.parent) == left
+    monkeypatch.setattr(os, "unlink", real_unlink)  # the holder closed it
+    durable.sweep_parked(item.parent)
+    assert os.listdir(item.parent) == []

@@ -240,6 +240,7 @@ class Spool:
         (``@instance``) go at once; another's may be a write in progress,
         and is swept only once it is surely abandoned.
         """
+        durable.sweep_parked(self.claims)
         n = 0
         now = time.time()
         own = re.compile(rf"@{re.escape(self.cfg.instance)}\.[0-9a-f]{{8}}{re.escape(durable.TEMP_SUFFIX)}$")
