@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,10 @@ def _rename_noreplace(src: str, dst: str) -> None:
     # NFS and older kernels: a hard link is the portable no-replace rename for
     # regular files.  Anything else is only ever moved by convd into its own
     # directories, so a checked rename cannot race a second writer there.
-    if os.path.isfile(src) and not os.path.islink(src):
+    # lstat, not isfile(): a source that is gone must raise FileNotFoundError
+    # (someone finished this move), never read as "not a file" and then fail
+    # as FileExistsError on the destination it was moved to.
+    if stat.S_ISREG(os.lstat(src).st_mode):
         try:
             os.link(src, dst, follow_symlinks=False)
         except FileExistsError:

@@ -1,0 +1,215 @@
+"""A handoff cut short by a crash at any step, then finished by ANOTHER instance that adopts it.
+
+On CephFS, NFS and GlusterFS ``renameat2(RENAME_NOREPLACE)`` is EINVAL, so
+every move to ``outgoing/`` or ``failed/`` is ``link()`` + ``unlink()``: a
+crash can leave the image under both names.  These tests force that
+fallback on the local filesystem (``durable._renameat2 = None``, the path
+convd takes whenever renameat2 says EINVAL) and stop the dying instance
+before each link, unlink and rename of publish, quarantine and clean-up (a
+``Killed`` raised in place of the call: nothing after it runs, as with
+``kill -9``).  A second instance then adopts the item through its real
+take-over and finishes it as the daemon does; each item must end exactly
+once: in ``outgoing/`` with its record, or back to be converted with
+``outgoing/NAME`` still free, never also rejected as a name conflict.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from convd import durable
+from convd.config import SpoolConfig
+from convd.pipeline.spool import SOURCE, Claim, Spool
+
+NAME = "img"
+IMAGE = b"converted image bytes\n" * 1000
+ORIGINAL = b"original upload\n" * 1000
+RECORD = {"schema": 1, "name": NAME, "status": "converted"}
+REJECT = {"schema": 1, "name": NAME, "status": "failed", "error": {"code": "corrupt_image"}}
+
+
+class Killed(BaseException):
+    """The dying instance stops here; a BaseException so no ``except Exception`` tidies up."""
+
+
+def spool(root: Path, instance: str) -> Spool:
+    sp = Spool(SpoolConfig(root=root, incoming=root / "incoming", work=root / "work",
+                           outgoing=root / "outgoing", failed=root / "failed", instance=instance))
+    sp.prepare()
+    return sp
+
+
+@pytest.fixture(autouse=True)
+def link_and_unlink(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Moves take the shared-filesystem path: hard link, then unlink."""
+    monkeypatch.setattr(durable, "_renameat2", None)
+
+
+@contextmanager
+def die_at(step: int | None, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Count link/unlink/rename calls; raise ``Killed`` instead of call number ``step``."""
+    calls: list[str] = []
+    with monkeypatch.context() as m:
+        for fn in ("link", "unlink", "rename"):
+            real: Callable[..., Any] = getattr(os, fn)
+
+            def wrapped(*a: Any, _real: Callable[..., Any] = real, _fn: str = fn, **kw: Any) -> Any:
+                if step is not None and len(calls) == step:
+                    raise Killed(f"{_fn}{a}")
+                calls.append(f"{_fn} {os.path.basename(a[0])} -> {os.path.basename(a[1]) if len(a) > 1 else ''}")
+                return _real(*a, **kw)
+
+            m.setattr(os, fn, wrapped)
+        yield calls
+
+
+def publish(sp: Spool, claim: Claim) -> None:
+    """What publish + clean-up do for a converted item (convd/stages/publish.py, cleanup.py)."""
+    claim.output.write_bytes(IMAGE)
+    sp.stage_handoff(claim, "outgoing", NAME, "output", RECORD)
+    sp.complete_handoff(claim)
+    sp.remove_claim(claim)
+
+
+def quarantine(sp: Spool, claim: Claim) -> None:
+    """What quarantine does for a rejected item (convd/stages/cleanup.py)."""
+    claim.output.write_bytes(b"partial output")
+    sp.discard_output(claim)
+    sp.stage_handoff(claim, "failed", sp.free_failed_name(NAME), SOURCE, REJECT)
+    sp.complete_handoff(claim)
+    sp.remove_claim(claim)
+
+
+def finish_as_survivor(sp: Spool) -> list[Claim]:
+    """The survivor's take-over, then what its runner does with each adopted item:
+    finish a staged handoff (runner.finish_handoff), or return it to be converted again."""
+    adopted, stopped = sp.take_over()
+    rerun = []
+    for claim in adopted:
+        if claim.pending is not None:
+            sp.complete_handoff(claim)  # a FileExistsError here becomes a name_conflict reject
+            sp.remove_claim(claim)
+        else:
+            rerun.append(claim)
+    return rerun
+
+
+def steps_of(handoff: Callable[[Spool, Claim], None], root: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    sp = spool(root, "node1")
+    (root / "incoming" / NAME).write_bytes(ORIGINAL)
+    claim = sp.claim(NAME)
+    assert claim is not None
+    with die_at(None, monkeypatch) as calls:
+        handoff(sp, claim)
+    sp.close()
+    return calls
+
+
+def run_crash_at(step: int, handoff: Callable[[Spool, Claim], None], root: Path,
+                 monkeypatch: pytest.MonkeyPatch) -> list[Claim]:
+    dying = spool(root, "node1")
+    (root / "incoming" / NAME).write_bytes(ORIGINAL)
+    claim = dying.claim(NAME)
+    assert claim is not None
+    with pytest.raises(Killed), die_at(step, monkeypatch):
+        handoff(dying, claim)
+    dying.close()  # its lock goes with the process
+    survivor = spool(root, "node2")
+    try:
+        return finish_as_survivor(survivor)
+    finally:
+        survivor.close()
+
+
+def listing(root: Path, d: str) -> list[str]:
+    return sorted(n for n in os.listdir(root / d) if not n.startswith("."))
+
+
+def work_items(root: Path) -> list[str]:
+    return sorted(f"{i}/{n}" for i in os.listdir(root / "work") if (root / "work" / i).is_dir()
+                  for n in os.listdir(root / "work" / i) if not n.startswith("."))
+
+
+def test_a_publish_killed_at_any_step_is_finished_by_another_instance_exactly_once(tmp_path, monkeypatch):
+    steps = steps_of(publish, tmp_path / "dry", monkeypatch)
+    assert any(s.startswith("link output -> img") for s in steps), steps  # the fallback really runs
+    for step in range(len(steps)):
+        root = tmp_path / f"kill-at-{step}"
+        rerun = run_crash_at(step, publish, root, monkeypatch)
+        where = f"killed before {steps[step]!r}"
+        assert listing(root, "failed") == [], where
+        if rerun:
+            # Killed before the record was staged: converted again from the
+            # source, and outgoing/NAME must still be free for that.
+            assert [c.name for c in rerun] == [NAME] and rerun[0].dropped.read_bytes() == ORIGINAL, where
+            assert listing(root, "outgoing") == [], where
+            assert not rerun[0].output.exists(), where
+        else:
+            assert listing(root, "outgoing") == [NAME, f"{NAME}.json"], where
+            assert (root / "outgoing" / NAME).read_bytes() == IMAGE, where
+            assert json.loads((root / "outgoing" / f"{NAME}.json").read_bytes()) == RECORD, where
+            assert work_items(root) == [], where
+
+
+def test_a_quarantine_killed_at_any_step_is_finished_by_another_instance_exactly_once(tmp_path, monkeypatch):
+    steps = steps_of(quarantine, tmp_path / "dry", monkeypatch)
+    for step in range(len(steps)):
+        root = tmp_path / f"kill-at-{step}"
+        rerun = run_crash_at(step, quarantine, root, monkeypatch)
+        where = f"killed before {steps[step]!r}"
+        assert listing(root, "outgoing") == [], where
+        if rerun:
+            assert listing(root, "failed") == [], where
+            assert rerun[0].dropped.read_bytes() == ORIGINAL, where
+        else:
+            assert listing(root, "failed") == [NAME, f"{NAME}.json"], where
+            assert (root / "failed" / NAME).read_bytes() == ORIGINAL, where
+            assert json.loads((root / "failed" / f"{NAME}.json").read_bytes()) == REJECT, where
+            assert work_items(root) == [], where
+
+
+def test_a_cut_short_move_finished_while_the_adopter_looks_is_published_not_rejected(tmp_path, monkeypatch):
+    """The killed instance linked the image into outgoing/ and its unlink of the
+    work/ name lands just after the adopter saw that name (on CephFS an
+    operation the killed process had sent can complete after the adopter looked).
+    The source of the move is then gone and its destination is our own image:
+    that is a finished move, not a name taken by someone else."""
+    dying = spool(tmp_path, "node1")
+    (tmp_path / "incoming" / NAME).write_bytes(ORIGINAL)
+    claim = dying.claim(NAME)
+    assert claim is not None
+    claim.output.write_bytes(IMAGE)
+    dying.stage_handoff(claim, "outgoing", NAME, "output", RECORD)
+    os.link(claim.output, tmp_path / "outgoing" / NAME)  # killed between link and unlink
+    dying.close()
+
+    real_move = durable.move
+
+    def late_unlink_then_move(src: Any, dst: Any, **kw: Any) -> None:
+        if os.path.basename(src) == "output":
+            os.unlink(src)  # the killed instance's unlink, landing now
+        real_move(src, dst, **kw)
+
+    survivor = spool(tmp_path, "node2")
+    try:
+        monkeypatch.setattr(durable, "move", late_unlink_then_move)
+        assert finish_as_survivor(survivor) == []
+    finally:
+        survivor.close()
+    assert listing(tmp_path, "failed") == []
+    assert (tmp_path / "outgoing" / NAME).read_bytes() == IMAGE
+    assert json.loads((tmp_path / "outgoing" / f"{NAME}.json").read_bytes()) == RECORD
+    assert work_items(tmp_path) == []
+
+
+def test_a_move_whose_source_is_gone_says_so_rather_than_destination_exists(tmp_path):
+    (tmp_path / "dst").write_bytes(b"published")
+    with pytest.raises(FileNotFoundError):
+        durable.move(tmp_path / "gone", tmp_path / "dst")
