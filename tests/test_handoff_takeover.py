@@ -137,41 +137,29 @@ def work_items(root: Path) -> list[str]:
                   for n in os.listdir(root / "work" / i) if not n.startswith("."))
 
 
-def test_a_publish_killed_at_any_step_is_finished_by_another_instance_exactly_once(tmp_path, monkeypatch):
-    steps = steps_of(publish, tmp_path / "dry", monkeypatch)
-    assert any(s.startswith("link output -> img") for s in steps), steps  # the fallback really runs
+@pytest.mark.parametrize(("handoff", "dest", "delivered", "record"), [
+    (publish, "outgoing", IMAGE, RECORD),
+    (quarantine, "failed", ORIGINAL, REJECT),
+], ids=["publish", "quarantine"])
+def test_a_handoff_killed_at_any_step_is_finished_by_another_instance_exactly_once(
+        tmp_path, monkeypatch, handoff, dest, delivered, record):
+    steps = steps_of(handoff, tmp_path / "dry", monkeypatch)
+    assert any(s.startswith("link ") for s in steps), steps  # the link+unlink fallback really runs
     for step in range(len(steps)):
         root = tmp_path / f"kill-at-{step}"
-        rerun = run_crash_at(step, publish, root, monkeypatch)
+        rerun = run_crash_at(step, handoff, root, monkeypatch)
         where = f"killed before {steps[step]!r}"
-        assert listing(root, "failed") == [], where
+        assert listing(root, "failed" if dest == "outgoing" else "outgoing") == [], where
         if rerun:
-            # Killed before the record was staged: converted again from the
-            # source, and outgoing/NAME must still be free for that.
+            # Killed before the record was staged: back to be run again from
+            # the source, with the destination's name still free for that.
             assert [c.name for c in rerun] == [NAME] and rerun[0].dropped.read_bytes() == ORIGINAL, where
-            assert listing(root, "outgoing") == [], where
+            assert listing(root, dest) == [], where
             assert not rerun[0].output.exists(), where
         else:
-            assert listing(root, "outgoing") == [NAME, f"{NAME}.json"], where
-            assert (root / "outgoing" / NAME).read_bytes() == IMAGE, where
-            assert json.loads((root / "outgoing" / f"{NAME}.json").read_bytes()) == RECORD, where
-            assert work_items(root) == [], where
-
-
-def test_a_quarantine_killed_at_any_step_is_finished_by_another_instance_exactly_once(tmp_path, monkeypatch):
-    steps = steps_of(quarantine, tmp_path / "dry", monkeypatch)
-    for step in range(len(steps)):
-        root = tmp_path / f"kill-at-{step}"
-        rerun = run_crash_at(step, quarantine, root, monkeypatch)
-        where = f"killed before {steps[step]!r}"
-        assert listing(root, "outgoing") == [], where
-        if rerun:
-            assert listing(root, "failed") == [], where
-            assert rerun[0].dropped.read_bytes() == ORIGINAL, where
-        else:
-            assert listing(root, "failed") == [NAME, f"{NAME}.json"], where
-            assert (root / "failed" / NAME).read_bytes() == ORIGINAL, where
-            assert json.loads((root / "failed" / f"{NAME}.json").read_bytes()) == REJECT, where
+            assert listing(root, dest) == [NAME, f"{NAME}.json"], where
+            assert (root / dest / NAME).read_bytes() == delivered, where
+            assert json.loads((root / dest / f"{NAME}.json").read_bytes()) == record, where
             assert work_items(root) == [], where
 
 
