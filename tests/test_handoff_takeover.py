@@ -5,7 +5,7 @@ every move to ``outgoing/`` or ``failed/`` is ``link()`` + ``unlink()``: a
 crash can leave the image under both names.  These tests force that
 fallback on the local filesystem (``durable._renameat2 = None``, the path
 convd takes whenever renameat2 says EINVAL) and stop the dying instance
-before each link, unlink and rename of publish, quarantine and clean-up (a
+before each link, unlink, rename and rmdir of publish, quarantine and clean-up (a
 ``Killed`` raised in place of the call: nothing after it runs, as with
 ``kill -9``).  A second instance then adopts the item through its real
 take-over and finishes it as the daemon does; each item must end exactly
@@ -54,10 +54,10 @@ def link_and_unlink(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @contextmanager
 def die_at(step: int | None, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
-    """Count link/unlink/rename calls; raise ``Killed`` instead of call number ``step``."""
+    """Count link/unlink/rename/rmdir calls; raise ``Killed`` instead of call number ``step``."""
     calls: list[str] = []
     with monkeypatch.context() as m:
-        for fn in ("link", "unlink", "rename"):
+        for fn in ("link", "unlink", "rename", "rmdir"):
             real: Callable[..., Any] = getattr(os, fn)
 
             def wrapped(*a: Any, _real: Callable[..., Any] = real, _fn: str = fn, **kw: Any) -> Any:
