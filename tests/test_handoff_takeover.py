@@ -201,3 +201,37 @@ def test_a_move_whose_source_is_gone_says_so_rather_than_destination_exists(tmp_
     (tmp_path / "dst").write_bytes(b"published")
     with pytest.raises(FileNotFoundError):
         durable.move(tmp_path / "gone", tmp_path / "dst")
+
+
+def test_a_cut_short_move_is_finished_even_when_the_first_same_file_check_says_no(tmp_path, monkeypatch):
+    """Seen on CephFS (ceph-fuse 16.2, two clients): the adopter's link() got
+    EEXIST on the killed daemon's link, yet its first lstat() pair of the two
+    names did not match (samestat False), while an lstat a moment later gave the
+    same inode for both.  The old code made that a name_conflict: the image
+    stayed in outgoing/ without a record and the source went to failed/.  The
+    staged inode number decides instead."""
+    dying = spool(tmp_path, "node1")
+    (tmp_path / "incoming" / NAME).write_bytes(ORIGINAL)
+    claim = dying.claim(NAME)
+    assert claim is not None
+    claim.output.write_bytes(IMAGE)
+    dying.stage_handoff(claim, "outgoing", NAME, "output", RECORD)
+    os.link(claim.output, tmp_path / "outgoing" / NAME)  # killed between link and unlink
+    dying.close()
+
+    answers = [False]  # the first check only, as on ceph-fuse
+
+    def first_check_says_no(a: os.stat_result, b: os.stat_result) -> bool:
+        return answers.pop() if answers else a.st_ino == b.st_ino and a.st_dev == b.st_dev
+
+    monkeypatch.setattr(os.path, "samestat", first_check_says_no)
+    survivor = spool(tmp_path, "node2")
+    try:
+        assert finish_as_survivor(survivor) == []
+    finally:
+        survivor.close()
+    assert answers == []  # the fallback's check was made, and said no
+    assert listing(tmp_path, "failed") == []
+    assert (tmp_path / "outgoing" / NAME).read_bytes() == IMAGE
+    assert json.loads((tmp_path / "outgoing" / f"{NAME}.json").read_bytes()) == RECORD
+    assert work_items(tmp_path) == []
