@@ -2,9 +2,12 @@
 
 On CephFS, NFS and GlusterFS ``renameat2(RENAME_NOREPLACE)`` is EINVAL, so
 every move to ``outgoing/`` or ``failed/`` is ``link()`` + ``unlink()``: a
-crash can leave the image under both names.  These tests force that
-fallback on the local filesystem (``durable._renameat2 = None``, the path
-convd takes whenever renameat2 says EINVAL) and stop the dying instance
+crash can leave the image under both names.  The adopter's own move then
+meets an existing target, and for that the kernel's VFS answers ``EEXIST``
+before the filesystem is asked, on ext4 as on CephFS.  So these tests run
+the dying instance with the fallback forced (``durable._renameat2 = None``,
+the path convd takes whenever renameat2 says EINVAL) and the adopter with
+the real renameat2, as on a shared filesystem, and stop the dying instance
 before each link, unlink, rename and rmdir of publish, quarantine and clean-up (a
 ``Killed`` raised in place of the call: nothing after it runs, as with
 ``kill -9``).  A second instance then adopts the item through its real
@@ -46,17 +49,14 @@ def spool(root: Path, instance: str) -> Spool:
     return sp
 
 
-@pytest.fixture(autouse=True)
-def link_and_unlink(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Moves take the shared-filesystem path: hard link, then unlink."""
-    monkeypatch.setattr(durable, "_renameat2", None)
-
-
 @contextmanager
 def die_at(step: int | None, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """Count link/unlink/rename/rmdir calls; raise ``Killed`` instead of call number ``step``."""
     calls: list[str] = []
     with monkeypatch.context() as m:
+        # Its moves take the shared-filesystem path: renameat2 said EINVAL
+        # (the target did not exist), so hard link, then unlink.
+        m.setattr(durable, "_renameat2", None)
         for fn in ("link", "unlink", "rename", "rmdir"):
             real: Callable[..., Any] = getattr(os, fn)
 
@@ -197,7 +197,8 @@ def test_a_cut_short_move_finished_while_the_adopter_looks_is_published_not_reje
     assert work_items(tmp_path) == []
 
 
-def test_a_move_whose_source_is_gone_says_so_rather_than_destination_exists(tmp_path):
+def test_a_move_whose_source_is_gone_says_so_rather_than_destination_exists(tmp_path, monkeypatch):
+    monkeypatch.setattr(durable, "_renameat2", None)
     (tmp_path / "dst").write_bytes(b"published")
     with pytest.raises(FileNotFoundError):
         durable.move(tmp_path / "gone", tmp_path / "dst")
@@ -235,3 +236,15 @@ def test_a_cut_short_move_is_finished_even_when_the_first_same_file_check_says_n
     assert (tmp_path / "outgoing" / NAME).read_bytes() == IMAGE
     assert json.loads((tmp_path / "outgoing" / f"{NAME}.json").read_bytes()) == RECORD
     assert work_items(tmp_path) == []
+
+
+def test_a_move_cut_short_between_link_and_unlink_is_finished_by_the_next_move(tmp_path):
+    """renameat2 itself, target present: the VFS's EEXIST must not end a move of the same file."""
+    src, dst = tmp_path / "output", tmp_path / "published"
+    src.write_bytes(IMAGE)
+    os.link(src, dst)
+    durable.move(src, dst)
+    assert not src.exists() and dst.read_bytes() == IMAGE
+    (tmp_path / "other").write_bytes(b"another file")
+    with pytest.raises(FileExistsError):
+        durable.move(tmp_path / "other", dst)
