@@ -205,12 +205,10 @@ def test_a_move_whose_source_is_gone_says_so_rather_than_destination_exists(tmp_
 
 
 def test_a_cut_short_move_is_finished_even_when_the_first_same_file_check_says_no(tmp_path, monkeypatch):
-    """Seen on CephFS (ceph-fuse 16.2, two clients): the adopter's link() got
-    EEXIST on the killed daemon's link, yet its first lstat() pair of the two
-    names did not match (samestat False), while an lstat a moment later gave the
-    same inode for both.  The old code made that a name_conflict: the image
-    stayed in outgoing/ without a record and the source went to failed/.  The
-    staged inode number decides instead."""
+    """Defence in depth behind durable.move: should the move still report the
+    target taken (a same-file check of two names that does not match at
+    first), complete_handoff asks whether outgoing/NAME is the inode
+    record.json names, and finishes the move instead of rejecting the item."""
     dying = spool(tmp_path, "node1")
     (tmp_path / "incoming" / NAME).write_bytes(ORIGINAL)
     claim = dying.claim(NAME)
