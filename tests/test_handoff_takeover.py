@@ -218,7 +218,7 @@ def test_a_cut_short_move_is_finished_even_when_the_first_same_file_check_says_n
     os.link(claim.output, tmp_path / "outgoing" / NAME)  # killed between link and unlink
     dying.close()
 
-    answers = [False]  # the first check only, as on ceph-fuse
+    answers = [False]  # the first check only
 
     def first_check_says_no(a: os.stat_result, b: os.stat_result) -> bool:
         return answers.pop() if answers else a.st_ino == b.st_ino and a.st_dev == b.st_dev
