@@ -163,26 +163,38 @@ def test_a_handoff_killed_at_any_step_is_finished_by_another_instance_exactly_on
             assert work_items(root) == [], where
 
 
-def test_a_cut_short_move_finished_while_the_adopter_looks_is_published_not_rejected(tmp_path, monkeypatch):
-    """The killed instance linked the image into outgoing/ and its unlink of the
-    work/ name lands just after the adopter saw that name (on CephFS an
-    operation the killed process had sent can complete after the adopter looked).
-    The source of the move is then gone and its destination is our own image:
-    that is a finished move, not a name taken by someone else."""
-    dying = spool(tmp_path, "node1")
-    (tmp_path / "incoming" / NAME).write_bytes(ORIGINAL)
+def killed_between_link_and_unlink(root: Path) -> None:
+    """node1 staged its record, linked the image into outgoing/, and died."""
+    dying = spool(root, "node1")
+    (root / "incoming" / NAME).write_bytes(ORIGINAL)
     claim = dying.claim(NAME)
     assert claim is not None
     claim.output.write_bytes(IMAGE)
     dying.stage_handoff(claim, "outgoing", NAME, "output", RECORD)
-    os.link(claim.output, tmp_path / "outgoing" / NAME)  # killed between link and unlink
+    os.link(claim.output, root / "outgoing" / NAME)
     dying.close()
+
+
+def assert_published_once(root: Path) -> None:
+    assert listing(root, "failed") == []
+    assert (root / "outgoing" / NAME).read_bytes() == IMAGE
+    assert json.loads((root / "outgoing" / f"{NAME}.json").read_bytes()) == RECORD
+    assert work_items(root) == []
+
+
+def test_a_cut_short_move_finished_while_the_adopter_looks_is_published_not_rejected(tmp_path, monkeypatch):
+    """The killed instance linked the image into outgoing/; the work/ name goes
+    between the adopter's look at it and its move.  A source that is gone and
+    a destination that is our own image are a finished move, not a name taken
+    by someone else (the old link fallback read the missing source as "not a
+    regular file" and answered FileExistsError)."""
+    killed_between_link_and_unlink(tmp_path)
 
     real_move = durable.move
 
     def late_unlink_then_move(src: Any, dst: Any, **kw: Any) -> None:
         if os.path.basename(src) == "output":
-            os.unlink(src)  # the killed instance's unlink, landing now
+            os.unlink(src)  # gone just before the move
         real_move(src, dst, **kw)
 
     survivor = spool(tmp_path, "node2")
@@ -191,10 +203,7 @@ def test_a_cut_short_move_finished_while_the_adopter_looks_is_published_not_reje
         assert finish_as_survivor(survivor) == []
     finally:
         survivor.close()
-    assert listing(tmp_path, "failed") == []
-    assert (tmp_path / "outgoing" / NAME).read_bytes() == IMAGE
-    assert json.loads((tmp_path / "outgoing" / f"{NAME}.json").read_bytes()) == RECORD
-    assert work_items(tmp_path) == []
+    assert_published_once(tmp_path)
 
 
 def test_a_move_whose_source_is_gone_says_so_rather_than_destination_exists(tmp_path, monkeypatch):
@@ -209,14 +218,7 @@ def test_a_cut_short_move_is_finished_even_when_the_first_same_file_check_says_n
     target taken (a same-file check of two names that does not match at
     first), complete_handoff asks whether outgoing/NAME is the inode
     record.json names, and finishes the move instead of rejecting the item."""
-    dying = spool(tmp_path, "node1")
-    (tmp_path / "incoming" / NAME).write_bytes(ORIGINAL)
-    claim = dying.claim(NAME)
-    assert claim is not None
-    claim.output.write_bytes(IMAGE)
-    dying.stage_handoff(claim, "outgoing", NAME, "output", RECORD)
-    os.link(claim.output, tmp_path / "outgoing" / NAME)  # killed between link and unlink
-    dying.close()
+    killed_between_link_and_unlink(tmp_path)
 
     answers = [False]  # the first check only
 
@@ -230,10 +232,7 @@ def test_a_cut_short_move_is_finished_even_when_the_first_same_file_check_says_n
     finally:
         survivor.close()
     assert answers == []  # the fallback's check was made, and said no
-    assert listing(tmp_path, "failed") == []
-    assert (tmp_path / "outgoing" / NAME).read_bytes() == IMAGE
-    assert json.loads((tmp_path / "outgoing" / f"{NAME}.json").read_bytes()) == RECORD
-    assert work_items(tmp_path) == []
+    assert_published_once(tmp_path)
 
 
 def test_a_move_cut_short_between_link_and_unlink_is_finished_by_the_next_move(tmp_path):
