@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,14 @@ def fsync_file(path: str | os.PathLike[str]) -> None:
     _fsync(path, os.O_NOFOLLOW)
 
 
+def _finish_cut_short(src: str, dst: str) -> None:
+    """``dst`` exists: if it is ``src`` itself (a link+unlink move cut short
+    between link and unlink), drop the ``src`` name; else ``FileExistsError``."""
+    if not os.path.samestat(os.lstat(src), os.lstat(dst)):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), src, None, dst)
+    os.unlink(src)
+
+
 def _rename_noreplace(src: str, dst: str) -> None:
     """Atomic rename that fails with ``FileExistsError`` instead of replacing."""
     if _renameat2 is not None:
@@ -60,18 +69,27 @@ def _rename_noreplace(src: str, dst: str) -> None:
         if rc == 0:
             return
         err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            # The VFS answers EEXIST for an existing target before the
+            # filesystem sees the flag, so on CephFS/NFS (EINVAL otherwise) a
+            # link+unlink move cut short between its two steps lands here, not
+            # in the fallback below: finish it as the fallback would.
+            _finish_cut_short(src, dst)
+            return
         if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
             raise OSError(err, os.strerror(err), src, None, dst)
     # NFS and older kernels: a hard link is the portable no-replace rename for
     # regular files.  Anything else is only ever moved by convd into its own
     # directories, so a checked rename cannot race a second writer there.
-    if os.path.isfile(src) and not os.path.islink(src):
+    # lstat, not isfile(): a source that is gone must raise FileNotFoundError
+    # (someone finished this move), never read as "not a file" and then fail
+    # as FileExistsError on the destination it was moved to.
+    if stat.S_ISREG(os.lstat(src).st_mode):
         try:
             os.link(src, dst, follow_symlinks=False)
         except FileExistsError:
-            if not os.path.samestat(os.lstat(src), os.lstat(dst)):
-                raise
-            # else: a move cut short between link and unlink; finish it
+            _finish_cut_short(src, dst)
+            return
         os.unlink(src)
         return
     if os.path.lexists(dst):

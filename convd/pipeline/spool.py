@@ -27,6 +27,7 @@ survivor adopts them, and an owner starting meanwhile waits at the door
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -510,9 +511,22 @@ class Spool:
         dest_dir = self.outgoing if p["dest"] == "outgoing" else self.failed
         payload = claim.dir / p["payload"]
         while os.path.lexists(payload):
+            final = dest_dir / p["final_name"]
             try:
-                durable.move(payload, dest_dir / p["final_name"])
+                durable.move(payload, final)
+            except FileNotFoundError:
+                if os.path.lexists(payload):
+                    raise
+                continue  # the payload went meanwhile (its move was finished): see below
             except FileExistsError:
+                if self._is_staged_payload(final, p) and self._is_staged_payload(payload, p):
+                    # Our own image, left there by a move cut short between
+                    # link and unlink (a crash, perhaps of the instance whose
+                    # item this was): finish the move, never call it a conflict.
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(payload)
+                    durable.fsync_dir(claim.dir)
+                    continue
                 if p["dest"] == "outgoing":
                     raise
                 self.stage_handoff(claim, "failed", self.free_failed_name(claim.name),
@@ -520,10 +534,7 @@ class Spool:
                 p = claim.pending
         final = dest_dir / p["final_name"]
         rec_path = dest_dir / f"{p['final_name']}.json"
-        try:
-            ours = os.lstat(final).st_ino == p.get("inode")
-        except FileNotFoundError:
-            ours = False
+        ours = self._is_staged_payload(final, p)
         if not ours:
             # Moved before a crash, and since taken away (or replaced) by a
             # consumer: the item was delivered; a record now would lie.
@@ -537,6 +548,14 @@ class Spool:
             if json.loads(rec_path.read_bytes()) != p["record"]:
                 log.error("a foreign record sits beside the published image", item=claim.name,
                           record=str(rec_path))
+
+    @staticmethod
+    def _is_staged_payload(path: Path, pending: dict[str, Any]) -> bool:
+        """Whether ``path`` is the very file the staged handoff moves (its inode number)."""
+        try:
+            return os.lstat(path).st_ino == pending.get("inode")
+        except FileNotFoundError:
+            return False
 
     def remove_claim(self, claim: Claim) -> None:
         """Clean up after a durable handoff.
