@@ -186,6 +186,7 @@ class Spool:
         # (they run in worker threads), so an adopted item never lands on the
         # directory of a claim being made.
         self._claims_guard = threading.Lock()
+        self._unrecovered: list[str] = []  # adopted, but not yet readable (take_over retries them)
 
     # -- start-up --------------------------------------------------------
 
@@ -305,7 +306,22 @@ class Spool:
                 os.close(door)
         if names:
             durable.fsync_dir(self.claims)
-        claims = [c for c in (self._recover_claim(n) for n in sorted(names)) if c is not None]
+        # Adopted items already sit in our directory: one that cannot be read
+        # now (a stalled shared filesystem) is tried again at the next check,
+        # and never keeps the others from running.
+        names += self._unrecovered
+        self._unrecovered = []
+        claims = []
+        for n in sorted(set(names)):
+            try:
+                claim = self._recover_claim(n)
+            except OSError as exc:
+                log.error("cannot recover an adopted item; trying again at the next check", item=n,
+                          error=exc.strerror)
+                self._unrecovered.append(n)
+                continue
+            if claim is not None:
+                claims.append(claim)
         return claims, stopped
 
     def _adopt_from(self, pdir: Path, peer: str) -> list[str]:
