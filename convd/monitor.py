@@ -143,7 +143,8 @@ class Monitor:
         return snap
 
     def count_peers(self) -> None:
-        """Refresh the per-instance gauges from the instances' status files (heartbeats only)."""
+        """Refresh the per-instance gauges: heartbeats, and the lock of each instance whose heartbeat is old
+        (so a stopped instance counts as dead, a hung one as stale, as ``convd status`` says)."""
         from convd.status import instances  # status reads this module's STATUS_FILE
 
         try:

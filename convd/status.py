@@ -35,7 +35,8 @@ def instances(work: Path, now: float | None = None, *, probe_locks: bool = True)
     or ``dead`` (lock free: its items are adopted by a live instance within
     ``[spool] takeover_interval``).  ``items`` names the item directories it
     holds; ``in_flight`` is its own account of them (stage, progress) while
-    alive.  ``probe_locks=False`` judges by the heartbeat alone; the lock
+    alive.  ``probe_locks=False`` probes only instances whose heartbeat is
+    old (a fresh one is alive either way), for callers that look often; the lock
     probe goes through the instance's ``.adopt`` door and never disturbs a
     starting daemon.  Heartbeat ages compare clocks of different nodes:
     keep them in step (NTP).
@@ -60,7 +61,7 @@ def instances(work: Path, now: float | None = None, *, probe_locks: bool = True)
             items = []
         age = now - float(snap.get("updated_at", 0)) if snap else None
         fresh = age is not None and age < HEARTBEAT_STALE
-        lock = instance_lock_state(d) if probe_locks else None
+        lock = instance_lock_state(d) if probe_locks or not fresh else None
         if lock == "free":
             state = "dead"
         elif fresh:
