@@ -1,67 +1,44 @@
-"""The daemon: watch, scan, claim, run items; signals, reload, status, metrics, notify.
+"""The daemon's lifecycle: start-up, claiming, running items, signals, reload, shutdown.
 
-Signal handlers only set events; the main task does the work.  Shutdown is
-three steps: stop claiming, stop the qemu-img children (SIGTERM, bounded
-wait, SIGKILL), leave their sources in ``work/`` for the next start.
+The watch on ``incoming/`` (``convd.pipeline.watch``) and the daemon's
+account of itself (``convd.monitor``) live in their own modules.  Signal
+handlers only set events; the main task does the work.  Shutdown is three
+steps: stop claiming, stop the qemu-img children (SIGTERM, bounded wait,
+SIGKILL), leave their sources in ``work/`` for the next start.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import tempfile
-import time
-from collections import Counter
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import anyio
 import structlog
-import watchfiles
 
-from convd import __version__, durable, logs, qemu
+from convd import __version__, logs, qemu
 from convd.config import Config, load
 from convd.errors import ConfigError
+from convd.filesystem import probe_filesystem
 from convd.metrics import Metrics
-from convd.pipeline.item import Item, Stage
+from convd.monitor import Monitor
+from convd.pipeline.context import Context
+from convd.pipeline.item import Item
 from convd.pipeline.ledger import Ledger, StatvfsSpace
 from convd.pipeline.queue import Intake
-from convd.pipeline.renames import RenameWatch
-from convd.pipeline.runner import Context, finish_handoff, run_item
-from convd.pipeline.spool import Spool, is_candidate_name, name_fits
+from convd.pipeline.runner import finish_handoff, run_item
+from convd.pipeline.spool import Spool
+from convd.pipeline.watch import Watcher
 from convd.sdnotify import Notifier
 
-__all__ = ["Daemon", "FsTraits", "probe_filesystem"]
+__all__ = ["Daemon"]
 
 log = structlog.get_logger("convd.daemon")
 
-STATUS_FILE = ".status.json"
 # An item kept in work/ by an internal error is tried again after this,
 # doubling up to the maximum (and at every start).
 STUCK_RETRY = 60.0
 STUCK_RETRY_MAX = 3600.0
-
-
-@dataclass(frozen=True)
-class FsTraits:
-    sparse: bool  # keeps holes
-    block_size: int
-    direct_io: bool  # O_DIRECT works (not on tmpfs, some network filesystems)
-
-
-def probe_filesystem(directory: Path) -> FsTraits:
-    """What the work filesystem can do, learnt once at start-up."""
-    with tempfile.NamedTemporaryFile(dir=directory, prefix=".probe.", suffix=".tmp") as fh:
-        fh.truncate(64 << 20)
-        fh.flush()
-        sparse = os.fstat(fh.fileno()).st_blocks * 512 < (1 << 20)
-        try:
-            os.close(os.open(fh.name, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC))
-            direct = True
-        except OSError:
-            direct = False
-    return FsTraits(sparse=sparse, block_size=os.statvfs(directory).f_bsize, direct_io=direct)
 
 
 class Daemon:
@@ -74,10 +51,11 @@ class Daemon:
         self.stopping = anyio.Event()
         self.wake = anyio.Event()
         self.reload_requested = False
-        self.counters: Counter[str] = Counter()
-        self.stuck: set[str] = set()
         self.ctx: Context | None = None
-        self.started = time.time()
+        self.monitor = Monitor(lambda: self.cfg, self.spool, self.intake, self.metrics, self.notifier)
+        self.watcher = Watcher(cfg.spool.incoming, self.spool, self.intake,
+                               force_polling=cfg.watch.force_polling, stopping=self.stopping,
+                               on_change=self._kick)
 
     # -- signals ---------------------------------------------------------
 
@@ -90,24 +68,6 @@ class Daemon:
 
     def _kick(self) -> None:
         self.wake.set()
-
-    # -- hooks from the runner -------------------------------------------
-
-    def _published(self, item: Item, rec: dict[str, Any]) -> None:
-        self.counters[rec.get("status", "converted")] += 1
-        self.metrics.images.labels(status=rec.get("status", "converted")).inc()
-        self.metrics.bytes_read.inc(rec.get("source", {}).get("size", 0) or 0)
-        self.metrics.bytes_written.inc((rec.get("target") or {}).get("size", 0) or 0)
-        if rec.get("status") == "converted":
-            secs = rec.get("timings", {}).get("convert", 0.0)
-            self.metrics.convert_seconds.observe(secs)
-            if secs > 0:
-                self.metrics.throughput.observe(rec["source"].get("virtual_size", 0) / secs)
-
-    def _failed(self, item: Item, rec: dict[str, Any]) -> None:
-        self.counters["failed"] += 1
-        self.metrics.images.labels(status="failed").inc()
-        self.metrics.errors.labels(code=rec.get("error", {}).get("code", "unknown")).inc()
 
     # -- main ------------------------------------------------------------
 
@@ -131,9 +91,10 @@ class Daemon:
         self.ctx = ctx = Context(
             spool=self.spool, ledger=ledger, slots=anyio.CapacityLimiter(cfg.convert.max_workers),
             sparse=sparse, block_size=fs.block_size, direct_io=fs.direct_io, count_hashed=self.metrics.hashed.inc,
-            on_published=self._published, on_failed=self._failed,
-            on_retry=lambda item, err: self.metrics.retries.inc(),
+            on_published=self.monitor.published, on_failed=self.monitor.failed,
+            on_retry=self.monitor.retried,
         )
+        self.monitor.ctx = ctx
         if cfg.metrics_address:
             host, port = cfg.metrics_address
             try:
@@ -152,12 +113,12 @@ class Daemon:
                 for claim in recovered:
                     items.start_soon(self._process, Item(claim=claim, cfg=cfg))
                 watching = anyio.Event()
-                tg.start_soon(self._watch, watching)
+                tg.start_soon(self.watcher.run, watching)
                 await watching.wait()
-                self._scan()  # after the watcher runs: nothing falls between the two
-                tg.start_soon(self._rescan_loop)
-                tg.start_soon(self._housekeeping)
-                self.notifier.ready(status=self._summary())
+                self.watcher.scan()  # after the watcher runs: nothing falls between the two
+                tg.start_soon(self.watcher.rescan_loop, lambda: self.cfg.watch.rescan_interval)
+                tg.start_soon(self.monitor.run)
+                self.notifier.ready(status=self.monitor.summary())
                 log.info("watching", incoming=str(cfg.spool.incoming), polling=cfg.watch.force_polling)
                 await self._dispatch(items)
                 # Step 1 done: no more claims.  Step 2: stop children, keep sources.
@@ -166,7 +127,7 @@ class Daemon:
                 ctx.stop.set()
                 items.cancel_scope.cancel()
                 tg.cancel_scope.cancel()
-        self._write_status()
+        self.monitor.write_status()
         log.info("stopped")
 
     async def _items_group(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
@@ -194,70 +155,15 @@ class Daemon:
             finally:
                 self._kick()
             if not os.path.lexists(item.claim.dir):
-                self.stuck.discard(name)
+                self.monitor.stuck.discard(name)
                 return
-            self.stuck.add(name)
+            self.monitor.stuck.add(name)
             log.warning("kept in work/ after an internal error; will retry", item=name, retry_in=delay)
             await anyio.sleep(delay)
             delay = min(delay * 2, STUCK_RETRY_MAX)
             item = Item(claim=self.spool.load_claim(name), cfg=self.cfg)
 
     # -- intake ----------------------------------------------------------
-
-    async def _watch(self, watching: anyio.Event) -> None:
-        incoming = self.cfg.spool.incoming
-        renames = RenameWatch(incoming) if not self.cfg.watch.force_polling else None
-        arrivals: dict[str, bool] = {}
-
-        def wanted(change: watchfiles.Change, path: str) -> bool:
-            name = os.path.basename(path)
-            return change != watchfiles.Change.deleted and is_candidate_name(name) and name_fits(name)
-
-        try:
-            while not self.stopping.is_set():
-                try:
-                    async for changes in watchfiles.awatch(
-                        incoming, watch_filter=wanted, recursive=False,
-                        force_polling=self.cfg.watch.force_polling, poll_delay_ms=200, step=5,
-                        debounce=100, stop_event=self.stopping, rust_timeout=500,
-                        yield_on_timeout=True, ignore_permission_denied=True,
-                    ):
-                        watching.set()
-                        if renames is not None:
-                            if len(arrivals) > 10_000:
-                                arrivals.clear()  # names watchfiles never reported
-                            arrivals.update(renames.drain())
-                        for change, path in changes:
-                            name = os.path.basename(path)
-                            if os.path.dirname(path) == str(incoming):
-                                self.intake.saw(name, modified=change == watchfiles.Change.modified,
-                                                renamed=arrivals.pop(name, None))
-                        if changes:
-                            self._kick()
-                except Exception as exc:  # noqa: BLE001 - also its task group's ExceptionGroup
-                    # watchfiles gives up on, e.g., a name that is not UTF-8;
-                    # the directory is the truth, so rescan and watch again.
-                    log.warning("watcher failed; rescanning and restarting it", error=str(exc))
-                    watching.set()
-                    self._scan()
-                    await anyio.sleep(1.0)
-        finally:
-            watching.set()  # a stop before the first yield must not leave start-up waiting
-            if renames is not None:
-                renames.close()
-
-    def _scan(self) -> None:
-        for entry in self.spool.scan_incoming():
-            if entry.name not in self.intake.pending and not name_fits(entry.name):
-                log.error("name too long to record; left in incoming/", item=entry.name)
-                continue
-            self.intake.saw(entry.name)
-        self._kick()
-
-    async def _rescan_loop(self) -> None:
-        while True:
-            await anyio.sleep(self.cfg.watch.rescan_interval)
-            self._scan()
 
     def _claim_limit(self) -> int:
         # Claim a little ahead of the workers so detection overlaps conversion,
@@ -332,78 +238,4 @@ class Daemon:
             self.intake.settle = new.watch.settle
             log.info("reloaded", config=str(path), target_format=new.convert.target_format,
                      max_workers=new.convert.max_workers)
-        self.notifier.ready(status=self._summary())
-
-    # -- status, metrics, watchdog ---------------------------------------------
-
-    def _summary(self) -> str:
-        items = self.ctx.items.values() if self.ctx else []
-        converting = sum(1 for i in items if i.stage is Stage.CONVERT)
-        return (f"{len(self.intake)} queued, {converting} converting, "
-                f"{self.counters['converted'] + self.counters['passthrough']} done, "
-                f"{self.counters['failed']} failed")
-
-    def snapshot(self) -> dict[str, Any]:
-        assert self.ctx is not None
-        ledger = self.ctx.ledger
-        now = time.monotonic()
-        return {
-            "version": __version__,
-            "pid": os.getpid(),
-            "instance": self.cfg.spool.instance,
-            "updated_at": time.time(),
-            "started_at": self.started,
-            "target_format": self.cfg.convert.target_format,
-            "max_workers": self.cfg.convert.max_workers,
-            "queued": len(self.intake),
-            "in_flight": [
-                {"name": i.name, "stage": i.stage.value, "progress": round(i.progress, 4),
-                 "eta": None if i.eta() is None else round(i.eta() or 0, 1),
-                 "source_format": i.source.get("format"), "virtual_size": i.source.get("virtual_size"),
-                 "reserved": i.reservation.size if i.reservation else 0,
-                 "attempts": i.claim.attempts, "elapsed": round(now - i.started, 3)}
-                for i in self.ctx.items.values()
-            ],
-            "workspace": {"limit": ledger.workspace, "reserved": ledger.reserved,
-                          "available": max(0, ledger.available()), "filesystem_free": ledger.space.free(),
-                          "waiting": len(ledger.waiting)},
-            "counters": {"converted": self.counters["converted"], "passthrough": self.counters["passthrough"],
-                         "failed": self.counters["failed"]},
-            "stuck": sorted(self.stuck),
-        }
-
-    def _write_status(self) -> None:
-        if self.ctx is None:
-            return
-        snap = self.snapshot()
-        try:
-            durable.write_json(self.spool.claims / STATUS_FILE, snap, replace=True, sync=False)
-        except OSError as exc:
-            log.warning("cannot write status snapshot", error=str(exc))
-        m = self.metrics
-        m.queued.set(snap["queued"])
-        stages = Counter(i["stage"] for i in snap["in_flight"])
-        for st in Stage:
-            m.in_flight.labels(stage=st.value).set(stages.get(st.value, 0))
-        m.progress.clear()
-        for i in snap["in_flight"]:
-            if i["stage"] == "convert":
-                m.progress.labels(item=i["name"]).set(i["progress"])
-        m.reserved.set(snap["workspace"]["reserved"])
-        m.free.set(snap["workspace"]["available"])
-        m.fs_free.set(snap["workspace"]["filesystem_free"])
-
-    async def _housekeeping(self) -> None:
-        interval = 1.0
-        wd = self.notifier.watchdog_interval
-        last_status = ""
-        while True:
-            self._write_status()
-            summary = self._summary()
-            if summary != last_status:
-                self.notifier.status(summary)
-                last_status = summary
-            if wd:
-                self.notifier.watchdog()
-            await anyio.sleep(min(interval, wd) if wd else interval)
-
+        self.notifier.ready(status=self.monitor.summary())

@@ -17,11 +17,12 @@ from typing import Any
 import anyio
 
 from convd import durable
-from convd.app import probe_filesystem
 from convd.config import Config
+from convd.filesystem import probe_filesystem
+from convd.pipeline.context import Context
 from convd.pipeline.item import Item
 from convd.pipeline.ledger import Ledger, StatvfsSpace
-from convd.pipeline.runner import Context, run_item
+from convd.pipeline.runner import run_item
 from convd.pipeline.spool import OUTPUT, SOURCE, Claim
 
 __all__ = ["convert_one"]

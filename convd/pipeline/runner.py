@@ -3,23 +3,18 @@ quarantines rejected inputs, and on cancel leaves the source for recovery."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 import anyio
 import structlog
 
-from convd.config import format_size
 from convd.errors import ConvertFailed, ItemError, NameConflict, Stopped, TransientError
+from convd.pipeline.context import Context
 from convd.pipeline.item import Item, Stage
-from convd.pipeline.ledger import Ledger
-from convd.pipeline.spool import Spool
 from convd.stages import cleanup, convert, detect, publish, quarantine, reserve
 
-__all__ = ["Context", "finish_handoff", "run_item"]
+__all__ = ["finish_handoff", "run_item"]
 
 log = structlog.get_logger("convd.runner")
 
@@ -30,50 +25,6 @@ STAGES: dict[Stage, Callable[[Item, Context], Awaitable[Stage]]] = {
     Stage.PUBLISH: publish,
     Stage.CLEANUP: cleanup,
 }
-
-
-def _noop(*_: Any) -> None:
-    return None
-
-
-@dataclass
-class Context:
-    """What the stages share: the spool, the ledger, the worker slots, the hooks."""
-
-    spool: Spool
-    ledger: Ledger
-    slots: anyio.CapacityLimiter
-    sparse: bool = True
-    block_size: int = 4096
-    direct_io: bool = True
-    count_hashed: Callable[[int], None] = _noop
-    on_published: Callable[[Item, dict[str, Any]], None] = _noop
-    on_failed: Callable[[Item, dict[str, Any]], None] = _noop
-    on_retry: Callable[[Item, str], None] = _noop
-    items: dict[str, Item] = field(default_factory=dict)
-    # Set at shutdown so work in threads (checksums) gives up promptly.
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def release(self, item: Item) -> None:
-        if item.reservation is not None:
-            self.ledger.release(item.name)
-            item.reservation = None
-
-    def published(self, item: Item, rec: dict[str, Any]) -> None:
-        target = rec.get("target") or {}
-        if rec["status"] == "converted":
-            secs = max(item.timings["convert"], 1e-6)
-            log.info(
-                f"converted {rec['source'].get('format')}→{target.get('format')} "
-                f"{format_size(rec['source'].get('virtual_size', 0))} at "
-                f"{target.get('size', 0) / secs / 2**20:.0f} MiB/s",
-                event_kind="throughput", seconds=round(secs, 3),
-            )
-        self.on_published(item, rec)
-
-    def failed(self, item: Item, rec: dict[str, Any]) -> None:
-        log.warning("rejected", code=rec["error"]["code"], message=rec["error"]["message"])
-        self.on_failed(item, rec)
 
 
 async def _discard(item: Item, ctx: Context) -> None:

@@ -13,7 +13,7 @@ from convd.pipeline.item import Item, Stage
 from convd.pipeline.spool import SOURCE
 
 if TYPE_CHECKING:
-    from convd.pipeline.runner import Context
+    from convd.pipeline.context import Context
 
 __all__ = ["cleanup", "quarantine"]
 

@@ -12,7 +12,7 @@ from convd.errors import UnsafeImage
 from convd.pipeline.item import Item, Stage
 
 if TYPE_CHECKING:
-    from convd.pipeline.runner import Context
+    from convd.pipeline.context import Context
 
 __all__ = ["convert"]
 

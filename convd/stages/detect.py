@@ -17,7 +17,7 @@ from convd.inspection import RAW_FAMILY, inspect_fd, open_regular
 from convd.pipeline.item import Item, Stage
 
 if TYPE_CHECKING:
-    from convd.pipeline.runner import Context
+    from convd.pipeline.context import Context
 
 __all__ = ["VMDK_CREATE_TYPES", "check_qemu_info", "detect"]
 

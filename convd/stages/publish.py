@@ -18,7 +18,7 @@ from convd.pipeline.item import Item, Stage
 from convd.pipeline.spool import OUTPUT, SOURCE
 
 if TYPE_CHECKING:
-    from convd.pipeline.runner import Context
+    from convd.pipeline.context import Context
 
 __all__ = ["publish"]
 

@@ -10,7 +10,7 @@ from convd.errors import TooLarge
 from convd.pipeline.item import Item, Stage
 
 if TYPE_CHECKING:
-    from convd.pipeline.runner import Context
+    from convd.pipeline.context import Context
 
 __all__ = ["MARGIN_BYTES", "estimate", "reserve"]
 

@@ -1,0 +1,144 @@
+"""The daemon's own account of itself: counters, the status snapshot that
+``convd status`` reads, the Prometheus gauges, and systemd's STATUS/WATCHDOG."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import structlog
+
+from convd import __version__, durable
+from convd.config import Config
+from convd.metrics import Metrics
+from convd.pipeline.context import Context
+from convd.pipeline.item import Item, Stage
+from convd.pipeline.queue import Intake
+from convd.pipeline.spool import Spool
+from convd.sdnotify import Notifier
+
+__all__ = ["STATUS_FILE", "Monitor"]
+
+log = structlog.get_logger("convd.daemon")
+
+# Under work/<instance>/: the snapshot `convd status` reads, refreshed every second.
+STATUS_FILE = ".status.json"
+
+
+class Monitor:
+    """Counts results, writes the status snapshot, refreshes metrics and systemd's status."""
+
+    def __init__(self, cfg: Callable[[], Config], spool: Spool, intake: Intake,
+                 metrics: Metrics, notifier: Notifier) -> None:
+        self._cfg = cfg  # the config in force (SIGHUP swaps it)
+        self.spool = spool
+        self.intake = intake
+        self.metrics = metrics
+        self.notifier = notifier
+        self.counters: Counter[str] = Counter()
+        self.stuck: set[str] = set()  # items kept in work/ by an internal error
+        self.ctx: Context | None = None
+        self.started = time.time()
+
+    # -- hooks from the runner -------------------------------------------
+
+    def published(self, item: Item, rec: dict[str, Any]) -> None:
+        status = rec.get("status", "converted")
+        self.counters[status] += 1
+        self.metrics.images.labels(status=status).inc()
+        self.metrics.bytes_read.inc(rec.get("source", {}).get("size", 0) or 0)
+        self.metrics.bytes_written.inc((rec.get("target") or {}).get("size", 0) or 0)
+        if status == "converted":
+            secs = rec.get("timings", {}).get("convert", 0.0)
+            self.metrics.convert_seconds.observe(secs)
+            if secs > 0:
+                self.metrics.throughput.observe(rec["source"].get("virtual_size", 0) / secs)
+
+    def failed(self, item: Item, rec: dict[str, Any]) -> None:
+        self.counters["failed"] += 1
+        self.metrics.images.labels(status="failed").inc()
+        self.metrics.errors.labels(code=rec.get("error", {}).get("code", "unknown")).inc()
+
+    def retried(self, item: Item, error: str) -> None:
+        self.metrics.retries.inc()
+
+    # -- status ------------------------------------------------------------
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS=."""
+        items = self.ctx.items.values() if self.ctx else []
+        converting = sum(1 for i in items if i.stage is Stage.CONVERT)
+        return (f"{len(self.intake)} queued, {converting} converting, "
+                f"{self.counters['converted'] + self.counters['passthrough']} done, "
+                f"{self.counters['failed']} failed")
+
+    def snapshot(self) -> dict[str, Any]:
+        """The status snapshot (the shape ``convd status --json`` shows as ``daemon``)."""
+        assert self.ctx is not None
+        cfg = self._cfg()
+        ledger = self.ctx.ledger
+        now = time.monotonic()
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "instance": cfg.spool.instance,
+            "updated_at": time.time(),
+            "started_at": self.started,
+            "target_format": cfg.convert.target_format,
+            "max_workers": cfg.convert.max_workers,
+            "queued": len(self.intake),
+            "in_flight": [
+                {"name": i.name, "stage": i.stage.value, "progress": round(i.progress, 4),
+                 "eta": None if i.eta() is None else round(i.eta() or 0, 1),
+                 "source_format": i.source.get("format"), "virtual_size": i.source.get("virtual_size"),
+                 "reserved": i.reservation.size if i.reservation else 0,
+                 "attempts": i.claim.attempts, "elapsed": round(now - i.started, 3)}
+                for i in self.ctx.items.values()
+            ],
+            "workspace": {"limit": ledger.workspace, "reserved": ledger.reserved,
+                          "available": max(0, ledger.available()), "filesystem_free": ledger.space.free(),
+                          "waiting": len(ledger.waiting)},
+            "counters": {"converted": self.counters["converted"], "passthrough": self.counters["passthrough"],
+                         "failed": self.counters["failed"]},
+            "stuck": sorted(self.stuck),
+        }
+
+    def write_status(self) -> None:
+        """Write the snapshot under ``work/<instance>/`` and refresh the gauges from it."""
+        if self.ctx is None:
+            return
+        snap = self.snapshot()
+        try:
+            durable.write_json(self.spool.claims / STATUS_FILE, snap, replace=True, sync=False)
+        except OSError as exc:
+            log.warning("cannot write status snapshot", error=str(exc))
+        m = self.metrics
+        m.queued.set(snap["queued"])
+        stages = Counter(i["stage"] for i in snap["in_flight"])
+        for st in Stage:
+            m.in_flight.labels(stage=st.value).set(stages.get(st.value, 0))
+        m.progress.clear()
+        for i in snap["in_flight"]:
+            if i["stage"] == "convert":
+                m.progress.labels(item=i["name"]).set(i["progress"])
+        m.reserved.set(snap["workspace"]["reserved"])
+        m.free.set(snap["workspace"]["available"])
+        m.fs_free.set(snap["workspace"]["filesystem_free"])
+
+    async def run(self, interval: float = 1.0) -> None:
+        """Every ``interval`` seconds (or the watchdog's, if shorter): snapshot, STATUS=, WATCHDOG=1."""
+        wd = self.notifier.watchdog_interval
+        last_status = ""
+        while True:
+            self.write_status()
+            summary = self.summary()
+            if summary != last_status:
+                self.notifier.status(summary)
+                last_status = summary
+            if wd:
+                self.notifier.watchdog()
+            await anyio.sleep(min(interval, wd) if wd else interval)

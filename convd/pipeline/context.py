@@ -1,0 +1,69 @@
+"""What the stages share while an item runs: the spool, the ledger, the worker
+slots, what the filesystem can do, and the hooks that report results.
+
+Its own module so that the runner (which drives the stages) and the stages
+(which only use the context) never import each other.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import structlog
+
+from convd.pipeline.item import Item
+from convd.pipeline.ledger import Ledger
+from convd.pipeline.spool import Spool
+
+__all__ = ["Context"]
+
+log = structlog.get_logger("convd.runner")
+
+
+def _noop(*_: Any) -> None:
+    return None
+
+
+@dataclass
+class Context:
+    """What the stages share: the spool, the ledger, the worker slots, the hooks."""
+
+    spool: Spool
+    ledger: Ledger
+    slots: anyio.CapacityLimiter
+    sparse: bool = True
+    block_size: int = 4096
+    direct_io: bool = True
+    count_hashed: Callable[[int], None] = _noop
+    on_published: Callable[[Item, dict[str, Any]], None] = _noop
+    on_failed: Callable[[Item, dict[str, Any]], None] = _noop
+    on_retry: Callable[[Item, str], None] = _noop
+    items: dict[str, Item] = field(default_factory=dict)
+    # Set at shutdown so work in threads (checksums) gives up promptly.
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def release(self, item: Item) -> None:
+        if item.reservation is not None:
+            self.ledger.release(item.name)
+            item.reservation = None
+
+    def published(self, item: Item, rec: dict[str, Any]) -> None:
+        if rec["status"] == "converted":
+            # One constant event per conversion; the figures are fields, so
+            # log tools can key on the event.
+            target = rec.get("target") or {}
+            secs = max(item.timings["convert"], 1e-6)
+            log.info("converted", source_format=rec["source"].get("format"),
+                     target_format=target.get("format"),
+                     virtual_size=rec["source"].get("virtual_size", 0),
+                     output_size=target.get("size", 0), seconds=round(secs, 3),
+                     mib_per_s=round(target.get("size", 0) / secs / 2**20, 1))
+        self.on_published(item, rec)
+
+    def failed(self, item: Item, rec: dict[str, Any]) -> None:
+        log.warning("rejected", code=rec["error"]["code"], message=rec["error"]["message"])
+        self.on_failed(item, rec)

@@ -1,0 +1,95 @@
+"""The watch on ``incoming/``: filesystem events as hints, the directory as the truth.
+
+watchfiles (inotify, or polling where inotify cannot see other nodes'
+changes) feeds names to the intake queue; an initial scan once the watcher
+runs and a periodic rescan make sure nothing is missed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import structlog
+import watchfiles
+
+from convd.pipeline.queue import Intake
+from convd.pipeline.renames import RenameWatch
+from convd.pipeline.spool import Spool, is_candidate_name, name_fits
+
+__all__ = ["Watcher"]
+
+log = structlog.get_logger("convd.watch")
+
+
+class Watcher:
+    """Feeds ``intake`` from ``incoming/``; calls ``on_change`` when there is news."""
+
+    def __init__(self, incoming: Path, spool: Spool, intake: Intake, *, force_polling: bool,
+                 stopping: anyio.Event, on_change: Callable[[], None]) -> None:
+        self.incoming = incoming
+        self.spool = spool
+        self.intake = intake
+        self.force_polling = force_polling
+        self.stopping = stopping
+        self.on_change = on_change
+
+    async def run(self, watching: anyio.Event) -> None:
+        """Watch until ``stopping``; sets ``watching`` once events flow (or it gave up)."""
+        incoming = self.incoming
+        renames = RenameWatch(incoming) if not self.force_polling else None
+        arrivals: dict[str, bool] = {}
+
+        def wanted(change: watchfiles.Change, path: str) -> bool:
+            name = os.path.basename(path)
+            return change != watchfiles.Change.deleted and is_candidate_name(name) and name_fits(name)
+
+        try:
+            while not self.stopping.is_set():
+                try:
+                    async for changes in watchfiles.awatch(
+                        incoming, watch_filter=wanted, recursive=False,
+                        force_polling=self.force_polling, poll_delay_ms=200, step=5,
+                        debounce=100, stop_event=self.stopping, rust_timeout=500,
+                        yield_on_timeout=True, ignore_permission_denied=True,
+                    ):
+                        watching.set()
+                        if renames is not None:
+                            if len(arrivals) > 10_000:
+                                arrivals.clear()  # names watchfiles never reported
+                            arrivals.update(renames.drain())
+                        for change, path in changes:
+                            name = os.path.basename(path)
+                            if os.path.dirname(path) == str(incoming):
+                                self.intake.saw(name, modified=change == watchfiles.Change.modified,
+                                                renamed=arrivals.pop(name, None))
+                        if changes:
+                            self.on_change()
+                except Exception as exc:  # noqa: BLE001 - also its task group's ExceptionGroup
+                    # watchfiles gives up on, e.g., a name that is not UTF-8;
+                    # the directory is the truth, so rescan and watch again.
+                    log.warning("watcher failed; rescanning and restarting it", error=str(exc))
+                    watching.set()
+                    self.scan()
+                    await anyio.sleep(1.0)
+        finally:
+            watching.set()  # a stop before the first yield must not leave start-up waiting
+            if renames is not None:
+                renames.close()
+
+    def scan(self) -> None:
+        """Note every candidate name in ``incoming/`` (the directory is the truth)."""
+        for entry in self.spool.scan_incoming():
+            if entry.name not in self.intake.pending and not name_fits(entry.name):
+                log.error("name too long to record; left in incoming/", item=entry.name)
+                continue
+            self.intake.saw(entry.name)
+        self.on_change()
+
+    async def rescan_loop(self, interval: Callable[[], float]) -> None:
+        """Rescan every ``interval()`` seconds (read each time: SIGHUP may change it)."""
+        while True:
+            await anyio.sleep(interval())
+            self.scan()
