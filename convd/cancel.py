@@ -85,30 +85,10 @@ def _instance(cfg: Config, instance: str) -> Iterator[Spool | None]:
         os.close(fd)
 
 
-def _any_daemon(cfg: Config) -> bool:
-    """Whether any instance on the spool is running (holds its lock)."""
-    try:
-        names = os.listdir(cfg.spool.work)
-    except FileNotFoundError:
-        return False
-    for inst in names:
-        try:
-            fd = os.open(cfg.spool.work / inst / ".lock", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-    return False
-
-
 def _withdraw_here(cfg: Config, name: str, where: Where, reason: str) -> bool:
     """Withdraw the item ourselves if no daemon can; True if we acted."""
     if where.place == "incoming":
-        if _any_daemon(cfg):
+        if protocol.daemons_running(spool_paths(cfg)):
             return False
         instance = cfg.spool.instance
     elif where.place == "work" and where.instance is not None:

@@ -27,6 +27,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import json
 import os
 import secrets
@@ -271,8 +272,28 @@ def _snapshots(paths: SpoolPaths, now: float) -> Iterator[tuple[str, dict[str, A
 
 
 def daemons_running(paths: SpoolPaths) -> bool:
-    """Whether any daemon on this spool reported lately (a cancel request will be seen)."""
-    return any(True for _ in _snapshots(paths, time.time()))
+    """Whether any daemon runs on this spool (holds its ``work/<instance>/.lock``).
+
+    A running daemon reads cancel requests; with none, a request waits for
+    the next start.  The lock is probed shared and non-blocking, and let go
+    at once.
+    """
+    try:
+        instances = os.listdir(paths.work)
+    except OSError:
+        return False
+    for inst in instances:
+        try:
+            fd = os.open(paths.work / inst / ".lock", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+    return False
 
 
 def item_progress(paths: SpoolPaths, name: str) -> dict[str, Any] | None:

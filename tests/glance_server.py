@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -170,6 +171,11 @@ chunked-input-limit = 10485760
 pidfile = {d}/uwsgi.pid
 """)
 
+    def _chown(self) -> None:
+        for dirpath, dirnames, filenames in os.walk(self.dir):
+            for n in [*dirnames, *filenames]:
+                shutil.chown(os.path.join(dirpath, n), self.user, self.user)
+
     def _as_user(self, argv: list[str]) -> list[str]:
         if self.user is None:
             return argv
@@ -177,11 +183,14 @@ pidfile = {d}/uwsgi.pid
 
     def start(self, timeout: float = 60.0) -> GlanceServer:
         self._write_config()
+        if self.user is not None:
+            self._chown()
         env = {**os.environ, "OS_GLANCE_CONFIG_DIR": str(self.dir / "etc"),
                "PATH": f"{self.venv}/bin:{os.environ.get('PATH', '/usr/bin:/bin')}"}
         env.pop("VIRTUAL_ENV", None)
         if self.user is not None:
             env["HOME"] = str(self.dir)
+            env["PATH"] = f"{self.venv}/bin:/usr/local/bin:/usr/bin:/bin"
         subprocess.run(self._as_user([str(self.venv / "bin" / "glance-manage"), "--config-file",
                                       str(self.dir / "etc" / "glance-api.conf"), "db_sync"]),
                        check=True, capture_output=True, env=env, cwd=self.dir)

@@ -176,7 +176,8 @@ class _ConvdConvert(task.Task):
     def _wait(self, paths, name, conf):
         """The record, or None after ``timeout``; heartbeats the task meanwhile."""
         deadline = time.monotonic() + conf.timeout
-        next_beat = time.monotonic()
+        # The first beat after one interval: a quick conversion costs no write.
+        next_beat = time.monotonic() + conf.heartbeat_interval
         with protocol.DirWatch(paths.outgoing, paths.failed) as watch:
             while True:
                 found = protocol.find_record(paths, name, self.handed_in)
@@ -193,13 +194,19 @@ class _ConvdConvert(task.Task):
     def _heartbeat(self, message):
         """Show convd's progress on the task; saving also keeps Glance's import lock ours."""
         self.action_wrapper.assert_task_lock()
-        t = script_utils.get_task(self.task_repo, self.task_id)
-        if t is None:
-            raise exception.TaskNotFound(self.task_id)
-        if t.status != 'processing':
-            raise exception.TaskAbortedError()
-        t.message = message
-        self.task_repo.save(t)
+        try:
+            t = script_utils.get_task(self.task_repo, self.task_id)
+            if t is None:
+                raise exception.TaskNotFound(self.task_id)
+            if t.status != 'processing':
+                raise exception.TaskAbortedError()
+            t.message = message
+            self.task_repo.save(t)
+        except (exception.TaskNotFound, exception.TaskAbortedError):
+            raise
+        except Exception as exc:
+            # A busy database (e.g. SQLite locked) costs one beat, not the import.
+            LOG.warning('Import task %s: heartbeat not saved: %s', self.task_id, exc)
 
     def _take_result(self, paths, name, staging_path):
         """Consume ``outgoing/NAME``: record first, then the image becomes the staged data.
