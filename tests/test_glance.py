@@ -72,12 +72,7 @@ def daemon_config(root: Path, **sections: dict[str, Any]) -> Path:
     }
     for k, v in sections.items():
         base.setdefault(k, {}).update(v)
-    qemu_args = base["convert"].pop("qemu_args", {})
-    path = write_config(root, **base)
-    # write_config speaks JSON values; a TOML inline table spells its keys with "=".
-    table = ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in qemu_args.items())
-    path.write_text(path.read_text().replace("[convert]\n", f"[convert]\nqemu_args = {{{table}}}\n"))
-    return path
+    return write_config(root, **base)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -211,7 +206,7 @@ def test_import_times_out_while_convd_is_stopped_and_nothing_publishes_later(
         glance_env: Env, tmp_path: Path) -> None:
     short = GlanceServer(tmp_path / "glance", plugins=["convd"],
                          import_conf={"convd": {"spool": glance_env.spool.root, "timeout": 2,
-                                                "poll_interval": 0.2, "heartbeat_interval": 0.5}}).start()
+                                                "poll_interval": 0.2, "heartbeat_interval": 1.0}}).start()
     src = make_image(tmp_path / "late.qcow2", "qcow2", VIRTUAL)
     glance_env.daemon.stop()
     try:
@@ -253,9 +248,9 @@ def _converting(image_dir: str) -> list[int]:
 @pytest.fixture
 def slow_convert(glance_env: Env) -> Iterator[None]:
     """qcow2 converts limited to 8 MiB/s (qemu-img convert -r): long enough to watch and cancel."""
-    glance_env.reload(convert={"qemu_args": {"qcow2": ["-r", "8M"]}})
+    glance_env.reload(**{"convert.qemu_args": {"qcow2": ["-r", "8M"]}})
     yield
-    glance_env.reload(convert={"qemu_args": {}})
+    glance_env.reload(**{"convert.qemu_args": {}})
 
 
 def test_cancel_during_convert_stops_qemu_img_and_fails_the_import(
@@ -288,7 +283,7 @@ def test_cancel_during_convert_stops_qemu_img_and_fails_the_import(
 
 def test_four_imports_at_once_with_one_worker_all_succeed_one_convert_at_a_time(
         glance_env: Env, tmp_path: Path) -> None:
-    glance_env.reload(convert={"qemu_args": {"qcow2": ["-r", "32M"]}})
+    glance_env.reload(**{"convert.qemu_args": {"qcow2": ["-r", "32M"]}})
     try:
         srcs = []
         for i in range(4):
@@ -318,7 +313,7 @@ def test_four_imports_at_once_with_one_worker_all_succeed_one_convert_at_a_time(
             assert_active_raw(glance_env, image_id, src, "qcow2", client.wait_import(image_id))
         assert seen and most == 1
     finally:
-        glance_env.reload(convert={"qemu_args": {}})
+        glance_env.reload(**{"convert.qemu_args": {}})
 
 
 # -- Glance and convd as different users ------------------------------------------
