@@ -18,6 +18,7 @@ TARGETS = {
     "pickup": ("pick-up latency p50, rename → claimed", 20.0, "ms"),
     "rss": ("5 000-file backlog, daemon peak RSS (VmHWM)", 100.0, "MiB"),
     "passthrough": ("raw → raw passthrough of a large file, checksums off, rename → record (p50)", 50.0, "ms"),
+    "glance": ("Glance import → active, convd plugin ÷ built-in image_conversion (medians)", 1.00, "×"),
 }
 
 INTRO = """\
@@ -368,6 +369,24 @@ def _variants(res: dict[str, Any]) -> list[str]:
     return out
 
 
+def _glance(res: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+    med = res["median"]
+    n = len(res["runs"]["convd"])
+    summary["glance"] = (res["ratio_import"], f"median of {n}; end to end incl. stage {res['ratio_total']:.2f} ×")
+    out = ["### Glance: the same qcow2 imported with image_conversion and with convd", "",
+           "Two glance-api 33.0.0 (uWSGI, SQLite, file store) on one filesystem; glance-direct: "
+           "stage (upload over HTTP), then import, timed until the task ends and the image is "
+           "`active` as raw.  The convd daemon has checksums off (Glance hashes what it stores).",
+           "", "| method | stage (s) | import → active (s) | stage → active (s) | runs (import → active) |",
+           "| --- | ---: | ---: | ---: | --- |"]
+    for m in ("image_conversion", "convd"):
+        runs = ", ".join(f"{r['import']:.1f}" for r in res["runs"][m])
+        out.append(f"| {m} | {med[m]['stage']:.1f} | {med[m]['import']:.1f} | {med[m]['total']:.1f} | {runs} |")
+    out += ["", f"convd ÷ image_conversion: import → active {res['ratio_import']:.2f} ×, "
+                f"stage → active {res['ratio_total']:.2f} ×.", ""]
+    return out
+
+
 def _limit(limit: float, unit: str) -> str:
     return f"≤ {limit:.2f} ×" if unit == "×" else f"≤ {limit:g} {unit}"
 
@@ -389,6 +408,8 @@ def render(results: dict[str, Any]) -> str:
         body += _probes(results["probes"])
     if "variants" in results:
         body += _variants(results["variants"])
+    if "glance" in results:
+        body += _glance(results["glance"], summary)
 
     s = results["settings"]
     head = [
