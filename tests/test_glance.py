@@ -107,11 +107,9 @@ def glance_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
 
 def sha512(path: Path) -> str:
-    h = hashlib.sha512()
+    """Glance's default os_hash_algo, of a stored file."""
     with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha512").hexdigest()
 
 
 def import_staged(client: GlanceClient, src: Path, disk_format: str) -> str:

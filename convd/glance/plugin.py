@@ -130,6 +130,12 @@ class _ConvdConvert(task.Task):
         name = self.image_id
         with self.action_wrapper as action:
             self.original = (action.image_disk_format, action.image_container_format)
+        # A result under this image's ID that nobody took (an earlier import
+        # whose glance-api died) is not this upload's: it would be mistaken
+        # for it, and it would make this one a name_conflict.
+        if {name, '%s.json' % name} & set(os.listdir(paths.outgoing)):
+            LOG.warning('Removing an unclaimed convd result of an earlier import of image %s', name)
+            self._discard_result(paths, name)
         try:
             self.handed_in = protocol.hand_in(src, paths, name)
         except FileExistsError:
@@ -268,9 +274,11 @@ class _ConvdConvert(task.Task):
                 pass
             self.staged = None
         with self.action_wrapper as action:
-            if action.image_status != 'queued':
+            # An image already active (a later task failed after the upload)
+            # keeps its state, as Glance's own tasks leave it.
+            if action.image_status == 'importing':
                 action.set_image_attribute(status='queued')
-            if self.original is not None:
+            if self.original is not None and action.image_status == 'queued':
                 disk_format, container_format = self.original
                 action.set_image_attribute(disk_format=disk_format, container_format=container_format)
             if self.stores:
