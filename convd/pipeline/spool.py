@@ -44,6 +44,8 @@ log = structlog.get_logger("convd.spool")
 
 IGNORED_SUFFIXES = (".part", ".tmp")
 SOURCE, OUTPUT, ITEM, RECORD = "source", "output", "item.json", "record.json"
+# Attempts, 0.1 s apart, to take the instance lock at start-up.
+LOCK_TRIES = 10
 # Another instance's temp in outgoing/ or failed/ older than this is abandoned.
 STALE_TEMP_AGE = 3600.0
 
@@ -103,9 +105,15 @@ class Spool:
             listing = ", ".join(f"{d} (device {dev})" for d, dev in devs.items())
             raise ConfigError(f"[spool]: all spool directories must be on one filesystem; got {listing}")
         fd = os.open(self.claims / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        for _ in range(LOCK_TRIES):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                # Producers probe the lock for a moment to learn whether a
+                # daemon runs (convd.protocol.daemons_running): try again.
+                time.sleep(0.1)
+        else:
             os.close(fd)
             raise ConfigError(
                 f"another convd with instance {self.cfg.instance!r} is running on {self.work}"
