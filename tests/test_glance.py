@@ -200,6 +200,7 @@ def test_declared_qcow2_that_is_vmdk_fails_format_mismatch_then_imports_once_fix
     assert_active_raw(glance_env, image_id, src, "vmdk", client.wait_import(image_id, ntasks=2))
 
 
+@pytest.mark.slow
 def test_import_times_out_while_convd_is_stopped_and_nothing_publishes_later(
         glance_env: Env, tmp_path: Path) -> None:
     short = GlanceServer(tmp_path / "glance", plugins=["convd"],
@@ -339,6 +340,7 @@ def two_users() -> Iterator[None]:
         run("groupdel", GROUP, check=False)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="creating the two users (useradd) needs root")
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is needed to switch users")
 def test_glance_and_convd_as_different_users_share_the_spool_and_no_one_else_gets_in(
