@@ -43,7 +43,8 @@ make bench                                   # = .venv/bin/python -m bench, ~8 m
 Options: `--size` (virtual size of the large images, default 2 GiB),
 `--reps` (default 3), `--formats qcow2,vmdk,vdi,vpc,vhdx,raw`,
 `--targets raw,qcow2`, `--skip-large`, `--skip-small`, `--skip-backlog`,
-`--skip-passthrough`, `--variants` (also time bare qemu-img flag variants:
+`--skip-passthrough`, `--skip-glance`, `--glance-reps` (default 3),
+`--variants` (also time bare qemu-img flag variants:
 `-W`, `-m 16`, `-t none`, `-n --target-is-zero` on a pre-created sparse
 target; about 4 more minutes), `--small-count`, `--small-size`,
 `--latency-samples`, `--passthrough-reps`, `--backlog-files`,
@@ -92,6 +93,14 @@ part of `make test`.
 - **Backlog**: files already in `incoming/` when the daemon starts; peak RSS is
   `VmHWM` from `/proc/PID/status` just before SIGTERM; items/s from the
   `watching` log line to the last record.
+- **Glance**: two glance-api 33.0.0 servers from `.glance-venv` (`make
+  glance-venv`; uWSGI, SQLite, file store, staging and spool on one
+  filesystem), one with the built-in `image_conversion` (`output_format =
+  raw`), one with the `convd` plugin and a daemon (target raw, checksums
+  off: Glance hashes what it stores). The large set's qcow2 is created,
+  staged over HTTP and imported (glance-direct) on each in turn, alternating
+  which goes first, and timed until the task has ended with the image
+  `active` as raw; the image is deleted between runs. One warm-up import each.
 - **Fixed costs** are timed directly (process spawns, a directory fsync), to
   explain the per-item figures.
 - The machine may be shared; the load average at the start and end is printed

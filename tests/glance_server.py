@@ -248,11 +248,19 @@ class GlanceClient:
         if content_type:
             headers["Content-Type"] = content_type
         req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=120) as r:
-                status, data = r.status, r.read()
-        except urllib.error.HTTPError as exc:
-            status, data = exc.code, exc.read()
+        for attempt in range(3):
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    status, data = r.status, r.read()
+                break
+            except urllib.error.HTTPError as exc:
+                status, data = exc.code, exc.read()
+                break
+            except TimeoutError:
+                # glance-api under SQLite has been seen to stall a request while
+                # its import threads contend for the database; reads are safe to repeat.
+                if method != "GET" or attempt == 2:
+                    raise
         if status not in expect:
             raise AssertionError(f"{method} {path}: HTTP {status}: {data[:500]!r}")
         return json.loads(data) if data else None
