@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import time
 import urllib.error
@@ -117,7 +118,11 @@ enabled_backends = local:file
 enabled_import_methods = [glance-direct,web-download]
 
 [database]
-connection = sqlite:///{d}/glance.sqlite
+# SQLite is the test's stand-in for MySQL: under a loaded machine Glance's own
+# threads (the store upload saves the task at every chunk) wait on each other
+# for longer than sqlite3's default 5 s.  WAL (set after db_sync) lets reads
+# run beside a write.
+connection = sqlite:///{d}/glance.sqlite?timeout=60
 
 [glance_store]
 default_backend = local
@@ -194,6 +199,9 @@ pidfile = {d}/uwsgi.pid
         subprocess.run(self._as_user([str(self.venv / "bin" / "glance-manage"), "--config-file",
                                       str(self.dir / "etc" / "glance-api.conf"), "db_sync"]),
                        check=True, capture_output=True, env=env, cwd=self.dir)
+        db = sqlite3.connect(self.dir / "glance.sqlite")
+        db.execute("PRAGMA journal_mode=WAL")  # kept in the database file
+        db.close()
         out = open(self.dir / "uwsgi.log", "wb")  # noqa: SIM115 - the child holds it
         self.proc = subprocess.Popen(self._as_user([str(self.venv / "bin" / "uwsgi"), "--ini",
                                                     str(self.dir / "etc" / "uwsgi.ini")]),
