@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import time
 import urllib.error
@@ -118,8 +117,9 @@ enabled_backends = local:file
 enabled_import_methods = [glance-direct,web-download]
 
 [database]
-# SQLite stands in for MySQL; WAL (set after db_sync) lets the clients'
-# reads run beside Glance's writes.
+# SQLite stands in for MySQL.  Not in WAL mode: Glance reads, then writes in
+# one transaction, which WAL fails at once (SQLITE_BUSY_SNAPSHOT) whenever
+# another thread committed in between; the rollback journal waits instead.
 connection = sqlite:///{d}/glance.sqlite
 
 [glance_store]
@@ -197,9 +197,6 @@ pidfile = {d}/uwsgi.pid
         subprocess.run(self._as_user([str(self.venv / "bin" / "glance-manage"), "--config-file",
                                       str(self.dir / "etc" / "glance-api.conf"), "db_sync"]),
                        check=True, capture_output=True, env=env, cwd=self.dir)
-        db = sqlite3.connect(self.dir / "glance.sqlite")
-        db.execute("PRAGMA journal_mode=WAL")  # kept in the database file
-        db.close()
         out = open(self.dir / "uwsgi.log", "wb")  # noqa: SIM115 - the child holds it
         self.proc = subprocess.Popen(self._as_user([str(self.venv / "bin" / "uwsgi"), "--ini",
                                                     str(self.dir / "etc" / "uwsgi.ini")]),
