@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= conf/convd.toml
 
-.PHONY: all setup system-deps glance-venv demo test test-fast bench clean
+.PHONY: all setup system-deps sharedfs-deps glance-venv demo test test-fast bench bench-shared clean
 
 all: test
 
@@ -22,6 +22,28 @@ system-deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$(echo $$missing | tr ' ' '\n' | sort -u); \
 	  else \
 	    echo "missing system packages:$$missing (install them, e.g. apt-get install$$missing)" >&2; exit 1; \
+	  fi; \
+	fi
+
+# The shared-spool tests and `make bench-shared` run a one-node Ceph cluster
+# (ceph-fuse mounts) on loopback, and kernel NFS inside User-Mode Linux; as
+# root on Debian/Ubuntu their packages are installed here, elsewhere those
+# tests fail saying what to install (they skip when not root).
+SHAREDFS_TOOLS := ceph-mon:ceph-mon ceph-osd:ceph-osd ceph-mds:ceph-mds ceph-mgr:ceph-mgr \
+                  ceph-fuse:ceph-fuse ceph:ceph-common linux.uml:user-mode-linux \
+                  rpc.nfsd:nfs-kernel-server rpcbind:rpcbind ip:iproute2 modprobe:kmod \
+                  nsenter:util-linux mkfs.ext4:e2fsprogs
+sharedfs-deps:
+	@missing=""; \
+	for pair in $(SHAREDFS_TOOLS); do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$(echo $$missing | tr ' ' '\n' | sort -u); \
+	  else \
+	    echo "shared-filesystem tests need:$$missing (as root: apt-get install$$missing)" >&2; \
 	  fi; \
 	fi
 
@@ -60,7 +82,7 @@ demo: setup
 	@echo "            Ctrl-C stops the daemon."
 	$(BIN)/convd run -c $(CONFIG)
 
-test: setup glance-venv
+test: setup sharedfs-deps glance-venv
 	$(BIN)/python -m pytest tests
 
 test-fast: setup glance-venv
@@ -68,6 +90,10 @@ test-fast: setup glance-venv
 
 bench: setup glance-venv
 	$(BIN)/python -m bench
+
+# Throughput of 1, 2 and 3 daemons on one CephFS spool, and the take-over time after a kill.
+bench-shared: setup sharedfs-deps
+	$(BIN)/python -m bench --shared
 
 clean:
 	rm -rf $(VENV) $(GLANCE_VENV) var .pytest_cache

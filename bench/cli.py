@@ -96,6 +96,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-small", action="store_true", help="skip the drain and pick-up latency")
     p.add_argument("--skip-backlog", action="store_true", help="skip the start-up backlog")
     p.add_argument("--skip-passthrough", action="store_true", help="skip the large raw→raw passthrough")
+    p.add_argument("--skip-compressed", action="store_true",
+                   help="skip the xz/gzip-compressed raw uploads (convd against `xz -dc`/`gzip -dc` + fsync)")
     p.add_argument("--skip-glance", action="store_true",
                    help="skip the Glance import: built-in image_conversion against the convd plugin")
     p.add_argument("--glance-reps", type=int, default=3, help="imports per method in the Glance scenario")
@@ -106,6 +108,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md",
                    help="markdown file to (over)write with the latest table; '-' for none")
     p.add_argument("--keep-images", action="store_true", help="keep the image set for the next run")
+    p.add_argument("--shared", action="store_true",
+                   help="instead: 1, 2 and 3 daemons on one CephFS spool (a Ceph cluster on loopback, root), "
+                        "and the take-over time after a kill -9")
+    p.add_argument("--shared-count", type=int, default=200, help="images per --shared run")
+    p.add_argument("--shared-size", type=parse_size, default=16 * MiB, help="virtual size of each --shared image")
+    p.add_argument("--shared-out", type=Path, default=REPO / "docs" / "benchmarks.md",
+                   help="markdown file whose --shared section is (re)written ('-' for none)")
     p.add_argument("--report-from", type=Path, metavar="RESULTS_JSON",
                    help="measure nothing: render a saved results.json to --out and stdout")
     args = p.parse_args(argv)
@@ -138,7 +147,7 @@ def check_space(workdir: Path, args: argparse.Namespace) -> None:
     st = os.statvfs(workdir)
     free = st.f_bavail * st.f_frsize
     need = 0
-    if not (args.skip_large and args.skip_passthrough):
+    if not (args.skip_large and args.skip_passthrough and args.skip_compressed):
         # sources (~55 % allocated each), one output at a time (~data size), the daemons' 1 GiB floor
         need += int(args.size * 0.6 * (len(set(args.formats) | {"raw"})) + args.size + 2 * GiB)
     if not args.skip_backlog:
@@ -211,6 +220,41 @@ def run_passthrough(args: argparse.Namespace, imgset: images.ImageSet, d: Daemon
         time.sleep(0.1)
     log(f"raw→raw passthrough of {imgset.virtual / GiB:g} GiB: median {statistics.median(e2e) * 1000:.1f} ms")
     return {"size": imgset.virtual, "e2e": e2e, "timings": timings}
+
+
+def run_compressed(args: argparse.Namespace, imgset: images.ImageSet, ds: dict[Any, Daemon],
+                   workdir: Path) -> dict[str, Any]:
+    """The raw image compressed with xz and gzip, dropped as is: convd (checksums off and
+    sha256) against the operator's ``xz -dc``/``gzip -dc`` to a file plus fsync."""
+    bare_dir = workdir / "bare"
+    bare_dir.mkdir(exist_ok=True)
+    rows: dict[str, Any] = {}
+    for kind in images.COMPRESSORS:
+        src = images.compressed(imgset.files["raw"], kind, progress=log)
+        scenarios.durable(src)
+        scenarios.warm(src)
+        row: dict[str, Any] = {"file_size": src.stat().st_size, "convd": [], "convd_sha256": [], "bare": [],
+                               "bare_nosync": [], "timings": [], "timings_sha256": []}
+        for rep in range(args.reps):
+            for method in _rotate(("convd", "convd_sha256", "bare"), rep):
+                if method == "bare":
+                    out = bare_dir / "unpacked.raw"
+                    b = scenarios.bare_decompress(kind, src, out)
+                    row["bare"].append(b["sync"])
+                    row["bare_nosync"].append(b["bare"])
+                    out.unlink()
+                    scenarios.settle_fs(bare_dir)
+                    continue
+                algo = "sha256" if method == "convd_sha256" else "off"
+                r = scenarios.convd_once(ds[("raw", algo)], src, f"{kind}-{algo}-{rep}")
+                if r["status"] != "passthrough":
+                    raise RuntimeError(f"{kind}-compressed raw was {r['status']}, not an unpacked passthrough")
+                row[method].append(r["e2e"])
+                row["timings" if algo == "off" else "timings_sha256"].append(r["timings"])
+            log(f"rep {rep + 1}/{args.reps} {kind}-compressed raw → raw: convd {row['convd'][-1]:.2f}s "
+                f"(sha256 {row['convd_sha256'][-1]:.2f}s), {kind} -dc + fsync {row['bare'][-1]:.2f}s")
+        rows[kind] = row
+    return {"size": imgset.virtual, "rows": rows}
 
 
 def run_drain(args: argparse.Namespace, d: Daemon, workdir: Path) -> dict[str, Any]:
@@ -353,12 +397,20 @@ def write_report(results: dict[str, Any], out: Path) -> None:
     print(md)
     if str(out) != "-":
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(report.page(md))
+        from bench.shared import shared_block  # `bench --shared` figures live on the same page
+
+        kept = shared_block(out.read_text()) if out.exists() else ""
+        out.write_text(report.page(md) + ("\n" + kept if kept else ""))
         log(f"wrote {out}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.shared:
+        from bench.shared import run_shared
+
+        out = None if str(args.shared_out) == "-" else args.shared_out
+        return run_shared(args.shared_count, args.shared_size, args.workdir.resolve(), out)
     if args.report_from:
         write_report(json.loads(args.report_from.read_text()), args.out)
         return 0
@@ -376,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
                      "workdir": str(workdir)},
         "machine": describe(workdir, REPO),
     }
-    need_large = not (args.skip_large and args.skip_passthrough and args.skip_glance and not args.variants)
+    need_large = not (args.skip_large and args.skip_passthrough and args.skip_compressed
+                      and args.skip_glance and not args.variants)
     imgset: images.ImageSet | None = None
     spools = workdir / "spools"
     try:
@@ -396,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
             configs = {("raw", "off")}  # the drain, latency and passthrough daemon
             if not args.skip_large:
                 configs |= {(t, m) for t in args.targets for m in ("off", "sha256")}
+            if not args.skip_compressed:
+                configs |= {("raw", "sha256")}
             for target, m in sorted(configs):
                 log(f"starting convd: target {target}, checksums {'off' if m == 'off' else m}")
                 ds[(target, m)] = start_daemon(spools / f"{target}-{m}", f"{target}/{m}", target=target,
@@ -411,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
                 results["large"] = run_large(args, imgset, ds, workdir)
             if not args.skip_passthrough and imgset is not None:
                 results["passthrough"] = run_passthrough(args, imgset, raw_off)
+            if not args.skip_compressed and imgset is not None:
+                log("compressed uploads: the raw image as .xz and .gz, unpacked by convd and by hand")
+                results["compressed"] = run_compressed(args, imgset, ds, workdir)
             if not args.skip_small:
                 log(f"drain: {args.small_count} × {args.small_size // MiB} MiB qcow2 → raw, max_workers = 2")
                 results["drain"] = run_drain(args, raw_off, workdir)

@@ -16,7 +16,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["FORMATS", "ImageSet", "Layout", "build_set", "layout", "small_qcow2", "tiny_raw"]
+__all__ = ["COMPRESSORS", "FORMATS", "ImageSet", "Layout", "build_set", "compressed", "layout", "small_qcow2",
+           "tiny_raw"]
 
 MiB = 1 << 20
 FORMATS = ("qcow2", "vmdk", "vdi", "vpc", "vhdx", "raw")
@@ -124,6 +125,8 @@ class ImageSet:
     def remove(self) -> None:
         for p in self.files.values():
             p.unlink(missing_ok=True)
+            for _argv, ext in COMPRESSORS.values():  # made beside it by compressed()
+                p.with_name(p.name + ext).unlink(missing_ok=True)
         (self.dir / "manifest.json").unlink(missing_ok=True)
 
 
@@ -167,6 +170,27 @@ def build_set(directory: Path, virtual: int, formats: tuple[str, ...], seed: int
         manifest.write_text(json.dumps({**want, "formats": list(formats),
                                         "layout": {"data": len(lay.data), "zeros": len(lay.zeros)}}))
     return ImageSet(directory, virtual, seed, files, lay.bytes_of("data"), lay.bytes_of("zeros"))
+
+
+# How the compressed uploads are made: as image publishers ship them (xz at a
+# moderate preset, multi-threaded, so the file has an index of blocks; gzip
+# at its default level).
+COMPRESSORS = {"xz": (["xz", "-T0", "-3", "-c"], ".xz"), "gzip": (["gzip", "-6", "-c"], ".gz")}
+
+
+def compressed(raw: Path, kind: str, progress=lambda msg: None) -> Path:
+    """``raw`` compressed with the ``kind`` tool beside it (reused while newer than ``raw``)."""
+    argv, ext = COMPRESSORS[kind]
+    out = raw.with_name(raw.name + ext)
+    if out.exists() and out.stat().st_mtime >= raw.stat().st_mtime:
+        progress(f"reusing {out.name}")
+        return out
+    progress(f"compressing {raw.name} with {' '.join(argv[:-1])}")
+    tmp = out.with_name(out.name + ".part")
+    with open(tmp, "wb") as fh:
+        subprocess.run([*argv, str(raw)], stdout=fh, check=True)
+    os.replace(tmp, out)
+    return out
 
 
 def tiny_raw(path: Path, size: int, seed: int) -> None:

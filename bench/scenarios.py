@@ -20,6 +20,7 @@ from bench.inotify import DirWatch, QueueOverflow
 __all__ = [
     "backlog",
     "bare_convert",
+    "bare_decompress",
     "bare_sequential",
     "convd_once",
     "drain",
@@ -82,6 +83,21 @@ def bare_convert(src: Path, fmt: str, target: str, dst: Path, args: Sequence[str
     _fsync(dst)
     t2 = time.monotonic()
     return {"bare": t1 - t0, "sync": t2 - t0}
+
+
+def bare_decompress(tool: str, src: Path, dst: Path) -> dict[str, float]:
+    """``TOOL -dc SRC > DST`` then ``fsync(DST)``, as an operator unpacks a download by hand:
+    {"bare": until the tool exits, "sync": until the output is durable}."""
+    dst.unlink(missing_ok=True)
+    with open(dst, "wb") as out:
+        t0 = time.monotonic()
+        res = subprocess.run([tool, "-dc", str(src)], stdin=subprocess.DEVNULL, stdout=out,
+                             stderr=subprocess.PIPE)
+        t1 = time.monotonic()
+    if res.returncode != 0:
+        raise RuntimeError(f"{tool} -dc {src}: {res.stderr.decode(errors='replace').strip()}")
+    _fsync(dst)
+    return {"bare": t1 - t0, "sync": time.monotonic() - t0}
 
 
 def sha256sum(path: Path) -> tuple[float, str]:

@@ -20,15 +20,15 @@ import structlog
 from convd import __version__, cancel, logs, protocol, qemu
 from convd.config import Config, load
 from convd.errors import Cancelled, ConfigError
-from convd.filesystem import probe_filesystem
+from convd.filesystem import detect_type, probe_filesystem
 from convd.metrics import Metrics
 from convd.monitor import Monitor
 from convd.pipeline.context import Context
 from convd.pipeline.item import Item
-from convd.pipeline.ledger import Ledger, StatvfsSpace
+from convd.pipeline.ledger import SHARED_REFRESH, Ledger, SharedLedger, StatvfsSpace
 from convd.pipeline.queue import Intake
 from convd.pipeline.runner import finish_handoff, run_item
-from convd.pipeline.spool import Spool
+from convd.pipeline.spool import Claim, Spool
 from convd.pipeline.watch import Watcher
 from convd.stages import quarantine
 from convd.sdnotify import Notifier
@@ -51,7 +51,7 @@ class Daemon:
         self.cfg = cfg
         self.spool = Spool(cfg.spool)
         self.intake = Intake(cfg.spool.incoming, cfg.watch.settle)
-        self.metrics = Metrics()
+        self.metrics = Metrics(cfg.spool.instance)
         self.notifier = Notifier()
         self.stopping = anyio.Event()
         self.wake = anyio.Event()
@@ -59,7 +59,8 @@ class Daemon:
         self.ctx: Context | None = None
         self.monitor = Monitor(lambda: self.cfg, self.spool, self.intake, self.metrics, self.notifier)
         self.watcher = Watcher(cfg.spool.incoming, self.spool, self.intake,
-                               force_polling=cfg.watch.force_polling, stopping=self.stopping,
+                               force_polling=bool(cfg.watch.force_polling),  # auto: decided in _run
+                               stopping=self.stopping,
                                on_change=self._kick, on_cancel_request=self._cancel_requested)
         self.cancels_pending = True  # look for cancel requests at the next turn of dispatch
 
@@ -93,11 +94,20 @@ class Daemon:
             self.notifier.close()
 
     async def _run(self, cfg: Config) -> None:
-        adopted = self.spool.adopt_orphans()
+        fstype = detect_type(self.spool.incoming)
+        # inotify never sees other clients' changes, and a lease only this host's openers.
+        polling = fstype.shared if cfg.watch.force_polling is None else cfg.watch.force_polling
+        self.watcher.force_polling = polling
+        self.intake.shared = fstype.shared
+        shared_ledger = SharedLedger(self.spool.work, cfg.spool.instance)
+        recovered = self.spool.recover()
+        adopted, stopped = self.spool.take_over()
+        shared_ledger.forget(stopped)
         swept = self.spool.sweep_temp()
         fs = probe_filesystem(self.spool.claims)
         sparse = fs.sparse if cfg.limits.sparse == "auto" else cfg.limits.sparse == "true"
-        ledger = Ledger(cfg.limits.workspace, cfg.limits.min_free, StatvfsSpace(str(self.spool.work)))
+        ledger = Ledger(cfg.limits.workspace, cfg.limits.min_free, StatvfsSpace(str(self.spool.work)),
+                        shared=shared_ledger)
         self.ctx = ctx = Context(
             spool=self.spool, ledger=ledger, slots=anyio.CapacityLimiter(cfg.convert.max_workers),
             sparse=sparse, block_size=fs.block_size, direct_io=fs.direct_io, count_hashed=self.metrics.hashed.inc,
@@ -111,25 +121,28 @@ class Daemon:
                 self.metrics.serve(host, port)
             except OSError as exc:
                 raise ConfigError(f"[metrics] listen: cannot listen on {cfg.metrics.listen}: {exc.strerror}") from None
-        recovered = self.spool.recover()
         log.info("starting", version=__version__, spool=str(cfg.spool.root), instance=cfg.spool.instance,
                  target_format=cfg.convert.target_format, max_workers=cfg.convert.max_workers,
-                 sparse=sparse, direct_io=fs.direct_io, recovered=len(recovered), adopted=adopted, swept_temp=swept)
+                 filesystem=str(fstype), shared=fstype.shared, sparse=sparse, direct_io=fs.direct_io,
+                 recovered=len(recovered), adopted=len(adopted), swept_temp=swept)
 
+        # Known to the others before the first admission (see SharedLedger).
+        await anyio.to_thread.run_sync(ledger.publish, 0)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._signals, signals)
                 items = await tg.start(self._items_group)
-                for claim in recovered:
-                    items.start_soon(self._process, Item(claim=claim, cfg=cfg))
+                for claim in recovered + adopted:
+                    self._start_item(items, claim)
                 watching = anyio.Event()
                 tg.start_soon(self.watcher.run, watching)
                 await watching.wait()
                 self.watcher.scan()  # after the watcher runs: nothing falls between the two
                 tg.start_soon(self.watcher.rescan_loop, lambda: self.cfg.watch.rescan_interval)
                 tg.start_soon(self.monitor.run)
+                tg.start_soon(self._peers_loop, items)
                 self.notifier.ready(status=self.monitor.summary())
-                log.info("watching", incoming=str(cfg.spool.incoming), polling=cfg.watch.force_polling)
+                log.info("watching", incoming=str(cfg.spool.incoming), polling=polling)
                 await self._dispatch(items)
                 # Step 1 done: no more claims.  Step 2: stop children, keep sources.
                 log.info("stopping", in_flight=len(ctx.items))
@@ -138,6 +151,7 @@ class Daemon:
                 items.cancel_scope.cancel()
                 tg.cancel_scope.cancel()
         self.monitor.write_status()
+        ledger.withdraw()
         log.info("stopped")
 
     async def _items_group(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
@@ -148,6 +162,47 @@ class Daemon:
     async def _signals(self, signals: Any) -> None:
         async for signum in signals:
             self._on_signal(signum)
+
+    def _start_item(self, items: anyio.abc.TaskGroup, claim: Claim) -> None:
+        assert self.ctx is not None
+        item = Item(claim=claim, cfg=self.cfg)
+        # Registered now so the claim limit counts it at once.
+        self.ctx.items[claim.name] = item
+        items.start_soon(self._process, item)
+
+    async def _peers_loop(self, items: anyio.abc.TaskGroup) -> None:
+        """Live take-over and the shared ledger: what this daemon owes the others on the spool.
+
+        Every ``[spool] takeover_interval`` seconds, adopt the items of
+        instances whose lock is free (their daemon died or its node's lease
+        on the lock expired) and run them; every ``SHARED_REFRESH`` seconds,
+        refresh this daemon's entry in ``work/.ledger``.
+        """
+        assert self.ctx is not None
+        ledger = self.ctx.ledger
+        next_check = anyio.current_time() + self.cfg.spool.takeover_interval
+        while True:
+            await anyio.to_thread.run_sync(ledger.publish, ledger.outstanding())
+            now = anyio.current_time()
+            if now >= next_check:
+                next_check = now + self.cfg.spool.takeover_interval
+                try:
+                    adopted, stopped = await anyio.to_thread.run_sync(self.spool.take_over)
+                except OSError as exc:
+                    log.warning("cannot check the other instances", error=str(exc))
+                    adopted, stopped = [], []
+                if ledger.shared is not None:
+                    ledger.shared.forget(stopped)
+                for claim in adopted:
+                    self._start_item(items, claim)
+                if adopted:
+                    self.cancels_pending = True  # a request may wait for one of them
+                    self.metrics.adopted.inc(len(adopted))
+                    log.warning("took over the items of stopped instances", adopted=len(adopted),
+                                instances=stopped)
+                    self._kick()
+                await anyio.to_thread.run_sync(self.monitor.count_peers)
+            await anyio.sleep(min(SHARED_REFRESH, max(0.0, next_check - anyio.current_time())))
 
     async def _process(self, item: Item) -> None:
         """Run an item; one kept in work/ by an error of convd's own is retried with backoff."""
@@ -163,6 +218,8 @@ class Daemon:
                 else:
                     await run_item(item, self.ctx)
             finally:
+                if self.ctx.items.get(name) is item:
+                    del self.ctx.items[name]  # finish_handoff does not unregister
                 if item.withdrawn is not None:
                     self.cancels_pending = True  # its request is settled now
                 self._kick()
@@ -215,10 +272,7 @@ class Daemon:
                 self.intake.forget(name)
                 if claim is not None:
                     log.info("claimed", item=name)
-                    item = Item(claim=claim, cfg=self.cfg)
-                    # Registered now so the claim limit counts it at once.
-                    self.ctx.items[name] = item
-                    items.start_soon(self._process, item)
+                    self._start_item(items, claim)
             with anyio.move_on_after(wait if wait is not None else 5.0):
                 await self.wake.wait()
 
@@ -239,7 +293,7 @@ class Daemon:
         item = self.ctx.items.get(name)
         if item is not None:
             try:
-                inode: int | None = os.lstat(item.claim.source).st_ino
+                inode: int | None = os.lstat(item.claim.dropped).st_ino
             except FileNotFoundError:
                 inode = None
             if req.matches(inode):

@@ -4,21 +4,21 @@ A running daemon withdraws what it holds, or claims from ``incoming/``, when
 it reads a cancel request (``convd.protocol``).  ``convd cancel`` writes that
 request and waits; where no daemon can act (the item is in ``incoming/`` and
 no daemon runs on the spool, or it sits in a stopped instance's ``work/``
-directory) it does the withdrawal itself, under that instance's lock, so no
-daemon starting meanwhile can take the item at the same time.
+directory) it does the withdrawal itself, holding that instance's ``.adopt``
+door and ``.lock`` as a survivor's take-over does, so no daemon starting or
+adopting meanwhile can take the item at the same time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from convd import protocol
+from convd import cluster, protocol
 from convd.config import Config
 from convd.errors import Cancelled
 from convd.pipeline.item import Item
@@ -70,19 +70,16 @@ def locate(cfg: Config, name: str) -> Where:
 
 @contextlib.contextmanager
 def _instance(cfg: Config, instance: str) -> Iterator[Spool | None]:
-    """That instance's spool under its lock, or None while a daemon holds it."""
+    """That instance's spool, held as :meth:`Spool.take_over` holds a peer (its
+    ``.adopt`` door, then its ``.lock``), or None while its daemon runs or
+    someone else is at the door (a daemon starting or adopting: ask again).
+
+    While held, no daemon starts on that instance and no survivor adopts its items.
+    """
     claims = cfg.spool.work / instance
     claims.mkdir(mode=0o750, exist_ok=True)
-    fd = os.open(claims / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield None
-            return
-        yield Spool(dataclasses.replace(cfg.spool, instance=instance))
-    finally:
-        os.close(fd)
+    with cluster.locked_instance(claims) as state:
+        yield Spool(dataclasses.replace(cfg.spool, instance=instance)) if state == "free" else None
 
 
 def _withdraw_here(cfg: Config, name: str, where: Where, reason: str) -> bool:
@@ -102,6 +99,8 @@ def _withdraw_here(cfg: Config, name: str, where: Where, reason: str) -> bool:
             claim = spool.claim(name)
             if claim is None:
                 return False  # gone meanwhile
+        elif not (spool.claims / name).is_dir():
+            return False  # adopted by a live daemon meanwhile: it reads the request
         else:
             claim = spool.load_claim(name)
         if claim.pending is not None:
@@ -110,7 +109,7 @@ def _withdraw_here(cfg: Config, name: str, where: Where, reason: str) -> bool:
             spool.complete_handoff(claim)
             spool.remove_claim(claim)
             return True
-        if not os.path.lexists(claim.source):
+        if not os.path.lexists(claim.dropped):
             spool.remove_claim(claim)
             return True
         reject(spool, Item(claim=claim, cfg=cfg), Cancelled(message(reason)))

@@ -119,7 +119,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if not os.path.lexists(args.src):
         print(f"convd: {args.src}: no such file", file=sys.stderr)
         return 1
-    logs.setup("console" if sys.stderr.isatty() else cfg.log.format, "warning")
+    # The outcome is the one `convd: CODE: message` line (or the record on
+    # stdout): log lines below error would repeat it or break the JSON.
+    logs.setup("console" if sys.stderr.isatty() else cfg.log.format, "error")
     try:
         rec = anyio.run(convert_one, cfg, Path(args.src), Path(args.dst), args.to)
     except ConfigError as exc:

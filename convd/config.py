@@ -27,6 +27,7 @@ from convd.errors import ConfigError
 
 __all__ = [
     "ALLOWED_SOURCE_FORMATS",
+    "CONTAINER_KINDS",
     "Config",
     "DEFAULT_CONFIG_PATH",
     "DetectConfig",
@@ -44,6 +45,8 @@ DEFAULT_CONFIG_PATH = "/etc/convd/convd.toml"
 TARGET_FORMATS = ("raw", "qcow2", "vmdk", "vdi", "vpc", "vhdx")
 # QED is not listed: the inspector bans it whatever the configuration says.
 ALLOWED_SOURCE_FORMATS = ("raw", "gpt", "iso", "qcow2", "vmdk", "vdi", "vpc", "vhdx")
+# Containers convd unpacks (an extension key, [convert] containers; see convd/containers.py).
+CONTAINER_KINDS = ("gzip", "xz", "zstd", "bzip2", "tar", "ova")
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -110,12 +113,15 @@ class SpoolConfig:
     # Names this daemon's claim directory under work/; several daemons on one
     # spool need distinct ones.  Defaults to the host name.
     instance: str = ""
+    # Seconds between checks of the other instances' locks (live take-over).
+    takeover_interval: float = 10.0
 
 
 @dataclass(frozen=True)
 class ConvertConfig:
     target_format: str = "raw"
     allowed_formats: tuple[str, ...] = ALLOWED_SOURCE_FORMATS
+    containers: tuple[str, ...] = CONTAINER_KINDS  # unpacked; any other is unsupported_format
     max_workers: int = 2
     timeout: float = 6 * 3600.0
     max_attempts: int = 3
@@ -144,7 +150,8 @@ class LimitsConfig:
 @dataclass(frozen=True)
 class WatchConfig:
     settle: float = 2.0
-    force_polling: bool = False
+    # None: chosen at start-up (polling on a shared filesystem, inotify otherwise).
+    force_polling: bool | None = None
     rescan_interval: float = 30.0
 
 
@@ -255,7 +262,10 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
         outgoing=path(s["outgoing"], "outgoing") if "outgoing" in s else root / "outgoing",
         failed=path(s["failed"], "failed") if "failed" in s else root / "failed",
         instance=instance,
+        takeover_interval=parse_duration(s.get("takeover_interval", SpoolConfig.takeover_interval),
+                                         "[spool] takeover_interval"),
     )
+    _positive("spool", "takeover_interval", spool.takeover_interval)
     dirs = [spool.incoming, spool.work, spool.outgoing, spool.failed]
     if len(set(dirs)) != 4:
         raise ConfigError("[spool]: incoming, work, outgoing and failed must be four different directories")
@@ -269,6 +279,10 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
             raise ConfigError(
                 f"[convert] allowed_formats: {fmt!r} is not one of {', '.join(ALLOWED_SOURCE_FORMATS)}"
             )
+    kinds = _str_list("convert", "containers", c.get("containers", list(d.containers)))
+    for kind in kinds:
+        if kind not in CONTAINER_KINDS:
+            raise ConfigError(f"[convert] containers: {kind!r} is not one of {', '.join(CONTAINER_KINDS)}")
     workers = _expect("convert", "max_workers", c.get("max_workers", d.max_workers), int, "an integer")
     if not 1 <= workers <= 256:
         raise ConfigError(f"[convert] max_workers: must be between 1 and 256, got {workers}")
@@ -290,7 +304,7 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
                 raise ConfigError(f"[convert] qemu_args.{fmt}: {a!r} is set by convd and cannot be overridden")
         qargs.append((fmt, args))
     convert = ConvertConfig(
-        target_format=target, allowed_formats=allowed, max_workers=workers, timeout=timeout,
+        target_format=target, allowed_formats=allowed, containers=kinds, max_workers=workers, timeout=timeout,
         max_attempts=attempts, retry_backoff=backoff, qemu_args=tuple(qargs),
     )
 
@@ -325,7 +339,7 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
     _positive("watch", "rescan_interval", rescan)
     watch = WatchConfig(
         settle=parse_duration(w.get("settle", wd.settle), "[watch] settle"),
-        force_polling=_expect("watch", "force_polling", w.get("force_polling", wd.force_polling), bool, "true or false"),
+        force_polling=_polling(w.get("force_polling", "auto")),
         rescan_interval=rescan,
     )
 
@@ -354,6 +368,13 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
 
     return Config(spool=spool, convert=convert, detect=detect, limits=limits, watch=watch,
                   checksum=checksum, log=log, metrics=metrics)
+
+
+def _polling(value: Any) -> bool | None:
+    """``[watch] force_polling``: true, false, or "auto" (the default) for None."""
+    if value == "auto":
+        return None
+    return _expect("watch", "force_polling", value, bool, 'true, false or "auto"')
 
 
 def load(path: str | os.PathLike[str]) -> Config:
@@ -385,6 +406,8 @@ def dump(cfg: Config) -> dict[str, Any]:
     """The effective configuration as plain data (for ``check-config``)."""
 
     def plain(v: Any) -> Any:
+        if v is None:
+            return "auto"  # the only None in the tree: [watch] force_polling
         if isinstance(v, Path):
             return str(v)
         if isinstance(v, tuple):

@@ -10,7 +10,10 @@ __all__ = ["Metrics"]
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """``spool_instance`` labels the build info (and names the daemon on a shared spool);
+    the label is not ``instance``, which Prometheus sets to the scrape target."""
+
+    def __init__(self, spool_instance: str = "") -> None:
         r = self.registry = CollectorRegistry()
         self.images = Counter("convd_images_total", "Images finished, by result", ["status"], registry=r)
         self.errors = Counter("convd_errors_total", "Rejected images, by error code", ["code"], registry=r)
@@ -32,8 +35,13 @@ class Metrics:
         self.reserved = Gauge("convd_workspace_reserved_bytes", "Workspace reserved by outputs", registry=r)
         self.free = Gauge("convd_workspace_available_bytes", "Workspace a new output may take", registry=r)
         self.fs_free = Gauge("convd_filesystem_free_bytes", "Free bytes on the spool filesystem", registry=r)
-        info = Gauge("convd_build_info", "Build information", ["version"], registry=r)
-        info.labels(version=__version__).set(1)
+        self.peers = Gauge("convd_spool_instances", "Daemon instances with a directory on the spool, by state "
+                           "(alive, stale, dead; by their heartbeats)", ["state"], registry=r)
+        self.peer_items = Gauge("convd_spool_instance_items", "Items held in work/<instance>/, per instance",
+                                ["spool_instance"], registry=r)
+        self.adopted = Counter("convd_adopted_total", "Items taken over from stopped instances", registry=r)
+        info = Gauge("convd_build_info", "Build information", ["version", "spool_instance"], registry=r)
+        info.labels(version=__version__, spool_instance=spool_instance).set(1)
         self._server = None
 
     def serve(self, host: str, port: int) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import anyio
 import structlog
 
 from convd import __version__, durable
+from convd.cluster import STATUS_FILE, instances
 from convd.config import Config
 from convd.metrics import Metrics
 from convd.pipeline.context import Context
@@ -21,12 +23,9 @@ from convd.pipeline.queue import Intake
 from convd.pipeline.spool import Spool
 from convd.sdnotify import Notifier
 
-__all__ = ["STATUS_FILE", "Monitor"]
+__all__ = ["Monitor"]
 
 log = structlog.get_logger("convd.daemon")
-
-# Under work/<instance>/: the snapshot `convd status` reads, refreshed every second.
-STATUS_FILE = ".status.json"
 
 
 class Monitor:
@@ -86,6 +85,7 @@ class Monitor:
             "version": __version__,
             "pid": os.getpid(),
             "instance": cfg.spool.instance,
+            "host": socket.gethostname(),
             "updated_at": time.time(),
             "started_at": self.started,
             "target_format": cfg.convert.target_format,
@@ -95,7 +95,7 @@ class Monitor:
                 {"name": i.name, "stage": i.stage.value, "progress": round(i.progress, 4),
                  "eta": None if i.eta() is None else round(i.eta() or 0, 1),
                  "source_format": i.source.get("format"), "virtual_size": i.source.get("virtual_size"),
-                 "reserved": i.reservation.size if i.reservation else 0,
+                 "reserved": sum(r.size for r in (i.reservation, i.unpack_reservation) if r is not None),
                  "attempts": i.claim.attempts, "elapsed": round(now - i.started, 3)}
                 for i in self.ctx.items.values()
             ],
@@ -109,13 +109,23 @@ class Monitor:
 
     def write_status(self) -> None:
         """Write the snapshot under ``work/<instance>/`` and refresh the gauges from it."""
-        if self.ctx is None:
-            return
-        snap = self.snapshot()
+        snap = self.refresh()
+        if snap is not None:
+            self.save(snap)
+
+    def save(self, snap: dict[str, Any]) -> None:
+        """Write ``snap`` to the status file; blocking (on a shared filesystem it can
+        wait seconds for another client's caps), so :meth:`run` calls it in a thread."""
         try:
             durable.write_json(self.spool.claims / STATUS_FILE, snap, replace=True, sync=False)
         except OSError as exc:
             log.warning("cannot write status snapshot", error=str(exc))
+
+    def refresh(self) -> dict[str, Any] | None:
+        """Take the snapshot (in the event loop, which owns the items) and refresh the gauges."""
+        if self.ctx is None:
+            return None
+        snap = self.snapshot()
         m = self.metrics
         m.queued.set(snap["queued"])
         stages = Counter(i["stage"] for i in snap["in_flight"])
@@ -128,13 +138,29 @@ class Monitor:
         m.reserved.set(snap["workspace"]["reserved"])
         m.free.set(snap["workspace"]["available"])
         m.fs_free.set(snap["workspace"]["filesystem_free"])
+        return snap
+
+    def count_peers(self) -> None:
+        """Refresh the per-instance gauges from the instances' status files (heartbeats only)."""
+        try:
+            insts = instances(self.spool.work, probe_locks=False)
+        except OSError as exc:
+            log.warning("cannot list the spool's instances", error=str(exc))
+            return
+        for state in ("alive", "stale", "dead"):
+            self.metrics.peers.labels(state=state).set(sum(1 for i in insts if i["state"] == state))
+        self.metrics.peer_items.clear()
+        for i in insts:
+            self.metrics.peer_items.labels(spool_instance=i["instance"]).set(len(i["items"]))
 
     async def run(self, interval: float = 1.0) -> None:
         """Every ``interval`` seconds (or the watchdog's, if shorter): snapshot, STATUS=, WATCHDOG=1."""
         wd = self.notifier.watchdog_interval
         last_status = ""
         while True:
-            self.write_status()
+            snap = self.refresh()
+            if snap is not None:
+                await anyio.to_thread.run_sync(self.save, snap)
             summary = self.summary()
             if summary != last_status:
                 self.notifier.status(summary)

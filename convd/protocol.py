@@ -3,7 +3,8 @@
 This is the on-disk protocol of contract sections 1, 2 and 6, for both sides:
 the daemon reads cancel requests with it, and Glance's plugin (in Glance's
 own process) uses it to hand images in and wait for their records.  It
-imports the standard library and :mod:`convd.durable` only, so it loads
+imports the standard library, :mod:`convd.durable` and :mod:`convd.cluster`
+only, so it loads
 wherever convd is installed, with or without the daemon's dependencies.
 
 Cancel requests (contract section 6, "through the spool alone"): a producer
@@ -27,7 +28,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
-import fcntl
 import json
 import os
 import secrets
@@ -39,11 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from convd import durable
+from convd import cluster, durable
 
 __all__ = [
     "CANCEL_PREFIX",
-    "STATUS_FILE",
     "CancelRequest",
     "DirWatch",
     "SpoolPaths",
@@ -58,9 +57,6 @@ __all__ = [
 ]
 
 CANCEL_PREFIX = ".convd-cancel."
-STATUS_FILE = ".status.json"
-# A status snapshot older than this is a stopped daemon's (they rewrite it every second).
-STATUS_FRESH = 30.0
 _IGNORED_SUFFIXES = (".part", ".tmp")
 
 
@@ -256,43 +252,26 @@ def clear_cancel_request(paths: SpoolPaths, name: str) -> None:
 # -- progress ----------------------------------------------------------------
 
 
-def _snapshots(paths: SpoolPaths, now: float) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(instance, snapshot)`` of each daemon that reported within ``STATUS_FRESH``.
-
-    The one place that knows where daemons report (``work/<instance>/.status.json``).
-    """
-    try:
-        instances = os.listdir(paths.work)
-    except OSError:
-        return
-    for inst in instances:
-        snap = _read_json(paths.work / inst / STATUS_FILE)
-        if snap and now - float(snap.get("updated_at") or 0) <= STATUS_FRESH:
-            yield inst, snap
-
-
 def daemons_running(paths: SpoolPaths) -> bool:
-    """Whether any daemon runs on this spool (holds its ``work/<instance>/.lock``).
+    """Whether a daemon may be running on this spool (holds its ``work/<instance>/.lock``).
 
     A running daemon reads cancel requests; with none, a request waits for
-    the next start.  The lock is probed shared and non-blocking, and let go
-    at once.
+    the next start.  Each lock is probed through its ``.adopt`` door
+    (:func:`convd.cluster.instance_lock_state`), so the probe never makes a
+    starting daemon refuse to start; a door held at that moment (a daemon
+    starting, or a peer adopting) counts as running.
     """
     try:
-        instances = os.listdir(paths.work)
+        entries = list(os.scandir(paths.work))
     except OSError:
         return False
-    for inst in instances:
-        try:
-            fd = os.open(paths.work / inst / ".lock", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
+    for e in entries:
+        if e.name.startswith(".") or not e.is_dir(follow_symlinks=False):
             continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not os.path.lexists(os.path.join(e.path, cluster.LOCK)):
+            continue  # never run: nothing to probe (and no lock file to create)
+        if cluster.instance_lock_state(Path(e.path)) != "free":
             return True
-        finally:
-            os.close(fd)
     return False
 
 
@@ -301,15 +280,16 @@ def item_progress(paths: SpoolPaths, name: str) -> dict[str, Any] | None:
 
     ``{"instance", "stage", "progress" (0..1), "source_format", "target_format"}``,
     or ``{"stage": "queued"}`` while it waits in ``incoming/``.  Several
-    daemons may share the spool: whichever holds the item answers.
+    daemons may share the spool: whichever holds the item answers (read from
+    :func:`convd.cluster.instances` by heartbeat only, no lock touched).
     """
-    for inst, snap in _snapshots(paths, time.time()):
-        for entry in snap.get("in_flight") or ():
+    for inst in cluster.instances(paths.work, probe_locks=False):
+        for entry in inst["in_flight"]:
             if entry.get("name") == name:
-                return {"instance": snap.get("instance", inst), "stage": entry.get("stage"),
+                return {"instance": inst["instance"], "stage": entry.get("stage"),
                         "progress": float(entry.get("progress") or 0.0),
                         "source_format": entry.get("source_format"),
-                        "target_format": snap.get("target_format")}
+                        "target_format": inst["target_format"]}
     with contextlib.suppress(OSError):
         if name in os.listdir(paths.incoming):
             return {"stage": "queued"}

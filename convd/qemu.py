@@ -26,6 +26,8 @@ from convd.errors import CorruptImage, StartupError, Timeout, TransientError
 
 __all__ = [
     "QemuResult",
+    "TARGET_OPTIONS",
+    "check",
     "check_tools",
     "convert",
     "convert_args",
@@ -33,10 +35,14 @@ __all__ = [
     "info",
     "measure",
     "qemu_img",
+    "reason",
     "terminate",
 ]
 
 _PROGRESS = re.compile(rb"\(\s*([0-9]+(?:\.[0-9]+)?)/100%\)")
+# qemu-img.c: a failed read of the source (or of its block status) is
+# "error while reading ..."; write failures say "error while writing".
+_SOURCE_UNREADABLE = re.compile(rb"error while reading")
 _KILL_GRACE = 3.0
 _setpriv = shutil.which("setpriv")
 _prlimit = shutil.which("prlimit")
@@ -58,22 +64,48 @@ def qemu_img() -> str:
     return path
 
 
+def reason(stderr: bytes, returncode: int, paths: dict[str, str]) -> str:
+    """qemu-img's own reason for a failure, with ``paths`` (e.g. work/… → NAME) replaced.
+
+    qemu reports errors as ``qemu-img: message`` lines and follows them with
+    hints (``To replay the log, run: qemu-img check -r all '…'``); the hints
+    name commands and paths meant for someone at the file, so only the
+    ``qemu-img:`` lines are kept.
+    """
+    text = stderr.decode(errors="replace")
+    for path, label in sorted(paths.items(), key=lambda kv: -len(kv[0])):
+        text = text.replace(path, label)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("qemu-img:")]
+    if errors:
+        return "; ".join(errors)
+    return lines[0] if lines else f"exit status {returncode}"
+
+
 @dataclass
 class QemuResult:
     returncode: int
     stdout: bytes
     stderr: bytes
+    paths: dict[str, str]
 
     @property
     def error_text(self) -> str:
-        text = self.stderr.decode(errors="replace").strip()
-        return text.splitlines()[-1] if text else f"exit status {self.returncode}"
+        return reason(self.stderr, self.returncode, self.paths)
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(address_space: int | None = None) -> dict[str, str]:
     # systemd's notify/watchdog variables are the daemon's alone.
-    return {k: v for k, v in os.environ.items()
-            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")}
+    if address_space:
+        # glibc reserves 64 MiB of address space per malloc arena, one per
+        # thread up to 8 × cores: under the address-space limit, qemu-img's
+        # worker threads then fail to start now and then ("qemu_thread_create:
+        # Resource temporarily unavailable", abort), and a healthy image
+        # would be rejected.  One arena is plenty for info/check/map.
+        env["MALLOC_ARENA_MAX"] = "1"
+    return env
 
 
 def _wrap(argv: list[str], cpu_time: float | None = None, address_space: int | None = None) -> list[str]:
@@ -113,7 +145,7 @@ async def _spawn(argv: list[str], **limits: Any) -> asyncio.subprocess.Process:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,  # our signals only: a terminal's Ctrl-C is the daemon's to handle
-        env=_child_env(),
+        env=_child_env(limits.get("address_space")),
     )
 
 
@@ -131,21 +163,30 @@ async def _supervised(proc: asyncio.subprocess.Process, timeout: float, what: st
         raise
 
 
-async def _run(argv: list[str], timeout: float, **limits: Any) -> QemuResult:
+async def _run(argv: list[str], timeout: float, *, name: str | None = None, **limits: Any) -> QemuResult:
     proc = await _spawn(argv, **limits)
     async with _supervised(proc, timeout, argv[1]):
         out, err = await proc.communicate()
-    return QemuResult(proc.returncode or 0, out, err)
+    path = argv[-1]
+    return QemuResult(proc.returncode or 0, out, err, {path: name or os.path.basename(path)})
 
 
-async def info(path: str, fmt: str, *, cpu_time: float, address_space: int) -> dict[str, Any]:
-    """``qemu-img info -f FMT --output=json`` under resource limits."""
+def _limited(res: QemuResult) -> bool:
+    return res.returncode < 0 or res.returncode in (128 + signal.SIGKILL, 128 + signal.SIGXCPU)
+
+
+async def info(path: str, fmt: str, *, cpu_time: float, address_space: int,
+               name: str | None = None) -> dict[str, Any]:
+    """``qemu-img info -f FMT --output=json`` under resource limits.
+
+    ``name`` stands for ``path`` in messages (the item's name, not its work/ path).
+    """
     res = await _run(
         [qemu_img(), "info", "-f", fmt, "--output=json", path],
-        timeout=cpu_time * 2 + 10, cpu_time=cpu_time, address_space=address_space,
+        timeout=cpu_time * 2 + 10, cpu_time=cpu_time, address_space=address_space, name=name,
     )
     if res.returncode != 0:
-        if res.returncode < 0 or res.returncode in (128 + signal.SIGKILL, 128 + signal.SIGXCPU):
+        if _limited(res):
             raise CorruptImage(f"qemu-img info as {fmt} hit its resource limits ({res.error_text})")
         raise CorruptImage(f"qemu-img cannot read it as {fmt}: {res.error_text}")
     try:
@@ -154,16 +195,39 @@ async def info(path: str, fmt: str, *, cpu_time: float, address_space: int) -> d
         raise CorruptImage(f"qemu-img info as {fmt} printed no JSON") from None
 
 
+async def check(path: str, fmt: str, *, limits: DetectConfig, name: str | None = None) -> dict[str, Any]:
+    """``qemu-img check -f FMT --output=json`` (read-only) under resource limits.
+
+    Returns qemu's report (``corruptions``, ``leaks``, ``check-errors``, …);
+    exit 2 (corruptions) and 3 (leaks only) are reports, not failures.
+    Raises ``CorruptImage`` when qemu-img cannot check the image at all.
+    """
+    res = await _run([qemu_img(), "check", "-f", fmt, "--output=json", path], timeout=600,
+                     name=name, **_estimate_limits(limits))
+    if _limited(res):
+        raise CorruptImage(f"qemu-img check as {fmt} hit its resource limits ({res.error_text})")
+    try:
+        report = json.loads(res.stdout)
+    except ValueError:
+        raise CorruptImage(f"qemu-img check as {fmt}: {res.error_text}") from None
+    if res.returncode not in (0, 2, 3) and not report.get("check-errors"):
+        raise CorruptImage(f"qemu-img check as {fmt}: {res.error_text}")
+    first = next((ln.strip() for ln in res.stderr.decode(errors="replace").splitlines() if ln.strip()), "")
+    report["first_error"] = first.replace(path, name or os.path.basename(path))
+    return report
+
+
 def _estimate_limits(limits: DetectConfig) -> dict[str, Any]:
     # A crafted image can make map's JSON huge: the same memory cap as info,
     # and ten times its CPU (a big, honest image has many extents).
     return {"cpu_time": limits.cpu_time * 10, "address_space": limits.address_space}
 
 
-async def data_bytes(path: str, fmt: str, block: int, *, limits: DetectConfig) -> int:
+async def data_bytes(path: str, fmt: str, block: int, *, limits: DetectConfig,
+                     name: str | None = None) -> int:
     """Bytes a sparse raw copy needs: data extents, each rounded out to ``block``."""
     res = await _run([qemu_img(), "map", "--output=json", "-f", fmt, path], timeout=600,
-                     **_estimate_limits(limits))
+                     name=name, **_estimate_limits(limits))
     if res.returncode != 0:
         raise CorruptImage(f"qemu-img map as {fmt}: {res.error_text}")
     total = 0
@@ -175,11 +239,12 @@ async def data_bytes(path: str, fmt: str, block: int, *, limits: DetectConfig) -
     return total
 
 
-async def measure(path: str, fmt: str, target: str, *, limits: DetectConfig) -> int:
+async def measure(path: str, fmt: str, target: str, *, limits: DetectConfig,
+                  name: str | None = None) -> int:
     """``qemu-img measure`` required size for a ``target`` image of this source."""
     res = await _run(
         [qemu_img(), "measure", "--output=json", "-f", fmt, "-O", target, path], timeout=600,
-        **_estimate_limits(limits),
+        name=name, **_estimate_limits(limits),
     )
     if res.returncode != 0:
         raise CorruptImage(f"qemu-img measure as {fmt}: {res.error_text}")
@@ -196,6 +261,11 @@ _TUNED: dict[tuple[str, str], tuple[str, ...]] = {
     ("vmdk", "qcow2"): ("-W",),
 }
 _DIRECT_TARGETS = ("raw", "qcow2")
+# What a target needs so that the output keeps the source's virtual size
+# exactly; not tuning, so added whatever [convert] qemu_args says.  vpc
+# otherwise rounds the size up to a CHS geometry (block/vpc.c, and Azure
+# refuses such disks); the other targets keep it (tests/test_integrity.py).
+TARGET_OPTIONS: dict[str, tuple[str, ...]] = {"vpc": ("-o", "force_size=on")}
 
 
 def convert_args(src_fmt: str, dst_fmt: str, override: Sequence[str] | None, *,
@@ -215,9 +285,18 @@ async def convert(
     extra_args: Sequence[str], timeout: float,
     on_progress: Callable[[float], None] | None = None,
     on_start: Callable[[asyncio.subprocess.Process], None] | None = None,
+    name: str | None = None,
 ) -> None:
-    """Run one ``qemu-img convert``; raise ``TransientError`` on a non-zero exit."""
-    argv = [qemu_img(), "convert", "-p", "-f", src_fmt, "-O", dst_fmt, *extra_args, src, dst]
+    """Run one ``qemu-img convert``.
+
+    Raises ``CorruptImage`` when qemu-img cannot read the source (a damaged
+    compressed grain, say: it fails the same way every time) and
+    ``TransientError`` for the rest (ENOSPC or EIO writing the output, a
+    killed child), which may pass on retry.  ``name`` stands for ``src`` in
+    messages.
+    """
+    argv = [qemu_img(), "convert", "-p", "-f", src_fmt, "-O", dst_fmt, *extra_args,
+            *TARGET_OPTIONS.get(dst_fmt, ()), src, dst]
     proc = await _spawn(argv)
     if on_start:
         on_start(proc)
@@ -234,8 +313,9 @@ async def convert(
     async with _supervised(proc, timeout, "convert"):
         _, err, _ = await asyncio.gather(progress(), proc.stderr.read(), proc.wait())
     if proc.returncode != 0:
-        text = err.decode(errors="replace").strip()
-        last = text.splitlines()[-1] if text else ""
+        why = reason(err, proc.returncode, {src: name or os.path.basename(src), dst: "the output"})
         if proc.returncode < 0:
-            raise TransientError(f"qemu-img convert killed by signal {-proc.returncode} {last}".strip())
-        raise TransientError(f"qemu-img convert exited {proc.returncode}: {last}")
+            raise TransientError(f"qemu-img convert killed by signal {-proc.returncode}")
+        if _SOURCE_UNREADABLE.search(err):
+            raise CorruptImage(f"qemu-img convert cannot read the source: {why}")
+        raise TransientError(f"qemu-img convert exited {proc.returncode}: {why}")

@@ -23,7 +23,7 @@ def build(item: Item, status: str, *, target: dict[str, Any] | None = None,
         "schema": SCHEMA,
         "name": item.name,
         "status": status,
-        "source": dict(item.source),
+        "source": {**item.source, **(item.container or {})},
     }
     if error is not None:
         rec["error"] = {"code": error.code, "message": error.message}

@@ -23,7 +23,7 @@ from convd.pipeline.context import Context
 from convd.pipeline.item import Item
 from convd.pipeline.ledger import Ledger, StatvfsSpace
 from convd.pipeline.runner import run_item
-from convd.pipeline.spool import OUTPUT, SOURCE, Claim
+from convd.pipeline.spool import OUTPUT, SOURCE, UNPACKED, Claim
 
 __all__ = ["convert_one"]
 
@@ -43,8 +43,8 @@ class SingleFileSpool:
         except FileNotFoundError:
             pass
 
-    def output_taken(self, name: str) -> bool:
-        return os.path.lexists(self.dst)
+    def output_taken(self, name: str) -> str | None:
+        return str(self.dst) if os.path.lexists(self.dst) else None
 
     def free_failed_name(self, name: str) -> str:
         return name
@@ -64,7 +64,8 @@ class SingleFileSpool:
         if p["payload"] == SOURCE:  # passthrough: the user's file is not ours to move
             shutil.copyfile(claim.source, claim.output)
             durable.fsync_file(claim.output)
-        durable.move(claim.dir / OUTPUT, self.dst)
+        # A passthrough of a disk unpacked from a container: that file is ours.
+        durable.move(claim.dir / (UNPACKED if p["payload"] == UNPACKED else OUTPUT), self.dst)
 
     def remove_claim(self, claim: Claim) -> None:
         durable.remove_tree(claim.dir)

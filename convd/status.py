@@ -1,4 +1,10 @@
-"""``convd status``: read the daemon's snapshot and the spool, render for people or scripts."""
+"""``convd status``: read the daemon's snapshot and the spool, render for people or scripts.
+
+On a spool shared by several daemons it also shows every instance under
+``work/`` (see :func:`convd.cluster.instances`, which the Glance plugin
+reads too): whether it runs, what it holds, so an operator can tell which
+node has an item.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +13,27 @@ import os
 import time
 from typing import Any
 
+from convd.cluster import HEARTBEAT_STALE, STATUS_FILE, instances
 from convd.config import Config, format_size
 from convd.pipeline.spool import is_candidate_name
 
-__all__ = ["read_status", "render"]
+__all__ = ["HEARTBEAT_STALE", "instances", "locate", "read_status", "render"]
+
+
+def locate(cfg: Config, name: str, insts: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """Where item ``name`` is: ``{"where": "incoming" | "work" | "outgoing" | "failed",
+    "instance": ..., "state": ...}`` (instance and state only in work/), or None."""
+    sp = cfg.spool
+    if os.path.lexists(sp.outgoing / f"{name}.json"):
+        return {"where": "outgoing"}
+    if os.path.lexists(sp.failed / f"{name}.json"):
+        return {"where": "failed"}
+    for inst in instances(sp.work) if insts is None else insts:
+        if name in inst["items"]:
+            return {"where": "work", "instance": inst["instance"], "state": inst["state"]}
+    if os.path.lexists(sp.incoming / name):
+        return {"where": "incoming"}
+    return None
 
 
 def _count(path: os.PathLike[str] | str, records: bool = False) -> int | None:
@@ -28,7 +51,7 @@ def _count(path: os.PathLike[str] | str, records: bool = False) -> int | None:
 def read_status(cfg: Config) -> dict[str, Any]:
     """The daemon's snapshot (if one is running) plus what the spool directories hold."""
     sp = cfg.spool
-    snap_path = sp.work / sp.instance / ".status.json"
+    snap_path = sp.work / sp.instance / STATUS_FILE
     error = None
     try:
         snap = json.loads(snap_path.read_bytes())
@@ -50,6 +73,7 @@ def read_status(cfg: Config) -> dict[str, Any]:
         "error": error,
         "running": running,
         "daemon": snap,
+        "instances": instances(sp.work),
         "spool": {
             "root": str(sp.root),
             "incoming": _count(sp.incoming),
@@ -74,7 +98,23 @@ def render(st: dict[str, Any], now: float) -> str:
     d = st.get("daemon")
     if not st["running"] or not d:
         lines.append("daemon: not running" + (" (stale snapshot)" if d else ""))
-        return "\n".join(lines)
+    else:
+        lines += _render_daemon(d, now)
+    insts = st.get("instances") or []
+    own = d.get("instance") if d else None
+    if any(i["instance"] != own for i in insts):
+        lines.append("instances on this spool:")
+        for i in insts:
+            where = f"{i['host'] or '?'} pid {i['pid'] or '?'}"
+            beat = "" if i["heartbeat_age"] is None else f", heartbeat {i['heartbeat_age']:.0f} s ago"
+            held = f", holds {len(i['items'])}: {', '.join(i['items'][:8])}" + (" …" if len(i["items"]) > 8 else "") \
+                if i["items"] else ""
+            lines.append(f"  {i['instance']:<20} {i['state']:<5}  {where}{beat}{held}")
+    return "\n".join(lines)
+
+
+def _render_daemon(d: dict[str, Any], now: float) -> list[str]:
+    lines = []
     c = d["counters"]
     lines.append(f"daemon: pid {d['pid']}, instance {d['instance']}, up {now - d['started_at']:.0f} s, "
                  f"target {d['target_format']}, {d['max_workers']} workers")
@@ -90,4 +130,4 @@ def render(st: dict[str, Any], now: float) -> str:
                      f"{eta}  {i.get('source_format') or '?'}")
     if d.get("stuck"):
         lines.append(f"stuck (internal error, retried with backoff): {', '.join(d['stuck'])}")
-    return "\n".join(lines)
+    return lines

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
+import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from conftest import MiB, Daemon, Spool, convd_bin, make_image, run, wait_for, write_config
 
 from convd import protocol
+from convd.config import SpoolConfig
+from convd.pipeline.spool import Spool as SpoolOf
 
 # qemu-img convert -r: a conversion of a few seconds, long enough to cancel in.
 SLOW = {"convert.qemu_args": {"qcow2": ["-r", "8M"]}}
@@ -188,3 +195,80 @@ def test_a_cancel_request_made_while_convd_is_stopped_is_honoured_at_the_next_st
     spool.wait_record("later")
     time.sleep(0.5)
     assert_cancelled(spool, "later", src.read_bytes())
+
+
+def test_cancel_while_unpacking_stops_the_unpack_and_keeps_the_container(
+        tmp_path: Path, spool: Spool, daemon_factory: Callable[..., Daemon]) -> None:
+    # 256 gzip members of 64 MiB of zeros each: a 16 MiB file that takes
+    # seconds to unpack (to a 16 GiB sparse raw), made in a blink.
+    member = gzip.compress(bytes(64 * MiB), compresslevel=9)
+    packed = tmp_path / "packed.gz"
+    with open(packed, "wb") as f:
+        for _ in range(256):
+            f.write(member)
+    d = daemon_factory(write_config(tmp_path))
+    spool.drop(packed, "packed")
+    wait_for(lambda: stage_of(spool, "packed") == "unpack", what="the status to show the unpack")
+    rc, out = cancel(d.config, "packed")
+    assert rc == 0, out
+    assert_cancelled(spool, "packed", packed.read_bytes())  # the container as dropped
+    assert spool.record("packed")["source"].get("container") == ["gzip"]
+    assert not [p for p in spool.work.rglob("*") if p.name == "unpacked"]
+    wait_for(lambda: _status(spool)["workspace"]["reserved"] == 0, what="the unpack's reservation to be freed")
+    assert d.proc.poll() is None
+
+
+def _status(spool: Spool) -> dict:
+    try:
+        return json.loads((spool.work / "test" / ".status.json").read_bytes())
+    except (FileNotFoundError, ValueError):
+        return {"workspace": {"reserved": None}}
+
+
+@pytest.mark.parametrize("takeover_interval", [1, 60])
+def test_cancel_of_a_stopped_instance_item_while_another_daemon_runs_handles_each_once(
+        tmp_path: Path, daemon_factory: Callable[..., Daemon], takeover_interval: int) -> None:
+    # alpha's items are left in work/alpha/ (its daemon gone) while beta runs.
+    # Each `convd cancel` races beta's take-over: whichever gets
+    # work/alpha/.adopt first handles the item (the command rejects it from
+    # there, or beta adopts it and honours the request), and every item ends
+    # in failed/ exactly once, as cancelled.  Checking every second, beta
+    # mostly adopts first; checking every minute (its start-up check saw
+    # nothing), the commands reject them from work/alpha/ beside it.
+    root = tmp_path / "spool"
+    configs = {}
+    for inst in ("alpha", "beta"):
+        (tmp_path / inst).mkdir()
+        configs[inst] = write_config(tmp_path / inst, spool={"root": str(root), "instance": inst,
+                                                             "takeover_interval": takeover_interval}, **SLOW)
+    spool = Spool(root)
+    sp = SpoolOf(SpoolConfig(root=root, incoming=spool.incoming, work=spool.work, outgoing=spool.outgoing,
+                             failed=spool.failed, instance="alpha"))
+    sp.prepare()
+    sp.close()  # alpha "dies": its lock is free; its items are put in place below
+    names = [f"orphan{i}" for i in range(4)]
+    originals = {}
+    for name in names:
+        src = data_qcow2(tmp_path / f"{name}.qcow2", data=32 * MiB)  # about 4 s to convert under -r 8M
+        originals[name] = src.read_bytes()
+        staged = spool.work / "alpha" / f".{name}.new"  # a dot-name: no one's item until renamed
+        staged.mkdir()
+        shutil.copyfile(src, staged / "source")
+    beta = daemon_factory(configs["beta"])
+    for name in names:
+        os.rename(spool.work / "alpha" / f".{name}.new", spool.work / "alpha" / name)
+    procs = [subprocess.Popen([convd_bin(), "cancel", n, "-c", str(configs["beta"])], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for n in names]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out
+    for name in names:
+        assert_cancelled(spool, name, originals[name])
+        assert not list(spool.failed.glob(f"{name}.1*"))  # never rejected twice
+        assert not (spool.work / "alpha" / name).exists() and not (spool.work / "beta" / name).exists()
+    assert beta.proc.poll() is None
+    assert not [e for e in beta.events() if e.get("level") in ("error", "critical")]
+    assert not any(e.get("event") == "converted" for e in beta.events())
+    adopted = [e for e in beta.events() if e.get("event") == "adopted an item of a stopped instance"]
+    if takeover_interval == 60:
+        assert adopted == []

@@ -162,7 +162,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_publishes_each_image_once(
     junk = pristine / "junk.qcow2"
     junk.write_bytes(b"QFI\xfb" + bytes(range(256)) * 4096)  # qcow2 magic, nonsense header
     rejects = {"bad-backing": (CORPUS / "qcow-with-backing.qcow2", "unsafe_image"),
-               "bad-junk": (junk, "unsafe_image")}
+               "bad-junk": (junk, "corrupt_image")}  # no valid qcow2 header (issue 9, kind 8)
     sources = {name: src for name, (src, _) in (images | rejects).items()}
     # ~0.5-3 s per conversion: long enough for kills to land inside one, and
     # for a backlog to build up while images keep arriving.

@@ -24,13 +24,17 @@ def test_output_hiding_a_qcow2_inside_is_rejected_and_source_kept(tmp_path, spoo
     assert not (spool.outgoing / "outer.qcow2").exists()
 
 
-def test_inspector_and_qemu_disagreeing_is_format_mismatch(tmp_path, spool, daemon_factory):
+def test_fixed_vhd_footer_claiming_more_than_the_file_holds_is_corrupt(tmp_path, spool, daemon_factory):
+    # (This file was once the format_mismatch example: the inspector read
+    # current_size, qemu the CHS geometry.  convd now applies qemu's own
+    # rule, so the only fault left is the real one: data the file lacks.)
     vhd = tmp_path / "lying.vhd"
     run("qemu-img", "create", "-f", "vpc", "-o", "subformat=fixed", vhd, "10M")
     size = vhd.stat().st_size
-    with open(vhd, "r+b") as fh:  # claim 20 MiB in the footer, checksum fixed up
+    with open(vhd, "r+b") as fh:  # a Hyper-V footer (current_size rules) claiming 20 MiB
         fh.seek(size - 512)
         foot = bytearray(fh.read(512))
+        foot[28:32] = b"win "
         struct.pack_into(">Q", foot, 48, 20 * MiB)
         struct.pack_into(">I", foot, 64, 0)
         struct.pack_into(">I", foot, 64, ~sum(foot) & 0xFFFFFFFF)
@@ -39,7 +43,8 @@ def test_inspector_and_qemu_disagreeing_is_format_mismatch(tmp_path, spool, daem
     daemon_factory(write_config(tmp_path))
     spool.drop(vhd)
     rec = spool.wait_record("lying.vhd")
-    assert rec["error"]["code"] == "format_mismatch", rec
+    assert rec["error"]["code"] == "corrupt_image", rec
+    assert "past the end of the file" in rec["error"]["message"]
     assert rec["source"]["format"] == "vpc"
 
 

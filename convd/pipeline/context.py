@@ -47,9 +47,10 @@ class Context:
     stop: threading.Event = field(default_factory=threading.Event)
 
     def release(self, item: Item) -> None:
-        if item.reservation is not None:
-            self.ledger.release(item.name)
-            item.reservation = None
+        for r in (item.reservation, item.unpack_reservation):
+            if r is not None:
+                self.ledger.release(r.key)
+        item.reservation = item.unpack_reservation = None
 
     def published(self, item: Item, rec: dict[str, Any]) -> None:
         if rec["status"] == "converted":

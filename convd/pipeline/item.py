@@ -22,6 +22,7 @@ __all__ = ["CANCELLABLE", "Item", "Stage"]
 
 
 class Stage(str, enum.Enum):
+    UNPACK = "unpack"
     DETECT = "detect"
     RESERVE = "reserve"
     CONVERT = "convert"
@@ -31,19 +32,23 @@ class Stage(str, enum.Enum):
 
 
 # Stages an item can be cancelled in: nothing of it is published yet.
-CANCELLABLE = frozenset({Stage.DETECT, Stage.RESERVE, Stage.CONVERT})
+CANCELLABLE = frozenset({Stage.UNPACK, Stage.DETECT, Stage.RESERVE, Stage.CONVERT})
 
 
 @dataclass
 class Item:
     claim: Claim
     cfg: Config  # the config in force when it was claimed (SIGHUP applies to later items)
-    stage: Stage = Stage.DETECT
+    stage: Stage = Stage.UNPACK
     inspection: Inspection | None = None
     source: dict[str, Any] = field(default_factory=dict)
+    # What unpacking a container learnt ({"container": [...], "member": ..., "size":
+    # the dropped file's}); it overrides ``source``'s keys in the record.
+    container: dict[str, Any] | None = None
     passthrough: bool = False
     estimate: int = 0
     reservation: Reservation | None = None
+    unpack_reservation: Reservation | None = None  # the unpacked disk's bytes, until the item ends
     progress: float = 0.0
     started: float = field(default_factory=time.monotonic)
     convert_started: float | None = None
@@ -82,6 +87,12 @@ class Item:
     @property
     def name(self) -> str:
         return self.claim.name
+
+    @property
+    def label(self) -> str:
+        """How messages name the source: the item's name, or for ``convd convert``
+        the user's own path (never a path inside work/)."""
+        return str(self.claim.source_path) if self.claim.source_path is not None else self.name
 
     @property
     def target_format(self) -> str:

@@ -4,10 +4,18 @@ A file renamed in is ready at once.  A file written in place is ready only
 when no process holds it open for writing (a read lease is refused while a
 writer has it open; ``/proc/*/fd`` where leases are not allowed) and its
 size and mtime have been still for ``settle`` seconds.
+
+On a shared filesystem (NFS, CephFS, GlusterFS, …) the writer check is only
+a hint: a lease sees this host's openers at most, and NFSv4 refuses one
+whenever the client holds no read delegation, which on a server granting
+none is forever.  There a refused lease that ``/proc`` cannot confirm makes
+the file wait ``settle`` like one written in place, never longer; producers
+must rename in (documented), and ``settle`` guards the rest.
 """
 
 from __future__ import annotations
 
+import enum
 import errno
 import fcntl
 import os
@@ -18,7 +26,7 @@ from pathlib import Path
 
 import structlog
 
-__all__ = ["Candidate", "Intake", "has_writer"]
+__all__ = ["Candidate", "Intake", "Writer", "has_writer", "writer_state"]
 
 log = structlog.get_logger("convd.intake")
 
@@ -39,33 +47,55 @@ def _proc_writers(path: Path) -> bool:
                 if os.readlink(f"{fd_dir}/{fd}") != target:
                     continue
                 with open(f"/proc/{pid}/fdinfo/{fd}") as fh:
-                    flags = int(fh.readline().split()[1], 8)
-            except (OSError, ValueError, IndexError):
+                    # "pos:" comes first; the open flags are on the "flags:" line, in octal.
+                    flags = next(int(line.split()[1], 8) for line in fh if line.startswith("flags:"))
+            except (OSError, ValueError, IndexError, StopIteration):
                 continue
             if flags & (os.O_WRONLY | os.O_RDWR):
                 return True
     return False
 
 
-def has_writer(path: Path) -> bool:
-    """True while some process holds ``path`` open for writing."""
+class Writer(enum.Enum):
+    """What the writer check learnt of a file."""
+
+    NONE = "none"  # nobody (that this host can see) has it open for writing
+    OPEN = "open"  # a process on this host has it open for writing
+    UNSURE = "unsure"  # the lease was refused and nothing here explains why (NFSv4)
+
+
+def writer_state(path: Path, *, shared: bool = False) -> Writer:
+    """Whether some process holds ``path`` open for writing.
+
+    A read lease (``F_SETLEASE``) is refused while a writer has the file
+    open.  On a local filesystem a refusal is the answer; on a shared one
+    (``shared``) it may only mean the NFSv4 client holds no delegation, so
+    ``/proc`` decides, and where it finds no writer the answer is UNSURE.
+    """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        return False  # gone, or not ours to open: the claim will find out
+        return Writer.NONE  # gone, or not ours to open: the claim will find out
     try:
         try:
             fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EBUSY):
-                return True
-            # EACCES (not our file and no CAP_LEASE), EINVAL (NFS and other
+                if not shared:
+                    return Writer.OPEN
+                return Writer.OPEN if _proc_writers(path) else Writer.UNSURE
+            # EACCES (not our file and no CAP_LEASE), EINVAL (NFSv3 and other
             # filesystems without leases): look for writers the slow way.
-            return _proc_writers(path)
+            return Writer.OPEN if _proc_writers(path) else Writer.NONE
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-        return False
+        return Writer.NONE
     finally:
         os.close(fd)
+
+
+def has_writer(path: Path) -> bool:
+    """True while some process holds ``path`` open for writing (local filesystems)."""
+    return writer_state(path) is Writer.OPEN
 
 
 @dataclass
@@ -79,9 +109,11 @@ class Candidate:
 
 
 class Intake:
-    def __init__(self, incoming: Path, settle: float) -> None:
+    def __init__(self, incoming: Path, settle: float, *, shared: bool = False) -> None:
+        """``shared``: ``incoming/`` is on a filesystem other hosts write to (see the module docstring)."""
         self.incoming = incoming
         self.settle = settle
+        self.shared = shared
         self.pending: dict[str, Candidate] = {}
 
     def __len__(self) -> int:
@@ -149,15 +181,30 @@ class Intake:
                 if c.size >= 0:
                     c.in_place = True  # it changed under our eyes
                 c.size, c.mtime_ns, c.still_since = st.st_size, st.st_mtime_ns, now
-            if has_writer(path):
-                c.in_place, c.still_since = True, now
-                retry = max(self.settle, 0.2)
-                wait = retry if wait is None else min(wait, retry)
+            # Settle first: a file still settling waits anyway, and the writer
+            # check (a lease, maybe a /proc scan) is asked only of a file
+            # that could go now.
+            if c.in_place and self._settling(c, now):
+                wait = self._sooner(wait, c.still_since + self.settle - now)
                 continue
-            if c.in_place:
-                left = c.still_since + self.settle - now
-                if left > 0:
-                    wait = left if wait is None else min(wait, left)
+            writer = writer_state(path, shared=self.shared)
+            if writer is Writer.OPEN:
+                c.in_place, c.still_since = True, now
+                wait = self._sooner(wait, max(self.settle, 0.2))
+                continue
+            if writer is Writer.UNSURE and not c.in_place:
+                # Only settle can vouch for it now: it waits as if written
+                # in place, measured from when it last changed, never longer.
+                c.in_place = True
+                if self._settling(c, now):
+                    wait = self._sooner(wait, c.still_since + self.settle - now)
                     continue
             out.append(name)
         return out, wait
+
+    def _settling(self, c: Candidate, now: float) -> bool:
+        return c.still_since + self.settle - now > 0
+
+    @staticmethod
+    def _sooner(wait: float | None, t: float) -> float:
+        return t if wait is None else min(wait, t)

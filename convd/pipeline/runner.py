@@ -13,13 +13,14 @@ import structlog
 from convd.errors import Cancelled, ConvertFailed, ItemError, NameConflict, Stopped, TransientError
 from convd.pipeline.context import Context
 from convd.pipeline.item import CANCELLABLE, Item, Stage
-from convd.stages import cleanup, convert, detect, publish, quarantine, reserve
+from convd.stages import cleanup, convert, detect, publish, quarantine, reserve, unpack
 
 __all__ = ["finish_handoff", "run_item"]
 
 log = structlog.get_logger("convd.runner")
 
 STAGES: dict[Stage, Callable[[Item, Context], Awaitable[Stage]]] = {
+    Stage.UNPACK: unpack,
     Stage.DETECT: detect,
     Stage.RESERVE: reserve,
     Stage.CONVERT: convert,
@@ -70,7 +71,8 @@ async def run_item(item: Item, ctx: Context) -> None:
                 log.warning("convert failed, retrying", error=str(exc), attempt=attempts,
                             retry_in=round(delay, 1))
                 ctx.on_retry(item, str(exc))
-                item.stage = Stage.RESERVE
+                # The discard took an unpacked disk with it: unpack again.
+                item.stage = Stage.UNPACK if item.container else Stage.RESERVE
                 with _cancellable(item):
                     await anyio.sleep(delay)
                 continue

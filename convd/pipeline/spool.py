@@ -5,6 +5,8 @@ Layout under ``work/``: one claim directory per daemon instance
 one), and in it one directory per item (``work/<instance>/<NAME>/``) holding
 
 * ``source``       the original bytes, until the result is durable;
+* ``unpacked``     the disk unpacked from a container (gzip, xz, tar, OVA, …),
+                   when ``source`` is one; rewritten from ``source`` after a crash;
 * ``output``       qemu-img's output while it is being written;
 * ``item.json``    attempts so far;
 * ``record.json``  the final record and destination, written durably just
@@ -12,14 +14,23 @@ one), and in it one directory per item (``work/<instance>/<NAME>/``) holding
 
 An item's stage can be read off its files: no ``record.json`` means it is
 converted (again) from ``source``; with one, only the handoff remains.
+
+Take-over: each ``work/<instance>/`` has two lock files.  ``.lock`` is held
+(``flock``, exclusive) by its daemon for as long as it runs.  ``.adopt`` is
+the door to it: whoever wants to look at ``.lock`` (a survivor checking
+whether the instance is alive, ``convd status``, or the owner itself at
+start-up) takes ``.adopt`` first.  A survivor that finds ``.lock`` free
+keeps both while it moves the items into its own directory, so exactly one
+survivor adopts them, and an owner starting meanwhile waits at the door
+(``ADOPT_WAIT``) instead of taking a prober's brief hold for a running twin.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +40,7 @@ from typing import Any
 import structlog
 
 from convd import durable
+from convd.cluster import ADOPT, LOCK, instance_lock_state, try_flock
 from convd.config import SpoolConfig
 from convd.errors import ConfigError
 
@@ -36,19 +48,23 @@ __all__ = [
     "IGNORED_SUFFIXES",
     "Claim",
     "Spool",
+    "instance_lock_state",
     "is_candidate_name",
     "name_fits",
+    "name_refused",
 ]
 
 log = structlog.get_logger("convd.spool")
 
 IGNORED_SUFFIXES = (".part", ".tmp")
 SOURCE, OUTPUT, ITEM, RECORD = "source", "output", "item.json", "record.json"
-# Attempts, 0.1 s apart, to take the instance lock at start-up.
-LOCK_TRIES = 10
+UNPACKED = "unpacked"
 # Another instance's temp in outgoing/ or failed/ older than this is abandoned.
 STALE_TEMP_AGE = 3600.0
 
+# How long a starting daemon waits while a peer holds its door (a liveness
+# probe takes milliseconds; adopting many items on a slow filesystem, longer).
+ADOPT_WAIT = 60.0
 
 # NAME.json and failed/NAME.N.json must fit in NAME_MAX (255 bytes).
 MAX_NAME_BYTES = 255 - len(".json") - len(".999")
@@ -59,9 +75,28 @@ def is_candidate_name(name: str) -> bool:
     return bool(name) and not name.startswith(".") and not name.endswith(IGNORED_SUFFIXES)
 
 
+def _is_item(entry: os.DirEntry[str]) -> bool:
+    return not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False)
+
+
 def name_fits(name: str) -> bool:
     """Whether a record can be written beside this name (longer ones wait, logged)."""
     return len(os.fsencode(name)) <= MAX_NAME_BYTES
+
+
+def name_refused(name: str) -> str | None:
+    """Why a name dropped in ``incoming/`` can never be an input (it waits there, logged), or None.
+
+    ``NAME.json`` is refused: published or rejected, its bytes would take the
+    name of the record of an input called ``NAME`` (in ``outgoing/`` or
+    ``failed/``), and a consumer waiting for that record could read an
+    image as it.  No rename into ``failed/`` avoids that, so it stays put.
+    """
+    if not name_fits(name):
+        return f"longer than {MAX_NAME_BYTES} bytes: no record name would fit"
+    if name.endswith(".json"):
+        return "NAME.json would take the name of another input's record (rename it, e.g. to NAME.json.img)"
+    return None
 
 
 @dataclass
@@ -73,10 +108,22 @@ class Claim:
     attempts: int = 0
     pending: dict[str, Any] | None = None  # record.json, when only the handoff is left
     source_path: Path | None = None  # `convd convert`: the user's file, left where it is
+    unpacked: Path | None = None  # the disk unpacked from a container source, once written
+
+    @property
+    def dropped(self) -> Path:
+        """The file as it was dropped (the bytes ``failed/`` keeps)."""
+        return self.source_path or self.dir / SOURCE
 
     @property
     def source(self) -> Path:
-        return self.source_path or self.dir / SOURCE
+        """The disk the stages read: the unpacked one when the drop was a container."""
+        return self.unpacked or self.dropped
+
+    @property
+    def source_payload(self) -> str:
+        """The file a passthrough publishes."""
+        return UNPACKED if self.unpacked else SOURCE
 
     @property
     def output(self) -> Path:
@@ -90,6 +137,10 @@ class Spool:
         self.work = cfg.work
         self.claims = cfg.work / cfg.instance
         self._lock_fd: int | None = None
+        # claim() and take_over() both make entries in claims/: never at once
+        # (they run in worker threads), so an adopted item never lands on the
+        # directory of a claim being made.
+        self._claims_guard = threading.Lock()
 
     # -- start-up --------------------------------------------------------
 
@@ -104,22 +155,34 @@ class Spool:
         if len(set(devs.values())) != 1:
             listing = ", ".join(f"{d} (device {dev})" for d, dev in devs.items())
             raise ConfigError(f"[spool]: all spool directories must be on one filesystem; got {listing}")
-        fd = os.open(self.claims / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        for _ in range(LOCK_TRIES):
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                # Producers probe the lock for a moment to learn whether a
-                # daemon runs (convd.protocol.daemons_running): try again.
-                time.sleep(0.1)
-        else:
-            os.close(fd)
+        self._lock_fd = self._take_own_lock()
+
+    def _take_own_lock(self) -> int:
+        """``work/<instance>/.lock``, entered through ``.adopt`` (see the module docstring).
+
+        Raises ConfigError when a running daemon has the same instance name.
+        """
+        deadline = time.monotonic() + ADOPT_WAIT
+        waited = False
+        while (door := try_flock(self.claims / ADOPT)) is None:
+            if time.monotonic() > deadline:
+                raise ConfigError(
+                    f"instance {self.cfg.instance!r}: {self.claims / ADOPT} has been held for {ADOPT_WAIT:.0f} s"
+                    " (a peer adopting this instance's items?); try again")
+            if not waited:
+                log.info("a peer is checking or adopting this instance; waiting", instance=self.cfg.instance)
+                waited = True
+            time.sleep(0.05)
+        try:
+            fd = try_flock(self.claims / LOCK)
+        finally:
+            os.close(door)
+        if fd is None:
+            # Behind the door, only a running daemon holds .lock.
             raise ConfigError(
                 f"another convd with instance {self.cfg.instance!r} is running on {self.work}"
-                " (set [spool] instance to tell daemons apart)"
-            ) from None
-        self._lock_fd = fd
+                " (set [spool] instance to tell daemons apart)")
+        return fd
 
     def close(self) -> None:
         if self._lock_fd is not None:
@@ -129,14 +192,14 @@ class Spool:
     def sweep_temp(self) -> int:
         """Remove stale durable-write temp files convd left in its own directories.
 
-        outgoing/ and failed/ are shared: there, only this instance's temps
+        outgoing/, failed/ and work/ (the shared ledger) are shared: there, only this instance's temps
         (``@instance``) go at once; another's may be a write in progress,
         and is swept only once it is surely abandoned.
         """
         n = 0
         now = time.time()
         own = re.compile(rf"@{re.escape(self.cfg.instance)}\.[0-9a-f]{{8}}{re.escape(durable.TEMP_SUFFIX)}$")
-        for d in (self.outgoing, self.failed, self.claims):
+        for d in (self.outgoing, self.failed, self.work, self.claims):
             for entry in os.scandir(d):
                 if not (entry.name.startswith(".") and entry.name.endswith(durable.TEMP_SUFFIX)):
                     continue
@@ -150,63 +213,102 @@ class Spool:
                 n += 1
         return n
 
-    def adopt_orphans(self) -> int:
-        """Take over the items of instances that no longer run (their lock is free).
+    def peers(self) -> list[str]:
+        """The other instances that have a directory under ``work/``."""
+        return sorted(e.name for e in os.scandir(self.work)
+                      if e.name != self.cfg.instance and not e.name.startswith(".")
+                      and e.is_dir(follow_symlinks=False))
 
-        A renamed host or a container with a new name must not strand what a
-        crashed daemon had claimed under the old name.
+    def take_over(self) -> tuple[list[Claim], list[str]]:
+        """Adopt the items of every other instance whose daemon no longer runs.
+
+        Called at start-up and then every ``[spool] takeover_interval``: a
+        peer whose ``.lock`` is free (its process died, or its node's lease
+        on the lock expired) has its items moved into this instance's
+        directory and returned, ready to run (as :meth:`recover` leaves
+        them).  Also returns the instances found stopped.  Exactly one
+        survivor adopts a given item: it holds the peer's ``.adopt`` and
+        ``.lock`` while it moves them, and a rename has one winner anyway.
+        An instance directory without items is not probed at all.
         """
-        adopted = 0
-        for entry in os.scandir(self.work):
-            if entry.name == self.cfg.instance or not entry.is_dir(follow_symlinks=False):
-                continue
+        names: list[str] = []
+        stopped: list[str] = []
+        for peer in self.peers():
+            pdir = self.work / peer
             try:
-                fd = os.open(os.path.join(entry.path, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue  # that instance is running
-            try:
-                for item in os.scandir(entry.path):
-                    if item.name.startswith(".") or not item.is_dir(follow_symlinks=False):
+                with os.scandir(pdir) as it:
+                    if not any(_is_item(e) for e in it):
                         continue
-                    try:
-                        os.rename(item.path, self.claims / item.name)  # fails if ours has that name
-                        adopted += 1
-                        log.warning("adopted an item of a stopped instance", item=item.name,
-                                    instance=entry.name)
-                    except OSError as exc:
-                        log.error("cannot adopt an item of a stopped instance", item=item.name,
-                                  instance=entry.name, error=exc.strerror)
+                door = try_flock(pdir / ADOPT)
+            except OSError:
+                continue  # vanished or unreadable: nothing of ours
+            if door is None:
+                continue  # another survivor is looking (it adopts), or the owner is starting
+            try:
+                fd = try_flock(pdir / LOCK)
+                if fd is None:
+                    continue  # that instance is running
+                try:
+                    stopped.append(peer)
+                    names += self._adopt_from(pdir, peer)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                log.error("cannot take over a stopped instance", instance=peer, error=exc.strerror)
             finally:
-                os.close(fd)
-        if adopted:
+                os.close(door)
+        if names:
             durable.fsync_dir(self.claims)
+        claims = [c for c in (self._recover_claim(n) for n in sorted(names)) if c is not None]
+        return claims, stopped
+
+    def _adopt_from(self, pdir: Path, peer: str) -> list[str]:
+        adopted = []
+        for item in os.scandir(pdir):
+            if not _is_item(item):
+                continue
+            with self._claims_guard:
+                if os.path.lexists(self.claims / item.name):
+                    # Same name in flight here: it waits for the next check.
+                    log.info("not adopting yet: an item of that name is in flight here", item=item.name,
+                             instance=peer)
+                    continue
+                try:
+                    os.rename(item.path, self.claims / item.name)
+                except FileNotFoundError:
+                    continue  # gone (its owner cleaned it up before it died)
+                except OSError as exc:
+                    log.error("cannot adopt an item of a stopped instance", item=item.name,
+                              instance=peer, error=exc.strerror)
+                    continue
+            adopted.append(item.name)
+            log.warning("adopted an item of a stopped instance", item=item.name, instance=peer)
+        if adopted:
+            durable.fsync_dir(pdir)
         return adopted
 
     def recover(self) -> list[Claim]:
         """This instance's unfinished items, from what ``work/<instance>/`` holds."""
-        claims = []
-        for entry in sorted(os.scandir(self.claims), key=lambda e: e.name):
-            if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
-                continue
-            claim = self.load_claim(entry.name)
-            for leftover in os.listdir(claim.dir):
-                if leftover.startswith(".") and leftover.endswith(durable.TEMP_SUFFIX):
-                    os.unlink(claim.dir / leftover)
-            if claim.pending is None:
-                if not os.path.lexists(claim.source):
-                    log.warning("empty claim removed", item=claim.name)
-                    durable.remove_tree(claim.dir)
-                    continue
-                # Mid-convert at the crash: the partial output is worthless.
-                if os.path.lexists(claim.output):
-                    os.unlink(claim.output)
-            claims.append(claim)
-        return claims
+        names = sorted(e.name for e in os.scandir(self.claims) if _is_item(e))
+        return [c for c in (self._recover_claim(n) for n in names) if c is not None]
+
+    def _recover_claim(self, name: str) -> Claim | None:
+        """A claim left by a crash, made ready to run again (None: nothing left of it)."""
+        claim = self.load_claim(name)
+        for leftover in os.listdir(claim.dir):
+            if leftover.startswith(".") and leftover.endswith(durable.TEMP_SUFFIX):
+                os.unlink(claim.dir / leftover)
+        if claim.pending is None:
+            if not os.path.lexists(claim.dropped):
+                log.warning("empty claim removed", item=claim.name)
+                durable.remove_tree(claim.dir)
+                return None
+            # Mid-convert at the crash: the partial output is worthless;
+            # an unpacked disk may be partial too, and is unpacked again.
+            for partial in (claim.output, claim.dir / UNPACKED):
+                if os.path.lexists(partial):
+                    os.unlink(partial)
+        return claim
 
     def load_claim(self, name: str) -> Claim:
         """A claim as its directory describes it (attempts, a staged handoff)."""
@@ -244,6 +346,10 @@ class Spool:
         Raises ``FileExistsError`` while an earlier item of the same name is
         still in ``work/``: the file waits in ``incoming/`` until it is gone.
         """
+        with self._claims_guard:
+            return self._claim(name)
+
+    def _claim(self, name: str) -> Claim | None:
         d = self.claims / name
         os.mkdir(d, 0o750)
         try:
@@ -275,13 +381,16 @@ class Spool:
                                               "updated_at": time.time()}, replace=True, sync=False)
 
     def discard_output(self, claim: Claim) -> None:
-        """Remove a partial output; never one whose handoff is staged (recovery owns it)."""
+        """Remove a partial output and any unpacked disk; never one whose handoff is
+        staged (recovery owns it)."""
         if claim.pending is not None:
             return
-        try:
-            os.unlink(claim.output)
-        except FileNotFoundError:
-            pass
+        for path in (claim.output, claim.dir / UNPACKED):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        claim.unpacked = None
 
     # -- handoff ----------------------------------------------------------
 
@@ -293,8 +402,12 @@ class Spool:
             candidate = f"{name}.{n}"
         return candidate
 
-    def output_taken(self, name: str) -> bool:
-        return os.path.lexists(self.outgoing / name) or os.path.lexists(self.outgoing / f"{name}.json")
+    def output_taken(self, name: str) -> str | None:
+        """Which of ``outgoing/NAME`` and its record already exists (for the message), else None."""
+        for taken in (name, f"{name}.json"):
+            if os.path.lexists(self.outgoing / taken):
+                return f"outgoing/{taken}"
+        return None
 
     def stage_handoff(self, claim: Claim, dest: str, final_name: str, payload: str,
                       record: dict[str, Any]) -> None:
@@ -360,7 +473,7 @@ class Spool:
         handoff; were it gone first, a surviving ``source`` would be converted
         a second time.
         """
-        for name in (SOURCE, OUTPUT, ITEM, RECORD):
+        for name in (SOURCE, UNPACKED, OUTPUT, ITEM, RECORD):
             try:
                 os.unlink(claim.dir / name)
             except FileNotFoundError:

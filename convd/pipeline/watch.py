@@ -16,9 +16,9 @@ import structlog
 import watchfiles
 
 from convd.pipeline.queue import Intake
-from convd.protocol import is_cancel_request
 from convd.pipeline.renames import RenameWatch
-from convd.pipeline.spool import Spool, is_candidate_name, name_fits
+from convd.pipeline.spool import Spool, is_candidate_name, name_refused
+from convd.protocol import is_cancel_request
 
 __all__ = ["Watcher"]
 
@@ -49,7 +49,7 @@ class Watcher:
             name = os.path.basename(path)
             if change == watchfiles.Change.deleted:
                 return False
-            return (is_candidate_name(name) and name_fits(name)) or is_cancel_request(name)
+            return (is_candidate_name(name) and name_refused(name) is None) or is_cancel_request(name)
 
         try:
             while not self.stopping.is_set():
@@ -89,8 +89,9 @@ class Watcher:
     def scan(self) -> None:
         """Note every candidate name in ``incoming/`` (the directory is the truth)."""
         for entry in self.spool.scan_incoming():
-            if entry.name not in self.intake.pending and not name_fits(entry.name):
-                log.error("name too long to record; left in incoming/", item=entry.name)
+            refused = name_refused(entry.name) if entry.name not in self.intake.pending else None
+            if refused:
+                log.error("name refused; left in incoming/", item=entry.name, reason=refused)
                 continue
             self.intake.saw(entry.name)
         self.on_cancel_request()

@@ -5,5 +5,6 @@ from convd.stages.convert import convert
 from convd.stages.detect import detect
 from convd.stages.publish import publish
 from convd.stages.reserve import reserve
+from convd.stages.unpack import unpack
 
-__all__ = ["cleanup", "convert", "detect", "publish", "quarantine", "reserve"]
+__all__ = ["cleanup", "convert", "detect", "publish", "quarantine", "reserve", "unpack"]

@@ -40,7 +40,7 @@ async def convert(item: Item, ctx: Context) -> Stage:
                 extra_args=qemu.convert_args(src_fmt, item.target_format,
                                              cfg.qemu_args_for(item.inspection.format),
                                              direct_io=ctx.direct_io),
-                timeout=cfg.convert.timeout, on_progress=progress, on_start=started,
+                timeout=cfg.convert.timeout, on_progress=progress, on_start=started, name=item.label,
             )
         finally:
             item.proc = None

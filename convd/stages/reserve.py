@@ -34,9 +34,9 @@ async def estimate(item: Item, ctx: Context) -> int:
         need = bound
     elif target == "raw":
         need = await qemu.data_bytes(path, insp.qemu_format, ctx.block_size,
-                                     limits=item.cfg.detect) if ctx.sparse else vsize
+                                     limits=item.cfg.detect, name=item.label) if ctx.sparse else vsize
     elif target == "qcow2":  # the only other target qemu-img 7.2 can measure
-        need = await qemu.measure(path, insp.qemu_format, target, limits=item.cfg.detect)
+        need = await qemu.measure(path, insp.qemu_format, target, limits=item.cfg.detect, name=item.label)
     else:
         need = bound
     return need + int(need * MARGIN_FRACTION) + MARGIN_BYTES

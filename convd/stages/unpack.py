@@ -1,0 +1,125 @@
+"""Unpack: a dropped container (gzip, xz, zstd, bzip2, tar, OVA) becomes the disk inside it,
+written to the item's work directory under the ledger; anything else goes straight to detect."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.from_thread
+
+from convd import containers
+from convd.config import format_size
+from convd.errors import Cancelled, ItemError, Stopped, TooLarge, TransientError, UnsupportedFormat
+from convd.inspection import open_regular
+from convd.pipeline.item import Item, Stage
+from convd.pipeline.spool import UNPACKED
+
+if TYPE_CHECKING:
+    from convd.pipeline.context import Context
+
+__all__ = ["GROW_PATIENCE", "unpack", "unpack_limit"]
+
+# A stream of unknown size starts with this much reserved (or its own size
+# times _RATIO, if more), and grows by doubling.
+_FIRST_GUESS = 64 << 20
+_RATIO = 4
+_DEFLATE_MAX_RATIO = 1032  # deflate's most output per input byte
+# How long an unpack waits for other items to free workspace before it
+# gives its reservation back and starts over later (two unpacks growing at
+# once must not wait for each other forever).
+GROW_PATIENCE = 60.0
+_GROW_POLL = 0.5
+
+
+def unpack_limit(max_virtual_size: int) -> int:
+    """Most bytes an unpacked disk may have: ``max_virtual_size`` plus room for a
+    format's metadata (the reserve stage's bound for any target)."""
+    return max_virtual_size + max_virtual_size // 64 + (1 << 20)
+
+
+async def unpack(item: Item, ctx: Context) -> Stage:
+    claim, cfg = item.claim, item.cfg
+    dest = claim.dir / UNPACKED
+    claim.unpacked = None
+    await anyio.to_thread.run_sync(_remove, str(dest))  # a retry's leftovers
+    t0 = time.monotonic()
+    fd = open_regular(claim.dropped)
+    try:
+        plan = await anyio.to_thread.run_sync(containers.plan, fd)
+    except BaseException as exc:
+        if isinstance(exc, ItemError):  # a container whose very start is damaged
+            item.source = {"format": None, "size": os.fstat(fd).st_size}
+            item.container = {"container": [exc.detected], "size": item.source["size"]}
+        os.close(fd)
+        raise
+    if plan is None:
+        os.close(fd)
+        return Stage.DETECT
+    try:
+        item.source = {"format": None, "size": plan.size}
+        item.container = {"container": list(plan.kinds), "size": plan.size}
+        off = [k for k in plan.kinds if k not in cfg.convert.containers]
+        if off:
+            raise UnsupportedFormat(f"{plan.description}: unpacking {', '.join(off)} is turned off "
+                                    "([convert] containers)", detected=plan.kinds[0])
+        cap = unpack_limit(cfg.limits.max_virtual_size)
+        if plan.exact and plan.stated is not None and plan.stated > cap and len(plan.kinds) == 1:
+            raise TooLarge(f"{plan.description} states it unpacks to {format_size(plan.stated)}, over "
+                           f"max_virtual_size {format_size(cfg.limits.max_virtual_size)}")
+        first = plan.stated if plan.stated is not None else max(_FIRST_GUESS, _RATIO * plan.size)
+        if not plan.exact:  # a hint (gzip's ISIZE) may be anything: no more than deflate can give
+            first = min(first, _DEFLATE_MAX_RATIO * plan.size)
+        first = min(cap, max(first, 1 << 20))
+        if not ctx.ledger.could_ever_fit(first):
+            raise TooLarge(f"{plan.description} needs about {format_size(first)} unpacked; the workspace "
+                           f"({format_size(ctx.ledger.workspace)}) or the filesystem could never hold it")
+        key = f"{item.name}\0unpack"  # NUL: no item name can collide with it
+        t1 = time.monotonic()
+        item.unpack_reservation = await ctx.ledger.reserve(key, first, str(dest))
+        item.timings["wait_space"] += time.monotonic() - t1
+
+        def grow(total: int) -> None:  # from the unpacking thread
+            if not anyio.from_thread.run_sync(ctx.ledger.could_ever_fit, total):
+                raise TooLarge(f"{plan.description} unpacks to more than {format_size(total)}; the "
+                               "workspace or the filesystem could never hold it")
+            deadline = time.monotonic() + GROW_PATIENCE
+            while not anyio.from_thread.run_sync(ctx.ledger.resize, key, total):
+                if ctx.stop.is_set():
+                    raise Stopped("unpacking interrupted by shutdown")
+                if item.withdrawn is not None:
+                    raise Cancelled(item.withdrawn)
+                if time.monotonic() > deadline:
+                    raise TransientError(f"no workspace to unpack {plan.description} further "
+                                         f"(past {format_size(total)})")
+                time.sleep(_GROW_POLL)
+
+        def progress(frac: float) -> None:  # from the unpacking thread, once a chunk
+            if item.withdrawn is not None:
+                # Cancelled (convd cancel): the thread stops here, the
+                # partial disk is removed and the dropped bytes go to failed/.
+                raise Cancelled(item.withdrawn)
+            item.progress = frac
+
+        budget = containers.Budget(cap=cap, reserved=first, grow=grow)
+        item.progress = 0.0
+        result = await anyio.to_thread.run_sync(functools.partial(
+            containers.unpack, fd, plan, str(dest), budget, stop=ctx.stop, on_progress=progress))
+    finally:
+        os.close(fd)
+        item.timings["unpack"] = item.timings.get("unpack", 0.0) + time.monotonic() - t0
+    claim.unpacked = dest
+    item.container = {**result.as_dict(), "size": plan.size}
+    # Reserved as much as was written, no more: the convert stage reserves its own.
+    ctx.ledger.resize(key, max(result.size, 1))
+    return Stage.DETECT
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,340 @@
+"""Real shared filesystems for the scale-out tests: a one-node Ceph cluster with ceph-fuse
+mounts, and kernel NFSv4.2 (server and clients) inside User-Mode Linux.
+
+The host kernel has no NFS or CephFS client, so CephFS comes through
+``ceph-fuse`` (libcephfs, the MDS protocol; each mount is its own client with
+its own session, caps and locks, as separate nodes would be).  Everything
+binds to 127.0.0.1 on ports chosen free, lives under a temporary directory,
+and :meth:`CephCluster.stop` unmounts and kills exactly the processes it
+started, whatever state start-up reached.
+
+Usable from tests (the ``ceph`` fixture in tests/test_sharedfs.py)
+and from the benchmark (``bench --shared``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+__all__ = ["CephCluster", "CephUnavailable", "UmlNfs", "ceph_missing", "uml_missing"]
+
+CEPH_TOOLS = ("ceph-mon", "ceph-osd", "ceph-mds", "ceph-mgr", "ceph-fuse", "ceph", "monmaptool", "ceph-authtool")
+
+
+class CephUnavailable(RuntimeError):
+    """The machine cannot run the cluster (not root, tools missing, no FUSE)."""
+
+
+def ceph_missing() -> str | None:
+    """Why a Ceph cluster cannot be run here, or None if it can."""
+    if os.geteuid() != 0:
+        return "needs root (ceph daemons and FUSE mounts)"
+    missing = [t for t in CEPH_TOOLS if shutil.which(t) is None]
+    if missing:
+        return f"missing {', '.join(missing)}: run `make sharedfs-deps` (apt-get install ceph-mon ceph-osd ceph-mds ceph-mgr ceph-fuse)"
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _is_mount(path: Path) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as fh:
+        return any(line.split()[4] == target for line in fh)
+
+
+class CephCluster:
+    """mon, mgr, one memstore OSD and one MDS on loopback, plus ``clients`` ceph-fuse mounts.
+
+    ``mounts`` lists the mount points once :meth:`start` returns.
+    """
+
+    def __init__(self, base: Path, clients: int = 2, memstore_bytes: int = 6 << 30,
+                 client_options: dict[str, str] | None = None, mds_options: dict[str, str] | None = None) -> None:
+        self.base = base
+        self.client_options = client_options or {}
+        self.mds_options = mds_options or {}
+        self.dir = base / "ceph"
+        self.clients = clients
+        self.memstore_bytes = memstore_bytes
+        self.conf = self.dir / "ceph.conf"
+        self.mounts = [base / f"mnt{n}" for n in range(1, clients + 1)]
+        self._daemons: list[subprocess.Popen[bytes]] = []
+        self._fuse: list[subprocess.Popen[bytes]] = []
+
+    # -- helpers ------------------------------------------------------------
+
+    def _run(self, *argv: str, timeout: float = 60.0) -> str:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=self.dir)
+        if p.returncode != 0:
+            raise CephUnavailable(f"{' '.join(argv)} failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
+        return p.stdout
+
+    def ceph(self, *args: str, timeout: float = 60.0) -> str:
+        return self._run("ceph", "-c", str(self.conf), "--connect-timeout", "30", *args, timeout=timeout)
+
+    def _spawn(self, *argv: str) -> subprocess.Popen[bytes]:
+        # -f: foreground, so the process we hold is the daemon and we can kill it by pid.
+        log = open(self.dir / "log" / f"{os.path.basename(argv[0])}.{len(self._daemons)}.out", "wb")
+        try:
+            p = subprocess.Popen([*argv, "-c", str(self.conf), "-f"], stdout=log, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, cwd=self.dir, start_new_session=True)
+        finally:
+            log.close()
+        self._daemons.append(p)
+        return p
+
+    def _wait(self, what: str, pred, timeout: float = 90.0) -> None:  # noqa: ANN001
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for p in self._daemons:
+                if p.poll() is not None:
+                    raise CephUnavailable(f"{p.args[0]} exited with {p.returncode} while waiting for {what}"
+                                          f"; logs in {self.dir / 'log'}")
+            try:
+                if pred():
+                    return
+            except CephUnavailable:
+                pass
+            time.sleep(0.5)
+        raise CephUnavailable(f"timed out waiting for {what}; logs in {self.dir / 'log'}")
+
+    # -- life cycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        """Bring the cluster up and mount it; on any failure, tear down and raise CephUnavailable."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        d = self.dir
+        for sub in ("mon", "osd0", "mds", "mgr", "run", "log"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        fsid = str(uuid.uuid4())
+        port = _free_port()
+        self.conf.write_text(f"""[global]
+fsid = {fsid}
+mon host = v2:127.0.0.1:{port}
+public addr = 127.0.0.1
+ms bind ipv6 = false
+auth cluster required = none
+auth service required = none
+auth client required = none
+osd pool default size = 1
+osd pool default min size = 1
+mon allow pool size one = true
+mon allow pool delete = true
+mon warn on pool no redundancy = false
+mon data avail warn = 1
+mon data avail crit = 0
+osd crush chooseleaf type = 0
+osd objectstore = memstore
+memstore device bytes = {self.memstore_bytes}
+run dir = {d}/run
+admin socket = {d}/run/$name.asok
+log file = {d}/log/$name.log
+pid file = {d}/run/$name.pid
+keyring = {d}/keyring
+[client]
+{"".join(f"{k} = {v}{chr(10)}" for k, v in self.client_options.items())}[mon.a]
+mon data = {d}/mon
+[osd.0]
+osd data = {d}/osd0
+[mds.a]
+mds data = {d}/mds
+{"".join(f"{k} = {v}{chr(10)}" for k, v in self.mds_options.items())}
+[mgr.x]
+mgr data = {d}/mgr
+""")
+        self._run("ceph-authtool", "--create-keyring", str(d / "keyring"), "--gen-key", "-n", "mon.",
+                  "--cap", "mon", "allow *")
+        self._run("monmaptool", "--create", "--addv", "a", f"[v2:127.0.0.1:{port}]", "--fsid", fsid,
+                  str(d / "monmap"))
+        self._run("ceph-mon", "-c", str(self.conf), "--mkfs", "-i", "a", "--monmap", str(d / "monmap"),
+                  "--keyring", str(d / "keyring"))
+        self._spawn("ceph-mon", "-i", "a")
+        self.ceph("osd", "create")
+        self._run("ceph-osd", "-c", str(self.conf), "-i", "0", "--mkfs")
+        self._spawn("ceph-osd", "-i", "0")
+        self._spawn("ceph-mgr", "-i", "x")
+        self.ceph("osd", "pool", "create", "cephfs_data", "8")
+        self.ceph("osd", "pool", "create", "cephfs_metadata", "8")
+        self.ceph("fs", "new", "cephfs", "cephfs_metadata", "cephfs_data")
+        self._spawn("ceph-mds", "-i", "a")
+        self._wait("the MDS to become active", lambda: "up:active" in self.ceph("mds", "stat"))
+        for n, mnt in enumerate(self.mounts, start=1):
+            mnt.mkdir(parents=True, exist_ok=True)
+            log = open(d / "log" / f"fuse{n}.out", "wb")
+            try:
+                p = subprocess.Popen(
+                    ["ceph-fuse", "-c", str(self.conf), "-n", f"client.node{n}", "-f",
+                     f"--admin-socket={d}/run/fuse{n}.asok", str(mnt)],
+                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            finally:
+                log.close()
+            self._fuse.append(p)
+        self._wait("the ceph-fuse mounts", lambda: all(_is_mount(m) for m in self.mounts), timeout=60.0)
+        # Without a mgr statvfs() reports 0 bytes: wait until the mounts see space.
+        self._wait("statvfs to report space", lambda: os.statvfs(self.mounts[0]).f_blocks > 0, timeout=60.0)
+
+    def stop(self) -> None:
+        """Unmount, then stop every process this cluster started; idempotent, never raises."""
+        for mnt in self.mounts:
+            for _ in range(3):
+                try:
+                    if not _is_mount(mnt):
+                        break
+                except OSError:
+                    break
+                # Lazy, so a process still holding a file there cannot keep the mount.
+                subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+        # The clients first (they say goodbye to the MDS), then the cluster.
+        for group in (self._fuse, list(reversed(self._daemons))):
+            for p in group:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 5.0
+            for p in group:
+                try:
+                    p.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        self._fuse.clear()
+        self._daemons.clear()
+
+
+# -- NFSv4.2 inside User-Mode Linux ----------------------------------------------------------
+
+UML_TOOLS = ("linux.uml", "rpc.nfsd", "exportfs", "rpcbind", "mkfs.ext4", "ip", "nsenter", "modprobe")
+
+_INIT = r"""#!/bin/sh
+# PID 1 of the UML guest: private /run and NFS state (never the host's), the
+# NFS modules, then the job; power off when it is done.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+S={dir}
+exec > $S/guest.log 2>&1
+mount -t proc proc /proc; mount -t sysfs sysfs /sys
+[ -c /dev/null ] || mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm; mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /dev/shm
+mount -t tmpfs tmpfs /run
+mount -t tmpfs tmpfs /var/lib/nfs
+mkdir -p /var/lib/nfs/sm /var/lib/nfs/sm.bak /var/lib/nfs/v4recovery /run/rpc_pipefs /run/netns
+: > /var/lib/nfs/etab; : > /var/lib/nfs/rmtab
+mount -t tmpfs tmpfs /mnt
+mkdir -p /mnt/lib/modules && ln -s /usr/lib/uml/modules/$(uname -r) /mnt/lib/modules/$(uname -r)
+hostname uml-nfs; ip link set lo up
+for m in sunrpc lockd nfsd nfs nfsv3 nfsv4 veth; do modprobe -d /mnt $m; done
+mount -t rpc_pipefs sunrpc /run/rpc_pipefs
+mount -t nfsd nfsd /proc/fs/nfsd
+sh -x $S/nfs-up.sh > $S/nfs-up.log 2>&1 && echo NFS-UP
+sh $S/job.sh; echo "job rc=$?"
+for n in $(seq 1 {nodes}); do umount -f -l $S/mnt$n; done
+sync; poweroff -f
+"""
+
+_NFS_UP = r"""S={dir}
+{leases}
+mount -t ext4 /dev/ubda $S/export
+rpcbind -w; rpc.statd --no-notify
+for n in $(seq 1 {nodes}); do
+  ip netns add node$n
+  ip link add s$n type veth peer name n$n netns node$n
+  ip addr add 10.99.$n.1/24 dev s$n; ip link set s$n up
+  ip -n node$n addr add 10.99.$n.2/24 dev n$n; ip -n node$n link set n$n up; ip -n node$n link set lo up
+  exportfs -o rw,sync,no_subtree_check,no_root_squash,insecure,fsid=0 10.99.$n.2:$S/export
+done
+rpc.mountd
+rpc.nfsd --grace-time 10 --lease-time 10 8
+for n in $(seq 1 {nodes}); do
+  nsenter --net=/run/netns/node$n unshare --uts sh -c "hostname node$n; mount -t nfs4 -o vers=4.2 10.99.$n.1:/ $S/mnt$n"
+  mountpoint -q $S/mnt$n || exit 1
+done
+"""
+
+
+def uml_missing() -> str | None:
+    """Why the UML NFS lab cannot run here, or None if it can."""
+    if os.geteuid() != 0:
+        return "needs root"
+    missing = [t for t in UML_TOOLS if shutil.which(t) is None]
+    if missing:
+        return (f"missing {', '.join(missing)}: run `make sharedfs-deps` "
+                "(apt-get install user-mode-linux nfs-kernel-server iproute2 kmod)")
+    return None
+
+
+class UmlNfs:
+    """Kernel NFSv4.2 (nfsd and ``nodes`` clients, each in its own network namespace
+    with its own NFSv4 client identity) inside one User-Mode Linux guest.
+
+    The guest's root is the host's through hostfs, so the host's venv and
+    qemu-img run unchanged in it; its 10.99.n.x addresses exist only in the
+    guest's own namespaces.  :meth:`run` boots the guest, mounts
+    ``mnt1..mntN`` (paths the host sees only as empty directories), runs
+    ``job`` (a shell script) inside, and powers off; the job reports through
+    files under :attr:`dir` on hostfs.  ``leases=False`` boots with
+    ``fs.leases-enable=0``: nfsd then grants no delegations.  The UML
+    process group is killed whatever happens.
+    """
+
+    def __init__(self, base: Path, nodes: int = 2) -> None:
+        self.dir = base / "uml"
+        self.nodes = nodes
+        self.mounts = [self.dir / f"mnt{n}" for n in range(1, nodes + 1)]
+
+    def run(self, job: str, *, leases: bool = True, timeout: float = 240.0, mem: str = "1536M") -> str:
+        """Boot, run ``job``, power off; returns the guest's log.  Raises on a boot or mount failure."""
+        d = self.dir
+        shutil.rmtree(d, ignore_errors=True)
+        (d / "export").mkdir(parents=True)
+        for m in self.mounts:
+            m.mkdir()
+        img = d / "export.img"
+        with open(img, "wb") as fh:
+            fh.truncate(4 << 30)
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True, capture_output=True)
+        (d / "init.sh").write_text(_INIT.replace("{dir}", str(d)).replace("{nodes}", str(self.nodes)))
+        (d / "init.sh").chmod(0o755)
+        (d / "nfs-up.sh").write_text(_NFS_UP.replace("{dir}", str(d)).replace("{nodes}", str(self.nodes))
+                                     .replace("{leases}", "" if leases else "sysctl -w fs.leases-enable=0"))
+        (d / "job.sh").write_text(job)
+        with open(d / "console.log", "wb") as console:
+            p = subprocess.Popen(
+                ["linux.uml", f"mem={mem}", "rootfstype=hostfs", "rootflags=/", "rw", f"init={d / 'init.sh'}",
+                 f"ubd0={img}", "con=null", "con0=null"],
+                stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+            finally:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
+                img.unlink(missing_ok=True)
+        log = (d / "guest.log").read_text(errors="replace") if (d / "guest.log").exists() else ""
+        if "NFS-UP" not in log:
+            up = (d / "nfs-up.log").read_text(errors="replace") if (d / "nfs-up.log").exists() else ""
+            raise RuntimeError(f"the UML NFS lab did not come up:\n{log[-2000:]}\n{up[-2000:]}")
+        if "job rc=" not in log:
+            raise RuntimeError(f"the UML job did not finish within {timeout:.0f} s:\n{log[-3000:]}")
+        return log

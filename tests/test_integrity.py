@@ -1,0 +1,317 @@
+"""What convd publishes is exactly the disk that was uploaded (issue 9), per kind across formats.
+
+Truncated sources in every format with allocation tables, parents in every
+format that has them, qemu's own virtual-size rules, targets that keep the
+size, documented features, messages, and what is (not) retried.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import struct
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import MiB, convd_bin, images_equal, make_image, qemu_io, run, sha256_file, wait_for, write_config
+
+from convd.errors import FormatMismatch
+from convd.stages.detect import check_qemu_info
+
+_spec = importlib.util.spec_from_file_location(
+    "make_cases", Path(__file__).resolve().parent / "data" / "field" / "make_cases.py")
+assert _spec is not None and _spec.loader is not None
+make_cases = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_cases)
+
+TARGETS = ("raw", "qcow2", "vmdk", "vdi", "vpc", "vhdx")
+
+
+def convert(src: Path, dst: Path, *args: str) -> tuple[int, dict[str, Any] | None, str]:
+    """``convd convert``: (exit status, record or None, stderr)."""
+    p = run(convd_bin(), "convert", src, dst, *args, check=False)
+    return p.returncode, json.loads(p.stdout) if p.returncode == 0 else None, p.stderr.strip()
+
+
+def qemu_virtual_size(path: Path, fmt: str) -> int:
+    return json.loads(run("qemu-img", "info", "-f", fmt, "--output=json", path).stdout)["virtual-size"]
+
+
+def _cut_point(img: Path, fmt: str) -> int:
+    """A file size that cuts the image's last data extent short."""
+    extents = json.loads(run("qemu-img", "map", "--output=json", "-f", fmt, img).stdout)
+    offsets = [e["offset"] for e in extents if e.get("data") and "offset" in e]
+    return max(offsets) + 512 if offsets else img.stat().st_size // 2
+
+
+@pytest.mark.parametrize("fmt,opts", [
+    ("qcow2", None), ("qcow2", "extended_l2=on,cluster_size=128k"), ("qcow2", "compress"), ("vmdk", None),
+    ("vmdk", "subformat=streamOptimized"), ("vdi", None), ("vpc", None), ("vhdx", None),
+], ids=["qcow2", "qcow2-extl2", "qcow2-compressed", "vmdk-sparse", "vmdk-stream", "vdi", "vpc", "vhdx"])
+def test_source_truncated_at_a_data_extent_is_corrupt_in_every_format(tmp_path, fmt, opts):
+    whole = make_image(tmp_path / f"whole.{fmt}", fmt, 16 * MiB, compress=opts == "compress",
+                       opts=None if opts == "compress" else opts)
+    cut = tmp_path / f"cut.{fmt}"
+    cut.write_bytes(whole.read_bytes()[:_cut_point(whole, fmt)])
+    rc, _, err = convert(cut, tmp_path / "out")
+    assert rc == 1
+    assert err.startswith("convd: corrupt_image: "), err
+    assert "past the end of the file" in err
+    rc, rec, err = convert(whole, tmp_path / "whole.out")  # the whole image is fine
+    assert rc == 0, err
+    assert images_equal(whole, fmt, tmp_path / "whole.out", "raw")
+
+
+def _vmdk_descriptor_edit(path: Path, old: bytes, new: bytes) -> None:
+    desc_sec, desc_num = struct.unpack("<QQ", make_cases.read_at(str(path), 28, 16))
+    region = make_cases.read_at(str(path), desc_sec * 512, desc_num * 512)
+    text = region.split(b"\0", 1)[0]
+    assert old in text
+    make_cases.write_at(str(path), desc_sec * 512, text.replace(old, new).ljust(len(region), b"\0"))
+
+
+def _parent_vmdk(path: Path, tmp: Path) -> str:
+    make_image(path, "vmdk", 4 * MiB)
+    _vmdk_descriptor_edit(path, b"parentCID=ffffffff",
+                          b'parentCID=1234abcd\nparentFileNameHint="base-disk.vmdk"')
+    return "base-disk.vmdk"
+
+
+def _parent_vdi(path: Path, tmp: Path) -> str:
+    make_image(path, "vdi", 4 * MiB)
+    parent = uuid.UUID("12345678-9abc-def0-1122-334455667788")
+    make_cases.write_at(str(path), 0x1B8, parent.bytes_le)
+    return str(parent)
+
+
+def _parent_vhd(path: Path, tmp: Path) -> str:
+    make_cases.vhd_differencing(str(path), str(tmp))
+    return "parent.vhd"
+
+
+def _parent_vhdx(path: Path, tmp: Path) -> str:
+    make_image(path, "vhdx", 4 * MiB)
+    _, items = make_cases._vhdx_metadata(str(path))
+    off, _ = items[make_cases._VHDX_FILE_PARAMS]
+    flags = struct.unpack("<I", make_cases.read_at(str(path), off + 4, 4))[0]
+    make_cases.write_at(str(path), off + 4, struct.pack("<I", flags | 2))  # HasParent
+    return "differencing disk"
+
+
+def _parent_qcow2(path: Path, tmp: Path) -> str:
+    base = make_image(tmp / "base-image.qcow2", "qcow2", 4 * MiB)
+    run("qemu-img", "create", "-f", "qcow2", "-b", base, "-F", "qcow2", path)
+    return "base-image.qcow2"
+
+
+@pytest.mark.parametrize("fmt,make", [
+    ("vpc", _parent_vhd), ("vhdx", _parent_vhdx), ("vdi", _parent_vdi), ("vmdk", _parent_vmdk),
+    ("qcow2", _parent_qcow2),
+], ids=["vhd", "vhdx", "vdi", "vmdk", "qcow2"])
+def test_disk_that_needs_a_parent_is_unsafe_and_names_it(tmp_path, fmt, make):
+    img = tmp_path / f"child.{fmt}"
+    named = make(img, tmp_path)
+    rc, _, err = convert(img, tmp_path / "out")
+    assert rc == 1
+    assert err.startswith("convd: unsafe_image: "), err
+    assert named in err
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("size", [30 * MiB, 1_000_000], ids=["30MiB", "odd-1000000"])
+def test_every_target_keeps_the_virtual_size(tmp_path, target, size):
+    src = tmp_path / "disk.raw"
+    make_cases.raw_with_data(str(src), size, [(0, 64 << 10, 1), (size - 4096, 4096, 2)])
+    out = tmp_path / f"out.{target}"
+    rc, rec, err = convert(src, out, "--to", target)
+    assert rc == 0, err
+    # qemu-img converts whole sectors: a raw tail that is not one is padded
+    # with zeros (raw to raw is a passthrough of the very bytes).
+    want = -(-size // 512) * 512
+    assert qemu_virtual_size(out, target) == want
+    assert rec is not None
+    assert rec["target"]["virtual_size"] == (size if target == "raw" else want)
+    assert images_equal(src, "raw", out, target)
+
+
+def _vhd_footer(path: Path, **fields: Any) -> None:
+    make_cases.vhd_edit_footer(str(path), **fields)
+
+
+@pytest.mark.parametrize("creator,use", [(b"vpc ", "chs"), (b"qemu", "chs"), (b"win ", "current"),
+                                         (b"d2v ", "current"), (b"tap\0", "current")])
+def test_vhd_virtual_size_follows_qemus_rule_for_its_creator(tmp_path, creator, use):
+    # A Hyper-V disk that was expanded: original size 24 MiB, current 40 MiB;
+    # CHS geometry a little under 40 MiB.  Only qemu's choice may be published.
+    vhd = tmp_path / "disk.vhd"
+    run("qemu-img", "create", "-f", "vpc", "-o", "subformat=dynamic,force_size=on", vhd, str(40 * MiB))
+    qemu_io(vhd, "vpc", "write -P 0x5a 0 1M", "write -P 0xa5 38M 1M")
+    chs = make_cases.vhd_chs(40 * MiB // 512)
+    _vhd_footer(vhd, creator=creator, orig_size=24 * MiB, cur_size=40 * MiB, chs=chs)
+    want = 40 * MiB if use == "current" else chs[0] * chs[1] * chs[2] * 512
+    assert qemu_virtual_size(vhd, "vpc") == want
+    rc, rec, err = convert(vhd, tmp_path / "out")
+    assert rc == 0, err
+    assert rec is not None and rec["source"]["virtual_size"] == want == rec["target"]["virtual_size"]
+    assert images_equal(vhd, "vpc", tmp_path / "out", "raw")
+
+
+def test_a_real_disagreement_with_qemu_is_still_format_mismatch():
+    # The inspector side now follows qemu's rules, so a disagreement is only
+    # possible if qemu-img itself reads the file differently; no crafted file
+    # produces that, so qemu-img's report is given directly.
+    with pytest.raises(FormatMismatch, match="virtual size"):
+        check_qemu_info({"format": "vpc", "virtual-size": 2 * MiB}, "vpc", 1 * MiB, "/nonexistent")
+
+
+def _qcow2_edit(path: Path, offset: int, fmt: str, value: int) -> None:
+    make_cases.write_at(str(path), offset, struct.pack(fmt, value))
+
+
+@pytest.mark.parametrize("opts", ["extended_l2=on,cluster_size=128k", "compression_type=zstd", "compat=0.10",
+                                  "cluster_size=2M", "cluster_size=512", "snapshot-and-bitmap"])
+def test_documented_self_contained_qcow2_features_convert(tmp_path, opts):
+    if opts == "snapshot-and-bitmap":  # an internal snapshot and a persistent dirty bitmap
+        img = make_image(tmp_path / "f.qcow2", "qcow2", 8 * MiB)
+        run("qemu-img", "bitmap", "--add", img, "b0")
+        run("qemu-img", "snapshot", "-c", "snap1", img)
+        qemu_io(img, "qcow2", "write -P 9 0 512k")  # the active layer moves on
+    else:
+        img = make_image(tmp_path / "f.qcow2", "qcow2", 8 * MiB, opts=opts, compress="zstd" in opts)
+    rc, _, err = convert(img, tmp_path / "out")
+    assert rc == 0, err
+    assert images_equal(img, "qcow2", tmp_path / "out", "raw")
+
+
+@pytest.mark.parametrize("edit,words", [
+    ((4, ">I", 4), "unknown qcow2 version 4"),
+    ((72, ">Q", 1 << 5), "unknown incompatible feature"),
+    ((24, ">Q", 1 << 62), "L1 table"),
+], ids=["version", "feature-bit", "impossible-size"])
+def test_qcow2_header_that_is_no_valid_qcow2_is_corrupt_not_unsafe(tmp_path, edit, words):
+    img = make_image(tmp_path / "g.qcow2", "qcow2", 4 * MiB)
+    _qcow2_edit(img, *edit)
+    rc, _, err = convert(img, tmp_path / "out")
+    assert err.startswith("convd: corrupt_image: "), err
+    assert words in err
+
+
+def _l2_entries(path: Path) -> tuple[int, list[int]]:
+    """(offset of the first L2 table, its first 64 entries) of a 64 KiB-cluster qcow2."""
+    l1_off = struct.unpack(">Q", make_cases.read_at(str(path), 40, 8))[0]
+    l2_off = struct.unpack(">Q", make_cases.read_at(str(path), l1_off, 8))[0] & 0x00FFFFFFFFFFFE00
+    return l2_off, list(struct.unpack(">64Q", make_cases.read_at(str(path), l2_off, 512)))
+
+
+def test_qcow2_clusters_shared_by_two_l2_entries_are_corrupt_per_qemu_img_check(tmp_path):
+    img = make_image(tmp_path / "s.qcow2", "qcow2", 4 * MiB)
+    l2_off, entries = _l2_entries(img)
+    used = [i for i, e in enumerate(entries) if e & 0x00FFFFFFFFFFFE00]
+    assert len(used) >= 2
+    # The second allocated guest cluster now reads the first one's data.
+    _qcow2_edit(img, l2_off + 8 * used[1], ">Q", entries[used[0]])
+    rc, _, err = convert(img, tmp_path / "out")
+    assert err.startswith("convd: corrupt_image: qemu-img check: "), err
+    assert "corruptions" in err
+
+
+def test_qcow2_with_leaked_clusters_only_converts(tmp_path):
+    img = make_image(tmp_path / "l.qcow2", "qcow2", 4 * MiB)
+    l2_off, entries = _l2_entries(img)
+    used = [i for i, e in enumerate(entries) if e & 0x00FFFFFFFFFFFE00]
+    _qcow2_edit(img, l2_off + 8 * used[-1], ">Q", 0)  # its cluster is now referenced by nobody
+    check = json.loads(run("qemu-img", "check", "--output=json", img, check=False).stdout)
+    assert check.get("leaks") and not check.get("corruptions")
+    rc, _, err = convert(img, tmp_path / "out")
+    assert rc == 0, err
+    assert images_equal(img, "qcow2", tmp_path / "out", "raw")
+
+
+def test_dirty_qcow2_with_lagging_lazy_refcounts_converts(tmp_path):
+    img = tmp_path / "dirty.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", "-o", "lazy_refcounts=on", img, str(8 * MiB))
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 7 0 2M", "-c", "abort", img, check=False)  # a crash
+    assert json.loads(run("qemu-img", "info", "--output=json", img).stdout)["dirty-flag"]
+    rc, _, err = convert(img, tmp_path / "out")
+    assert rc == 0, err
+    assert images_equal(img, "qcow2", tmp_path / "out", "raw")
+
+
+def test_daemon_rejects_unreadable_source_once_names_the_right_files_and_refuses_json_drops(
+        tmp_path, spool, daemon_factory):
+    grain = tmp_path / "grain.vmdk"
+    make_cases.vmdk_stream_corrupt_grain(str(grain), str(tmp_path))
+    log_vhdx = tmp_path / "hyperv.vhdx"
+    make_cases.vhdx_log_replay(str(log_vhdx), str(tmp_path))
+    disk = make_image(tmp_path / "disk", "qcow2", 4 * MiB)
+    d = daemon_factory(write_config(tmp_path, convert={"max_attempts": 3, "retry_backoff": 5}))
+    (spool.outgoing / "stale.json").write_text("{}")  # a record whose image a consumer took
+    spool.drop(disk, "stale")
+    spool.drop(grain)
+    spool.drop(log_vhdx)
+    spool.drop(disk, "disk.json")  # would take the name of disk's record
+    spool.drop(disk)
+    rec = spool.wait_record("grain.vmdk")
+    assert rec["error"]["code"] == "corrupt_image", rec
+    assert rec["attempts"] == 1  # a read error in the source repeats: no retry
+    assert sha256_file(spool.failed / "grain.vmdk") == sha256_file(grain)
+    rec = spool.wait_record("hyperv.vhdx")
+    assert rec["error"]["code"] == "corrupt_image", rec
+    msg = rec["error"]["message"]
+    assert "log that needs to be replayed" in msg and "hyperv.vhdx" in msg
+    assert "work/" not in msg and str(spool.root) not in msg and "check -r" not in msg
+    rec = spool.wait_record("disk")
+    assert rec["status"] == "converted"
+    rec = json.loads(wait_for(lambda: (spool.failed / "stale.json").exists() and
+                              (spool.failed / "stale.json").read_text(), what="the conflict"))
+    assert rec["error"] == {"code": "name_conflict", "message": "outgoing/stale.json already exists"}
+    wait_for(lambda: "name refused" in d.log(), what="the refusal in the log")
+    assert (spool.incoming / "disk.json").exists()
+    assert json.loads((spool.outgoing / "disk.json").read_text())["name"] == "disk"
+    assert not (spool.failed / "disk.json").exists()
+    refusal = [e for e in d.events() if e.get("event") == "name refused; left in incoming/"]
+    assert refusal and refusal[0]["item"] == "disk.json" and "record" in refusal[0]["reason"]
+    assert d.stop() == 0
+
+
+def test_guest_data_with_a_broken_qcow2_header_is_a_hidden_format_not_a_corrupt_source(tmp_path):
+    guest = tmp_path / "guest.raw"
+    guest.write_bytes((b"QFI\xfb" + bytes(range(256)) * 16).ljust(1 * MiB, b"\0"))
+    src = tmp_path / "wrapper.qcow2"
+    run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", guest, src)
+    rc, _, err = convert(src, tmp_path / "out")
+    assert err.startswith("convd: unsafe_image: the raw output inspects as qcow2"), err
+
+
+def test_encrypted_qcow2_is_unsupported_not_corrupt(tmp_path):
+    img = make_image(tmp_path / "e.qcow2", "qcow2", 4 * MiB)
+    _qcow2_edit(img, 32, ">I", 2)  # crypt_method = LUKS
+    rc, _, err = convert(img, tmp_path / "out")
+    assert err.startswith("convd: unsupported_format: qcow2 is encrypted"), err
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "vdi", "vmdk", "vpc", "vhdx"])
+def test_image_header_cut_short_is_corrupt_not_a_tiny_raw_disk(tmp_path, fmt):
+    whole = make_image(tmp_path / f"whole.{fmt}", fmt, 4 * MiB)
+    cut = tmp_path / f"cut.{fmt}"
+    cut.write_bytes(whole.read_bytes()[:300])
+    rc, _, err = convert(cut, tmp_path / "out")
+    assert err.startswith("convd: corrupt_image: "), err
+
+
+@pytest.mark.parametrize("fmt,opts", [
+    ("vmdk", "zeroed_grain=on"), ("vdi", "static=on"), ("vpc", "subformat=fixed"),
+    ("vhdx", "subformat=fixed"), ("vhdx", "block_size=1M"),
+])
+def test_other_formats_variants_convert_identically(tmp_path, fmt, opts):
+    img = make_image(tmp_path / f"v.{fmt}", fmt, 8 * MiB, opts=opts)
+    if opts == "zeroed_grain=on":
+        qemu_io(img, fmt, "write -z 0 1M")  # zeroed grains: grain table entries of 1
+    rc, rec, err = convert(img, tmp_path / "out")
+    assert rc == 0, err
+    assert images_equal(img, fmt, tmp_path / "out", "raw")
+    assert rec is not None and rec["source"]["virtual_size"] == qemu_virtual_size(img, fmt)
