@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime as dt
 import json
@@ -17,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench import images, report, scenarios
+from bench import images, qsd, report, scenarios
 from bench.daemon import Daemon, Spool, write_config
 from bench.machine import describe
 
@@ -103,6 +104,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--glance-reps", type=int, default=3, help="imports per method in the Glance scenario")
     p.add_argument("--variants", action="store_true",
                    help="also time bare qemu-img flag variants (-W, -m 16, -t none, --target-is-zero) to raw")
+    p.add_argument("--qsd", action="store_true",
+                   help="also measure the design not taken: one qemu-storage-daemon per worker over QMP "
+                        "(needs qemu-system-common), against qemu-img processes, per small image")
     p.add_argument("--workdir", type=Path, default=REPO / "bench" / "out",
                    help="scratch directory (images, spools, results.json); must have room for ~4× --size")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md",
@@ -180,7 +184,7 @@ def run_large(args: argparse.Namespace, imgset: images.ImageSet, ds: dict[Any, D
             for method in _rotate(METHODS, rep + k):
                 if method == "bare":
                     out = bare_dir / f"out.{target}"
-                    r = scenarios.bare_convert(src, fmt, target, out)
+                    r = scenarios.bare_convert(src, images.qemu_format(fmt), target, out)
                     row["bare"].append(r["bare"])
                     row["sync"].append(r["sync"])
                     secs, digest = scenarios.sha256sum(out)
@@ -321,8 +325,9 @@ def run_probes(d: Daemon, workdir: Path) -> dict[str, Any]:
                            "qemu_img_info_raw": timed(["qemu-img", "info", "-f", "raw", "--output=json", str(tiny)]),
                            "true": timed(["true"])}
     if setpriv and prlimit:
-        out["qemu_img_info_wrapped"] = timed([setpriv, "--pdeathsig", "KILL", "--", prlimit, "--cpu=30",
-                                              f"--as={1 << 30}", "--", *info])
+        out["qemu_img_info_wrapped"] = timed([setpriv, "--pdeathsig", "KILL", "--inh-caps=-all", "--", prlimit,
+                                              "--cpu=30", f"--as={1 << 30}", "--", *info])
+    out.update(_launcher_probe([shutil.which("qemu-img") or "qemu-img", *info[1:]]))
     if small.exists():
         dst = workdir / "probe.raw"
         xs = []
@@ -346,12 +351,46 @@ def run_probes(d: Daemon, workdir: Path) -> dict[str, Any]:
     return out
 
 
+def _launcher_probe(argv: list[str], n: int = 30) -> dict[str, float]:
+    """``qemu-img info`` through convd's own launcher, with the limits convd sets:
+    wall per run (median), and CPU per run of this process, the launcher and qemu-img."""
+    try:
+        from convd import launcher
+    except ImportError:
+        return {}
+
+    def cpu_of(pid: int) -> float:
+        with open(f"/proc/{pid}/stat") as fh:
+            f = fh.read().rsplit(")", 1)[1].split()
+        return sum(int(f[i]) for i in (11, 12, 13, 14)) / os.sysconf("SC_CLK_TCK")
+
+    async def go() -> dict[str, float]:
+        lch = launcher.get()
+        xs = []
+        c0, l0 = os.times(), cpu_of(lch.pid)
+        for _ in range(n):
+            t0 = time.monotonic()
+            child = await lch.spawn(argv, {"cpu_time": 30, "address_space": 1 << 30})
+            await child.communicate()
+            xs.append(time.monotonic() - t0)
+        c1, l1 = os.times(), cpu_of(lch.pid)
+        cpu = (c1.user + c1.system + c1.children_user + c1.children_system
+               - c0.user - c0.system - c0.children_user - c0.children_system + l1 - l0)
+        return {"qemu_img_info_launcher": statistics.median(xs), "qemu_img_info_launcher_cpu": cpu / n}
+
+    try:
+        return asyncio.run(go())
+    finally:
+        launcher.shutdown()
+
+
 def run_variants(args: argparse.Namespace, imgset: images.ImageSet, workdir: Path) -> dict[str, Any]:
     """Bare qemu-img with each flag variant, durable (+ fsync); alternating like the rest."""
     out: dict[str, Any] = {}
     vsizes = {}
     for fmt in args.formats:
-        info = json.loads(subprocess.run(["qemu-img", "info", "-f", fmt, "--output=json", str(imgset.files[fmt])],
+        info = json.loads(subprocess.run(["qemu-img", "info", "-f", images.qemu_format(fmt), "--output=json",
+                                          str(imgset.files[fmt])],
                                          capture_output=True, text=True, check=True).stdout)
         vsizes[fmt] = info["virtual-size"]
     pairs = [(f, t) for t in args.targets for f in args.formats if f != t]
@@ -363,7 +402,7 @@ def run_variants(args: argparse.Namespace, imgset: images.ImageSet, workdir: Pat
                 fmt, {label: {"bare": [], "sync": []} for label, _, _ in variants})
             j = (rep + k) % len(variants)
             for label, flags, precreate in variants[j:] + variants[:j]:
-                r = scenarios.bare_convert(imgset.files[fmt], fmt, target, dst, flags,
+                r = scenarios.bare_convert(imgset.files[fmt], images.qemu_format(fmt), target, dst, flags,
                                            precreate=vsizes[fmt] if precreate else None)
                 row[label]["bare"].append(r["bare"])
                 row[label]["sync"].append(r["sync"])
@@ -386,7 +425,7 @@ def _convd_defaults(formats: tuple[str, ...], targets: tuple[str, ...]) -> dict[
     for t in targets:
         for f in formats:
             try:
-                out[f"{f}->{t}"] = " ".join(convert_args(f, t, None)) or "(none)"
+                out[f"{f}->{t}"] = " ".join(convert_args(images.qemu_format(f), t, None)) or "(none)"
             except Exception:  # noqa: BLE001 - an internal API; labels only
                 pass
     return out
@@ -492,6 +531,16 @@ def main(argv: list[str] | None = None) -> int:
             from bench.glance import run_glance
 
             results["glance"] = run_glance(imgset.files["qcow2"], workdir, args.glance_reps, log)
+        if args.qsd:
+            if not qsd.available():
+                log("--qsd: qemu-storage-daemon not found (Debian: apt-get install qemu-system-common); skipped")
+            else:
+                log(f"qemu-storage-daemon over QMP against qemu-img processes, {args.small_count} small images")
+                small = sorted((workdir / "small").glob("small-*.qcow2"))[:args.small_count]
+                if not small:
+                    images.small_qcow2(workdir / "small" / "small-0000.qcow2", args.small_size, seed=100)
+                    small = [workdir / "small" / "small-0000.qcow2"] * args.small_count
+                results["qsd"] = qsd.compare(small, workdir / "qsd", args.reps)
         if args.variants and imgset is not None:
             log(f"bare qemu-img flag variants, targets {', '.join(args.targets)}")
             results["variants"] = run_variants(args, imgset, workdir)

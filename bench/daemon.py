@@ -125,6 +125,29 @@ class Spool:
                     os.unlink(e.path)
 
 
+def _stat(pid: int) -> tuple[float, float, float, float] | None:
+    """(utime, stime, cutime, cstime) of ``pid`` in seconds."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    # after the comm field: state=0 ... utime=11 stime=12 cutime=13 cstime=14
+    return tuple(int(fields[i]) / tick for i in (11, 12, 13, 14))  # type: ignore[return-value]
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as fh:
+                out += [int(x) for x in fh.read().split()]
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return out
+
+
 class Daemon:
     """``convd run -c CONFIG`` in its own process group, JSON log to a file."""
 
@@ -186,15 +209,17 @@ class Daemon:
         return None
 
     def cpu(self) -> tuple[float, float]:
-        """CPU seconds so far: (the daemon itself, its reaped children: qemu-img and wrappers)."""
-        try:
-            with open(f"/proc/{self.pid}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
+        """CPU seconds so far: (the daemon itself, every process below it: its launcher,
+        qemu-img, any exec wrappers; reaped ones and, for the launcher, running ones)."""
+        me = _stat(self.pid)
+        if me is None:
             return (float("nan"), float("nan"))
-        tick = os.sysconf("SC_CLK_TCK")
-        # after the comm field: state=0 ... utime=11 stime=12 cutime=13 cstime=14
-        return ((int(fields[11]) + int(fields[12])) / tick, (int(fields[13]) + int(fields[14])) / tick)
+        below = me[2] + me[3]
+        for child in _children(self.pid):
+            st = _stat(child)
+            if st is not None:
+                below += sum(st)
+        return (me[0] + me[1], below)
 
     def stop(self, timeout: float = 15.0) -> int | None:
         if self.proc.poll() is None:

@@ -12,22 +12,30 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["COMPRESSORS", "FORMATS", "ImageSet", "Layout", "build_set", "compressed", "layout", "small_qcow2",
-           "tiny_raw"]
+__all__ = ["COMPRESSORS", "FORMATS", "ImageSet", "Layout", "build_set", "compressed", "layout", "qemu_format",
+           "small_qcow2", "tiny_raw"]
 
 MiB = 1 << 20
-FORMATS = ("qcow2", "vmdk", "vdi", "vpc", "vhdx", "raw")
+# "vmdk-stream" is a VMDK streamOptimized (compressed grains, what OVA
+# exports carry); "vmdk" is qemu-img's default monolithicSparse.
+FORMATS = ("qcow2", "vmdk", "vmdk-stream", "vdi", "vpc", "vhdx", "raw")
 # Creation options as the images come from their usual producers: VHD with
 # its exact size (qemu's "qem2" creator, as Azure/Hyper-V images are sized),
 # every other format with qemu-img's defaults (VMDK monolithicSparse, dynamic
 # VDI/VHD/VHDX, qcow2 with 64 KiB clusters).
-CREATE_OPTS = {"vpc": "force_size=on"}
+CREATE_OPTS = {"vpc": "force_size=on", "vmdk-stream": "subformat=streamOptimized"}
 _GRAIN = 64 << 10
-_MANIFEST_VERSION = 2
+_MANIFEST_VERSION = 3
+
+
+def qemu_format(label: str) -> str:
+    """The qemu-img format name of an image-set label ("vmdk-stream" is a vmdk)."""
+    return label.split("-", 1)[0]
 
 
 @dataclass
@@ -152,7 +160,7 @@ def build_set(directory: Path, virtual: int, formats: tuple[str, ...], seed: int
         progress(f"writing {lay.bytes_of('data') / MiB:.0f} MiB of random extents ({len(lay.data)} extents)")
         _write_data(data_raw, lay, seed)
         for fmt in formats:
-            if fmt == "raw":
+            if fmt in ("raw", "vmdk-stream"):
                 continue
             progress(f"building guest.{fmt}")
             files[fmt].unlink(missing_ok=True)
@@ -161,6 +169,18 @@ def build_set(directory: Path, virtual: int, formats: tuple[str, ...], seed: int
                 argv += ["-o", CREATE_OPTS[fmt]]
             _run(*argv, data_raw, files[fmt])
             _write_zeros(files[fmt], fmt, lay)
+        if "vmdk-stream" in formats:
+            # Written once, front to back, as exporters do (qemu cannot write
+            # into a streamOptimized image afterwards): zeros and holes alike
+            # are grains it leaves out.
+            progress("building guest.vmdk-stream")
+            files["vmdk-stream"].unlink(missing_ok=True)
+            staged = directory / "zeros.raw"
+            shutil.copyfile(data_raw, staged)
+            _write_zeros(staged, "raw", lay)
+            _run("qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", CREATE_OPTS["vmdk-stream"],
+                 staged, files["vmdk-stream"])
+            staged.unlink()
         if "raw" in formats:
             progress("building guest.raw")
             _write_zeros(data_raw, "raw", lay)

@@ -133,12 +133,20 @@ def quiesce(spool: Spool, timeout: float = 120.0) -> None:
         time.sleep(0.01)
 
 
-def _claimed_at(daemon: Daemon, names: set[str]) -> dict[str, float]:
-    out = {}
+def _item_events(daemon: Daemon, names: set[str]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """From the daemon's log: when each item was claimed, and the timings of its
+    ``converted``/``passed through`` event (the record's, plus ``handoff``)."""
+    claimed: dict[str, float] = {}
+    timings: dict[str, dict[str, float]] = {}
     for ev in daemon.new_events():
-        if ev.get("event") == "claimed" and ev.get("item") in names and "timestamp" in ev:
-            out[ev["item"]] = parse_ts(ev["timestamp"])
-    return out
+        item = ev.get("item")
+        if item not in names:
+            continue
+        if ev.get("event") == "claimed" and "timestamp" in ev:
+            claimed[item] = parse_ts(ev["timestamp"])
+        elif ev.get("event") in ("converted", "passed through") and isinstance(ev.get("timings"), dict):
+            timings[item] = ev["timings"]
+    return claimed, timings
 
 
 def convd_once(daemon: Daemon, src: Path, name: str, timeout: float = LARGE_TIMEOUT) -> dict[str, Any]:
@@ -152,15 +160,17 @@ def convd_once(daemon: Daemon, src: Path, name: str, timeout: float = LARGE_TIME
         seen = watch.wait_for([f"{name}.json"], timeout)
     directory, t1 = seen[f"{name}.json"]
     rec = spool.result(directory, name)
-    claimed = _claimed_at(daemon, {name}).get(name)
     spool.consume(name)
-    quiesce(spool)
+    quiesce(spool)  # after the clean-up: the item's log events are all written
+    claimed_at, logged = _item_events(daemon, {name})
+    claimed = claimed_at.get(name)
     settle_fs(spool.root)
     return {
         "e2e": t1 - t0,
         "claimed": None if claimed is None else claimed - wall0,
         "status": rec["status"],
-        "timings": rec.get("timings", {}),
+        "timings": {**rec.get("timings", {}), **{k: v for k, v in logged.get(name, {}).items()
+                                                  if k not in rec.get("timings", {})}},
         "sha256": (rec.get("target") or {}).get("checksums", {}).get("sha256"),
         "target_size": (rec.get("target") or {}).get("size"),
     }
@@ -182,10 +192,11 @@ def drain(daemon: Daemon, sources: Sequence[Path], tag: str) -> dict[str, Any]:
     quiesce(spool)
     cpu1 = daemon.cpu()
     timings: list[dict[str, float]] = []
+    claimed, logged = _item_events(daemon, set(names))
     for n in names:
         d, _ = seen[f"{n}.json"]
-        timings.append(spool.result(d, n).get("timings", {}))
-    claimed = _claimed_at(daemon, set(names))
+        t = spool.result(d, n).get("timings", {})
+        timings.append({**logged.get(n, {}), **t})
     for n in names:
         spool.consume(n)
     quiesce(spool)

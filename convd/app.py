@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 import structlog
 
-from convd import __version__, cancel, logs, protocol, qemu
+from convd import __version__, cancel, launcher, logs, protocol, qemu
 from convd.config import Config, load
 from convd.errors import Cancelled, ConfigError
 from convd.filesystem import detect_type, probe_filesystem
@@ -89,6 +89,7 @@ class Daemon:
         try:
             await self._run(cfg)
         finally:
+            launcher.shutdown()
             self.metrics.close()
             self.spool.close()
             self.notifier.close()
@@ -252,21 +253,24 @@ class Daemon:
                 await self._handle_cancels()
             room = self._claim_limit() - len(self.ctx.items)
             names, wait = self.intake.ready(limit=room) if room > 0 else ([], None)
+            wanted = []
             for name in names:
-                if self.stopping.is_set():
-                    break
                 if name in self.ctx.items:
                     self.intake.defer(name)  # same name still in flight: it waits in incoming/
-                    continue
-                try:
-                    claim = await anyio.to_thread.run_sync(self.spool.claim, name)
-                except FileExistsError:
+                else:
+                    wanted.append(name)
+            # One thread hop and one pair of directory fsyncs for the whole batch.
+            claimed = {}
+            if wanted and not self.stopping.is_set():
+                claimed = await anyio.to_thread.run_sync(self.spool.claim_all, wanted)
+            for name, claim in claimed.items():
+                if isinstance(claim, FileExistsError):
                     self.intake.defer(name)  # an earlier item's work dir, kept after an internal error
                     continue
-                except OSError as exc:
+                if isinstance(claim, OSError):
                     # e.g. a producer's directory we may not move, or a full disk:
                     # it stays in incoming/ and the next rescan tries again.
-                    log.error("cannot claim; left in incoming/", item=name, error=str(exc))
+                    log.error("cannot claim; left in incoming/", item=name, error=str(claim))
                     self.intake.forget(name)
                     continue
                 self.intake.forget(name)

@@ -130,8 +130,11 @@ def write_bytes(path: str | os.PathLike[str], data: bytes, *, replace: bool = Fa
 
 
 def write_json(path: str | os.PathLike[str], obj: Any, *, replace: bool = False,
-               sync: bool = True, owner: str = "") -> None:
-    write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode(), replace=replace, sync=sync, owner=owner)
+               sync: bool = True, owner: str = "", compact: bool = False) -> None:
+    """``write_bytes`` of ``obj`` as JSON: indented for people (records), or
+    ``compact`` for convd's own files (3-5x cheaper: the C encoder)."""
+    text = json.dumps(obj, separators=(",", ":")) if compact else json.dumps(obj, indent=2)
+    write_bytes(path, (text + "\n").encode(), replace=replace, sync=sync, owner=owner)
 
 
 class _suppress_missing:

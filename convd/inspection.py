@@ -24,7 +24,7 @@ from oslo_utils.imageutils import format_inspector as fi
 from convd import containers, integrity
 from convd.errors import CorruptImage, NotRegularFile, Stopped, UnsafeImage, UnsupportedFormat
 
-__all__ = ["RAW_FAMILY", "Inspection", "inspect_fd", "inspect_path", "open_regular"]
+__all__ = ["RAW_FAMILY", "Inspection", "inspect_fd", "inspect_path", "open_regular", "qemu_probe"]
 
 RAW_FAMILY = frozenset({"raw", "gpt", "iso"})
 _QEMU_NAME = {"vhd": "vpc"}  # the inspector's names → qemu-img's
@@ -100,6 +100,65 @@ def _backing_name(fd: int) -> str:
 def _fixed_vhd(fd: int, size: int) -> bool:
     """Whether the file ends in a VHD footer (a fixed VHD, which the inspector reads as raw)."""
     return size >= 2 * _VHD_FOOTER and os.pread(fd, 8, size - _VHD_FOOTER) == b"conectix"
+
+
+# qemu's format probe (block.c find_image_format) reads the first 512 bytes
+# (BLOCK_PROBE_BUF_SIZE) and asks every driver; raw scores 1, so any driver
+# that matches wins.  A raw-family disk (or a converted output) any probe
+# would claim becomes that format to every consumer that probes (a plain
+# `qemu-img info`, libvirt without a format, Glance's old import): the
+# inspector covers qcow2, vpc, vhdx, vdi, qed, luks and binary VMDK; these
+# are the probes it leaves out.  dmg probes by file name only (".dmg") and
+# vvfat/nbd/... never probe file contents.
+_PROBE_BYTES = 512
+_CLOOP_MAGIC = b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n"
+
+
+def _vmdk_text_probe(buf: bytes) -> bool:
+    """block/vmdk.c vmdk_probe for a text descriptor: comments and blank
+    (space-only) lines, then ``version=1|2|3`` on its own line."""
+    p, end = 0, len(buf)
+    while p < end:
+        c = buf[p:p + 1]
+        if c == b"#":
+            nl = buf.find(b"\n", p)
+            p = end if nl < 0 else nl + 1
+            continue
+        if c == b" ":
+            while p < end and buf[p:p + 1] == b" ":
+                p += 1
+            if p < end and buf[p:p + 1] == b"\r":
+                p += 1
+            if p == end or buf[p:p + 1] != b"\n":
+                return False
+            p += 1
+            continue
+        return any(buf.startswith(f"version={v}{eol}".encode(), p) for v in "123" for eol in ("\n", "\r\n"))
+    return False
+
+
+def qemu_probe(buf: bytes) -> str | None:
+    """The format qemu 7.2's probe would read ``buf`` (a file's first 512 bytes) as,
+    among those the inspector does not recognise; None for raw."""
+    buf = buf[:_PROBE_BYTES]
+    if not buf:
+        return None  # block.c: an empty file is raw without probing
+    if buf[:4] in (b"KDMV", b"COWD") or _vmdk_text_probe(buf):
+        return "vmdk"
+    if buf[:4] == b"QFI\xfb" and buf[4:8] == b"\0\0\0\1":
+        return "qcow"
+    if _CLOOP_MAGIC.startswith(buf[:len(_CLOOP_MAGIC)]):
+        return "cloop"  # cloop.c compares only as many bytes as there are
+    if len(buf) >= 64 and buf[:16] in (b"WithoutFreeSpace", b"WithouFreSpacExt") and buf[16:20] == b"\2\0\0\0":
+        return "parallels"
+    if len(buf) >= 512 and buf[:32].split(b"\0", 1)[0] == b"Bochs Virtual HD Image" and \
+            buf[32:48].split(b"\0", 1)[0] == b"Redolog" and buf[48:64].split(b"\0", 1)[0] == b"Growing" and \
+            buf[64:68] in (b"\0\0\2\0", b"\0\0\1\0"):
+        return "bochs"
+    for offset, magic, fmt in integrity.MAGICS:
+        if buf[offset:offset + len(magic)] == magic:
+            return fmt  # a header the inspector did not accept, still probed by qemu
+    return None
 
 
 def _vmdk_extents(fd: int, size: int) -> str:
@@ -194,15 +253,24 @@ def inspect_fd(fd: int, *, stop: threading.Event | None = None, limit: int | Non
                                   detected=fmt) from None
         except fi.ImageFormatError as exc:
             raise CorruptImage(f"{fmt} header cannot be parsed: {exc}", detected=fmt) from None
-    result = Inspection(format=fmt, virtual_size=size, size=size, matched=names)
+    # qemu reads a raw file in whole sectors: a 1000-byte file is a 1024-byte
+    # disk to qemu-img info and convert alike (block.c bdrv_getlength).
+    result = Inspection(format=fmt, virtual_size=-(-size // 512) * 512, size=size, matched=names)
     if fmt == "raw":
         short = integrity.cut_short_header(fd, size)
         if short:
             raise CorruptImage(f"a {short} header cut short: the file is only {size} bytes", detected=short)
+    if fmt in RAW_FAMILY:
+        # A fixed VHD of a partitioned disk starts with its MBR/GPT: the
+        # footer at the end decides, whatever the inspector saw first.
         if _fixed_vhd(fd, size):
             result.format, result.vhd_fixed = "vpc", True
             result.virtual_size = integrity.verify(fd, "vpc", size, stop=stop) or 0
-    elif fmt not in RAW_FAMILY:
+        elif probed := qemu_probe(os.pread(fd, _PROBE_BYTES, 0)):
+            raise UnsafeImage(f"a {fmt} disk whose first sector qemu probes as {probed}: read without "
+                              f"an explicit format it becomes a {probed} image (a hidden header)",
+                              detected=probed)
+    else:
         try:
             result.virtual_size = int(insp.virtual_size) if insp is not None else 0
         except Exception as exc:  # the inspector's parsers raise what they raise
@@ -211,8 +279,9 @@ def inspect_fd(fd: int, *, stop: threading.Event | None = None, limit: int | Non
             # The size qemu-img will convert (integrity documents each rule):
             # VHD by creator (CHS or current size), VDI rounded up to 512, …
             result.virtual_size = qemu_size
-        if result.virtual_size <= 0:
-            raise CorruptImage(f"{fmt} header gives no virtual size", detected=fmt)
+    if result.virtual_size <= 0:
+        what = "the file is empty (0 bytes)" if size == 0 else f"{result.format} header gives no virtual size"
+        raise CorruptImage(f"{what}: an empty disk", detected=result.format)
     return result
 
 

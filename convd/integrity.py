@@ -17,18 +17,22 @@ the format specifications they implement.
 from __future__ import annotations
 
 import functools
+import io
 import os
 import struct
 import sys
 import threading
 import uuid
+import zlib
 from array import array
 from collections.abc import Iterator
+
+import zstandard
 
 from convd.config import format_size
 from convd.errors import CorruptImage, Stopped, UnsafeImage, UnsupportedFormat
 
-__all__ = ["cut_short_header", "verify", "vmdk_descriptor", "vpc_virtual_size"]
+__all__ = ["MAGICS", "cut_short_header", "verify", "vmdk_descriptor", "vpc_virtual_size"]
 
 _SECTOR = 512
 # Tables are read in slices of this many bytes (a table is metadata, but a
@@ -181,6 +185,7 @@ def _qcow2(f: _File) -> int:
     unknown = incompat & ~(_QCOW2_DIRTY | _QCOW2_CORRUPT | _QCOW2_DATA_FILE | _QCOW2_COMPRESSION | _QCOW2_EXTL2)
     if unknown:
         raise f.corrupt(f"unknown incompatible feature bits {unknown:#x} (qemu-img 7.2 cannot read it)")
+    ctype = 0
     if incompat & _QCOW2_COMPRESSION and header_len > 104:
         ctype = f.read(104, 1, "qcow2 compression type")[0]
         if ctype not in (0, 1):
@@ -208,6 +213,15 @@ def _qcow2(f: _File) -> int:
         raise f.corrupt(f"refcount table of {rt_clusters} clusters is impossible")
     if incompat & _QCOW2_DATA_FILE:
         return size  # the data lives in another file: the inspector rejects it as unsafe
+    # A dirty image (lazy refcounts) skips `qemu-img check` (its refcounts
+    # lag by design), so the overlaps check would catch are checked here:
+    # no data cluster may lie on the image's own metadata.
+    meta = _Clusters(f.size, cluster_bits) if incompat & _QCOW2_DIRTY else None
+    if meta is not None:
+        meta.add(0, cluster, "header")
+        meta.add(l1_off, l1_size * 8, "L1 table")
+        meta.add(rt_off, rt_clusters * cluster, "refcount table")
+        _qcow2_snapshot_metadata(f, meta, h)
     # Refcount table → refcount blocks: metadata qemu-img check and every writer rely on.
     for first, data in f.slices(rt_off, rt_clusters * cluster, "qcow2 refcount table", 8):
         for i, entry in enumerate(_u64_table(data, True)):
@@ -217,6 +231,8 @@ def _qcow2(f: _File) -> int:
                     raise f.corrupt(f"refcount table entry {first + i} ({block:#x}) is not cluster-aligned")
                 if block + cluster > f.size:
                     raise f.past_end(f"refcount table entry {first + i} (block at {block:#x})", block + cluster)
+                if meta is not None:
+                    meta.add(block, cluster, "refcount block")
     # Active L1 → L2 tables → data clusters: what qemu-img convert reads.
     l1 = _u64_table(f.read(l1_off, l1_size * 8, "qcow2 L1 table"), True) if l1_size else array("Q")
     span = l2_entries * cluster  # guest bytes per L2 table
@@ -227,6 +243,10 @@ def _qcow2(f: _File) -> int:
     # Each L2 table is read once: two L1 entries sharing one is corruption, and
     # the work stays bounded by the file's size whatever the header claims.
     seen_l2 = bytearray((f.size >> cluster_bits) // 8 + 1)
+    if meta is not None:
+        for l1e in l1:
+            if l1e & _L1_OFFSET and (l1e & _L1_OFFSET) + cluster <= f.size:
+                meta.add(l1e & _L1_OFFSET, cluster, "L2 table")
     for i, l1e in enumerate(l1):
         l2_off = l1e & _L1_OFFSET
         if not l2_off:
@@ -242,7 +262,7 @@ def _qcow2(f: _File) -> int:
         if f.stop is not None and f.stop.is_set():
             raise Stopped("integrity check interrupted by shutdown")
         raw = f.read(l2_off, cluster, "qcow2 L2 table")
-        if not extended and _qcow2_plain_table(raw, cluster_bits):
+        if meta is None and not extended and _qcow2_plain_table(raw, cluster_bits):
             flat = bytearray(raw)
             flat[0::8] = bytes(len(flat) // 8)  # drop the "copied" flags
             if max(_u64_table(bytes(flat), True)) + cluster <= f.size:
@@ -259,15 +279,23 @@ def _qcow2(f: _File) -> int:
             where = f"L2 entry {j} of table {i} (guest offset {guest:#x})"
             if e & _L2_COMPRESSED:
                 host = e & comp_mask
-                last_sector = (host & ~0x1FF) + ((e >> comp_bits) & comp_sectors_mask) * _SECTOR
-                if last_sector >= f.size:
-                    f.data_past_end(f"{where}, a compressed cluster at {host:#x},", last_sector + 1)
+                # qcow2.c qcow2_parse_compressed_l2_entry: the data ends with
+                # its last sector; qemu reads it zero-filled past the file's
+                # end, so a stream cut inside that sector must be decoded to
+                # know whether its end is in the file.
+                end = (host & ~0x1FF) + (((e >> comp_bits) & comp_sectors_mask) + 1) * _SECTOR
+                if meta is not None:
+                    meta.check(host, min(end, f.size) - host, where, f)
+                if end > f.size and (host >= f.size or not _qcow2_cluster_decodes(f, host, cluster, ctype)):
+                    f.data_past_end(f"{where}, a compressed cluster at {host:#x},", end)
                 continue
             host = e & _L2_OFFSET
             if not host:
                 continue
             if host % cluster:
                 raise f.corrupt(f"{where} points to an unaligned cluster at {host:#x}")
+            if meta is not None and host < f.size:
+                meta.check(host, cluster, where, f)
             if extended:
                 alloc = l2[j * 2 + 1] & 0xFFFFFFFF
                 need = alloc.bit_length() * sub if alloc else 1
@@ -281,6 +309,60 @@ def _qcow2(f: _File) -> int:
             if host + need > f.size:
                 f.data_past_end(f"{where}, a data cluster at {host:#x},", host + need)
     return size
+
+
+class _Clusters:
+    """Which clusters of a file hold metadata, and what each is (a bitmap plus names)."""
+
+    def __init__(self, size: int, cluster_bits: int) -> None:
+        self.bits, self.size = cluster_bits, size
+        self.map = bytearray((size >> cluster_bits) // 8 + 1)
+        self.names: dict[int, str] = {}
+
+    def _range(self, offset: int, length: int) -> range:
+        last = min(offset + max(length, 1), self.size) - 1
+        return range(offset >> self.bits, (last >> self.bits) + 1)
+
+    def add(self, offset: int, length: int, what: str) -> None:
+        if offset >= self.size:
+            return  # past the end: the bounds checks report it
+        for n in self._range(offset, length):
+            self.map[n >> 3] |= 1 << (n & 7)
+            self.names.setdefault(n, what)
+
+    def check(self, offset: int, length: int, where: str, f: _File) -> None:
+        for n in self._range(offset, length):
+            if self.map[n >> 3] & (1 << (n & 7)):
+                raise f.corrupt(f"{where} points to data at {offset:#x}, over the "
+                                f"{self.names.get(n, 'metadata')} (cluster {n})")
+
+
+def _qcow2_snapshot_metadata(f: _File, meta: _Clusters, h: bytes) -> None:
+    """Mark the snapshot table and the snapshots' L1 tables (qcow2.txt "Snapshot table")."""
+    count, offset = struct.unpack(">IQ", h[60:72])
+    at = offset
+    for k in range(min(count, 65536)):
+        entry = f.read(at, 40, f"qcow2 snapshot {k}")
+        l1_off, l1_size, id_len, name_len = struct.unpack(">QIHH", entry[:16])
+        extra, = struct.unpack(">I", entry[36:40])
+        meta.add(l1_off, l1_size * 8, f"L1 table of snapshot {k}")
+        at += _round_up(40 + extra + id_len + name_len, 8)
+    if count:
+        meta.add(offset, at - offset, "snapshot table")
+
+
+def _qcow2_cluster_decodes(f: _File, host: int, cluster: int, ctype: int) -> bool:
+    """Whether the compressed cluster at ``host`` decodes to a whole cluster from
+    the file's bytes alone (qcow2-threads.c: zlib raw deflate, or zstd)."""
+    data = f.read(host, f.size - host, "qcow2 compressed cluster")
+    try:
+        if ctype == 1:
+            out = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)).read(cluster)
+        else:
+            out = zlib.decompressobj(-12).decompress(data, cluster)
+    except (zlib.error, zstandard.ZstdError):
+        return False
+    return len(out) == cluster
 
 
 # --------------------------------------------------------------------------- VMDK
@@ -358,8 +440,11 @@ def _vmdk(f: _File) -> int | None:
         seen_gt.add(gt_sec)
         if f.stop is not None and f.stop.is_set():
             raise Stopped("integrity check interrupted by shutdown")
+        # Entry 1 means "zeroed" only with the zero-grain flag (vmdk.c
+        # VMDK_GTE_ZEROED); without it, qemu reads sector 1: the metadata.
+        low = 1 if zero_grain else 0
         if not compressed and max(table) * _SECTOR + grain_bytes <= f.size and \
-                min((sec for sec in table if sec > 1), default=overhead) >= overhead:
+                min((sec for sec in table if sec > low), default=overhead) >= overhead:
             continue  # every grain of this table lies whole inside the file, after the metadata
         for j, sec in enumerate(table):
             if sec == 0 or (sec == 1 and zero_grain):
@@ -397,6 +482,7 @@ def _vmdk(f: _File) -> int | None:
 
 _VDI_UNALLOCATED = 0xFFFFFFFE  # and 0xffffffff: entries at or above are not in the file
 _VDI_TYPES = {1: "dynamic", 2: "static", 3: "undo", 4: "differencing"}
+_VDI_HEADER_END = 0x200  # pre-header (64 bytes) + the 1.1 header, padded to a sector
 
 
 def _uuid(raw: bytes) -> str:
@@ -429,6 +515,11 @@ def _vdi(f: _File) -> int:
         raise UnsafeImage(f"VDI is linked to image {_uuid(link)}", detected="vdi")
     if off_bmap + blocks * 4 > f.size:  # before sizing anything by a header's word
         raise f.past_end("VDI block map", off_bmap + blocks * 4)
+    # Data blocks over the header or the block map would read back metadata
+    # as guest data (qemu checks neither).
+    metadata = ((0, _VDI_HEADER_END, "header"), (off_bmap, off_bmap + blocks * 4, "block map"))
+    if off_bmap < _VDI_HEADER_END:
+        raise f.corrupt(f"block map at {off_bmap:#x} lies over the header")
     seen = bytearray(-(-blocks // 8))
     counted = 0
     for first, data in f.slices(off_bmap, blocks * 4, "VDI block map", 4):
@@ -444,6 +535,10 @@ def _vdi(f: _File) -> int:
             counted += 1
             start = off_data + entry * block_size
             need = min(block_size, max(1, disk_size - block * block_size))
+            for lo, hi, what in metadata:
+                if start < hi and start + need > lo:
+                    raise f.corrupt(f"block map entry {block} places data block {entry} at {start:#x}, "
+                                    f"over the {what}")
             if start + need > f.size:
                 f.data_past_end(f"block map entry {block} (data block {entry} at {start:#x})", start + need)
     if counted != allocated:
@@ -511,6 +606,10 @@ def _vpc(f: _File) -> int:
     disk_type, = struct.unpack(">I", footer[60:64])
     if vsize // _SECTOR > _VHD_MAX_SECTORS:
         raise f.corrupt(f"virtual size {vsize} is over VHD's 2040 GiB")
+    if vsize == 0:
+        raise f.corrupt(f"footer gives no virtual size (creator {footer[28:32].decode('latin-1')!r} "
+                        f"is sized by CHS geometry {'/'.join(map(str, struct.unpack('>HBB', footer[56:60])))}, "
+                        f"current size {struct.unpack('>Q', footer[48:56])[0]}): an empty disk")
     if fixed:
         if disk_type != 2:
             raise f.corrupt(f"footer at the end names disk type {disk_type}, not fixed (2)")
@@ -537,6 +636,9 @@ def _vpc(f: _File) -> int:
     bitmap = _round_up(block_size // (8 * _SECTOR), _SECTOR)
     metadata = ((0, _SECTOR, "footer copy"), (dyn_off, dyn_off + 1024, "dynamic disk header"),
                 (bat_off, bat_off + entries * 4, "block allocation table"))
+    # The spec ends every dynamic VHD with a footer (qemu reads the copy at
+    # the start); where one is there, a block running into it reads it back.
+    trailing = f.size >= 2 * _SECTOR and f.read(f.size - _SECTOR, 8, "VHD footer") == b"conectix"
     starts = array("Q")  # for the overlap check, up to _OVERLAP_CAP blocks (memory stays bounded)
     for first, data in f.slices(bat_off, entries * 4, "VHD block allocation table", 4):
         for i, sec in enumerate(_u32_table(data, True)):
@@ -550,6 +652,8 @@ def _vpc(f: _File) -> int:
                     raise f.corrupt(f"BAT entry {block} points a block at {start:#x} over the {what}")
             if start + need > f.size:
                 f.data_past_end(f"BAT entry {block} (block at {start:#x})", start + need)
+            elif trailing and start + need > f.size - _SECTOR:  # the footer at the end is metadata too
+                raise f.corrupt(f"BAT entry {block} points a block at {start:#x} over the footer at the end")
             elif len(starts) < _OVERLAP_CAP:
                 starts.append(start)
     ordered = sorted(starts)
@@ -669,7 +773,7 @@ _CHECKS = {"qcow2": _qcow2, "vmdk": _vmdk, "vdi": _vdi, "vpc": _vpc, "vhdx": _vh
 # Signatures of image formats whose header the inspector only recognises
 # once 512 bytes are there: a shorter file carrying one is a header cut
 # short, not a tiny raw disk.
-_MAGICS = ((0, b"QFI\xfb", "qcow2"), (0x40, b"\x7f\x10\xda\xbe", "vdi"), (0, b"QED\0", "qed"),
+MAGICS = ((0, b"QFI\xfb", "qcow2"), (0x40, b"\x7f\x10\xda\xbe", "vdi"), (0, b"QED\0", "qed"),
            (0, b"KDMV", "vmdk"), (0, b"conectix", "vpc"), (0, b"vhdxfile", "vhdx"))
 
 
@@ -678,7 +782,7 @@ def cut_short_header(fd: int, size: int) -> str | None:
     if size >= 512:
         return None
     head = os.pread(fd, 512, 0)
-    for offset, magic, fmt in _MAGICS:
+    for offset, magic, fmt in MAGICS:
         if head[offset:offset + len(magic)] == magic:
             return fmt
     return None

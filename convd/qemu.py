@@ -1,26 +1,33 @@
 """The one way convd runs qemu-img: argument building, limits, progress, killing.
 
-Every call passes ``-f`` (qemu-img never probes a format).  Children run in
-their own session, die with the daemon (``PR_SET_PDEATHSIG`` via
-``setpriv``), and unvetted files are read under CPU and address-space limits
-(``prlimit``); both are exec wrappers, so the pid we hold is qemu-img's.
+Every call passes ``-f`` (qemu-img never probes a format).  Children are
+started by ``convd.launcher``: each runs in its own session, dies with the
+daemon (the launcher's ``PR_SET_PDEATHSIG``), and reads unvetted files under
+CPU and address-space limits in force from ``execve`` (no exec wrappers).
+
+While an item runs, ``phase_timings`` holds its ``timings`` dict: every run
+adds ``spawn`` (the launcher's round trip, seconds) and ``qemu_<command>``
+(the qemu-img process's life, seconds), for the record and the benchmark.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import os
 import re
 import shutil
 import signal
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
 
+from convd import launcher
 from convd.config import DetectConfig
 from convd.errors import CorruptImage, StartupError, Timeout, TransientError
 
@@ -34,6 +41,7 @@ __all__ = [
     "data_bytes",
     "info",
     "measure",
+    "phase_timings",
     "qemu_img",
     "reason",
     "terminate",
@@ -44,24 +52,30 @@ _PROGRESS = re.compile(rb"\(\s*([0-9]+(?:\.[0-9]+)?)/100%\)")
 # "error while reading ..."; write failures say "error while writing".
 _SOURCE_UNREADABLE = re.compile(rb"error while reading")
 _KILL_GRACE = 3.0
-_setpriv = shutil.which("setpriv")
-_prlimit = shutil.which("prlimit")
+phase_timings: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
+    "phase_timings", default=None)
 
 
 def check_tools() -> None:
-    """Refuse to start without qemu-img, or without the limits its gate relies on."""
-    missing = [name for name, path in (("qemu-img", shutil.which("qemu-img")), ("prlimit", _prlimit),
-                                       ("setpriv", _setpriv)) if path is None]
-    if missing:
-        raise StartupError(f"{', '.join(missing)} not found on PATH "
-                           "(Debian: apt-get install qemu-utils util-linux)")
+    """Refuse to start without qemu-img, or without the launcher that applies its limits."""
+    if shutil.which("qemu-img") is None:
+        raise StartupError("qemu-img not found on PATH (Debian: apt-get install qemu-utils)")
+    try:
+        launcher.get(_child_env)
+    except OSError as exc:
+        raise StartupError(f"cannot start the qemu-img launcher: {exc}") from None
+
+
+_qemu_img: str | None = None
 
 
 def qemu_img() -> str:
-    path = shutil.which("qemu-img")
-    if path is None:
+    global _qemu_img
+    if _qemu_img is None:
+        _qemu_img = shutil.which("qemu-img")
+    if _qemu_img is None:
         raise RuntimeError("qemu-img not found on PATH (Debian: apt-get install qemu-utils)")
-    return path
+    return _qemu_img
 
 
 def reason(stderr: bytes, returncode: int, paths: dict[str, str]) -> str:
@@ -75,6 +89,8 @@ def reason(stderr: bytes, returncode: int, paths: dict[str, str]) -> str:
     text = stderr.decode(errors="replace")
     for path, label in sorted(paths.items(), key=lambda kv: -len(kv[0])):
         text = text.replace(path, label)
+    # qemu nests "Could not open 'X': " once per layer (format, then file).
+    text = re.sub(r"(Could not open '[^'\n]*': )(?:\1)+", r"\1", text)
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     errors = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("qemu-img:")]
     if errors:
@@ -94,36 +110,14 @@ class QemuResult:
         return reason(self.stderr, self.returncode, self.paths)
 
 
-def _child_env(address_space: int | None = None) -> dict[str, str]:
-    # systemd's notify/watchdog variables are the daemon's alone.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")}
-    if address_space:
-        # glibc reserves 64 MiB of address space per malloc arena, one per
-        # thread up to 8 × cores: under the address-space limit, qemu-img's
-        # worker threads then fail to start now and then ("qemu_thread_create:
-        # Resource temporarily unavailable", abort), and a healthy image
-        # would be rejected.  One arena is plenty for info/check/map.
-        env["MALLOC_ARENA_MAX"] = "1"
-    return env
+def _child_env() -> dict[str, str]:
+    # systemd's notify/watchdog variables are the daemon's alone.  (The
+    # launcher adds MALLOC_ARENA_MAX for children under a memory limit.)
+    return {k: v for k, v in os.environ.items()
+            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")}
 
 
-def _wrap(argv: list[str], cpu_time: float | None = None, address_space: int | None = None) -> list[str]:
-    prefix: list[str] = []
-    if _setpriv:
-        # Die with the daemon; and drop CAP_LEASE, which is the daemon's alone.
-        prefix += [_setpriv, "--pdeathsig", "KILL", "--inh-caps=-all", "--"]
-    if _prlimit and (cpu_time or address_space):
-        prefix += [_prlimit]
-        if cpu_time:
-            prefix += [f"--cpu={max(1, int(cpu_time))}"]
-        if address_space:
-            prefix += [f"--as={address_space}"]
-        prefix += ["--"]
-    return prefix + argv
-
-
-async def terminate(proc: asyncio.subprocess.Process, grace: float = _KILL_GRACE) -> None:
+async def terminate(proc: launcher.Child, grace: float = _KILL_GRACE) -> None:
     """SIGTERM, a bounded wait, then SIGKILL; always reaps, even when cancelled."""
     if proc.returncode is not None:
         return
@@ -138,19 +132,31 @@ async def terminate(proc: asyncio.subprocess.Process, grace: float = _KILL_GRACE
         await proc.wait()
 
 
-async def _spawn(argv: list[str], **limits: Any) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        *_wrap(argv, **limits),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,  # our signals only: a terminal's Ctrl-C is the daemon's to handle
-        env=_child_env(limits.get("address_space")),
-    )
+def _note(key: str, seconds: float) -> None:
+    timings = phase_timings.get()
+    if timings is not None:
+        timings[key] = timings.get(key, 0.0) + seconds
+
+
+async def _spawn(argv: list[str], cpu_time: float | None = None,
+                 address_space: int | None = None) -> launcher.Child:
+    limits: dict[str, int] = {}
+    if cpu_time:
+        limits["cpu_time"] = max(1, int(cpu_time))
+    if address_space:
+        limits["address_space"] = int(address_space)
+    # OSError (qemu-img not startable): an internal error, as a failed exec always was.
+    proc = await launcher.get(_child_env).spawn(argv, limits)
+    _note("spawn", proc.spawn_seconds)
+    return proc
+
+
+def _ran(proc: launcher.Child, what: str) -> None:
+    _note(f"qemu_{what}", time.monotonic() - proc.started)
 
 
 @contextlib.asynccontextmanager
-async def _supervised(proc: asyncio.subprocess.Process, timeout: float, what: str) -> AsyncIterator[None]:
+async def _supervised(proc: launcher.Child, timeout: float, what: str) -> AsyncIterator[None]:
     """Kill ``proc`` (SIGTERM, then SIGKILL) on timeout, cancellation or error."""
     try:
         with anyio.fail_after(timeout):
@@ -167,6 +173,7 @@ async def _run(argv: list[str], timeout: float, *, name: str | None = None, **li
     proc = await _spawn(argv, **limits)
     async with _supervised(proc, timeout, argv[1]):
         out, err = await proc.communicate()
+    _ran(proc, argv[1])
     path = argv[-1]
     return QemuResult(proc.returncode or 0, out, err, {path: name or os.path.basename(path)})
 
@@ -284,7 +291,7 @@ async def convert(
     src: str, src_fmt: str, dst: str, dst_fmt: str, *,
     extra_args: Sequence[str], timeout: float,
     on_progress: Callable[[float], None] | None = None,
-    on_start: Callable[[asyncio.subprocess.Process], None] | None = None,
+    on_start: Callable[[launcher.Child], None] | None = None,
     name: str | None = None,
 ) -> None:
     """Run one ``qemu-img convert``.
@@ -300,18 +307,16 @@ async def convert(
     proc = await _spawn(argv)
     if on_start:
         on_start(proc)
-    assert proc.stdout is not None and proc.stderr is not None
 
-    async def progress() -> None:
-        assert proc.stdout is not None
-        while chunk := await proc.stdout.read(4096):
-            if on_progress:
-                found = _PROGRESS.findall(chunk)
-                if found:
-                    on_progress(float(found[-1]) / 100.0)
+    def progress(chunk: bytes) -> None:
+        if on_progress:
+            found = _PROGRESS.findall(chunk)
+            if found:
+                on_progress(float(found[-1]) / 100.0)
 
     async with _supervised(proc, timeout, "convert"):
-        _, err, _ = await asyncio.gather(progress(), proc.stderr.read(), proc.wait())
+        _, err, _ = await asyncio.gather(proc.read_stdout(progress), proc.read_stderr(), proc.wait())
+    _ran(proc, "convert")
     if proc.returncode != 0:
         why = reason(err, proc.returncode, {src: name or os.path.basename(src), dst: "the output"})
         if proc.returncode < 0:

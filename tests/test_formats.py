@@ -49,7 +49,7 @@ def test_every_input_format_converts_and_compares_identical(tmp_path, spool, dae
         assert t["size"] == out.stat().st_size
         assert t["virtual_size"] == rec["source"]["virtual_size"]
         assert t["checksums"] == {"sha256": sha256_file(out)}
-        assert set(rec["timings"]) == {"detect", "wait_space", "convert", "publish", "total"}
+        assert {"detect", "wait_space", "convert", "publish", "total"} <= set(rec["timings"])  # + breakdown keys
         assert rec["attempts"] == 1
         assert rec["finished_at"].endswith("Z") and rec["convd_version"]
         assert images_equal(path, fmt, out, target), f"{name} → {target} differs"

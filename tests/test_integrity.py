@@ -134,7 +134,9 @@ def test_every_target_keeps_the_virtual_size(tmp_path, target, size):
     want = -(-size // 512) * 512
     assert qemu_virtual_size(out, target) == want
     assert rec is not None
-    assert rec["target"]["virtual_size"] == (size if target == "raw" else want)
+    # The record gives qemu's view for every target, raw included (a raw
+    # file is read in whole sectors).
+    assert rec["target"]["virtual_size"] == want
     assert images_equal(src, "raw", out, target)
 
 
@@ -315,3 +317,225 @@ def test_other_formats_variants_convert_identically(tmp_path, fmt, opts):
     assert rc == 0, err
     assert images_equal(img, fmt, tmp_path / "out", "raw")
     assert rec is not None and rec["source"]["virtual_size"] == qemu_virtual_size(img, fmt)
+
+
+# --------------------------------------------------------------------------- try1 findings
+# A raw-family disk (source or converted output) whose first sector a probing
+# qemu reads as another format; a fixed VHD around a partitioned disk; data
+# extents over the image's own metadata or cut inside their last sector;
+# empty disks; estimates for sparse sources.
+
+_DESCRIPTOR = (b'# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n'
+               b'createType="monolithicFlat"\n\nRW 8 FLAT "/etc/passwd" 0\n')
+_PROBED_SECTORS = {
+    "vmdk-descriptor": _DESCRIPTOR,
+    "vmdk-descriptor-crlf": b"#c\r\n   \r\nversion=2\r\n",
+    "vmdk3-cowd": b"COWD" + bytes(60),
+    "parallels": b"WithoutFreeSpace" + struct.pack("<I", 2) + bytes(44),
+    "bochs": b"Bochs Virtual HD Image".ljust(32, b"\0") + b"Redolog".ljust(16, b"\0")
+             + b"Growing".ljust(16, b"\0") + struct.pack("<I", 0x20000),
+    "cloop": b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n",
+}
+
+
+def _probed_format(path: Path) -> str:
+    """What qemu-img info makes of the file without -f (a failure to open is not raw either)."""
+    p = run("qemu-img", "info", "--output=json", path, check=False)
+    return json.loads(p.stdout)["format"] if p.returncode == 0 else "not raw"
+
+
+@pytest.mark.parametrize("head", list(_PROBED_SECTORS), ids=list(_PROBED_SECTORS))
+def test_raw_disk_that_qemus_probe_reads_as_another_format_is_unsafe(tmp_path, head):
+    src = tmp_path / "disk.img"
+    src.write_bytes(_PROBED_SECTORS[head].ljust(1 * MiB, b"\0"))
+    assert _probed_format(src) != "raw"  # the real qemu is fooled
+    rc, _, err = convert(src, tmp_path / "out")
+    assert err.startswith("convd: unsafe_image: a raw disk whose first sector qemu probes as "), err
+
+
+def test_converted_output_that_starts_with_a_vmdk_descriptor_is_unsafe(tmp_path):
+    guest = tmp_path / "guest.raw"
+    guest.write_bytes(_DESCRIPTOR.ljust(1 * MiB, b"\0"))
+    src = tmp_path / "wrapper.qcow2"
+    run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", guest, src)
+    rc, _, err = convert(src, tmp_path / "out")
+    assert err.startswith("convd: unsafe_image: a raw disk whose first sector qemu probes as vmdk"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_raw_disk_with_a_version_line_past_qemus_probe_window_converts(tmp_path):
+    # qemu probes 512 bytes: comment lines that push "version=" past them leave it raw.
+    src = tmp_path / "disk.img"
+    src.write_bytes((b"#" * 600 + b"\nversion=1\n").ljust(1 * MiB, b"\0"))
+    assert _probed_format(src) == "raw"
+    rc, rec, err = convert(src, tmp_path / "out")
+    assert rc == 0, err
+
+
+def _partitioned(path: Path, label: str) -> None:
+    run("qemu-img", "create", "-f", "raw", path, str(32 * MiB))
+    run("parted", "-s", path, "mklabel", label, "mkpart", "primary", "1MiB", "17MiB")
+    make_cases.write_at(str(path), 20 * MiB, b"GUESTDATA" * 100)
+
+
+@pytest.mark.parametrize("label", ["gpt", "msdos"])
+def test_fixed_vhd_of_a_partitioned_disk_is_vpc_without_its_footer(tmp_path, label):
+    disk = tmp_path / "disk.raw"
+    _partitioned(disk, label)
+    vhd = tmp_path / "disk.vhd"
+    run("qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "subformat=fixed,force_size=on", disk, vhd)
+    rc, rec, err = convert(vhd, tmp_path / "out.raw")
+    assert rc == 0, err
+    assert rec["source"]["format"] == "vpc" and rec["source"]["virtual_size"] == vhd.stat().st_size - 512
+    assert rec["target"]["virtual_size"] == 32 * MiB
+    assert images_equal(disk, "raw", tmp_path / "out.raw", "raw")
+    rc, rec, err = convert(vhd, tmp_path / "out.vhd", "--to", "vpc")
+    assert rc == 0, err
+    assert images_equal(disk, "raw", tmp_path / "out.vhd", "vpc")
+    assert (tmp_path / "out.vhd").stat().st_size == vhd.stat().st_size  # not a VHD in a VHD
+
+
+@pytest.mark.parametrize("compression", ["zlib", "zstd"])
+def test_compressed_qcow2_cut_inside_its_last_compressed_sector_is_corrupt(tmp_path, compression):
+    raw = tmp_path / "c.raw"
+    run("qemu-img", "create", "-f", "raw", raw, str(4 * MiB))
+    qemu_io(raw, "raw", "write -P 1 0 512k", "write -P 3 3M 1M")  # compressible to the last cluster
+    img = tmp_path / "c.qcow2"
+    run("qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2",
+        *(["-o", "compression_type=zstd"] if compression == "zstd" else []), raw, img)
+    rc, _, err = convert(img, tmp_path / "whole")
+    assert rc == 0, err  # the whole file ends inside that sector too
+    _, entries = _l2_entries(img)
+    comp = [e for e in entries if e & (1 << 62)]
+    host_mask, shift = (1 << 54) - 1, 54  # 64 KiB clusters: 62 - (16 - 8) offset bits
+    last = max(comp, key=lambda e: e & host_mask)
+    host = last & host_mask
+    last_sector = (host & ~511) + ((last >> shift) & 0xFF) * 512
+    assert last_sector < img.stat().st_size  # the old check (last sector starts in the file) passes
+    cut = tmp_path / "cut.qcow2"
+    cut.write_bytes(img.read_bytes()[:last_sector + 1])
+    rc, _, err = convert(cut, tmp_path / "out")
+    assert err.startswith("convd: corrupt_image: qcow2: "), err
+    assert "past the end of the file" in err and "a compressed cluster" in err
+
+
+@pytest.mark.parametrize("target", ["refcount table", "refcount block", "L1 table", "L2 table"])
+def test_dirty_qcow2_with_data_over_its_own_metadata_is_corrupt(tmp_path, target):
+    img = make_image(tmp_path / "d.qcow2", "qcow2", 4 * MiB)
+    h = make_cases.read_at(str(img), 0, 104)
+    l1_off, rt_off = struct.unpack(">Q", h[40:48])[0], struct.unpack(">Q", h[48:56])[0]
+    l2_off, entries = _l2_entries(img)
+    rb_off = struct.unpack(">Q", make_cases.read_at(str(img), rt_off, 8))[0]
+    where = {"refcount table": rt_off, "refcount block": rb_off, "L1 table": l1_off, "L2 table": l2_off}[target]
+    used = next(i for i, e in enumerate(entries) if e & 0x00FFFFFFFFFFFE00)
+    _qcow2_edit(img, l2_off + 8 * used, ">Q", (1 << 63) | where)
+    incompat = struct.unpack(">Q", h[72:80])[0]
+    _qcow2_edit(img, 72, ">Q", incompat | 1)  # dirty: qemu-img check is not asked
+    before = sha256_file(img)
+    rc, _, err = convert(img, tmp_path / "out")
+    assert err.startswith("convd: corrupt_image: qcow2: L2 entry"), err
+    assert f"over the {target}" in err
+    assert sha256_file(img) == before
+
+
+def _vmdk_first_gte(img: Path) -> int:
+    """File offset of grain table 0's first entry of a monolithicSparse VMDK."""
+    gd_sec = struct.unpack("<Q", make_cases.read_at(str(img), 56, 8))[0]
+    gt_sec = struct.unpack("<I", make_cases.read_at(str(img), gd_sec * 512, 4))[0]
+    return gt_sec * 512
+
+
+@pytest.mark.parametrize("zero_grain", [False, True], ids=["sector-1", "zero-grain-flag"])
+def test_vmdk_grain_table_entry_one_is_the_metadata_unless_it_means_zeroed(tmp_path, zero_grain):
+    img = make_image(tmp_path / "g.vmdk", "vmdk", 4 * MiB)
+    make_cases.write_at(str(img), _vmdk_first_gte(img), struct.pack("<I", 1))
+    if zero_grain:
+        flags = struct.unpack("<I", make_cases.read_at(str(img), 8, 4))[0]
+        make_cases.write_at(str(img), 8, struct.pack("<I", flags | 4))
+    rc, _, err = convert(img, tmp_path / "out")
+    if zero_grain:
+        assert rc == 0, err
+        assert images_equal(img, "vmdk", tmp_path / "out", "raw")
+        assert make_cases.read_at(str(tmp_path / "out"), 0, 64 << 10) == bytes(64 << 10)
+    else:
+        assert err.startswith("convd: corrupt_image: vmdk: grain table 0 entry 0"), err
+        assert "points into the metadata" in err
+
+
+@pytest.mark.parametrize("over", ["header", "block map"])
+def test_vdi_data_over_its_own_header_or_block_map_is_corrupt(tmp_path, over):
+    img = make_image(tmp_path / "v.vdi", "vdi", 4 * MiB)
+    off_bmap = struct.unpack("<I", make_cases.read_at(str(img), 0x154, 4))[0]
+    make_cases.write_at(str(img), 0x158, struct.pack("<I", 0 if over == "header" else off_bmap))
+    rc, _, err = convert(img, tmp_path / "out")
+    assert err.startswith("convd: corrupt_image: vdi: block map entry"), err
+    assert f"over the {over}" in err
+
+
+def test_dynamic_vhd_block_running_into_the_footer_at_the_end_is_corrupt(tmp_path):
+    img = make_image(tmp_path / "d.vhd", "vpc", 8 * MiB)
+    data = img.read_bytes()
+    cut = tmp_path / "cut.vhd"
+    cut.write_bytes(data[:-1024] + data[-512:])  # last block's tail gone, footer put back
+    rc, _, err = convert(cut, tmp_path / "out")
+    assert err.startswith("convd: corrupt_image: vpc: BAT entry"), err
+    assert "over the footer at the end" in err
+
+
+def _empty_fixed_vhd(path: Path) -> None:
+    run("qemu-img", "create", "-f", "vpc", "-o", "subformat=fixed,force_size=on", path, str(4 * MiB))
+    make_cases.vhd_edit_footer(str(path), creator=b"vpc ", chs=(0, 0, 0))
+
+
+def _zero_sized(fmt: str) -> Any:
+    def make(path: Path) -> None:
+        run("qemu-img", "create", "-f", fmt, path, "0")
+    return make
+
+
+@pytest.mark.parametrize("make", [lambda p: p.write_bytes(b""), _empty_fixed_vhd, _zero_sized("qcow2"),
+                                  _zero_sized("vdi"), _zero_sized("vmdk")],
+                         ids=["0-byte-upload", "fixed-vhd-chs-0", "qcow2", "vdi", "vmdk"])
+def test_disk_with_no_virtual_size_is_corrupt(tmp_path, make):
+    src = tmp_path / "empty.img"
+    make(src)
+    rc, _, err = convert(src, tmp_path / "out")
+    assert err.startswith("convd: corrupt_image: "), err
+    assert "empty disk" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_daemon_keeps_the_original_bytes_of_hidden_formats_and_empty_disks(tmp_path, spool, daemon_factory):
+    evil = tmp_path / "evil.img"
+    evil.write_bytes(_DESCRIPTOR.ljust(1 * MiB, b"\0"))
+    empty = tmp_path / "empty.vhd"
+    _empty_fixed_vhd(empty)
+    gte = make_image(tmp_path / "gte.vmdk", "vmdk", 4 * MiB)
+    make_cases.write_at(str(gte), _vmdk_first_gte(gte), struct.pack("<I", 1))
+    d = daemon_factory(write_config(tmp_path))
+    for src in (evil, empty, gte):
+        spool.drop(src)
+    for src, code in ((evil, "unsafe_image"), (empty, "corrupt_image"), (gte, "corrupt_image")):
+        rec = spool.wait_record(src.name)
+        assert rec["error"]["code"] == code, rec
+        assert sha256_file(spool.failed / src.name) == sha256_file(src)
+    assert d.stop() == 0
+
+
+def test_sparse_source_estimate_for_vmdk_vpc_vhdx_vdi_counts_data_not_virtual_size(tmp_path):
+    src = tmp_path / "s.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", src, str(200 << 30))
+    qemu_io(src, "qcow2", "write -P 0x33 0 64k")
+    cfg = write_config(tmp_path, limits={"workspace": "1GiB"})
+    for target in ("vmdk", "vpc", "vhdx", "vdi"):
+        out = tmp_path / f"out.{target}"
+        rc, rec, err = convert(src, out, "--to", target, "-c", str(cfg))
+        assert rc == 0, (target, err)
+        assert images_equal(src, "qcow2", out, target)
+        out.unlink()
+
+
+def test_qemu_reason_says_could_not_open_once():
+    from convd.qemu import reason
+    err = b"qemu-img: Could not open 'X.vhdx': Could not open 'X.vhdx': Invalid argument\n"
+    assert reason(err, 1, {}) == "Could not open 'X.vhdx': Invalid argument"

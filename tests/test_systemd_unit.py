@@ -36,7 +36,7 @@ MAX_EXPOSURE = 1.7
 
 # What `systemd-analyze security` still marks ✗, and why each is accepted.
 ACCEPTED_GAPS = {
-    # setpriv calls capset(), qemu-img set_mempolicy().
+    # the qemu-img launcher calls capset() and prlimit64(), qemu-img set_mempolicy().
     "SystemCallFilter=~@privileged",
     "SystemCallFilter=~@resources",
     # A private root image is out of scope for a pip-installed daemon.
@@ -47,7 +47,7 @@ ACCEPTED_GAPS = {
     "RestrictAddressFamilies=~AF_(INET|INET6)",
     "PrivateNetwork=",
     "IPAddressDeny=",
-    # setpriv reads /proc/sys/kernel/cap_last_cap, the metrics /proc/stat.
+    # the metrics read /proc/stat.
     "ProcSubset=",
     # Producers' files would stat() as owned by nobody.
     "PrivateUsers=",

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Iterator
 import anyio
 import structlog
 
+from convd import qemu
 from convd.errors import Cancelled, ConvertFailed, ItemError, NameConflict, Stopped, TransientError
 from convd.pipeline.context import Context
 from convd.pipeline.item import CANCELLABLE, Item, Stage
@@ -49,6 +50,7 @@ def _cancellable(item: Item) -> Iterator[anyio.CancelScope]:
 async def run_item(item: Item, ctx: Context) -> None:
     """Drive ``item`` to ``outgoing/`` or ``failed/``; never loses its source."""
     structlog.contextvars.bind_contextvars(item=item.name)
+    qemu.phase_timings.set(item.timings)  # this task's qemu-img runs add their times
     ctx.items[item.name] = item
     try:
         while item.stage is not Stage.DONE:
@@ -76,7 +78,7 @@ async def run_item(item: Item, ctx: Context) -> None:
                 with _cancellable(item):
                     await anyio.sleep(delay)
                 continue
-            log.info("stage done", duration=round(time.monotonic() - t0, 6), next=item.stage.value)
+            log.debug("stage done", duration=round(time.monotonic() - t0, 6), next=item.stage.value)
     except ItemError as exc:
         await _discard(item, ctx)
         with anyio.CancelScope(shield=True):

@@ -346,12 +346,43 @@ class Spool:
         Raises ``FileExistsError`` while an earlier item of the same name is
         still in ``work/``: the file waits in ``incoming/`` until it is gone.
         """
-        with self._claims_guard:
-            return self._claim(name)
+        got = self.claim_all([name])[name]
+        if isinstance(got, OSError):
+            raise got
+        return got
 
-    def _claim(self, name: str) -> Claim | None:
+    def claim_all(self, names: list[str]) -> dict[str, Claim | None | OSError]:
+        """``claim`` for several names at once, with one ``fsync`` of ``work/<instance>/``
+        and of ``incoming/`` for all of them: each claim is durable when this returns,
+        as ``claim``'s is.  Per name: the claim, None (lost the race), or the error."""
+        out: dict[str, Claim | None | OSError] = {}
+        taken: list[Claim] = []
+        for name in names:
+            # The guard: take-over must not adopt a same-named item between our mkdir and rename.
+            with self._claims_guard:
+                out[name] = got = self._claim(name)
+            if isinstance(got, Claim):
+                taken.append(got)
+        # Durable before any work: a filesystem that logs fsyncs per inode
+        # (btrfs) must not resurrect the name in incoming/ after a power cut.
+        try:
+            for claim in taken:
+                durable.fsync_dir(claim.dir)
+            if taken:
+                durable.fsync_dir(self.claims)
+                durable.fsync_dir(self.incoming)
+        except OSError as exc:
+            # Moved but not durable: not started now; the next start recovers them.
+            for claim in taken:
+                out[claim.name] = exc
+        return out
+
+    def _claim(self, name: str) -> Claim | None | OSError:
         d = self.claims / name
-        os.mkdir(d, 0o750)
+        try:
+            os.mkdir(d, 0o750)
+        except OSError as exc:
+            return exc
         try:
             # A plain rename: d was just made by us, so nothing can be at
             # d/source, and rename(2) is atomic on every filesystem (NFS too,
@@ -361,14 +392,9 @@ class Spool:
             os.rmdir(d)
             log.debug("claim lost the race", item=name)
             return None
-        except BaseException:
+        except OSError as exc:
             os.rmdir(d)
-            raise
-        # Durable before any work: a filesystem that logs fsyncs per inode
-        # (btrfs) must not resurrect the name in incoming/ after a power cut.
-        durable.fsync_dir(d)
-        durable.fsync_dir(self.claims)
-        durable.fsync_dir(self.incoming)
+            return exc
         return Claim(name=name, dir=d)
 
     # -- per-item state ---------------------------------------------------
@@ -378,7 +404,8 @@ class Spool:
         # Atomic but not fsynced: the count is informational, and a power cut
         # costing it at worst under-reports one attempt.
         durable.write_json(claim.dir / ITEM, {"name": claim.name, "attempts": claim.attempts,
-                                              "updated_at": time.time()}, replace=True, sync=False)
+                                              "updated_at": time.time()}, replace=True, sync=False,
+                           compact=True)
 
     def discard_output(self, claim: Claim) -> None:
         """Remove a partial output and any unpacked disk; never one whose handoff is
@@ -419,7 +446,7 @@ class Spool:
         st = os.lstat(claim.dir / payload)
         claim.pending = {"dest": dest, "final_name": final_name, "payload": payload, "record": record,
                          "inode": st.st_ino}
-        durable.write_json(claim.dir / RECORD, claim.pending, replace=True)
+        durable.write_json(claim.dir / RECORD, claim.pending, replace=True, compact=True)
 
     def unstage_handoff(self, claim: Claim) -> None:
         claim.pending = None

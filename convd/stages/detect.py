@@ -27,7 +27,8 @@ VMDK_CREATE_TYPES = ("monolithicSparse", "streamOptimized")
 # (one guest region reading another's data).  vdi, vmdk and vhdx checks add
 # nothing integrity does not already do, and vpc has none: no spawn for them.
 # A dirty qcow2 (lazy refcounts after a crash) is skipped: its refcounts lag
-# by design, and qemu reads it through L1/L2 alone, which integrity checks.
+# by design, and qemu reads it through L1/L2 alone, which integrity checks,
+# overlaps with the image's own metadata included (what check would find).
 CHECKED_FORMATS = ("qcow2",)
 
 

@@ -50,10 +50,12 @@ def _finish_output(path: str, item: Item, ctx: Context) -> dict[str, Any]:
     sync_error: list[OSError] = []
 
     def sync() -> None:
+        t0 = time.monotonic()
         try:
             os.fsync(fd)
         except OSError as exc:
             sync_error.append(exc)
+        item.timings["fsync"] = time.monotonic() - t0
 
     # The record promises durable bytes: qemu-img's default cache mode never
     # flushes, nor need a producer have.  The flush runs beside the checksum,
@@ -74,7 +76,9 @@ def _finish_output(path: str, item: Item, ctx: Context) -> dict[str, Any]:
                 raise ConvertFailed(f"the {item.target_format} output's virtual size is {vsize} bytes, "
                                     f"the source's {item.inspection.virtual_size}: the conversion changed "
                                     "the disk")
+        t0 = time.monotonic()
         sums = digest_file(fd, item.cfg.checksum.algorithms, ctx.count_hashed, ctx.stop)
+        item.timings["hash"] = time.monotonic() - t0
         if item.source_changed():  # after the checksum: a passthrough's sums cover these bytes
             raise UnsafeImage("the source changed after its safety checks")
     finally:
@@ -106,6 +110,8 @@ async def publish(item: Item, ctx: Context) -> Stage:
             ctx.spool.unstage_handoff(claim)
             raise NameConflict(f"outgoing/{item.name} appeared while publishing") from None
 
+    t0 = time.monotonic()
     await anyio.to_thread.run_sync(handoff)
+    item.timings["handoff"] = time.monotonic() - t0  # after the record: in the log event only
     ctx.published(item, rec)
     return Stage.CLEANUP

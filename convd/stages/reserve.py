@@ -23,6 +23,24 @@ MARGIN_FRACTION = 0.01
 CHEAP_BOUND = 64 << 20
 
 
+# The largest block a target allocates at once, as qemu-img 7.2 creates it:
+# vmdk 64 KiB grains, vdi 1 MiB blocks, vpc 2 MiB blocks, vhdx blocks of
+# up to 64 MiB (block/vhdx.c picks 8-64 MiB by virtual size).
+_ALLOCATION_UNIT = {"vmdk": 64 << 10, "vdi": 1 << 20, "vpc": 2 << 20, "vhdx": 64 << 20}
+
+
+def _metadata_bound(vsize: int, data: int) -> int:
+    """An upper bound, in bytes, on the tables of a vmdk/vdi/vpc/vhdx target.
+
+    vmdk: 4-byte grain-table entries per 64 KiB, twice (redundant tables),
+    under vsize/8192; vpc: 4-byte BAT entries per 2 MiB plus a 512-byte
+    bitmap per allocated block, under vsize/4096 + data/1024; vdi and vhdx
+    tables are smaller still; headers, descriptor, vhdx log and region
+    alignment fit in 16 MiB.
+    """
+    return vsize // 4096 + data // 1024 + (16 << 20)
+
+
 async def estimate(item: Item, ctx: Context) -> int:
     assert item.inspection is not None
     insp, target = item.inspection, item.target_format
@@ -37,8 +55,15 @@ async def estimate(item: Item, ctx: Context) -> int:
                                      limits=item.cfg.detect, name=item.label) if ctx.sparse else vsize
     elif target == "qcow2":  # the only other target qemu-img 7.2 can measure
         need = await qemu.measure(path, insp.qemu_format, target, limits=item.cfg.detect, name=item.label)
+    elif any(a.startswith("-S") for a in item.cfg.qemu_args_for(insp.format) or ()):
+        need = bound  # an operator's -S changes which zeros qemu-img writes: no data-based estimate
     else:
-        need = bound
+        # qemu-img writes only the source's data into a new sparse-format
+        # image (it starts all zeros): each data extent rounded out to the
+        # target's largest allocation unit, plus a bound on its tables.
+        data = await qemu.data_bytes(path, insp.qemu_format, _ALLOCATION_UNIT[target],
+                                     limits=item.cfg.detect, name=item.label)
+        need = min(bound, data + _metadata_bound(vsize, data))
     return need + int(need * MARGIN_FRACTION) + MARGIN_BYTES
 
 

@@ -1,0 +1,443 @@
+"""The qemu-img launcher: one small process, started once, that starts every
+qemu-img child with its limits already in force, so no exec wrapper runs.
+
+Why a process of its own: the daemon is threaded (anyio worker threads), so
+it cannot run code between ``fork`` and ``exec`` (a ``preexec_fn`` may
+deadlock on a lock another thread held), ``os.posix_spawn`` cannot set
+resource limits, and ``prlimit(2)`` on a running child races its first read
+of the image.  The launcher is single-threaded and holds nothing else, so it
+can put the limits on *itself* for the instant of a ``posix_spawn``: the
+child inherits them through ``vfork`` and ``execve`` and runs under them
+from its first instruction.  (A Python ``fork`` per child, which could set
+everything in the child, costs more CPU than the two exec wrappers it
+would replace: measured in docs/benchmarks.md.)
+
+What each child gets:
+
+- its own session (a terminal's Ctrl-C is the daemon's to handle);
+- ``RLIMIT_CPU`` and ``RLIMIT_AS`` when asked: inherited as soft limits at
+  ``execve``, then made hard too (``prlimit`` on the new pid, so it cannot
+  raise them again);
+- no inheritable or ambient capabilities (the launcher drops them from
+  itself at start, what ``setpriv --inh-caps=-all`` did per child);
+- death when the daemon lets go of it: a child whose reply socket the daemon
+  closes before it ended (a cancelled spawn) is SIGKILLed;
+- death with the daemon: the launcher has ``PR_SET_PDEATHSIG(SIGTERM)`` to
+  the daemon's main thread, and on that signal, on the end of its socket or
+  on any error of its own it SIGKILLs every child it started before it
+  exits.  (Only a SIGKILL of the launcher alone would leave them running,
+  within their limits; under systemd the unit's cgroup still ends them.)
+
+Wire protocol (``AF_UNIX``/``SOCK_SEQPACKET``, one datagram per message):
+the daemon sends ``{"argv": [...], "limits": {...}}`` with four descriptors
+(stdin, stdout, stderr, and one end of a fresh reply socket pair); the
+launcher answers on the reply socket ``{"pid": N}`` with a pidfd once the
+child has exec'd (or ``{"error": "..."}``), then ``{"returncode": N}``
+(negative: killed by that signal) when it has reaped the child.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import atexit
+import contextlib
+import ctypes
+import ctypes.util
+import json
+import os
+import resource
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["Child", "Launcher", "get", "shutdown"]
+
+_PR_SET_PDEATHSIG = 1
+_PR_CAP_AMBIENT = 47
+_PR_CAP_AMBIENT_CLEAR_ALL = 4
+_CAP_VERSION_3 = 0x20080522
+_LIMITS = {"cpu_time": "RLIMIT_CPU", "address_space": "RLIMIT_AS"}
+_MAX_MSG = 64 << 10
+_CHUNK = 64 << 10
+
+
+# -- the launcher process ---------------------------------------------------
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _drop_inheritable_caps(libc: ctypes.CDLL) -> None:
+    hdr = _CapHeader(_CAP_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(libc.capget(ctypes.byref(hdr), data), "capget")
+    for d in data:
+        d.inheritable = 0
+    _check(libc.capset(ctypes.byref(hdr), data), "capset")
+    # Ambient capabilities must be inheritable too; clear them explicitly
+    # (EINVAL: a kernel without ambient capabilities has none to clear).
+    if libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0 and ctypes.get_errno() != 22:
+        _check(-1, "PR_CAP_AMBIENT_CLEAR_ALL")
+
+
+def _recv_fds(sock: socket.socket, maxfds: int, flags: int = 0) -> tuple[bytes, list[int]]:
+    """One datagram and its descriptors, close-on-exec (``socket.recv_fds`` of
+    Python 3.11 drops its ``flags``)."""
+    fds = array.array("i")
+    data, ancdata, _, _ = sock.recvmsg(_MAX_MSG, socket.CMSG_LEN(maxfds * fds.itemsize),
+                                       socket.MSG_CMSG_CLOEXEC | flags)
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+    return data, list(fds)
+
+
+def _send(sock: socket.socket, msg: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    try:
+        socket.send_fds(sock, [json.dumps(msg).encode()], list(fds))
+    except OSError:
+        pass  # the daemon dropped the request; the child is reaped all the same
+
+
+_RESET_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGXCPU, signal.SIGXFSZ)
+
+
+def _spawn_limited(argv: list[str], fds: list[int], limits: dict[str, int]) -> int:
+    """``posix_spawn`` with this process's soft limits set to ``limits`` for the instant."""
+    saved = {}
+    try:
+        for key, value in limits.items():
+            which = getattr(resource, _LIMITS[key])
+            saved[which] = resource.getrlimit(which)
+            resource.setrlimit(which, (int(value), saved[which][1]))
+        env = os.environ
+        if "address_space" in limits:
+            # glibc reserves 64 MiB of address space per malloc arena, one per
+            # thread up to 8 × cores: under the address-space limit, qemu-img's
+            # worker threads then fail to start now and then ("qemu_thread_create:
+            # Resource temporarily unavailable", abort), and a healthy image
+            # would be rejected.  One arena is plenty for info/check/map.
+            env = {**os.environ, "MALLOC_ARENA_MAX": "1"}
+        pid = os.posix_spawn(
+            argv[0], argv, env, setsid=True, setsigdef=_RESET_SIGNALS,
+            file_actions=[(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds[:3])],
+        )
+    finally:
+        for which, old in saved.items():
+            resource.setrlimit(which, old)
+    for key, value in limits.items():
+        # Hard as well, so a child cannot raise them; it has run under the
+        # soft ones since execve.  ESRCH: it is already gone.
+        with contextlib.suppress(ProcessLookupError):
+            resource.prlimit(pid, getattr(resource, _LIMITS[key]), (int(value), int(value)))
+    return pid
+
+
+def serve(ctl: socket.socket, daemon: int) -> None:
+    """The launcher's loop: one request in, one child out, each reaped and reported."""
+    children: dict[int, tuple[int, socket.socket]] = {}  # pidfd -> (pid, reply socket)
+
+    def end(*_: Any) -> None:
+        for pidfd in children:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, end)
+    signal.signal(signal.SIGHUP, end)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A soft RLIMIT_CPU set for a child's sake may lie below our own usage.
+    signal.signal(signal.SIGXCPU, signal.SIG_IGN)
+    libc = _libc()
+    _check(libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0), "PR_SET_PDEATHSIG")
+    if os.getppid() != daemon:
+        return
+    _drop_inheritable_caps(libc)
+    poller = select.poll()
+    poller.register(ctl, select.POLLIN)
+    dropped: dict[int, int] = {}  # reply socket fd -> pidfd, while the daemon still holds the child
+    try:
+        while True:
+            for fd, _ in poller.poll():
+                if fd in dropped:
+                    # The daemon closed its end before the child ended (a cancelled
+                    # spawn, a lost handle): nobody will stop that child but us.
+                    poller.unregister(fd)
+                    with contextlib.suppress(OSError):
+                        signal.pidfd_send_signal(dropped.pop(fd), signal.SIGKILL)
+                    continue
+                if fd != ctl.fileno():
+                    pid, reply = children.pop(fd)
+                    poller.unregister(fd)
+                    if dropped.pop(reply.fileno(), None) is not None:
+                        poller.unregister(reply.fileno())
+                    os.close(fd)
+                    _, status = os.waitpid(pid, 0)
+                    _send(reply, {"returncode": os.waitstatus_to_exitcode(status)})
+                    reply.close()
+                    continue
+                data, fds = _recv_fds(ctl, 4)
+                if not data:
+                    return  # the daemon is gone
+                reply = socket.socket(fileno=fds[3])
+                pid = 0
+                try:
+                    req = json.loads(data)
+                    pid = _spawn_limited(req["argv"], fds, req.get("limits") or {})
+                    pidfd = os.pidfd_open(pid)
+                except Exception as exc:  # noqa: BLE001 - a bad request must not end the launcher
+                    if pid:  # started but not trackable: not left running unwatched
+                        os.kill(pid, signal.SIGKILL)
+                        os.waitpid(pid, 0)
+                    _send(reply, {"error": f"{type(exc).__name__}: {exc}"})
+                    reply.close()
+                    continue
+                finally:
+                    for f in fds[:3]:
+                        os.close(f)
+                _send(reply, {"pid": pid}, [pidfd])
+                children[pidfd] = (pid, reply)
+                poller.register(pidfd, select.POLLIN)
+                dropped[reply.fileno()] = pidfd
+                poller.register(reply, select.POLLHUP)  # the daemon sends nothing more on it
+    finally:
+        end()
+
+
+def main(argv: list[str]) -> int:
+    daemon, fd = int(argv[0]), int(argv[1])
+    os.set_inheritable(fd, False)  # pass_fds made it inheritable: children must not get it
+    serve(socket.socket(fileno=fd), daemon)
+    return 0
+
+
+# -- the daemon's side ------------------------------------------------------
+
+
+class Child:
+    """A qemu-img process started by the launcher; the subset of
+    ``asyncio.subprocess.Process`` that convd uses, on a pidfd (no pid reuse race)."""
+
+    def __init__(self, pid: int, pidfd: int, reply: socket.socket, stdout: int, stderr: int,
+                 spawn_seconds: float) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self.spawn_seconds = spawn_seconds
+        self.started = time.monotonic()
+        self._pidfd = pidfd
+        self._reply = reply
+        self._stdout = stdout
+        self._stderr = stderr
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is not None or self._pidfd < 0:
+            raise ProcessLookupError(self.pid)
+        signal.pidfd_send_signal(self._pidfd, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    async def wait(self) -> int:
+        """The exit status, as the launcher reaped it (negative: the signal that killed it)."""
+        if self.returncode is None:
+            data, _ = await _recv(self._reply)
+            msg = json.loads(data) if data else {"returncode": -signal.SIGKILL}
+            self.returncode = int(msg["returncode"])
+            self._close()
+        return self.returncode
+
+    async def read_stdout(self, on_chunk: Any = None) -> bytes:
+        return await _read_all(self._take("_stdout"), on_chunk)
+
+    async def read_stderr(self) -> bytes:
+        return await _read_all(self._take("_stderr"), None)
+
+    async def communicate(self) -> tuple[bytes, bytes]:
+        out, err, _ = await asyncio.gather(self.read_stdout(), self.read_stderr(), self.wait())
+        return out, err
+
+    def _take(self, attr: str) -> int:
+        fd = getattr(self, attr)
+        setattr(self, attr, -1)
+        return fd
+
+    def _close(self) -> None:
+        for attr in ("_pidfd", "_stdout", "_stderr"):
+            fd = self._take(attr)
+            if fd >= 0:
+                os.close(fd)
+        self._reply.close()
+
+    def __del__(self) -> None:
+        if self._pidfd >= 0:
+            self._close()
+
+
+def _wait_readable(fd: int) -> asyncio.Future[None]:
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        loop.remove_reader(fd)
+        if not fut.done():
+            fut.set_result(None)
+
+    fut.add_done_callback(lambda _: loop.remove_reader(fd))
+    loop.add_reader(fd, ready)
+    return fut
+
+
+async def _recv(sock: socket.socket) -> tuple[bytes, list[int]]:
+    while True:
+        try:
+            return _recv_fds(sock, 1, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            await _wait_readable(sock.fileno())
+
+
+async def _read_all(fd: int, on_chunk: Any) -> bytes:
+    if fd < 0:
+        return b""
+    parts: list[bytes] = []
+    try:
+        while True:
+            try:
+                chunk = os.read(fd, _CHUNK)
+            except BlockingIOError:
+                await _wait_readable(fd)
+                continue
+            if not chunk:
+                return b"".join(parts)
+            parts.append(chunk)
+            if on_chunk is not None:
+                on_chunk(chunk)
+    finally:
+        os.close(fd)
+
+
+class Launcher:
+    """The daemon's handle on its launcher process (start it from the main thread:
+    the launcher's parent-death signal follows the thread that forked it)."""
+
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._sock = ours
+        self._lock = threading.Lock()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "convd.launcher", str(os.getpid()), str(theirs.fileno())],
+            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, start_new_session=True, env=env,
+        )
+        theirs.close()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    async def spawn(self, argv: list[str], limits: dict[str, int] | None = None) -> Child:
+        """Start ``argv`` (argv[0] an absolute path) with stdout and stderr piped to us.
+
+        Raises ``OSError`` if the child could not be started; by then it never exec'd.
+        """
+        t0 = time.monotonic()
+        out_r, out_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        # The child's ends must block: qemu-img does not expect O_NONBLOCK.
+        os.set_blocking(out_w, True)
+        os.set_blocking(err_w, True)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            msg = json.dumps({"argv": argv, "limits": limits or {}}).encode()
+            with self._lock:
+                socket.send_fds(self._sock, [msg], [devnull, out_w, err_w, theirs.fileno()])
+        except BaseException:
+            for fd in (out_r, err_r):
+                os.close(fd)
+            ours.close()
+            raise
+        finally:
+            for fd in (devnull, out_w, err_w):
+                os.close(fd)
+            theirs.close()
+        try:
+            data, fds = await _recv(ours)
+        except BaseException:
+            ours.close()
+            os.close(out_r)
+            os.close(err_r)
+            raise
+        msg_in = json.loads(data) if data else {"error": "the launcher exited"}
+        if "pid" not in msg_in:
+            ours.close()
+            os.close(out_r)
+            os.close(err_r)
+            for fd in fds:
+                os.close(fd)
+            raise OSError(f"cannot start {os.path.basename(argv[0])}: {msg_in.get('error')}")
+        return Child(int(msg_in["pid"]), fds[0], ours, out_r, err_r, time.monotonic() - t0)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the launcher (its remaining children get SIGKILL) and reap it."""
+        self._sock.close()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+_instance: Launcher | None = None
+
+
+def get(env: Callable[[], dict[str, str]] | None = None) -> Launcher:
+    """This process's launcher, started on first use (or again if it died) with
+    the environment ``env()`` gives (which its children inherit)."""
+    global _instance
+    if _instance is None or not _instance.alive():
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("the qemu-img launcher must be started from the main thread")
+        if _instance is not None:
+            _instance.close()
+        _instance = Launcher(env() if env else None)
+        atexit.register(shutdown)
+    return _instance
+
+
+def shutdown() -> None:
+    global _instance
+    if _instance is not None:
+        _instance.close()
+        _instance = None
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

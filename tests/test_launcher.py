@@ -1,0 +1,131 @@
+"""The qemu-img launcher: limits really in force on the qemu-img that reads an
+unvetted image, capabilities dropped, and nothing left running once the
+daemon is gone, even by SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import MiB, Spool, make_image, wait_for, write_config
+from test_crash_safety import spool_processes
+
+from convd import launcher, qemu
+from convd.errors import CorruptImage
+
+
+def _pids_under(root: Path) -> list[int]:
+    """Processes whose command line names a path under ``root``."""
+    return [int(p.split(":", 1)[0]) for p in spool_processes(root)]
+
+
+def _limits(pid: int) -> dict[str, tuple[str, str]]:
+    out = {}
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines()[1:]:
+        name, soft, hard = line[:26].strip(), *line[26:].split()[:2]
+        out[name] = (soft, hard)
+    return out
+
+
+def _status(pid: int, field: str) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return line.split(":", 1)[1].strip()
+    raise KeyError(field)
+
+
+def test_qemu_img_info_reads_the_image_under_hard_cpu_and_memory_limits(tmp_path: Path) -> None:
+    # A FIFO: qemu-img blocks opening it, so the very process that would read
+    # the image can be looked at, then must die when its caller gives up.
+    fifo = tmp_path / "unvetted.qcow2"
+    os.mkfifo(fifo)
+    seen: dict[str, Any] = {}
+
+    async def main() -> None:
+        task = asyncio.ensure_future(qemu.info(str(fifo), "qcow2", cpu_time=7, address_space=256 * MiB))
+        pids = await asyncio.to_thread(wait_for, lambda: _pids_under(tmp_path), 20, 0.02, "qemu-img info")
+        pid = seen["pid"] = pids[0]
+        seen["limits"] = _limits(pid)
+        seen["caps"] = (_status(pid, "CapInh"), _status(pid, "CapAmb"))
+        seen["sid"] = os.getsid(pid)
+        seen["exe"] = os.readlink(f"/proc/{pid}/exe")
+        seen["fds"] = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert os.path.basename(seen["exe"]) == "qemu-img"  # no wrapper in between
+    assert seen["limits"]["Max cpu time"] == ("7", "7")
+    assert seen["limits"]["Max address space"] == (str(256 * MiB), str(256 * MiB))
+    assert seen["caps"] == ("0000000000000000", "0000000000000000")
+    assert seen["sid"] == seen["pid"]  # a session of its own: no terminal signal reaches it
+    # Nothing of the daemon's or the launcher's leaks in (another child's pipes would keep
+    # the daemon from seeing EOF on them).
+    assert [f for f in seen["fds"] if f.startswith("socket:")] == []
+    wait_for(lambda: not _pids_under(tmp_path), 10, what="qemu-img to be killed")
+
+
+def test_a_qemu_img_the_daemon_lets_go_of_is_killed(tmp_path: Path) -> None:
+    # E.g. a spawn cancelled between the launcher's fork and its reply: no
+    # handle is left to stop the child, so the launcher must.
+    fifo = tmp_path / "dropped.qcow2"
+    os.mkfifo(fifo)
+
+    async def main() -> int:
+        child = await launcher.get().spawn([qemu.qemu_img(), "info", "-f", "qcow2", str(fifo)])
+        pid = child.pid
+        del child  # its reply socket closes with it
+        gc.collect()
+        return pid
+
+    pid = asyncio.run(main())
+    wait_for(lambda: _gone(pid) or not _pids_under(tmp_path), 10, what="the dropped qemu-img to be killed")
+
+
+def test_qemu_img_info_works_at_the_smallest_allowed_address_space(tmp_path: Path) -> None:
+    img = make_image(tmp_path / "small.qcow2", "qcow2", 4 * MiB)
+    info = asyncio.run(qemu.info(str(img), "qcow2", cpu_time=5, address_space=64 * MiB))
+    assert info["virtual-size"] == 4 * MiB
+    with pytest.raises(CorruptImage, match="cannot read it as vmdk"):
+        asyncio.run(qemu.info(str(img), "vmdk", cpu_time=5, address_space=64 * MiB))
+
+
+def _launcher_of(pid: int) -> int:
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split():
+            if b"convd.launcher" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return int(child)
+    raise AssertionError("no launcher below the daemon")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.slow
+def test_a_running_qemu_img_dies_with_a_sigkilled_daemon(tmp_path: Path, daemon_factory: Any,
+                                                         spool: Spool) -> None:
+    src = make_image(tmp_path / "slow.qcow2", "qcow2", 32 * MiB, seed=3)
+    cfg = write_config(tmp_path, **{"convert.qemu_args": {"qcow2": ["-W", "-r", "1M"]}})
+    d = daemon_factory(cfg)
+    lch = _launcher_of(d.proc.pid)
+    spool.drop(src, "slow.qcow2")
+    converting = wait_for(lambda: _pids_under(spool.root), 30, what="qemu-img convert to run")
+    os.kill(d.proc.pid, signal.SIGKILL)  # the daemon alone, not its process group
+    d.proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (_gone(lch) and all(_gone(p) for p in converting)):
+        time.sleep(0.05)
+    assert _gone(lch), "the launcher outlived the daemon"
+    assert [p for p in converting if not _gone(p)] == [], "qemu-img outlived the daemon"
