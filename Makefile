@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= conf/convd.toml
 
-.PHONY: all setup system-deps sharedfs-deps demo test test-fast bench bench-shared clean
+.PHONY: all setup system-deps sharedfs-deps glance-venv demo test test-fast bench bench-shared clean
 
 all: test
 
@@ -56,6 +56,23 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 setup: system-deps $(VENV)/.installed
 
+# A separate environment for a real Glance (tests/test_glance.py, the bench's
+# Glance scenario): glance 33.0.0 and uWSGI pinned by constraints-glance.txt,
+# plus convd itself (editable), the way a deployer installs the plugin.
+# System python, not a per-user one under /root: the tests also run Glance
+# and convd from it as unprivileged users.  Rebuilt only when the pins or
+# pyproject.toml change (the stamp); about 30 s cold.
+GLANCE_PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo $(PYTHON))
+GLANCE_VENV   := .glance-venv
+
+$(GLANCE_VENV)/.installed: constraints-glance.txt pyproject.toml
+	rm -rf $(GLANCE_VENV)
+	$(GLANCE_PYTHON) -m venv $(GLANCE_VENV)
+	$(GLANCE_VENV)/bin/pip install -q -c constraints-glance.txt glance==33.0.0 pyuwsgi -e .
+	touch $@
+
+glance-venv: system-deps $(GLANCE_VENV)/.installed
+
 demo: setup
 	@mkdir -p var
 	@echo "convd demo: drop disk images into $(CURDIR)/var/incoming/"
@@ -64,13 +81,13 @@ demo: setup
 	@echo "            Ctrl-C stops the daemon."
 	$(BIN)/convd run -c $(CONFIG)
 
-test: setup sharedfs-deps
+test: setup sharedfs-deps glance-venv
 	$(BIN)/python -m pytest tests
 
-test-fast: setup
+test-fast: setup glance-venv
 	$(BIN)/python -m pytest tests -m "not slow"
 
-bench: setup
+bench: setup glance-venv
 	$(BIN)/python -m bench
 
 # Throughput of 1, 2 and 3 daemons on one CephFS spool, and the take-over time after a kill.
@@ -78,4 +95,4 @@ bench-shared: setup sharedfs-deps
 	$(BIN)/python -m bench --shared
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) $(GLANCE_VENV) var .pytest_cache

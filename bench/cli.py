@@ -99,6 +99,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-passthrough", action="store_true", help="skip the large raw→raw passthrough")
     p.add_argument("--skip-compressed", action="store_true",
                    help="skip the xz/gzip-compressed raw uploads (convd against `xz -dc`/`gzip -dc` + fsync)")
+    p.add_argument("--skip-glance", action="store_true",
+                   help="skip the Glance import: built-in image_conversion against the convd plugin")
+    p.add_argument("--glance-reps", type=int, default=3, help="imports per method in the Glance scenario")
     p.add_argument("--variants", action="store_true",
                    help="also time bare qemu-img flag variants (-W, -m 16, -t none, --target-is-zero) to raw")
     p.add_argument("--qsd", action="store_true",
@@ -460,15 +463,17 @@ def main(argv: list[str] | None = None) -> int:
                      "targets": list(args.targets), "small_count": args.small_count,
                      "small_size": args.small_size, "latency_samples": args.latency_samples,
                      "passthrough_reps": args.passthrough_reps, "backlog_files": args.backlog_files,
-                     "backlog_size": args.backlog_size, "workdir": str(workdir)},
+                     "backlog_size": args.backlog_size, "glance_reps": args.glance_reps,
+                     "workdir": str(workdir)},
         "machine": describe(workdir, REPO),
     }
-    need_large = not (args.skip_large and args.skip_passthrough and args.skip_compressed and not args.variants)
+    need_large = not (args.skip_large and args.skip_passthrough and args.skip_compressed
+                      and args.skip_glance and not args.variants)
     imgset: images.ImageSet | None = None
     spools = workdir / "spools"
     try:
         if need_large:
-            formats = tuple(dict.fromkeys((*args.formats, "raw")))
+            formats = tuple(dict.fromkeys((*args.formats, "raw", *(() if args.skip_glance else ("qcow2",)))))
             imgset = images.build_set(workdir / "images", args.size, formats, progress=log)
             results["image_set"] = imgset.describe()
             results["image_files"] = {f: p.stat().st_blocks * 512 for f, p in imgset.files.items()}
@@ -520,6 +525,12 @@ def main(argv: list[str] | None = None) -> int:
             cfg = write_config(root, target="raw", algorithms=["sha256"])
             results["backlog"] = scenarios.backlog(root, cfg, args.backlog_files, args.backlog_size, log)
             shutil.rmtree(root)
+        if not args.skip_glance and imgset is not None:
+            log(f"Glance: guest.qcow2 through glance-api, image_conversion against convd, "
+                f"{args.glance_reps} reps, alternating")
+            from bench.glance import run_glance
+
+            results["glance"] = run_glance(imgset.files["qcow2"], workdir, args.glance_reps, log)
         if args.qsd:
             if not qsd.available():
                 log("--qsd: qemu-storage-daemon not found (Debian: apt-get install qemu-system-common); skipped")

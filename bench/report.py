@@ -18,6 +18,7 @@ TARGETS = {
     "pickup": ("pick-up latency p50, rename → claimed", 20.0, "ms"),
     "rss": ("5 000-file backlog, daemon peak RSS (VmHWM)", 100.0, "MiB"),
     "passthrough": ("raw → raw passthrough of a large file, checksums off, rename → record (p50)", 50.0, "ms"),
+    "glance": ("Glance import → active, convd plugin ÷ built-in image_conversion (medians)", 1.00, "×"),
 }
 
 INTRO = """\
@@ -45,7 +46,8 @@ Options: `--size` (virtual size of the large images, default 2 GiB),
 `--targets raw,qcow2`, `--skip-large`, `--skip-small`, `--skip-backlog`,
 `--skip-passthrough`, `--skip-compressed` (the raw image as `.xz` and `.gz`
 against `xz -dc`/`gzip -dc` + fsync; compressing it takes several minutes
-the first time, then is reused with `--keep-images`), `--variants` (also time bare qemu-img flag variants:
+the first time, then is reused with `--keep-images`), `--skip-glance`,
+`--glance-reps` (default 3), `--variants` (also time bare qemu-img flag variants:
 `-W`, `-m 16`, `-t none`, `-n --target-is-zero` on a pre-created sparse
 target; about 4 more minutes), `--qsd` (also time the design not taken:
 one `qemu-storage-daemon` driven over QMP, per small image, against convd's
@@ -103,6 +105,14 @@ part of `make test`.
 - **Backlog**: files already in `incoming/` when the daemon starts; peak RSS is
   `VmHWM` from `/proc/PID/status` just before SIGTERM; items/s from the
   `watching` log line to the last record.
+- **Glance**: two glance-api 33.0.0 servers from `.glance-venv` (`make
+  glance-venv`; uWSGI, SQLite, file store, staging and spool on one
+  filesystem), one with the built-in `image_conversion` (`output_format =
+  raw`), one with the `convd` plugin and a daemon (target raw, checksums
+  off: Glance hashes what it stores). The large set's qcow2 is created,
+  staged over HTTP and imported (glance-direct) on each in turn, alternating
+  which goes first, and timed until the task has ended with the image
+  `active` as raw; the image is deleted between runs. One warm-up import each.
 - **Fixed costs** are timed directly (process spawns, a directory fsync), to
   explain the per-item figures.
 - **Where the time goes**: each record's `timings` has, beside the contract's
@@ -553,6 +563,24 @@ def _variants(res: dict[str, Any]) -> list[str]:
     return out
 
 
+def _glance(res: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+    med = res["median"]
+    n = len(res["runs"]["convd"])
+    summary["glance"] = (res["ratio_import"], f"median of {n}; end to end incl. stage {res['ratio_total']:.2f} ×")
+    out = ["### Glance: the same qcow2 imported with image_conversion and with convd", "",
+           "Two glance-api 33.0.0 (uWSGI, SQLite, file store) on one filesystem; glance-direct: "
+           "stage (upload over HTTP), then import, timed until the task ends and the image is "
+           "`active` as raw.  The convd daemon has checksums off (Glance hashes what it stores).",
+           "", "| method | stage (s) | import → active (s) | stage → active (s) | runs (import → active) |",
+           "| --- | ---: | ---: | ---: | --- |"]
+    for m in ("image_conversion", "convd"):
+        runs = ", ".join(f"{r['import']:.1f}" for r in res["runs"][m])
+        out.append(f"| {m} | {med[m]['stage']:.1f} | {med[m]['import']:.1f} | {med[m]['total']:.1f} | {runs} |")
+    out += ["", f"convd ÷ image_conversion: import → active {res['ratio_import']:.2f} ×, "
+                f"stage → active {res['ratio_total']:.2f} ×.", ""]
+    return out
+
+
 def _qsd(res: dict[str, Any]) -> list[str]:
     q, p = res["qsd"], res["processes"]
     n = q["count"]
@@ -599,6 +627,8 @@ def render(results: dict[str, Any]) -> str:
         body += _qsd(results["qsd"])
     if "variants" in results:
         body += _variants(results["variants"])
+    if "glance" in results:
+        body += _glance(results["glance"], summary)
 
     s = results["settings"]
     head = [

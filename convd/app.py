@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Any
 
 import anyio
 import structlog
 
-from convd import __version__, durable, launcher, logs, qemu
+from convd import __version__, cancel, durable, launcher, logs, protocol, qemu
 from convd.config import Config, load
-from convd.errors import ConfigError
+from convd.errors import Cancelled, ConfigError
 from convd.filesystem import detect_type, probe_filesystem
 from convd.metrics import Metrics
 from convd.monitor import Monitor
@@ -29,6 +30,7 @@ from convd.pipeline.queue import Intake
 from convd.pipeline.runner import finish_handoff, run_item
 from convd.pipeline.spool import Claim, Spool
 from convd.pipeline.watch import Watcher
+from convd.stages import quarantine
 from convd.sdnotify import Notifier
 
 __all__ = ["Daemon"]
@@ -39,6 +41,9 @@ log = structlog.get_logger("convd.daemon")
 # doubling up to the maximum (and at every start).
 STUCK_RETRY = 60.0
 STUCK_RETRY_MAX = 3600.0
+# A cancel request naming no item anywhere is removed after this long (a
+# claim in progress elsewhere hides an item for a moment).
+STALE_CANCEL = 30.0
 
 
 class Daemon:
@@ -56,7 +61,8 @@ class Daemon:
         self.watcher = Watcher(cfg.spool.incoming, self.spool, self.intake,
                                force_polling=bool(cfg.watch.force_polling),  # auto: decided in _run
                                stopping=self.stopping,
-                               on_change=self._kick)
+                               on_change=self._kick, on_cancel_request=self._cancel_requested)
+        self.cancels_pending = True  # look for cancel requests at the next turn of dispatch
 
     # -- signals ---------------------------------------------------------
 
@@ -69,6 +75,10 @@ class Daemon:
 
     def _kick(self) -> None:
         self.wake.set()
+
+    def _cancel_requested(self) -> None:
+        self.cancels_pending = True
+        self._kick()
 
     # -- main ------------------------------------------------------------
 
@@ -187,6 +197,7 @@ class Daemon:
                 for claim in adopted:
                     self._start_item(items, claim)
                 if adopted:
+                    self.cancels_pending = True  # a request may wait for one of them
                     self.metrics.adopted.inc(len(adopted))
                     log.warning("took over the items of stopped instances", adopted=len(adopted),
                                 instances=stopped)
@@ -212,6 +223,8 @@ class Daemon:
             finally:
                 if self.ctx.items.get(name) is item:
                     del self.ctx.items[name]  # finish_handoff does not unregister
+                if item.withdrawn is not None:
+                    self.cancels_pending = True  # its request is settled now
                 self._kick()
             if not os.path.lexists(item.claim.dir):
                 self.monitor.stuck.discard(name)
@@ -237,6 +250,9 @@ class Daemon:
             if self.reload_requested:
                 self.reload_requested = False
                 self._reload()
+            if self.cancels_pending:
+                self.cancels_pending = False
+                await self._handle_cancels()
             room = self._claim_limit() - len(self.ctx.items)
             names, wait = self.intake.ready(limit=room) if room > 0 else ([], None)
             wanted = []
@@ -265,6 +281,50 @@ class Daemon:
                     self._start_item(items, claim)
             with anyio.move_on_after(wait if wait is not None else 5.0):
                 await self.wake.wait()
+
+    # -- cancel (contract section 6) ----------------------------------------
+
+    async def _handle_cancels(self) -> None:
+        """Act on every cancel request in ``incoming/``; settled ones are removed."""
+        paths = cancel.spool_paths(self.cfg)
+        for req in await anyio.to_thread.run_sync(lambda: list(protocol.read_cancel_requests(paths))):
+            try:
+                await self._cancel(req, paths)
+            except OSError as exc:
+                log.error("cannot act on a cancel request", item=req.name, error=str(exc))
+
+    async def _cancel(self, req: protocol.CancelRequest, paths: protocol.SpoolPaths) -> None:
+        assert self.ctx is not None
+        name, msg = req.name, cancel.message(req.reason)
+        item = self.ctx.items.get(name)
+        if item is not None:
+            try:
+                inode: int | None = os.lstat(item.claim.dropped).st_ino
+            except FileNotFoundError:
+                inode = None
+            if req.matches(inode):
+                if item.withdrawn is None and item.withdraw(msg):
+                    log.info("cancel requested", item=name, stage=item.stage.value, reason=req.reason)
+                return  # settled when it lands (a publish under way finishes: the cancel is refused)
+        where = cancel.locate(self.cfg, name)
+        if where.place == "incoming" and req.matches(where.inode) and item is None:
+            try:
+                claim = await anyio.to_thread.run_sync(self.spool.claim, name)
+            except FileExistsError:
+                return  # an earlier item's work dir; the request waits
+            if claim is not None:
+                self.intake.forget(name)
+                log.info("cancelled before conversion", item=name, reason=req.reason)
+                await quarantine(Item(claim=claim, cfg=self.cfg), self.ctx, Cancelled(msg))
+                protocol.clear_cancel_request(paths, name)
+            return
+        if where.place == "work":
+            return  # the instance holding it acts (or `convd cancel`, or the next start)
+        found = await anyio.to_thread.run_sync(protocol.find_record, paths, name, req.inode)
+        if found is not None or time.time() - req.requested_at > STALE_CANCEL:
+            # Settled (in failed/, or published before the request: refused),
+            # or naming nothing: a stale request must not cancel a later item.
+            protocol.clear_cancel_request(paths, name)
 
     # -- reload ----------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Command line: ``run``, ``inspect``, ``convert``, ``check-config``, ``status``, ``--version``.
+"""Command line: ``run``, ``inspect``, ``convert``, ``check-config``, ``status``, ``cancel``, ``--version``.
 
 Exit codes follow the contract: 0 success, 1 failure or unsafe input, 2 usage.
 """
@@ -174,6 +174,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from convd.cancel import cancel
+
+    cfg = _config_or_none(args.config)
+    if cfg is None:
+        return 1
+    try:
+        rc, text = cancel(cfg, args.name, wait=args.wait)
+    except OSError as exc:
+        print(f"convd: cannot cancel {args.name}: {exc}", file=sys.stderr)
+        return 1
+    print(f"convd: {text}", file=sys.stderr if rc else sys.stdout)
+    return rc
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="convd", description="Safe disk image conversion daemon")
     p.add_argument("--version", action="version", version=f"convd {__version__}")
@@ -207,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(s)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
+
+    x = sub.add_parser("cancel", help="give up on an item: it ends in failed/ with code cancelled")
+    x.add_argument("name", help="the item's name (its file name in incoming/)")
+    with_config(x)
+    x.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
+                   help="how long to wait for a running daemon to act (default 30)")
+    x.set_defaults(func=cmd_cancel)
     return p
 
 

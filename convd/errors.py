@@ -8,6 +8,7 @@ never costs the source its bytes.
 from __future__ import annotations
 
 __all__ = [
+    "Cancelled",
     "ConfigError",
     "ConvdError",
     "ConvertFailed",
@@ -83,6 +84,12 @@ class ConvertFailed(ItemError):
 
 class Timeout(ItemError):
     code = "timeout"
+
+
+class Cancelled(ItemError):
+    """A producer or operator withdrew the item (``convd cancel``, or a request in the spool)."""
+
+    code = "cancelled"
 
 
 class TransientError(ConvdError):

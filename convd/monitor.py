@@ -14,6 +14,7 @@ import anyio
 import structlog
 
 from convd import __version__, durable
+from convd.cluster import STATUS_FILE, instances
 from convd.config import Config
 from convd.metrics import Metrics
 from convd.pipeline.context import Context
@@ -22,12 +23,9 @@ from convd.pipeline.queue import Intake
 from convd.pipeline.spool import Spool
 from convd.sdnotify import Notifier
 
-__all__ = ["STATUS_FILE", "Monitor"]
+__all__ = ["Monitor"]
 
 log = structlog.get_logger("convd.daemon")
-
-# Under work/<instance>/: the snapshot `convd status` reads, refreshed every second.
-STATUS_FILE = ".status.json"
 
 
 class Monitor:
@@ -145,10 +143,8 @@ class Monitor:
     def count_peers(self) -> None:
         """Refresh the per-instance gauges: heartbeats, and the lock of each instance whose heartbeat is old
         (so a stopped instance counts as dead, a hung one as stale, as ``convd status`` says)."""
-        from convd.status import instances  # status reads this module's STATUS_FILE
-
         try:
-            insts = instances(self.spool.work, probe_locks=False)
+            insts = instances(self.spool.work, probe_locks=False, probe_old=True)
         except OSError as exc:
             log.warning("cannot list the spool's instances", error=str(exc))
             return

@@ -1,8 +1,9 @@
 """``convd status``: read the daemon's snapshot and the spool, render for people or scripts.
 
 On a spool shared by several daemons it also shows every instance under
-``work/`` (see :func:`instances`): whether it runs, what it holds, so an
-operator or the Glance plugin can tell which node has an item.
+``work/`` (see :func:`convd.cluster.instances`, which the Glance plugin
+reads too): whether it runs, what it holds, so an operator can tell which
+node has an item.
 """
 
 from __future__ import annotations
@@ -10,72 +11,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 from typing import Any
 
+from convd.cluster import HEARTBEAT_STALE, STATUS_FILE, instances
 from convd.config import Config, format_size
-from convd.monitor import STATUS_FILE
-from convd.pipeline.spool import instance_lock_state, is_candidate_name
+from convd.pipeline.spool import is_candidate_name
 
 __all__ = ["HEARTBEAT_STALE", "instances", "locate", "read_status", "render"]
-
-# A running daemon rewrites work/<instance>/.status.json every second; one not
-# rewritten for this long (seconds) is hung, or its node is cut off.
-HEARTBEAT_STALE = 30.0
-
-
-def instances(work: Path, now: float | None = None, *, probe_locks: bool = True) -> list[dict[str, Any]]:
-    """Every instance with a directory under ``work/``, sorted by name.
-
-    Each is ``{"instance", "state", "host", "pid", "heartbeat_age", "items",
-    "in_flight"}``.  ``state`` is ``alive`` (its lock is held and its
-    heartbeat, the status file's ``updated_at``, is under
-    ``HEARTBEAT_STALE`` seconds old), ``stale`` (lock held, heartbeat old:
-    hung, or its node cut off while the filesystem still honours its lock),
-    or ``dead`` (lock free: its items are adopted by a live instance within
-    ``[spool] takeover_interval``).  ``items`` names the item directories it
-    holds; ``in_flight`` is its own account of them (stage, progress) while
-    alive.  ``probe_locks=False`` probes only instances whose heartbeat is
-    old (a fresh one is alive either way), for callers that look often; the lock
-    probe goes through the instance's ``.adopt`` door and never disturbs a
-    starting daemon.  Heartbeat ages compare clocks of different nodes:
-    keep them in step (NTP).
-    """
-    now = time.time() if now is None else now
-    out = []
-    try:
-        entries = sorted(os.scandir(work), key=lambda e: e.name)
-    except FileNotFoundError:
-        return []
-    for e in entries:
-        if e.name.startswith(".") or not e.is_dir(follow_symlinks=False):
-            continue
-        d = Path(e.path)
-        try:
-            snap = json.loads((d / STATUS_FILE).read_bytes())
-        except (OSError, ValueError):
-            snap = None
-        try:
-            items = sorted(n.name for n in os.scandir(d) if not n.name.startswith(".") and n.is_dir())
-        except OSError:
-            items = []
-        age = now - float(snap.get("updated_at", 0)) if snap else None
-        fresh = age is not None and age < HEARTBEAT_STALE
-        lock = instance_lock_state(d) if probe_locks or not fresh else None
-        if lock == "free":
-            state = "dead"
-        elif fresh:
-            state = "alive"
-        else:
-            state = "stale" if lock == "held" or snap else "dead"
-        out.append({
-            "instance": e.name, "state": state,
-            "host": snap.get("host") if snap else None, "pid": snap.get("pid") if snap else None,
-            "heartbeat_age": None if age is None else round(age, 1),
-            "items": items,
-            "in_flight": snap.get("in_flight", []) if snap and state == "alive" else [],
-        })
-    return out
 
 
 def locate(cfg: Config, name: str, insts: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:

@@ -212,7 +212,7 @@ def test_sysusers_and_tmpfiles_create_the_spool_for_convd(tmp_path: Path) -> Non
 
     # In --root mode this systemd resolves convd from root/etc/passwd.
     _run([tmpfiles, "--create", f"--root={root}", str(TMPFILES)])
-    expected = {"": 0o750, "incoming": 0o2770, "work": 0o700, "outgoing": 0o2750, "failed": 0o2750}
+    expected = {"": 0o750, "incoming": 0o2770, "work": 0o2750, "outgoing": 0o2770, "failed": 0o2770}
     for name, mode in expected.items():
         st = (root / "var/lib/convd" / name).stat()
         assert stat.S_ISDIR(st.st_mode)

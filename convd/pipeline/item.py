@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 if TYPE_CHECKING:
     import asyncio
 
@@ -16,7 +18,7 @@ if TYPE_CHECKING:
     from convd.pipeline.ledger import Reservation
     from convd.pipeline.spool import Claim
 
-__all__ = ["Item", "Stage"]
+__all__ = ["CANCELLABLE", "Item", "Stage"]
 
 
 class Stage(str, enum.Enum):
@@ -27,6 +29,10 @@ class Stage(str, enum.Enum):
     PUBLISH = "publish"
     CLEANUP = "cleanup"
     DONE = "done"
+
+
+# Stages an item can be cancelled in: nothing of it is published yet.
+CANCELLABLE = frozenset({Stage.UNPACK, Stage.DETECT, Stage.RESERVE, Stage.CONVERT})
 
 
 @dataclass
@@ -53,6 +59,19 @@ class Item:
     # (inode, size, mtime, ctime) of the source when detect vetted it: any
     # change afterwards (an old writer's fd) voids the checks.
     vetted: tuple[int, int, int, int] | None = None
+    # Set when the item is cancelled: the message of its `cancelled` record.
+    # `scope` is the cancel scope of the stage running now, while it may be cut short.
+    withdrawn: str | None = None
+    scope: anyio.CancelScope | None = None
+
+    def withdraw(self, message: str) -> bool:
+        """Cancel the item unless it is already publishing; the runner quarantines it."""
+        if self.stage not in CANCELLABLE:
+            return False
+        self.withdrawn = message
+        if self.scope is not None:
+            self.scope.cancel()  # e.g. qemu-img convert: the child is stopped
+        return True
 
     def vet(self, st: os.stat_result) -> None:
         """Remember the source as the safety checks saw it."""

@@ -1,18 +1,19 @@
 """The runner: drives one item through the stages, retries transient failures,
-quarantines rejected inputs, and on cancel leaves the source for recovery."""
+quarantines rejected and withdrawn inputs, and on shutdown leaves the source for recovery."""
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import anyio
 import structlog
 
 from convd import qemu
-from convd.errors import ConvertFailed, ItemError, NameConflict, Stopped, TransientError
+from convd.errors import Cancelled, ConvertFailed, ItemError, NameConflict, Stopped, TransientError
 from convd.pipeline.context import Context
-from convd.pipeline.item import Item, Stage
+from convd.pipeline.item import CANCELLABLE, Item, Stage
 from convd.stages import cleanup, convert, detect, publish, quarantine, reserve, unpack
 
 __all__ = ["finish_handoff", "run_item"]
@@ -35,6 +36,17 @@ async def _discard(item: Item, ctx: Context) -> None:
         await anyio.to_thread.run_sync(ctx.spool.discard_output, item.claim)
 
 
+@contextlib.contextmanager
+def _cancellable(item: Item) -> Iterator[anyio.CancelScope]:
+    """A scope ``Item.withdraw`` may cancel, while the item is in a stage that allows it."""
+    with anyio.CancelScope() as scope:
+        item.scope = scope if item.stage in CANCELLABLE else None
+        try:
+            yield scope
+        finally:
+            item.scope = None
+
+
 async def run_item(item: Item, ctx: Context) -> None:
     """Drive ``item`` to ``outgoing/`` or ``failed/``; never loses its source."""
     structlog.contextvars.bind_contextvars(item=item.name)
@@ -43,10 +55,15 @@ async def run_item(item: Item, ctx: Context) -> None:
     try:
         while item.stage is not Stage.DONE:
             stage = item.stage
+            if item.withdrawn is not None and stage in CANCELLABLE:
+                raise Cancelled(item.withdrawn)
             structlog.contextvars.bind_contextvars(stage=stage.value)
             t0 = time.monotonic()
             try:
-                item.stage = await STAGES[stage](item, ctx)
+                with _cancellable(item) as scope:
+                    item.stage = await STAGES[stage](item, ctx)
+                if scope.cancelled_caught:
+                    raise Cancelled(item.withdrawn or "cancelled")
             except TransientError as exc:
                 await _discard(item, ctx)
                 attempts = item.claim.attempts
@@ -58,7 +75,8 @@ async def run_item(item: Item, ctx: Context) -> None:
                 ctx.on_retry(item, str(exc))
                 # The discard took an unpacked disk with it: unpack again.
                 item.stage = Stage.UNPACK if item.container else Stage.RESERVE
-                await anyio.sleep(delay)
+                with _cancellable(item):
+                    await anyio.sleep(delay)
                 continue
             log.debug("stage done", duration=round(time.monotonic() - t0, 6), next=item.stage.value)
     except ItemError as exc:

@@ -28,7 +28,6 @@ survivor adopts them, and an owner starting meanwhile waits at the door
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -42,6 +41,7 @@ from typing import Any
 import structlog
 
 from convd import durable
+from convd.cluster import ADOPT, LOCK, instance_lock_state, try_flock
 from convd.config import SpoolConfig
 from convd.errors import ConfigError
 
@@ -63,53 +63,9 @@ UNPACKED = "unpacked"
 # Another instance's temp in outgoing/ or failed/ older than this is abandoned.
 STALE_TEMP_AGE = 3600.0
 
-
-LOCK, ADOPT = ".lock", ".adopt"
 # How long a starting daemon waits while a peer holds its door (a liveness
 # probe takes milliseconds; adopting many items on a slow filesystem, longer).
 ADOPT_WAIT = 60.0
-
-
-def _try_flock(path: Path) -> int | None:
-    """An fd holding an exclusive flock on ``path`` (created if need be), or None if it is held.
-
-    flock, not fcntl locks: NFS emulates it with a whole-file POSIX lock and
-    ceph-fuse passes it to the MDS, so it excludes across clients on every
-    shared filesystem tested; nothing else may lock these files.
-    """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def instance_lock_state(instance_dir: Path) -> str | None:
-    """Whether the daemon of ``work/<instance>/`` runs: ``"held"``, ``"free"``,
-    or None when the door is taken (a peer is looking or adopting, or the
-    owner is starting: ask again).  Holds the locks for microseconds only."""
-    try:
-        door = _try_flock(instance_dir / ADOPT)
-    except OSError:
-        return None
-    if door is None:
-        return None
-    try:
-        fd = _try_flock(instance_dir / LOCK)
-        if fd is None:
-            return "held"
-        os.close(fd)
-        return "free"
-    except OSError:
-        return None
-    finally:
-        os.close(door)
-
 
 # NAME.json and failed/NAME.N.json must fit in NAME_MAX (255 bytes).
 MAX_NAME_BYTES = 255 - len(".json") - len(".999")
@@ -210,7 +166,7 @@ class Spool:
         """
         deadline = time.monotonic() + ADOPT_WAIT
         waited = False
-        while (door := _try_flock(self.claims / ADOPT)) is None:
+        while (door := try_flock(self.claims / ADOPT)) is None:
             if time.monotonic() > deadline:
                 raise ConfigError(
                     f"instance {self.cfg.instance!r}: {self.claims / ADOPT} has been held for {ADOPT_WAIT:.0f} s"
@@ -220,7 +176,7 @@ class Spool:
                 waited = True
             time.sleep(0.05)
         try:
-            fd = _try_flock(self.claims / LOCK)
+            fd = try_flock(self.claims / LOCK)
         finally:
             os.close(door)
         if fd is None:
@@ -286,13 +242,13 @@ class Spool:
                 with os.scandir(pdir) as it:
                     if not any(_is_item(e) for e in it):
                         continue
-                door = _try_flock(pdir / ADOPT)
+                door = try_flock(pdir / ADOPT)
             except OSError:
                 continue  # vanished or unreadable: nothing of ours
             if door is None:
                 continue  # another survivor is looking (it adopts), or the owner is starting
             try:
-                fd = _try_flock(pdir / LOCK)
+                fd = try_flock(pdir / LOCK)
                 if fd is None:
                     continue  # that instance is running
                 try:

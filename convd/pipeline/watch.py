@@ -18,6 +18,7 @@ import watchfiles
 from convd.pipeline.queue import Intake
 from convd.pipeline.renames import RenameWatch
 from convd.pipeline.spool import Spool, is_candidate_name, name_refused
+from convd.protocol import is_cancel_request
 
 __all__ = ["Watcher"]
 
@@ -28,13 +29,15 @@ class Watcher:
     """Feeds ``intake`` from ``incoming/``; calls ``on_change`` when there is news."""
 
     def __init__(self, incoming: Path, spool: Spool, intake: Intake, *, force_polling: bool,
-                 stopping: anyio.Event, on_change: Callable[[], None]) -> None:
+                 stopping: anyio.Event, on_change: Callable[[], None],
+                 on_cancel_request: Callable[[], None] = lambda: None) -> None:
         self.incoming = incoming
         self.spool = spool
         self.intake = intake
         self.force_polling = force_polling
         self.stopping = stopping
         self.on_change = on_change
+        self.on_cancel_request = on_cancel_request  # a request file (convd.protocol) came or may have
 
     async def run(self, watching: anyio.Event) -> None:
         """Watch until ``stopping``; sets ``watching`` once events flow (or it gave up)."""
@@ -44,7 +47,9 @@ class Watcher:
 
         def wanted(change: watchfiles.Change, path: str) -> bool:
             name = os.path.basename(path)
-            return change != watchfiles.Change.deleted and is_candidate_name(name) and name_refused(name) is None
+            if change == watchfiles.Change.deleted:
+                return False
+            return (is_candidate_name(name) and name_refused(name) is None) or is_cancel_request(name)
 
         try:
             while not self.stopping.is_set():
@@ -62,7 +67,9 @@ class Watcher:
                             arrivals.update(renames.drain())
                         for change, path in changes:
                             name = os.path.basename(path)
-                            if os.path.dirname(path) == str(incoming):
+                            if is_cancel_request(name):
+                                self.on_cancel_request()
+                            elif os.path.dirname(path) == str(incoming):
                                 self.intake.saw(name, modified=change == watchfiles.Change.modified,
                                                 renamed=arrivals.pop(name, None))
                         if changes:
@@ -87,6 +94,7 @@ class Watcher:
                 log.error("name refused; left in incoming/", item=entry.name, reason=refused)
                 continue
             self.intake.saw(entry.name)
+        self.on_cancel_request()
         self.on_change()
 
     async def rescan_loop(self, interval: Callable[[], float]) -> None:

@@ -3,19 +3,19 @@ its result is durable; or, for a rejected item, quarantine the original in ``fai
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from convd import record
 from convd.errors import ItemError
 from convd.pipeline.item import Item, Stage
-from convd.pipeline.spool import SOURCE
+from convd.pipeline.spool import SOURCE, Spool
 
 if TYPE_CHECKING:
     from convd.pipeline.context import Context
 
-__all__ = ["cleanup", "quarantine"]
+__all__ = ["cleanup", "quarantine", "reject"]
 
 
 async def cleanup(item: Item, ctx: Context) -> Stage:
@@ -27,17 +27,19 @@ async def cleanup(item: Item, ctx: Context) -> Stage:
     return Stage.DONE
 
 
+def reject(spool: Spool, item: Item, error: ItemError) -> dict[str, Any]:
+    """Move the item's original bytes to ``failed/`` with its record; returns the record (blocking)."""
+    rec = record.build(item, "failed", error=error)
+    spool.discard_output(item.claim)
+    final = spool.free_failed_name(item.name)
+    spool.stage_handoff(item.claim, "failed", final, SOURCE, rec)
+    spool.complete_handoff(item.claim)
+    spool.remove_claim(item.claim)
+    return rec
+
+
 async def quarantine(item: Item, ctx: Context, error: ItemError) -> None:
     """The original bytes, untouched, to ``failed/`` with a record saying why."""
     ctx.release(item)
-    rec = record.build(item, "failed", error=error)
-
-    def handoff() -> None:
-        ctx.spool.discard_output(item.claim)
-        final = ctx.spool.free_failed_name(item.name)
-        ctx.spool.stage_handoff(item.claim, "failed", final, SOURCE, rec)
-        ctx.spool.complete_handoff(item.claim)
-        ctx.spool.remove_claim(item.claim)
-
-    await anyio.to_thread.run_sync(handoff)
+    rec = await anyio.to_thread.run_sync(reject, ctx.spool, item, error)
     ctx.failed(item, rec)

@@ -13,7 +13,7 @@ import anyio.from_thread
 
 from convd import containers
 from convd.config import format_size
-from convd.errors import ItemError, Stopped, TooLarge, TransientError, UnsupportedFormat
+from convd.errors import Cancelled, ItemError, Stopped, TooLarge, TransientError, UnsupportedFormat
 from convd.inspection import open_regular
 from convd.pipeline.item import Item, Stage
 from convd.pipeline.spool import UNPACKED
@@ -90,12 +90,18 @@ async def unpack(item: Item, ctx: Context) -> Stage:
             while not anyio.from_thread.run_sync(ctx.ledger.resize, key, total):
                 if ctx.stop.is_set():
                     raise Stopped("unpacking interrupted by shutdown")
+                if item.withdrawn is not None:
+                    raise Cancelled(item.withdrawn)
                 if time.monotonic() > deadline:
                     raise TransientError(f"no workspace to unpack {plan.description} further "
                                          f"(past {format_size(total)})")
                 time.sleep(_GROW_POLL)
 
-        def progress(frac: float) -> None:
+        def progress(frac: float) -> None:  # from the unpacking thread, once a chunk
+            if item.withdrawn is not None:
+                # Cancelled (convd cancel): the thread stops here, the
+                # partial disk is removed and the dropped bytes go to failed/.
+                raise Cancelled(item.withdrawn)
             item.progress = frac
 
         budget = containers.Budget(cap=cap, reserved=first, grow=grow)

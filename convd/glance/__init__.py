@@ -1,0 +1,1 @@
+"""Glance integration: the ``convd`` image import plugin (see :mod:`convd.glance.plugin`)."""

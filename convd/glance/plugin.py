@@ -1,0 +1,301 @@
+"""The ``convd`` import plugin: convd's daemon as the conversion step of Glance's image import.
+
+Enabled in ``glance-image-import.conf``::
+
+    [image_import_opts]
+    image_import_plugins = ['convd']
+
+    [convd]
+    spool = /var/lib/convd
+    timeout = 21600
+
+The task hands the staged image to the spool under the image ID, waits for
+its record, and then hands the converted image on to the store upload (or
+fails the import with ``convd: CODE: message``).  It speaks to the daemon
+only through the spool (:mod:`convd.protocol`), so the two upgrade apart,
+and it imports nothing Glance's environment lacks.
+"""
+
+import os
+import time
+
+from oslo_config import cfg
+from oslo_log import log as logging
+from taskflow import task
+from taskflow.patterns import linear_flow as lf
+
+from glance.common import exception
+from glance.common.scripts import utils as script_utils
+
+from convd import protocol
+
+__all__ = ["get_flow", "list_opts"]
+
+LOG = logging.getLogger(__name__)
+CONF = cfg.CONF
+
+convd_opts = [
+    cfg.StrOpt('spool',
+               default='/var/lib/convd',
+               help="""
+The convd daemon's spool root ([spool] root in convd.toml): incoming/,
+work/, outgoing/ and failed/ under it. Put it on the filesystem of Glance's
+staging directory (os_glance_staging_store) so the hand-off is a rename.
+"""),
+    cfg.IntOpt('timeout',
+               default=21600,
+               min=1,
+               help="""
+Seconds an import waits for convd's record of its image. When it passes, the
+item is cancelled in the spool and the import fails with "convd: timeout".
+Allow for queueing, waiting for workspace and convert retries.
+"""),
+    cfg.FloatOpt('poll_interval',
+                 default=2.0,
+                 min=0.05,
+                 help="""
+Seconds between listings of outgoing/ and failed/ while waiting. inotify wakes
+the task earlier where the spool is local; on NFS or CephFS this bounds how
+late a record is noticed.
+"""),
+    cfg.FloatOpt('heartbeat_interval',
+                 default=30.0,
+                 min=0.1,
+                 help="""
+Seconds between updates of the import task's message with convd's progress.
+Each update also keeps the task fresh, so Glance never takes its image lock
+away (it does so from a task idle for an hour).
+"""),
+]
+
+CONF.register_opts(convd_opts, group='convd')
+
+# qemu-img's format names (convd's records) as Glance's disk_format; a raw
+# disk with a partition table is raw to Glance too.
+DISK_FORMATS = {
+    'raw': 'raw', 'gpt': 'raw', 'iso': 'iso', 'qcow2': 'qcow2', 'vmdk': 'vmdk',
+    'vdi': 'vdi', 'vpc': 'vhd', 'vhdx': 'vhdx',
+}
+# How long a withdrawn item may take to reach failed/ when a daemon runs.
+WITHDRAW_WAIT = 15.0
+
+
+def list_opts():
+    """The plugin's options, for oslo-config-generator (entry point ``oslo.config.opts``)."""
+    return [('convd', convd_opts)]
+
+
+def _progress_message(p):
+    """``convd: convert 42% (qcow2 → raw)`` from :func:`convd.protocol.item_progress`."""
+    if p is None:
+        return 'convd: waiting for a daemon'
+    stage = p.get('stage') or 'queued'
+    text = 'convd: %s' % stage
+    if stage == 'convert':
+        text += ' %d%%' % int(p.get('progress', 0.0) * 100)
+    elif stage == 'reserve':
+        text += ' (waiting for space)'
+    if p.get('source_format') and p.get('target_format'):
+        text += ' (%s \u2192 %s)' % (p['source_format'], p['target_format'])
+    return text
+
+
+class _Withdrawn(Exception):
+    pass
+
+
+class _ConvdConvert(task.Task):
+
+    default_provides = 'file_path'
+
+    def __init__(self, task_id, task_type, task_repo, action_wrapper, stores):
+        self.task_id = task_id
+        self.task_type = task_type
+        self.task_repo = task_repo
+        self.action_wrapper = action_wrapper
+        self.stores = stores
+        self.image_id = action_wrapper.image_id
+        # What execute() changed, so revert() undoes exactly that.
+        self.original = None     # (disk_format, container_format) before the import
+        self.handed_in = None    # inode of the bytes in the spool, until they have a record
+        self.staged = None       # the converted image this task handed on
+        super().__init__(name='%s-ConvdConvert-%s' % (task_type, task_id))
+
+    # -- execute ----------------------------------------------------------
+
+    def execute(self, file_path, **kwargs):
+        conf = CONF.convd
+        paths = protocol.SpoolPaths.under(conf.spool)
+        src = file_path[len('file://'):] if file_path.startswith('file://') else file_path
+        name = self.image_id
+        with self.action_wrapper as action:
+            self.original = (action.image_disk_format, action.image_container_format)
+        # A result under this image's ID that nobody took (an earlier import
+        # whose glance-api died) is not this upload's: it would be mistaken
+        # for it, and it would make this one a name_conflict.
+        if {name, '%s.json' % name} & set(os.listdir(paths.outgoing)):
+            LOG.warning('Removing an unclaimed convd result of an earlier import of image %s', name)
+            self._discard_result(paths, name)
+        try:
+            self.handed_in = protocol.hand_in(src, paths, name)
+        except FileExistsError:
+            raise exception.UploadException(
+                'convd: an image with this ID is already in the spool (incoming/%s)' % name)
+        except OSError as exc:
+            LOG.error('Cannot hand image %s to convd at %s: %s', name, conf.spool, exc)
+            raise exception.UploadException(
+                'convd: cannot hand the image to the spool: %s' % (exc.strerror or exc))
+        LOG.info('Image %(id)s handed to convd (spool %(spool)s)', {'id': name, 'spool': conf.spool})
+
+        found = self._wait(paths, name, conf)
+        if found is None:
+            self._withdraw(paths, name, 'no record within %d s (Glance import task %s)'
+                           % (conf.timeout, self.task_id))
+            raise exception.UploadException(
+                'convd: timeout: no result within %d s; the conversion was cancelled' % conf.timeout)
+        where, rec = found
+        self.handed_in = None
+        if where == 'failed':
+            err = rec.get('error') or {}
+            LOG.warning('convd rejected image %s: %s', name, err)
+            raise exception.UploadException('convd: %s: %s' % (err.get('code', 'unknown'),
+                                                               err.get('message', '')))
+        declared = self.original[0]
+        detected = (rec.get('source') or {}).get('format')
+        if DISK_FORMATS.get(detected, detected) != declared:
+            self._discard_result(paths, name)
+            raise exception.UploadException(
+                'convd: format_mismatch: the image was declared %s but is %s'
+                % (declared, DISK_FORMATS.get(detected, detected)))
+        target = rec['target']
+        self.staged = self._take_result(paths, name, src)
+        with self.action_wrapper as action:
+            action.set_image_attribute(disk_format=DISK_FORMATS.get(target['format'], target['format']),
+                                       container_format='bare',
+                                       virtual_size=target['virtual_size'],
+                                       size=target['size'])
+        LOG.info('convd converted image %(id)s: %(src)s to %(dst)s in %(secs).1f s',
+                 {'id': name, 'src': detected, 'dst': target['format'],
+                  'secs': (rec.get('timings') or {}).get('total', 0.0)})
+        return 'file://%s' % self.staged
+
+    def _wait(self, paths, name, conf):
+        """The record, or None after ``timeout``; heartbeats the task meanwhile."""
+        deadline = time.monotonic() + conf.timeout
+        # The first beat after one interval: a quick conversion costs no write.
+        next_beat = time.monotonic() + conf.heartbeat_interval
+        with protocol.DirWatch(paths.outgoing, paths.failed) as watch:
+            while True:
+                found = protocol.find_record(paths, name, self.handed_in)
+                if found is not None:
+                    return found
+                now = time.monotonic()
+                if now >= deadline:
+                    return None
+                if now >= next_beat:
+                    self._heartbeat(_progress_message(protocol.item_progress(paths, name)))
+                    next_beat = now + conf.heartbeat_interval
+                watch.wait(min(conf.poll_interval, next_beat - now, deadline - now))
+
+    def _heartbeat(self, message):
+        """Show convd's progress on the task; saving also keeps Glance's import lock ours."""
+        self.action_wrapper.assert_task_lock()
+        try:
+            t = script_utils.get_task(self.task_repo, self.task_id)
+            if t is None:
+                raise exception.TaskNotFound(self.task_id)
+            if t.status != 'processing':
+                raise exception.TaskAbortedError()
+            t.message = message
+            self.task_repo.save(t)
+        except (exception.TaskNotFound, exception.TaskAbortedError):
+            raise
+        except Exception as exc:
+            # A busy database (e.g. SQLite locked) costs one beat, not the import.
+            LOG.warning('Import task %s: heartbeat not saved: %s', self.task_id, exc)
+
+    def _take_result(self, paths, name, staging_path):
+        """Consume ``outgoing/NAME``: record first, then the image becomes the staged data.
+
+        A rename to the staging path where the staging directory shares the
+        spool's filesystem (Glance then deletes it as usual), else the image
+        is uploaded from ``outgoing/`` itself.
+        """
+        os.unlink(paths.outgoing / ('%s.json' % name))
+        image = paths.outgoing / name
+        try:
+            os.rename(image, staging_path)
+        except OSError:
+            return str(image)
+        return staging_path
+
+    def _discard_result(self, paths, name):
+        for leaf in ('%s.json' % name, name):
+            try:
+                os.unlink(paths.outgoing / leaf)
+            except FileNotFoundError:
+                pass
+
+    def _withdraw(self, paths, name, reason):
+        """Cancel the item in the spool; a result published meanwhile is thrown away."""
+        inode, self.handed_in = self.handed_in, None
+        try:
+            protocol.request_cancel(paths, name, inode=inode, reason=reason)
+        except OSError as exc:
+            LOG.error('Cannot ask convd to cancel %s: %s', name, exc)
+            return
+        deadline = time.monotonic() + (WITHDRAW_WAIT if protocol.daemons_running(paths) else 0.0)
+        with protocol.DirWatch(paths.outgoing, paths.failed) as watch:
+            while True:
+                found = protocol.find_record(paths, name, inode)
+                if found is not None:
+                    if found[0] == 'outgoing':
+                        self._discard_result(paths, name)
+                    protocol.clear_cancel_request(paths, name)
+                    LOG.info('convd item %s withdrawn (%s)', name, found[0])
+                    return
+                if time.monotonic() >= deadline:
+                    # No daemon now: the request stays, and the next one to
+                    # start cancels the item before it could publish.
+                    LOG.warning('convd item %s: cancel requested, no daemon answered yet', name)
+                    return
+                watch.wait(min(CONF.convd.poll_interval, deadline - time.monotonic()))
+
+    # -- revert -----------------------------------------------------------
+
+    def revert(self, result=None, **kwargs):
+        paths = protocol.SpoolPaths.under(CONF.convd.spool)
+        if self.handed_in is not None:
+            self._withdraw(paths, self.image_id, 'Glance import task %s reverted' % self.task_id)
+        if self.staged is not None:
+            try:
+                os.unlink(self.staged)
+            except FileNotFoundError:
+                pass
+            self.staged = None
+        with self.action_wrapper as action:
+            # An image already active (a later task failed after the upload)
+            # keeps its state, as Glance's own tasks leave it.
+            if action.image_status == 'importing':
+                action.set_image_attribute(status='queued')
+            if self.original is not None and action.image_status == 'queued':
+                disk_format, container_format = self.original
+                action.set_image_attribute(disk_format=disk_format, container_format=container_format)
+            if self.stores:
+                action.remove_importing_stores(self.stores)
+                action.add_failed_stores(self.stores)
+
+
+def get_flow(**kwargs):
+    """The plugin's flow: one task between staging and the store upload.
+
+    :param task_id: the import task's ID
+    :param task_type: the import task's type
+    :param task_repo: Glance's task repository (for the heartbeat)
+    :param action_wrapper: an ``ImportActionWrapper`` for the image
+    :param backend: the stores being imported to
+    """
+    task_type = kwargs.get('task_type')
+    return lf.Flow(task_type).add(
+        _ConvdConvert(kwargs.get('task_id'), task_type, kwargs.get('task_repo'),
+                      kwargs.get('action_wrapper'), kwargs.get('backend', [])))

@@ -1,0 +1,351 @@
+"""The spool as a producer sees it: hand-in, records, cancel requests, daemon progress.
+
+This is the on-disk protocol of contract sections 1, 2 and 6, for both sides:
+the daemon reads cancel requests with it, and Glance's plugin (in Glance's
+own process) uses it to hand images in and wait for their records.  It
+imports the standard library, :mod:`convd.durable` and :mod:`convd.cluster`
+only, so it loads
+wherever convd is installed, with or without the daemon's dependencies.
+
+Cancel requests (contract section 6, "through the spool alone"): a producer
+asks convd to give up on ``NAME`` by creating ``incoming/.convd-cancel.NAME``
+(a dot-name, so the intake never takes it for an image), a JSON object::
+
+    {"name": "NAME", "inode": 1234, "reason": "…", "requested_at": 1764460800.0}
+
+``inode`` is the inode number of the bytes that were handed in (a rename
+keeps it all the way to ``failed/NAME``), so a request left over from an
+earlier item can never cancel a later item of the same name; ``null`` means
+whatever item of that name is in flight.  Whichever daemon holds the item
+(or, with none running, ``convd cancel`` itself) moves it to ``failed/`` with
+code ``cancelled`` and removes the request; a request for an item already
+published, or for no item at all, is removed and changes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import json
+import os
+import secrets
+import select
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from convd import cluster, durable
+
+__all__ = [
+    "CANCEL_PREFIX",
+    "CancelRequest",
+    "DirWatch",
+    "SpoolPaths",
+    "clear_cancel_request",
+    "daemons_running",
+    "find_record",
+    "hand_in",
+    "is_cancel_request",
+    "item_progress",
+    "read_cancel_requests",
+    "request_cancel",
+]
+
+CANCEL_PREFIX = ".convd-cancel."
+_IGNORED_SUFFIXES = (".part", ".tmp")
+
+
+@dataclass(frozen=True)
+class SpoolPaths:
+    """The four spool directories (contract section 1)."""
+
+    incoming: Path
+    work: Path
+    outgoing: Path
+    failed: Path
+
+    @classmethod
+    def under(cls, root: str | os.PathLike[str]) -> SpoolPaths:
+        r = Path(root)
+        return cls(r / "incoming", r / "work", r / "outgoing", r / "failed")
+
+
+# -- hand-in -------------------------------------------------------------
+
+
+def hand_in(src: str | os.PathLike[str], paths: SpoolPaths, name: str) -> int:
+    """Put ``src`` into ``incoming/NAME``: a rename on the same filesystem, else a copy.
+
+    Either way the bytes pass through ``incoming/.NAME.part`` (fsynced, made
+    group-readable with the spool's group) and reach ``NAME`` by a rename
+    that never replaces.  ``src`` is gone afterwards.  Returns the inode
+    number of the handed-in file, which identifies it in a cancel request.
+    Raises ``FileExistsError`` if ``incoming/NAME`` is already there.
+    """
+    part = paths.incoming / f".{name}.part"
+    renamed = True
+    try:
+        os.rename(src, part)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        renamed = False
+        _copy(Path(src), part)
+    try:
+        fd = os.open(part, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            # A renamed file keeps the group it was made with: give it the
+            # spool's (setgid) group so the daemon may read it.
+            with contextlib.suppress(OSError):
+                os.fchown(fd, -1, os.stat(paths.incoming).st_gid)
+            st = os.fstat(fd)
+            os.fchmod(fd, (st.st_mode & 0o777) | 0o040)
+            os.fsync(fd)
+            inode = st.st_ino
+        finally:
+            os.close(fd)
+        durable.move(part, paths.incoming / name)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if renamed:
+                os.rename(part, src)  # the caller's file stays where it was
+            else:
+                os.unlink(part)
+        raise
+    if not renamed:
+        os.unlink(src)
+    return inode
+
+
+def _copy(src: Path, dst: Path) -> None:
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
+    try:
+        with open(src, "rb") as fin, os.fdopen(os.dup(fd), "wb") as fout:
+            shutil.copyfileobj(fin, fout, 16 << 20)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(dst)
+        raise
+    os.close(fd)
+
+
+# -- records ---------------------------------------------------------------
+
+
+def find_record(paths: SpoolPaths, name: str, inode: int | None = None) -> tuple[str, dict[str, Any]] | None:
+    """``("outgoing" | "failed", record)`` for ``NAME``, or None while there is none.
+
+    Looks by listing the directories, never by ``stat()`` of a name that may
+    not exist yet: on NFS a negative lookup is cached for up to 30 s, a
+    directory listing is not.  In ``failed/`` (``NAME.json``, ``NAME.1.json``,
+    …) only the reject of the bytes with inode ``inode`` counts, when given.
+    """
+    record = f"{name}.json"
+    with contextlib.suppress(FileNotFoundError):
+        if record in os.listdir(paths.outgoing):
+            rec = _read_json(paths.outgoing / record)
+            if rec is not None:
+                return "outgoing", rec
+    try:
+        names = os.listdir(paths.failed)
+    except FileNotFoundError:
+        return None
+    for entry in names:
+        if not (entry == record or (entry.startswith(f"{name}.") and entry.endswith(".json")
+                                    and entry[len(name) + 1:-5].isdigit())):
+            continue
+        rec = _read_json(paths.failed / entry)
+        if rec is None or rec.get("name") != name:
+            continue
+        if inode is not None:
+            try:
+                if os.lstat(paths.failed / entry[:-5]).st_ino != inode:
+                    continue
+            except FileNotFoundError:
+                continue
+        return "failed", rec
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        obj = json.loads(path.read_bytes())
+    except (FileNotFoundError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+# -- cancel requests -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CancelRequest:
+    name: str
+    inode: int | None
+    reason: str
+    requested_at: float
+
+    def matches(self, inode: int | None) -> bool:
+        """Whether this request is for the bytes with ``inode`` (any, if it names none)."""
+        return self.inode is None or self.inode == inode
+
+
+def is_cancel_request(filename: str) -> bool:
+    return filename.startswith(CANCEL_PREFIX) and len(filename) > len(CANCEL_PREFIX) \
+        and not filename.endswith(_IGNORED_SUFFIXES)
+
+
+def request_cancel(paths: SpoolPaths, name: str, *, inode: int | None, reason: str = "") -> Path:
+    """Ask, through the spool, that ``NAME`` be cancelled (replaces an earlier request)."""
+    path = paths.incoming / f"{CANCEL_PREFIX}{name}"
+    body = {"name": name, "inode": inode, "reason": reason[:500], "requested_at": time.time()}
+    tmp = paths.incoming / f".convd-cancel-{secrets.token_hex(6)}.tmp"
+    durable.write_json(tmp, body)
+    try:
+        durable.move(tmp, path, replace=True)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_cancel_requests(paths: SpoolPaths) -> Iterator[CancelRequest]:
+    """Every well-formed cancel request in ``incoming/`` (a malformed one is removed)."""
+    try:
+        names = os.listdir(paths.incoming)
+    except FileNotFoundError:
+        return
+    for filename in names:
+        if not is_cancel_request(filename):
+            continue
+        req = _parse_request(paths.incoming / filename, filename[len(CANCEL_PREFIX):])
+        if req is not None:
+            yield req
+
+
+def _parse_request(path: Path, name: str) -> CancelRequest | None:
+    body = _read_json(path)
+    if body is None:
+        if path.exists():
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        return None
+    inode = body.get("inode")
+    return CancelRequest(name=name, inode=inode if isinstance(inode, int) else None,
+                         reason=str(body.get("reason") or ""),
+                         requested_at=float(body.get("requested_at") or 0.0))
+
+
+def clear_cancel_request(paths: SpoolPaths, name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(paths.incoming / f"{CANCEL_PREFIX}{name}")
+
+
+# -- progress ----------------------------------------------------------------
+
+
+def daemons_running(paths: SpoolPaths) -> bool:
+    """Whether a daemon may be running on this spool (holds its ``work/<instance>/.lock``).
+
+    A running daemon reads cancel requests; with none, a request waits for
+    the next start.  Each lock is probed through its ``.adopt`` door
+    (:func:`convd.cluster.instance_lock_state`), so the probe never makes a
+    starting daemon refuse to start; a door held at that moment (a daemon
+    starting, or a peer adopting) counts as running.
+    """
+    try:
+        entries = list(os.scandir(paths.work))
+    except OSError:
+        return False
+    for e in entries:
+        if e.name.startswith(".") or not e.is_dir(follow_symlinks=False):
+            continue
+        if not os.path.lexists(os.path.join(e.path, cluster.LOCK)):
+            continue  # never run: nothing to probe (and no lock file to create)
+        if cluster.instance_lock_state(Path(e.path)) != "free":
+            return True
+    return False
+
+
+def item_progress(paths: SpoolPaths, name: str) -> dict[str, Any] | None:
+    """Where ``NAME`` is, as the daemon holding it reports it, or None if no daemon does.
+
+    ``{"instance", "stage", "progress" (0..1), "source_format", "target_format"}``,
+    or ``{"stage": "queued"}`` while it waits in ``incoming/``.  Several
+    daemons may share the spool: whichever holds the item answers (read from
+    :func:`convd.cluster.instances` by heartbeat only, no lock touched).
+    """
+    for inst in cluster.instances(paths.work, probe_locks=False):
+        for entry in inst["in_flight"]:
+            if entry.get("name") == name:
+                return {"instance": inst["instance"], "stage": entry.get("stage"),
+                        "progress": float(entry.get("progress") or 0.0),
+                        "source_format": entry.get("source_format"),
+                        "target_format": inst["target_format"]}
+    with contextlib.suppress(OSError):
+        if name in os.listdir(paths.incoming):
+            return {"stage": "queued"}
+    return None
+
+
+# -- waiting ---------------------------------------------------------------------
+
+_IN_CLOEXEC = os.O_CLOEXEC
+_IN_NONBLOCK = os.O_NONBLOCK
+_IN_MOVED_TO = 0x00000080
+_IN_CLOSE_WRITE = 0x00000008
+_IN_CREATE = 0x00000100
+
+
+class DirWatch:
+    """A wake-up hint when names appear in some directories (inotify), else a plain sleep.
+
+    Only a hint: on NFS and CephFS inotify sees nothing of other clients, so
+    callers still look (list the directory) at least every ``timeout``.
+    """
+
+    def __init__(self, *directories: str | os.PathLike[str]) -> None:
+        self.fd = -1
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        except (OSError, AttributeError):
+            return
+        if fd < 0:
+            return
+        for d in directories:
+            if libc.inotify_add_watch(fd, os.fsencode(d), _IN_MOVED_TO | _IN_CLOSE_WRITE | _IN_CREATE) < 0:
+                os.close(fd)
+                return
+        self.fd = fd
+
+    def wait(self, timeout: float) -> None:
+        """Return after ``timeout`` seconds, or earlier once something appeared."""
+        timeout = max(0.0, timeout)
+        if self.fd < 0:
+            time.sleep(timeout)
+            return
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        if ready:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self.fd, 65536):
+                    pass
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> DirWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
