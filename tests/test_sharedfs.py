@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
