@@ -175,6 +175,48 @@ async def test_two_daemons_on_one_filesystem_never_spend_the_same_free_bytes(tmp
 
 
 @pytest.mark.anyio
+async def test_an_admission_the_others_cannot_see_is_undone_and_a_stale_handle_is_retried(tmp_path, monkeypatch):
+    # GlusterFS gave ESTALE now and then on the shared ledger (another client
+    # renamed it over itself).  A passing ESTALE is retried; a write that still
+    # fails must not admit: the others would not see the bytes.  The errors
+    # are injected: a real GlusterFS is only in the operator's trials.
+    import errno
+
+    from convd import durable
+
+    space = FakeSpace(10 * GiB, 10 * GiB)
+    a = Ledger(100 * GiB, GiB, space, shared=SharedLedger(tmp_path, "a"))
+    b = Ledger(100 * GiB, GiB, space, shared=SharedLedger(tmp_path, "b"))
+    for ledger in (a, b, a):
+        ledger.publish(0)
+    real_write = durable.write_json
+    failures = {"left": 1}
+
+    def flaky_write(*args, **kw):
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise OSError(errno.ESTALE, "Stale file handle")
+        return real_write(*args, **kw)
+
+    monkeypatch.setattr(durable, "write_json", flaky_write)
+    r = await a.reserve("x", 6 * GiB)  # one ESTALE, retried: admitted and visible to b
+    assert r.admitted.is_set() and SharedLedger(tmp_path, "z")._read()["a"].outstanding == 6 * GiB
+    failures["left"] = 10**6  # the ledger cannot be written at all now
+    got: list[str] = []
+
+    async def third() -> None:
+        await b.reserve("y", 3 * GiB)
+        got.append("y")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(third)
+        await anyio.sleep(1.2)
+        assert got == [] and "y" not in b.active  # never admitted while unseen
+        failures["left"] = 0
+    assert got == ["y"]
+
+
+@pytest.mark.anyio
 async def test_a_dead_or_stale_daemon_reservations_stop_counting(tmp_path):
     space = FakeSpace(10 * GiB, 10 * GiB)
     dead = SharedLedger(tmp_path, "dead")

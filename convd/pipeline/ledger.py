@@ -15,6 +15,7 @@ push it below ``min_free``; each one's ``workspace`` stays its own budget.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import json
 import os
@@ -22,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import anyio
 import structlog
@@ -126,9 +128,9 @@ class SharedLedger:
             elif not isinstance(outstanding, _Keep):
                 entries[self.instance] = Entry(int(outstanding), self.workspace, time.time())
             if entries != txn.entries or txn.dropped:
-                durable.write_json(self.path, {"instances": {
-                    k: dataclasses.asdict(e) for k, e in entries.items()}},
-                    replace=True, sync=False, owner=self.instance)
+                doc = {"instances": {k: dataclasses.asdict(e) for k, e in entries.items()}}
+                _stale_retry(lambda: durable.write_json(self.path, doc, replace=True, sync=False,
+                                                        owner=self.instance))
                 self._dead.clear()
         finally:
             os.close(txn.fd)  # drops the lock
@@ -136,7 +138,7 @@ class SharedLedger:
     def _read(self) -> dict[str, Entry]:
         """The entries as the file holds them, by instance."""
         try:
-            raw = json.loads(self.path.read_bytes()).get("instances", {})
+            raw = json.loads(_stale_retry(self.path.read_bytes)).get("instances", {})
         except FileNotFoundError:
             return {}
         except (ValueError, AttributeError):
@@ -158,6 +160,22 @@ class SharedLedger:
             return None
         self.end(txn, outstanding)
         return self.others
+
+
+_T = TypeVar("_T")
+
+
+def _stale_retry(op: Callable[[], _T], tries: int = 5) -> _T:
+    """``op()``, again after ESTALE: on GlusterFS another client's rename of
+    the ledger over itself leaves this client a stale handle for a moment."""
+    for attempt in range(tries):
+        try:
+            return op()
+        except OSError as exc:
+            if exc.errno != errno.ESTALE or attempt == tries - 1:
+                raise
+            time.sleep(0.02 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 @dataclass
@@ -340,10 +358,12 @@ class Ledger:
             if txn is None:
                 return
             own: int | _Keep = KEEP
+            admitted: list[Reservation] = []
             try:
-                before = len(self.active)
-                self._admit(self.shared.others)
-                if len(self.active) != before:
+                # Admitted in our books, but not signalled until the others
+                # can see the bytes in the shared file.
+                admitted = self._admit(self.shared.others, signal=False)
+                if admitted:
                     own = self.outstanding()
                     self.shared.workspace = self.workspace
             finally:
@@ -351,10 +371,19 @@ class Ledger:
                     try:
                         await anyio.to_thread.run_sync(self.shared.end, txn, own)
                     except OSError as exc:
-                        log.warning("cannot update the shared ledger", error=str(exc))
+                        log.warning("cannot update the shared ledger; admissions wait", error=str(exc))
+                        # Unseen by the others, they could spend the same bytes: undo.
+                        for r in reversed(admitted):
+                            self.active.pop(r.key, None)
+                            self.waiting.insert(0, r)
+                        admitted = []
+                    for r in admitted:
+                        r.admitted.set()
 
-    def _admit(self, others: int | None = None) -> None:
+    def _admit(self, others: int | None = None, *, signal: bool = True) -> list[Reservation]:
+        """Admit what fits, oldest first (bounded bypass); the admitted, signalled unless ``signal`` is False."""
         avail = self.available(others) if self.waiting else 0
+        admitted: list[Reservation] = []
         i = 0
         while i < len(self.waiting):
             r = self.waiting[i]
@@ -368,8 +397,11 @@ class Ledger:
                 self.waiting.pop(i)
                 self.active[r.key] = r
                 avail -= r.size
-                r.admitted.set()
+                admitted.append(r)
+                if signal:
+                    r.admitted.set()
                 continue
             i += 1
         if self._on_change:
             self._on_change()
+        return admitted
