@@ -83,6 +83,15 @@ def read_status(cfg: Config) -> dict[str, Any]:
     }
 
 
+def _age(seconds: float) -> str:
+    """A heartbeat's age for people: never negative (clocks of two nodes differ a little)."""
+    s = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if s >= size:
+            return f"{s / size:.0f} {unit}"
+    return f"{s:.0f} s"
+
+
 def _bar(frac: float, width: int = 20) -> str:
     n = int(round(frac * width))
     return "[" + "#" * n + "." * (width - n) + "]"
@@ -106,7 +115,7 @@ def render(st: dict[str, Any], now: float) -> str:
         lines.append("instances on this spool:")
         for i in insts:
             where = f"{i['host'] or '?'} pid {i['pid'] or '?'}"
-            beat = "" if i["heartbeat_age"] is None else f", heartbeat {i['heartbeat_age']:.0f} s ago"
+            beat = "" if i["heartbeat_age"] is None else f", heartbeat {_age(i['heartbeat_age'])} ago"
             held = f", holds {len(i['items'])}: {', '.join(i['items'][:8])}" + (" …" if len(i["items"]) > 8 else "") \
                 if i["items"] else ""
             lines.append(f"  {i['instance']:<20} {i['state']:<5}  {where}{beat}{held}")
