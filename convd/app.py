@@ -19,7 +19,7 @@ import structlog
 
 from convd import __version__, cancel, durable, launcher, logs, protocol, qemu
 from convd.config import Config, load
-from convd.errors import Cancelled, ConfigError
+from convd.errors import ConfigError
 from convd.filesystem import detect_type, probe_filesystem
 from convd.metrics import Metrics
 from convd.monitor import Monitor
@@ -30,7 +30,6 @@ from convd.pipeline.queue import Intake
 from convd.pipeline.runner import finish_handoff, run_item
 from convd.pipeline.spool import Claim, Spool
 from convd.pipeline.watch import Watcher
-from convd.stages import quarantine
 from convd.sdnotify import Notifier
 
 __all__ = ["Daemon"]
@@ -57,6 +56,7 @@ class Daemon:
         self.wake = anyio.Event()
         self.reload_requested = False
         self.ctx: Context | None = None
+        self._items: anyio.abc.TaskGroup | None = None  # where items run (cancels start theirs there too)
         self.monitor = Monitor(lambda: self.cfg, self.spool, self.intake, self.metrics, self.notifier)
         self.watcher = Watcher(cfg.spool.incoming, self.spool, self.intake,
                                force_polling=bool(cfg.watch.force_polling),  # auto: decided in _run
@@ -132,7 +132,7 @@ class Daemon:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._signals, signals)
-                items = await tg.start(self._items_group)
+                items = self._items = await tg.start(self._items_group)
                 for claim in recovered + adopted:
                     self._start_item(items, claim)
                 watching = anyio.Event()
@@ -164,12 +164,13 @@ class Daemon:
         async for signum in signals:
             self._on_signal(signum)
 
-    def _start_item(self, items: anyio.abc.TaskGroup, claim: Claim) -> None:
+    def _start_item(self, items: anyio.abc.TaskGroup, claim: Claim) -> Item:
         assert self.ctx is not None
         item = Item(claim=claim, cfg=self.cfg)
         # Registered now so the claim limit counts it at once.
         self.ctx.items[claim.name] = item
         items.start_soon(self._process, item)
+        return item
 
     async def _peers_loop(self, items: anyio.abc.TaskGroup) -> None:
         """Live take-over and the shared ledger: what this daemon owes the others on the spool.
@@ -232,8 +233,15 @@ class Daemon:
             self.monitor.stuck.add(name)
             log.warning("kept in work/ after an internal error; will retry", item=name, retry_in=delay)
             await anyio.sleep(delay)
+            while True:
+                try:
+                    claim = await anyio.to_thread.run_sync(self.spool.load_claim, name)
+                    break
+                except OSError as exc:  # e.g. a shared filesystem's EIO: later, and the daemon goes on
+                    log.error("cannot read a kept item; will retry", item=name, error=str(exc))
+                    await anyio.sleep(delay)
             delay = min(delay * 2, STUCK_RETRY_MAX)
-            item = Item(claim=self.spool.load_claim(name), cfg=self.cfg)
+            item = Item(claim=claim, cfg=self.cfg)
 
     # -- intake ----------------------------------------------------------
 
@@ -315,8 +323,11 @@ class Daemon:
             if claim is not None:
                 self.intake.forget(name)
                 log.info("cancelled before conversion", item=name, reason=req.reason)
-                await quarantine(Item(claim=claim, cfg=self.cfg), self.ctx, Cancelled(msg))
-                protocol.clear_cancel_request(paths, name)
+                # Run like any claim, withdrawn from the start: the runner
+                # rejects it, and a failing disk leaves it to _process's
+                # retries (counted as stuck) rather than stranded in work/.
+                assert self._items is not None
+                self._start_item(self._items, claim).withdraw(msg)
             return
         if where.place == "work":
             return  # the instance holding it acts (or `convd cancel`, or the next start)

@@ -374,8 +374,10 @@ class Ledger:
                         log.warning("cannot update the shared ledger; admissions wait", error=str(exc))
                         # Unseen by the others, they could spend the same bytes: undo.
                         for r in reversed(admitted):
-                            self.active.pop(r.key, None)
-                            self.waiting.insert(0, r)
+                            # Only one still ours: a waiter cancelled meanwhile released it.
+                            if self.active.get(r.key) is r:
+                                del self.active[r.key]
+                                self.waiting.insert(0, r)
                         admitted = []
                     for r in admitted:
                         r.admitted.set()
