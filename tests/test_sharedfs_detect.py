@@ -151,13 +151,19 @@ def anyio_backend():
 GiB = 1 << 30
 
 
-@pytest.mark.anyio
-async def test_two_daemons_on_one_filesystem_never_spend_the_same_free_bytes(tmp_path):
+def two_daemons(tmp_path) -> tuple[Ledger, Ledger]:
+    """Two daemons' ledgers on one 10 GiB filesystem (1 GiB min_free), each knowing the other."""
     space = FakeSpace(10 * GiB, 10 * GiB)
     a = Ledger(100 * GiB, GiB, space, shared=SharedLedger(tmp_path, "a"))
     b = Ledger(100 * GiB, GiB, space, shared=SharedLedger(tmp_path, "b"))
-    for ledger in (a, b, a):  # start-up and a refresh: each knows the other
+    for ledger in (a, b, a):  # start-up and a refresh
         ledger.publish(0)
+    return a, b
+
+
+@pytest.mark.anyio
+async def test_two_daemons_on_one_filesystem_never_spend_the_same_free_bytes(tmp_path):
+    a, b = two_daemons(tmp_path)
     await a.reserve("x", 6 * GiB)
     got: list[str] = []
 
@@ -184,11 +190,7 @@ async def test_an_admission_the_others_cannot_see_is_undone_and_a_stale_handle_i
 
     from convd import durable
 
-    space = FakeSpace(10 * GiB, 10 * GiB)
-    a = Ledger(100 * GiB, GiB, space, shared=SharedLedger(tmp_path, "a"))
-    b = Ledger(100 * GiB, GiB, space, shared=SharedLedger(tmp_path, "b"))
-    for ledger in (a, b, a):
-        ledger.publish(0)
+    a, b = two_daemons(tmp_path)
     real_write = durable.write_json
     failures = {"left": 1}
 
