@@ -159,13 +159,15 @@ class Monitor:
         wd = self.notifier.watchdog_interval
         last_status = ""
         while True:
+            # The ping says the event loop runs; it must not wait behind a
+            # status write that a slow shared filesystem holds up.
+            if wd:
+                self.notifier.watchdog()
             snap = self.refresh()
-            if snap is not None:
-                await anyio.to_thread.run_sync(self.save, snap)
             summary = self.summary()
             if summary != last_status:
                 self.notifier.status(summary)
                 last_status = summary
-            if wd:
-                self.notifier.watchdog()
+            if snap is not None:
+                await anyio.to_thread.run_sync(self.save, snap)
             await anyio.sleep(min(interval, wd) if wd else interval)
