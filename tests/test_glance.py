@@ -169,6 +169,24 @@ def test_web_download_goes_through_convd(glance_env: Env, tmp_path: Path) -> Non
     assert_active_raw(glance_env, image_id, src, "qcow2", task)
 
 
+def test_web_download_reject_reaches_the_user_and_the_image_imports_again(glance_env: Env, tmp_path: Path) -> None:
+    # The download task before the plugin reverts the image to queued itself:
+    # the plugin must leave that to it, or Glance's revert fails and the
+    # image stays locked ("Image has active task") with "Internal Error".
+    src = make_image(glance_env.web / "wd.vmdk", "vmdk", VIRTUAL, opts="subformat=monolithicSparse", seed=8)
+    client = glance_env.client
+    image_id = client.create("wd", "qcow2")
+    url = f"http://127.0.0.1:{glance_env.web_port}/wd.vmdk"
+    client.import_(image_id, "web-download", url)
+    task = client.wait_import(image_id)
+    assert task["status"] == "failure"
+    assert task["message"].startswith("convd: format_mismatch: "), task["message"]
+    assert_back_to_queued(glance_env, image_id, "qcow2")
+    client.patch(image_id, [{"op": "replace", "path": "/disk_format", "value": "vmdk"}])
+    client.import_(image_id, "web-download", url)
+    assert_active_raw(glance_env, image_id, src, "vmdk", client.wait_import(image_id, ntasks=2))
+
+
 @pytest.mark.parametrize("sample", ["qcow-with-backing.qcow2", "qcow-with-datafile.qcow2"])
 def test_hostile_image_fails_with_unsafe_image_and_goes_back_to_queued(glance_env: Env, tmp_path: Path,
                                                                        sample: str) -> None:

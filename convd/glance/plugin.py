@@ -108,12 +108,17 @@ class _ConvdConvert(task.Task):
 
     default_provides = 'file_path'
 
-    def __init__(self, task_id, task_type, task_repo, action_wrapper, stores):
+    def __init__(self, task_id, task_type, task_repo, action_wrapper, stores, method=None):
         self.task_id = task_id
         self.task_type = task_type
         self.task_repo = task_repo
         self.action_wrapper = action_wrapper
         self.stores = stores
+        # web-download and glance-download run a download task before this
+        # one, whose own revert (after ours) puts the image back to queued and
+        # marks the stores failed: doing it here too would make that revert
+        # fail ("queued to queued") and leave the image locked.
+        self.downloaded = method in ('web-download', 'glance-download')
         self.image_id = action_wrapper.image_id
         # What execute() changed, so revert() undoes exactly that.
         self.original = None     # (disk_format, container_format) before the import
@@ -273,17 +278,21 @@ class _ConvdConvert(task.Task):
             except FileNotFoundError:
                 pass
             self.staged = None
-        with self.action_wrapper as action:
-            # An image already active (a later task failed after the upload)
-            # keeps its state, as Glance's own tasks leave it.
-            if action.image_status == 'importing':
-                action.set_image_attribute(status='queued')
-            if self.original is not None and action.image_status == 'queued':
-                disk_format, container_format = self.original
-                action.set_image_attribute(disk_format=disk_format, container_format=container_format)
-            if self.stores:
-                action.remove_importing_stores(self.stores)
-                action.add_failed_stores(self.stores)
+        try:
+            with self.action_wrapper as action:
+                # An image already active (a later task failed after the upload)
+                # keeps its state, as Glance's own tasks leave it.
+                if action.image_status == 'importing' and not self.downloaded:
+                    action.set_image_attribute(status='queued')
+                if self.original is not None and action.image_status in ('queued', 'importing'):
+                    disk_format, container_format = self.original
+                    action.set_image_attribute(disk_format=disk_format, container_format=container_format)
+                if self.stores and not self.downloaded:
+                    action.remove_importing_stores(self.stores)
+                    action.add_failed_stores(self.stores)
+        except exception.ImageNotFound:
+            # Deleted while it imported: nothing is left to restore.
+            LOG.info('Image %s was deleted during its import; nothing to restore', self.image_id)
 
 
 def get_flow(**kwargs):
@@ -298,4 +307,5 @@ def get_flow(**kwargs):
     task_type = kwargs.get('task_type')
     return lf.Flow(task_type).add(
         _ConvdConvert(kwargs.get('task_id'), task_type, kwargs.get('task_repo'),
-                      kwargs.get('action_wrapper'), kwargs.get('backend', [])))
+                      kwargs.get('action_wrapper'), kwargs.get('backend', []),
+                      method=((kwargs.get('import_req') or {}).get('method') or {}).get('name')))
