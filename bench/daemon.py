@@ -16,7 +16,7 @@ from typing import Any
 
 from bench.inotify import DirWatch
 
-__all__ = ["Daemon", "Spool", "convd_bin", "parse_ts", "write_config"]
+__all__ = ["Daemon", "Spool", "convd_bin", "parse_ts", "stage_private", "write_config"]
 
 
 def convd_bin() -> str:
@@ -66,6 +66,24 @@ def write_config(root: Path, *, target: str, algorithms: Iterable[str], max_work
     return path
 
 
+def stage_private(src: Path, staged: Path) -> Path:
+    """A private copy of ``src`` at ``staged``, flushed like a finished upload (untimed).
+
+    Every method gets its source this way, bare qemu-img as well as convd: a
+    freshly written copy and an old, often-read file do not convert at the
+    same speed on this kind of VM (docs/benchmarks.md, "Fresh sources"), and
+    a producer's upload is always fresh.
+    """
+    staged.unlink(missing_ok=True)
+    shutil.copyfile(src, staged)
+    fd = os.open(staged, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return staged
+
+
 class Spool:
     """The four directories under one root, and the producer's side of the protocol."""
 
@@ -84,15 +102,7 @@ class Spool:
         Not a hard link: convd refuses a source with a second name (it could be
         changed after the safety checks).  The copy is untimed.
         """
-        staged = self.root / f".stage-{name}"
-        staged.unlink(missing_ok=True)
-        shutil.copyfile(src, staged)
-        fd = os.open(staged, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return staged
+        return stage_private(src, self.root / f".stage-{name}")
 
     def drop_staged(self, staged: Path, name: str) -> None:
         """The producer's rename into ``incoming/`` (the moment timings start from)."""

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.daemon import Daemon, Spool, parse_ts
+from bench.daemon import Daemon, Spool, parse_ts, stage_private
 from bench.images import tiny_raw
 from bench.inotify import DirWatch, QueueOverflow
 
@@ -69,8 +69,14 @@ def warm(path: Path) -> None:
 def bare_convert(src: Path, fmt: str, target: str, dst: Path, args: Sequence[str] = (),
                  precreate: int | None = None) -> dict[str, float]:
     """``qemu-img convert -f FMT -O TARGET [ARGS] SRC DST`` as Glance runs it, then
-    ``fsync(DST)``: {"bare": until qemu-img exits, "sync": until the output is durable}."""
+    ``fsync(DST)``: {"bare": until qemu-img exits, "sync": until the output is durable}.
+
+    SRC is first staged as a private copy beside DST (untimed, removed after),
+    as convd's runs get theirs."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
     dst.unlink(missing_ok=True)
+    src = stage_private(src, dst.parent / f".source-{dst.name}")
+    settle_fs(dst.parent)
     if precreate is not None:
         with open(dst, "wb") as fh:
             fh.truncate(precreate)
@@ -82,6 +88,7 @@ def bare_convert(src: Path, fmt: str, target: str, dst: Path, args: Sequence[str
         raise RuntimeError(f"{' '.join(argv)}: {res.stderr.decode(errors='replace').strip()}")
     _fsync(dst)
     t2 = time.monotonic()
+    src.unlink()
     return {"bare": t1 - t0, "sync": t2 - t0}
 
 
@@ -153,6 +160,7 @@ def convd_once(daemon: Daemon, src: Path, name: str, timeout: float = LARGE_TIME
     """One image through a running daemon: pre-staged, renamed in, timed until ``NAME.json``."""
     spool = daemon.spool
     staged = spool.stage_copy(src, name)
+    settle_fs(spool.root)  # as bare_convert does after staging its copy
     with spool.watch() as watch:
         wall0 = time.time()
         t0 = time.monotonic()
@@ -211,6 +219,9 @@ def bare_sequential(sources: Sequence[Path], fmt: str, outdir: Path, sync: bool)
     outs = [outdir / f"out-{i:04d}.raw" for i in range(len(sources))]
     for o in outs:
         o.unlink(missing_ok=True)
+    # Fresh private copies, as convd's drain gets (untimed).
+    sources = [stage_private(src, outdir / f".source-{i:04d}") for i, src in enumerate(sources)]
+    settle_fs(outdir)
     c0 = os.times()
     t0 = time.monotonic()
     for src, dst in zip(sources, outs):
@@ -220,7 +231,7 @@ def bare_sequential(sources: Sequence[Path], fmt: str, outdir: Path, sync: bool)
             _fsync(dst)
     total = time.monotonic() - t0
     c1 = os.times()
-    for o in outs:
+    for o in [*outs, *sources]:
         o.unlink(missing_ok=True)
     return {"total": total, "cpu_children": (c1.children_user + c1.children_system)
             - (c0.children_user + c0.children_system)}
