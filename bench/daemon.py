@@ -75,6 +75,8 @@ def stage_private(src: Path, staged: Path) -> Path:
     a producer's upload is always fresh.
     """
     staged.unlink(missing_ok=True)
+    # Dense, as an upload written over HTTP is: the raw source's holes become
+    # written zeros in every method's copy alike.
     shutil.copyfile(src, staged)
     fd = os.open(staged, os.O_RDONLY | os.O_CLOEXEC)
     try:

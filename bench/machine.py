@@ -91,6 +91,28 @@ def _git_head(repo: Path) -> str:
         return "unknown"
 
 
+def _page_reporting() -> str:
+    """Whether freed guest memory goes back to the host (virtio-balloon free page reporting).
+
+    Where it does, memory touched again must be faulted back in by the host: a
+    conversion whose page cache lands on such pages writes 2-3x slower, at
+    random (docs/benchmarks.md, "Fresh sources").
+    """
+    base = Path("/sys/module/page_reporting/parameters")
+    if not base.is_dir():
+        return "none (no page_reporting module)"
+    vals = {}
+    for name in ("page_reporting_order", "min_free_ms", "reported_kib"):
+        try:
+            vals[name] = (base / name).read_text().strip()
+        except OSError:
+            pass
+    if not vals.get("reported_kib", "0").strip("0"):
+        return "supported, nothing reported yet"
+    vals.pop("reported_kib")
+    return "on: " + ", ".join(f"{k} {v}" for k, v in vals.items())
+
+
 def describe(workdir: Path, repo: Path) -> dict[str, str]:
     flags = _cpu_flags()
     accel = [f for f in ("sha_ni", "avx2", "avx512f") if f in flags]
@@ -103,5 +125,6 @@ def describe(workdir: Path, repo: Path) -> dict[str, str]:
         "qemu-img": _qemu_img_version(),
         "python": f"{platform.python_implementation()} {platform.python_version()} ({sys.executable})",
         "convd": f"{_convd_version()} at {_git_head(repo)}",
+        "free page reporting to the host": _page_reporting(),
         "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }

@@ -81,30 +81,41 @@ def bare_convert(src: Path, fmt: str, target: str, dst: Path, args: Sequence[str
         with open(dst, "wb") as fh:
             fh.truncate(precreate)
     argv = ["qemu-img", "convert", "-f", fmt, "-O", target, *args, str(src), str(dst)]
-    t0 = time.monotonic()
-    res = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    t1 = time.monotonic()
-    if res.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)}: {res.stderr.decode(errors='replace').strip()}")
-    _fsync(dst)
-    t2 = time.monotonic()
-    src.unlink()
+    try:
+        t0 = time.monotonic()
+        res = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        t1 = time.monotonic()
+        if res.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)}: {res.stderr.decode(errors='replace').strip()}")
+        _fsync(dst)
+        t2 = time.monotonic()
+    finally:
+        src.unlink(missing_ok=True)
+        settle_fs(dst.parent)  # the copy's discards land before anything else is timed
     return {"bare": t1 - t0, "sync": t2 - t0}
 
 
 def bare_decompress(tool: str, src: Path, dst: Path) -> dict[str, float]:
     """``TOOL -dc SRC > DST`` then ``fsync(DST)``, as an operator unpacks a download by hand:
     {"bare": until the tool exits, "sync": until the output is durable}."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
     dst.unlink(missing_ok=True)
-    with open(dst, "wb") as out:
-        t0 = time.monotonic()
-        res = subprocess.run([tool, "-dc", str(src)], stdin=subprocess.DEVNULL, stdout=out,
-                             stderr=subprocess.PIPE)
-        t1 = time.monotonic()
-    if res.returncode != 0:
-        raise RuntimeError(f"{tool} -dc {src}: {res.stderr.decode(errors='replace').strip()}")
-    _fsync(dst)
-    return {"bare": t1 - t0, "sync": time.monotonic() - t0}
+    src = stage_private(src, dst.parent / f".source-{dst.name}")  # as convd's runs get theirs
+    settle_fs(dst.parent)
+    try:
+        with open(dst, "wb") as out:
+            t0 = time.monotonic()
+            res = subprocess.run([tool, "-dc", str(src)], stdin=subprocess.DEVNULL, stdout=out,
+                                 stderr=subprocess.PIPE)
+            t1 = time.monotonic()
+        if res.returncode != 0:
+            raise RuntimeError(f"{tool} -dc {src}: {res.stderr.decode(errors='replace').strip()}")
+        _fsync(dst)
+        t2 = time.monotonic()
+    finally:
+        src.unlink(missing_ok=True)
+        settle_fs(dst.parent)
+    return {"bare": t1 - t0, "sync": t2 - t0}
 
 
 def sha256sum(path: Path) -> tuple[float, str]:
@@ -189,6 +200,7 @@ def drain(daemon: Daemon, sources: Sequence[Path], tag: str) -> dict[str, Any]:
     spool = daemon.spool
     names = [f"{tag}-{i:04d}" for i in range(len(sources))]
     staged = [spool.stage_copy(src, n) for src, n in zip(sources, names)]
+    settle_fs(spool.root)  # as bare_sequential does after staging its copies
     cpu0 = daemon.cpu()
     with spool.watch() as watch:
         wall0 = time.time()
@@ -222,17 +234,19 @@ def bare_sequential(sources: Sequence[Path], fmt: str, outdir: Path, sync: bool)
     # Fresh private copies, as convd's drain gets (untimed).
     sources = [stage_private(src, outdir / f".source-{i:04d}") for i, src in enumerate(sources)]
     settle_fs(outdir)
-    c0 = os.times()
-    t0 = time.monotonic()
-    for src, dst in zip(sources, outs):
-        subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", str(src), str(dst)],
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, check=True)
-        if sync:
-            _fsync(dst)
-    total = time.monotonic() - t0
-    c1 = os.times()
-    for o in [*outs, *sources]:
-        o.unlink(missing_ok=True)
+    try:
+        c0 = os.times()
+        t0 = time.monotonic()
+        for src, dst in zip(sources, outs):
+            subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", str(src), str(dst)],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, check=True)
+            if sync:
+                _fsync(dst)
+        total = time.monotonic() - t0
+        c1 = os.times()
+    finally:
+        for o in [*outs, *sources]:
+            o.unlink(missing_ok=True)
     return {"total": total, "cpu_children": (c1.children_user + c1.children_system)
             - (c0.children_user + c0.children_system)}
 

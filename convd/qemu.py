@@ -262,15 +262,16 @@ async def measure(path: str, fmt: str, target: str, *, limits: DetectConfig,
 # method converting a freshly staged copy of its source: out-of-order writes
 # (-W) help every raw and qcow2 target; writing with O_DIRECT (-t none)
 # makes the durable total shorter and steadier, and leaves convd's own fsync
-# almost nothing to do.  VMDK → raw is the exception: qemu's vmdk driver
-# issues one 64 KiB grain at a time, which O_DIRECT turns into as many
-# synchronous device writes, and no flag beat qemu-img's defaults through
-# the page cache (2 GiB, medians of 3: 1.19 s durable against 1.26 s with
-# -m 16 -W and 1.53 s with -t none -m 16 -W; streamOptimized 1.42 s against
-# 1.74 s and 1.58 s).  VMDK → qcow2 takes the general -t none -W (1.44 s
-# against 2.25 s with no flags).
+# almost nothing to do.  VMDK is the exception: qemu's vmdk driver issues
+# one 64 KiB grain at a time, which O_DIRECT turns into as many synchronous
+# device writes, so VMDK outputs go through the page cache (2 GiB, medians
+# of 3, seconds to durable: VMDK → raw with qemu-img's defaults 1.19, -W
+# 1.24, -t none -m 16 -W 1.53; streamOptimized 1.42, 1.56, 1.58; VMDK →
+# qcow2 with -W 1.22 against 2.25 with no flags and 1.44 with -t none -W;
+# streamOptimized 1.49, 1.53, 1.43).
 _TUNED: dict[tuple[str, str], tuple[str, ...]] = {
     ("vmdk", "raw"): (),
+    ("vmdk", "qcow2"): ("-W",),
 }
 _DIRECT_TARGETS = ("raw", "qcow2")
 # What a target needs so that the output keeps the source's virtual size

@@ -96,11 +96,12 @@ def assert_no_qemu_left(root: Path, timeout: float = 15.0) -> None:
 
 
 def slow_convert_args(rate: str) -> dict[str, dict[str, list[str]]]:
-    """``[convert.qemu_args]`` keeping convd's tuned defaults, plus a rate limit."""
+    """``[convert.qemu_args]``: convd's tuned flags for a raw target, written through
+    the page cache (``-t none`` dropped), plus a rate limit."""
     return {"convert.qemu_args": {
         "qcow2": ["-W", "-r", rate],
         "vpc": ["-W", "-r", rate],
-        "vmdk": ["-m", "16", "-W", "-r", rate],
+        "vmdk": ["-r", rate],
     }}
 
 
