@@ -133,6 +133,14 @@ def _qcow2_plain_table(raw: bytes, cluster_bits: int) -> bool:
     return True
 
 
+def _used(data: bytes, item: int) -> bytes:
+    """``data`` without its trailing all-zero entries of ``item`` bytes: tables
+    fill from the front, so a small image's mostly empty table costs no Python
+    loop over its unused tail."""
+    end = len(data.rstrip(b"\0"))
+    return data[:-(-end // item) * item]
+
+
 def _u32_table(data: bytes, big_endian: bool) -> array:
     return _table(data, "I", big_endian)
 
@@ -224,7 +232,7 @@ def _qcow2(f: _File) -> int:
         _qcow2_snapshot_metadata(f, meta, h)
     # Refcount table → refcount blocks: metadata qemu-img check and every writer rely on.
     for first, data in f.slices(rt_off, rt_clusters * cluster, "qcow2 refcount table", 8):
-        for i, entry in enumerate(_u64_table(data, True)):
+        for i, entry in enumerate(_u64_table(_used(data, 8), True)):
             block = entry & ~0x1FF
             if block:
                 if block % cluster:
@@ -267,11 +275,11 @@ def _qcow2(f: _File) -> int:
             flat[0::8] = bytes(len(flat) // 8)  # drop the "copied" flags
             if max(_u64_table(bytes(flat), True)) + cluster <= f.size:
                 continue  # every data cluster of this table lies whole inside the file
-        l2 = _u64_table(raw, True)
+        l2 = _u64_table(_used(raw, entry_bytes), True)
         if not any(l2):
             continue
         base = i * span
-        for j in range(l2_entries):
+        for j in range(len(l2) * 8 // entry_bytes):
             e = l2[j * 2] if extended else l2[j]
             if not e & ~(1 << 63):
                 continue

@@ -45,17 +45,23 @@ async def unpack(item: Item, ctx: Context) -> Stage:
     claim, cfg = item.claim, item.cfg
     dest = claim.dir / UNPACKED
     claim.unpacked = None
-    await anyio.to_thread.run_sync(_remove, str(dest))  # a retry's leftovers
+
+    def look() -> tuple[int, containers.Plan | None]:
+        # One thread hop for all three: most items are no container at all.
+        _remove(str(dest))  # a retry's leftovers
+        fd = open_regular(claim.dropped)
+        try:
+            return fd, containers.plan(fd)
+        except BaseException as exc:
+            if isinstance(exc, ItemError):  # a container whose very start is damaged
+                size = os.fstat(fd).st_size
+                item.source = {"format": None, "size": size}
+                item.container = {"container": [exc.detected], "size": size}
+            os.close(fd)
+            raise
+
     t0 = time.monotonic()
-    fd = open_regular(claim.dropped)
-    try:
-        plan = await anyio.to_thread.run_sync(containers.plan, fd)
-    except BaseException as exc:
-        if isinstance(exc, ItemError):  # a container whose very start is damaged
-            item.source = {"format": None, "size": os.fstat(fd).st_size}
-            item.container = {"container": [exc.detected], "size": item.source["size"]}
-        os.close(fd)
-        raise
+    fd, plan = await anyio.to_thread.run_sync(look)
     if plan is None:
         os.close(fd)
         return Stage.DETECT
