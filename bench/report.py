@@ -167,9 +167,11 @@ included (`bench.daemon.stage_private`), and the earlier VMDK tuning was
 redone on that footing (`--variants`, below): qemu-img's own defaults are
 the fastest durable VMDK → raw, so convd no longer adds `-m 16 -W` there.
 Host faults still strike at random, bare and convd alike (in the run below,
-bare qcow2 → qcow2 took 1.95 s once and 0.29 s twice, bare vpc → raw 0.30,
-1.70 and 0.80 s), so read any single ratio within ±50 %, medians within
-±15 %.
+bare vpc → raw took 0.28, 1.57 and 0.27 s; convd's VMDK → raw `qemu-img
+convert` 2.55, 0.89 and 2.02 s), so read any single ratio within ±50 %, and
+medians of three within ±25 %: two full runs an hour apart on the same code
+and a quiet machine (08:52 and 09:30 UTC) passed 10 and 10 of the 14
+no-checksum rows, and 13 and 8 of the 14 sha256 rows.
 
 **Spawning qemu-img.**  convd used to start every qemu-img behind two exec
 wrappers, `setpriv --pdeathsig KILL --inh-caps=-all` and `prlimit --cpu
@@ -206,10 +208,11 @@ py-spy `--gil` finds about 4.4 ms holding the interpreter (thread hand-offs
 5 %), the rest system calls (renames, fsyncs, the record).  Bare: 4.7–5.5 ms
 per image, wall and CPU alike.  On two cores the drain cannot beat
 max(convd's own CPU, half of all CPU) ≈ 9.5 ms against bare's 4.9 ms: a
-floor of about **1.9** (the run below: 2.26 measured, 1.94 floor).  The
+floor of about **1.9** (the run below: 2.08 measured, 1.84 floor; the
+08:52 run 2.26 and 1.94).  The
 target needs 0.6 × 4.9 ≈ 2.9 ms of wall per image, 5.9 ms of CPU on two
 cores, and one `qemu-img convert` alone takes about as much as bare does
-(4.9 ms in the run below, 5.5 ms under `perf stat`).  So **no design that
+(5.6 ms in the run below, 5.5 ms under `perf stat`).  So **no design that
 runs `qemu-img convert` once per image and adds anything (a gate process,
 or about 1 ms of Python) can reach 0.60 here**.  Taking out the `info`
 process for qcow2 sources (its checks are also made by the pure-Python
@@ -260,8 +263,9 @@ same `fsync` bare + fsync pays (0.40–0.41 s per 2 GiB).  So what bounds a
 VMDK conversion is qemu's vmdk driver, one 64 KiB grain at a time (and zlib
 for streamOptimized: 0.35–0.43 s of user CPU per 2 GiB), plus one `fsync`:
 convd ÷ (bare + fsync) sits at 1.0 plus its fixed costs, about 1.04 for a
-2 GiB image, within the ±15 % this VM's page-cache faults leave on medians:
-the four VMDK rows below measured 0.98–1.13.  Flags, all on fresh copies (`--variants`,
+2 GiB image, within what this VM's page-cache faults leave on medians: the
+four VMDK rows measured 0.98–1.13 in a run at 09:37 UTC and 1.10–1.25 in the
+run below, where their best repetitions were 0.69–1.17.  Flags, all on fresh copies (`--variants`,
 medians of 3, seconds to durable): VMDK → raw as Glance 1.19, `-W` 1.24,
 `-m 16 -W` 1.26, `-t none -m 16 -W` 1.53; streamOptimized 1.42, 1.56, 1.74,
 1.58.  O_DIRECT trades speed for steadiness: no page cache, so no host
@@ -277,10 +281,10 @@ the lucky pages.  Flushing behind while qemu-img writes (`sync_file_range` every
 `fsync` shrank.
 
 **Glance import (issue 10's target, ≤ 1.00 against the built-in
-`image_conversion`).**  On the quiet machine the convd plugin took 15.6–15.7 s
-from import to `active` for the 2 GiB qcow2, the built-in 14.1–15.8 s: a
-median ratio of 1.06, inside the built-in's own spread (under load, earlier
-the same day, it was 0.76).  Most of either figure is Glance's own work after
+`image_conversion`).**  On the quiet machine the convd plugin took 15.8–16.8 s
+from import to `active` for the 2 GiB qcow2, the built-in 15.6–16.8 s: a
+median ratio of 0.99 (1.06 in the 08:52 run, 0.76 under load earlier the
+same day), each inside the other's spread.  Most of either figure is Glance's own work after
 the conversion (hashing and copying 2 GiB into its store).  convd's extra is
 what makes its result trustworthy: the output is durable before the plugin
 sees it (written with `-t none`; the built-in never flushes: 0.57 s against
@@ -298,10 +302,15 @@ durable as `-t none` for raw and qcow2 targets: 2 GiB qcow2 → raw
 `-t none` stays where it was faster.  What bounds this figure is the hash
 itself: SHA-256 over the whole virtual size of a raw output (holes hashed as
 zeros, 1.4–1.7 GiB/s on one core), which the hashlib reference pays too;
-convd runs its `fsync` beside the hash, which the reference does not.  On
-fresh copies 13 of 14 rows pass (the run below); the miss, vhdx → raw, took
-convd 2.08–3.22 s over its three repetitions against a reference of
-2.32–3.94 s: the page-cache lottery again.
+convd runs its `fsync` beside the hash, which the reference does not.  13 of
+14 rows passed in the 08:52 run, 8 of 14 in the run below, on the same code:
+the hash took 1.07–1.14 s (raw targets) in every convd run and the `fsync`
+beside it never mattered, but convd's `qemu-img convert`, written through
+the page cache so that the hash reads from it, took 0.26–0.4 s when its
+pages were warm and up to 2.3 s when the host had to fault them in (qcow2,
+VDI, VHD, VHDX → raw, in both runs).  That is the lottery of "Fresh sources",
+which bare's output drew less often in the run below; what bounds the
+figure otherwise is the hash.
 """
 
 

@@ -3,6 +3,7 @@ that the report turns into medians and ratios; nothing here decides pass/miss.""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -66,56 +67,47 @@ def warm(path: Path) -> None:
         os.close(fd)
 
 
-def bare_convert(src: Path, fmt: str, target: str, dst: Path, args: Sequence[str] = (),
-                 precreate: int | None = None) -> dict[str, float]:
-    """``qemu-img convert -f FMT -O TARGET [ARGS] SRC DST`` as Glance runs it, then
-    ``fsync(DST)``: {"bare": until qemu-img exits, "sync": until the output is durable}.
-
-    SRC is first staged as a private copy beside DST (untimed, removed after),
-    as convd's runs get theirs."""
+def _bare_run(src: Path, dst: Path, argv: Sequence[str], *, to_dst: bool = False,
+              precreate: int | None = None) -> dict[str, float]:
+    """Run ``argv`` (``{src}`` standing for the source) on a fresh private copy of ``src``
+    staged beside ``dst`` (untimed, removed after, as convd's runs get theirs), then
+    ``fsync(dst)``: {"bare": until the command exits, "sync": until dst is durable}.
+    ``to_dst``: the command writes dst on its standard output."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.unlink(missing_ok=True)
-    src = stage_private(src, dst.parent / f".source-{dst.name}")
+    staged = stage_private(src, dst.parent / f".source-{dst.name}")
     settle_fs(dst.parent)
     if precreate is not None:
         with open(dst, "wb") as fh:
             fh.truncate(precreate)
-    argv = ["qemu-img", "convert", "-f", fmt, "-O", target, *args, str(src), str(dst)]
+    argv = [str(staged) if a == "{src}" else a for a in argv]
     try:
-        t0 = time.monotonic()
-        res = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        t1 = time.monotonic()
+        with open(dst, "wb") if to_dst else contextlib.nullcontext(subprocess.DEVNULL) as out:
+            t0 = time.monotonic()
+            res = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.PIPE)
+            t1 = time.monotonic()
         if res.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)}: {res.stderr.decode(errors='replace').strip()}")
         _fsync(dst)
         t2 = time.monotonic()
     finally:
-        src.unlink(missing_ok=True)
+        staged.unlink(missing_ok=True)
         settle_fs(dst.parent)  # the copy's discards land before anything else is timed
     return {"bare": t1 - t0, "sync": t2 - t0}
 
 
+def bare_convert(src: Path, fmt: str, target: str, dst: Path, args: Sequence[str] = (),
+                 precreate: int | None = None) -> dict[str, float]:
+    """``qemu-img convert -f FMT -O TARGET [ARGS] SRC DST`` as Glance runs it, then
+    ``fsync(DST)``, on a fresh copy of SRC (see ``_bare_run``)."""
+    return _bare_run(src, dst, ["qemu-img", "convert", "-f", fmt, "-O", target, *args, "{src}", str(dst)],
+                     precreate=precreate)
+
+
 def bare_decompress(tool: str, src: Path, dst: Path) -> dict[str, float]:
-    """``TOOL -dc SRC > DST`` then ``fsync(DST)``, as an operator unpacks a download by hand:
-    {"bare": until the tool exits, "sync": until the output is durable}."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.unlink(missing_ok=True)
-    src = stage_private(src, dst.parent / f".source-{dst.name}")  # as convd's runs get theirs
-    settle_fs(dst.parent)
-    try:
-        with open(dst, "wb") as out:
-            t0 = time.monotonic()
-            res = subprocess.run([tool, "-dc", str(src)], stdin=subprocess.DEVNULL, stdout=out,
-                                 stderr=subprocess.PIPE)
-            t1 = time.monotonic()
-        if res.returncode != 0:
-            raise RuntimeError(f"{tool} -dc {src}: {res.stderr.decode(errors='replace').strip()}")
-        _fsync(dst)
-        t2 = time.monotonic()
-    finally:
-        src.unlink(missing_ok=True)
-        settle_fs(dst.parent)
-    return {"bare": t1 - t0, "sync": t2 - t0}
+    """``TOOL -dc SRC > DST`` then ``fsync(DST)``, as an operator unpacks a download by
+    hand, on a fresh copy of SRC (see ``_bare_run``)."""
+    return _bare_run(src, dst, [tool, "-dc", "{src}"], to_dst=True)
 
 
 def sha256sum(path: Path) -> tuple[float, str]:
