@@ -127,20 +127,40 @@ part of `make test`.
   `qemu_convert` (each process's life), `fsync`, `hash`; the `converted` log
   event adds `handoff`.  The tables below are medians of those.
 - The machine may be shared; the load average at the start and end is printed
-  with the machine description.  Medians absorb some noise, not all: on a
-  shared 2-core VM a single repetition's ratio can be off by 2× (see "each
-  repetition" under the large-image table), so read verdicts within ~10 % of
-  a limit as "at the limit", and compare runs made on a quiet machine.
+  with the machine description.  Medians absorb some noise, not all: on this
+  VM even a quiet machine moves one repetition by up to 8× and a median of
+  three by about ±25 % (see "Fresh sources" below and "each repetition"
+  under the large-image table), so compare runs, not single figures.
 
 ## What bounds each figure (issue 12)
 
 Measured on the machine described under "Latest run", 2026-11-30: first
-while other test suites ran on it (load average 4–9 on 2 cores), then again
-on a quiet machine (load average about 1) for the VMDK investigation and the
-run below.  Wall-clock figures still move by up to 6× between repetitions of
-the *same* command on this VM, for the reason under "Fresh sources"; the
-findings rest on CPU time read from `/proc`, `perf stat`, per-phase timings
-and repeated A/B runs.
+while other test suites ran on it (load average 4–9 on 2 cores), then on a
+quiet machine (load average 0.3–3) for the VMDK investigation and two full
+runs: one at 08:52 UTC (at 5ee2b3c) and the run below at 09:30 UTC (at
+9e5473c; in between, VMDK → qcow2 went from `-t none -W` to `-W`, and the
+integrity walk of small qcow2 images got faster), plus the four VMDK rows
+alone at 09:13 UTC with today's flags.  Wall-clock figures move by up to 8×
+between repetitions of the *same* command on this VM, for the reason under
+"Fresh sources"; the findings rest on CPU time read from `/proc`, `perf
+stat`, per-phase timings and repeated A/B runs.
+
+**In short: is convd slower than bare qemu-img?**  For one large image,
+convd's own work (detect, spawns, record, handoff) adds 20–60 ms; the rest
+is the same `qemu-img convert` and the same `fsync` that bare + fsync pays,
+and where convd's flags differ from Glance's (`-t none -W` for qcow2, VDI,
+VHD and VHDX sources and raw sources to qcow2) it is faster.  It still
+missed in the run below on all four VMDK rows (1.10–1.25) and on six of the
+fourteen sha256 rows (1.03–1.45), in each case because its `qemu-img
+convert`, writing through the page cache, took longer than bare's did in
+the same run; in the 09:13 run the VMDK rows were 0.98–1.13, and in the
+08:52 run one sha256 row missed.  For many small images convd is about 2×
+slower than bare (200 × 1 MiB: 2.08; the limit 0.60 is out of reach, floor
+below).  What bounds the other figures: pick-up latency is watchfiles' 5 ms
+step plus the claim's renames and fsyncs (p50 9 ms); the backlog's peak RSS
+is the interpreter, the intake's per-name bookkeeping and the queued claims
+(74 MiB for 5 000 names); a passthrough is two renames, the record and
+their fsyncs (12 ms for any size).
 
 **Fresh sources: why VMDK looked 2× slower inside the daemon.**  Until
 2026-11-30 the bench gave convd a freshly written copy of each source (as a
@@ -168,10 +188,9 @@ redone on that footing (`--variants`, below): qemu-img's own defaults are
 the fastest durable VMDK → raw, so convd no longer adds `-m 16 -W` there.
 Host faults still strike at random, bare and convd alike (in the run below,
 bare vpc → raw took 0.28, 1.57 and 0.27 s; convd's VMDK → raw `qemu-img
-convert` 2.55, 0.89 and 2.02 s), so read any single ratio within ±50 %, and
-medians of three within ±25 %: two full runs an hour apart on the same code
-and a quiet machine (08:52 and 09:30 UTC) passed 10 and 10 of the 14
-no-checksum rows, and 13 and 8 of the 14 sha256 rows.
+convert` 2.55, 0.89 and 2.02 s).  The two full runs, 38 minutes apart on a
+quiet machine, passed 10 and 10 of the 14 no-checksum rows and 13 and 8 of
+the 14 sha256 rows.
 
 **Spawning qemu-img.**  convd used to start every qemu-img behind two exec
 wrappers, `setpriv --pdeathsig KILL --inh-caps=-all` and `prlimit --cpu
@@ -202,17 +221,17 @@ Python.  CPU per process on a quiet machine (`perf stat -r 30..50`, one
 `check` 3.0 ms, `convert` 5.5 ms, `true` 0.4 ms; `perf record` of `info`
 puts most of it in starting and exiting (page faults, `mmap`, symbol lookup
 across 21 shared libraries), not in reading the image.
-convd's own process: 6.3–7.6 ms per image over four drains, of which
+convd's own process: 6.2–7.8 ms per image over seven drains, of which
 py-spy `--gil` finds about 4.4 ms holding the interpreter (thread hand-offs
 14 %, the inspector and integrity walk of source and output 24 %, logging
-5 %), the rest system calls (renames, fsyncs, the record).  Bare: 4.7–5.5 ms
+5 %), the rest system calls (renames, fsyncs, the record).  Bare: 4.7–5.8 ms
 per image, wall and CPU alike.  On two cores the drain cannot beat
-max(convd's own CPU, half of all CPU) ≈ 9.5 ms against bare's 4.9 ms: a
-floor of about **1.9** (the run below: 2.08 measured, 1.84 floor; the
-08:52 run 2.26 and 1.94).  The
-target needs 0.6 × 4.9 ≈ 2.9 ms of wall per image, 5.9 ms of CPU on two
-cores, and one `qemu-img convert` alone takes about as much as bare does
-(5.6 ms in the run below, 5.5 ms under `perf stat`).  So **no design that
+max(convd's own CPU, half of all CPU): in the run below 10.3 ms against
+bare's 5.6 ms, a floor of **1.84** (2.08 measured; the 08:52 run 9.5 against
+4.9 ms, floor 1.94, 2.26 measured).  The
+target needs 0.6 × 5.6 ≈ 3.4 ms of wall per image, 6.7 ms of CPU on two
+cores, and the `qemu-img convert` process alone is bare's whole cost (5.5 ms
+under `perf stat`), before any gate or any Python.  So **no design that
 runs `qemu-img convert` once per image and adds anything (a gate process,
 or about 1 ms of Python) can reach 0.60 here**.  Taking out the `info`
 process for qcow2 sources (its checks are also made by the pure-Python
@@ -239,9 +258,9 @@ of both nodes; outputs identical (`qemu-img compare`).  Measured in one run,
 alternating: 3.8 ms of CPU per image (client 0.5, qemu-storage-daemon 3.3),
 against 11.9 ms for `info` + `convert` processes through the launcher in the
 same run (5.6 against 15.4 ms in a full `make bench --qsd` under load 10;
-both measured before this page's latest run and not repeated since).  It
-still would not reach 0.60: convd's own Python (5.6 ms per image) would then
-bound the drain at about 1.0.  And it gives up parts of the
+3.9 against 10.3 ms in the run below).  It still would not reach 0.60:
+convd's own process (7.1 ms per image in the run below) would then bound
+the drain at about 1.3.  And it gives up parts of the
 safety model: one long-lived process parses every unvetted image a worker
 sees, so a crafted image that corrupts its memory can tamper with later
 items' outputs (a process per step confines each image to a process that
@@ -253,64 +272,60 @@ convert` (no `-W`/`-m`/`-t` tuning, zeroes through `detect-zeroes=unmap`,
 `blockdev-create` jobs for qcow2 targets), a second conversion path to
 validate for every format.  Not adopted.
 
-**VMDK sources (target ≤ 1.00 against bare + fsync).**  With every method
-on a fresh copy and the same flags, the `qemu-img convert` process inside
-the daemon takes what bare qemu-img takes (see the time breakdown of the
-VMDK → raw rows below, which run qemu-img's defaults as bare does), and convd
-adds its fixed costs (detect 8–34 ms: the stream VMDK's grain markers are
-walked in Python; spawn, publish's record, handoff: about 15 ms) plus the
-same `fsync` bare + fsync pays (0.40–0.41 s per 2 GiB).  So what bounds a
-VMDK conversion is qemu's vmdk driver, one 64 KiB grain at a time (and zlib
-for streamOptimized: 0.35–0.43 s of user CPU per 2 GiB), plus one `fsync`:
-convd ÷ (bare + fsync) sits at 1.0 plus its fixed costs, about 1.04 for a
-2 GiB image, within what this VM's page-cache faults leave on medians: the
-four VMDK rows measured 0.98–1.13 in a run at 09:37 UTC and 1.10–1.25 in the
-run below, where their best repetitions were 0.69–1.17.  Flags, all on fresh copies (`--variants`,
-medians of 3, seconds to durable): VMDK → raw as Glance 1.19, `-W` 1.24,
-`-m 16 -W` 1.26, `-t none -m 16 -W` 1.53; streamOptimized 1.42, 1.56, 1.74,
-1.58.  O_DIRECT trades speed for steadiness: no page cache, so no host
-faults (`-t none -m 16 -W` 1.52–1.71 s every run, where as Glance ran
-1.18–3.33 s), but each grain is a synchronous device write.  convd takes qemu-img's defaults
-for VMDK → raw and `-W` for VMDK → qcow2: of the page-cache variants, which
-lie within noise of each other there (`-W` 1.22 s, `-m 16 -W` 1.19 s;
-streamOptimized 1.49 s both), the simplest, and well ahead of no flags (2.25
-s and 1.53 s).  `-t none -W` ran a steady 1.41–1.46 s; as convd's choice for
-one full run it measured 1.24 against bare + fsync there, where bare drew
-the lucky pages.  Flushing behind while qemu-img writes (`sync_file_range` every
-0.2 s) was tried earlier and taken out: the conversion grew by more than the
+**VMDK sources (target ≤ 1.00 against bare + fsync): at the limit in one
+run, missed in the other.**  convd converts a VMDK with the program and,
+for VMDK → raw, the flags bare uses (qemu-img's defaults), writing through
+the page cache as bare does; it adds its fixed costs (detect 8–37 ms: the
+stream VMDK's grain markers are walked in Python; spawns, the record and
+the handoff about 15 ms) and the same `fsync` as bare + fsync (0.40–0.44 s
+per 2 GiB).  What bounds the figure is therefore qemu's vmdk driver, one
+64 KiB grain at a time (and zlib for streamOptimized, 0.35–0.43 s of user
+CPU per 2 GiB), plus that `fsync`: at best about 1.04 for a 2 GiB image.
+Measured: 0.98–1.13 in the 09:13 run, where convd's `qemu-img convert` took
+0.79–1.10 s against bare's 0.79–0.99 s; 1.10–1.25 in the run below, where
+it took 1.33–2.02 s against bare's 1.03–1.61 s (medians).  Why convd's
+process drew the slower run there is not established: same program, same
+flags for raw, launcher ruled out on an old file (above); page-cache faults
+are the suspect, not proven with three repetitions.  Flags, all on fresh
+copies (the variants tables below, seconds to durable): VMDK → raw as
+Glance 1.22, `-W` 1.21, `-m 16 -W` 1.29, `-t none -m 16 -W` 1.61;
+streamOptimized 1.43, 1.54, 1.58, 1.69.  O_DIRECT is steadier (no page
+cache, so no host faults) but each grain becomes a synchronous device
+write.  For VMDK → qcow2, `-W` (1.24 s; streamOptimized 1.53 s) beat no
+flags (2.86 s and 2.44 s) and `-t none -W` (1.59 s and 1.68 s): convd uses
+it.  Flushing behind while qemu-img writes (`sync_file_range` every 0.2 s)
+was tried earlier and taken out: the conversion grew by more than the
 `fsync` shrank.
 
 **Glance import (issue 10's target, ≤ 1.00 against the built-in
 `image_conversion`).**  On the quiet machine the convd plugin took 15.8–16.8 s
 from import to `active` for the 2 GiB qcow2, the built-in 15.6–16.8 s: a
 median ratio of 0.99 (1.06 in the 08:52 run, 0.76 under load earlier the
-same day), each inside the other's spread.  Most of either figure is Glance's own work after
-the conversion (hashing and copying 2 GiB into its store).  convd's extra is
-what makes its result trustworthy: the output is durable before the plugin
-sees it (written with `-t none`; the built-in never flushes: 0.57 s against
-0.29 s for this conversion in the large-image table), the `info` and `check`
-gate, and two renames through the spool.
+same day), each inside the other's spread.  Most of either figure is
+Glance's own work after the conversion (hashing and copying 2 GiB into its
+store).  convd's extra is what makes its result trustworthy: the output is
+durable before the plugin sees it (written with `-t none`, where the
+built-in never flushes), the `info` and `check` gate, and two renames
+through the spool.
 
 **Checksums (target ≤ 1.00 against bare + fsync + one hashlib pass).**
 convd hashes the output once, with hashlib, in 4 MiB reads, holes as zeros
 without reading them, beside the `fsync`.  Written with `-t none`, a raw
 output bypassed the page cache, so the checksum read every data byte back
-from disk (the previous table: publish 3.7 s for a 2 GiB qcow2 → raw).
-With checksums configured, convd now writes through the cache (as fast to
-durable as `-t none` for raw and qcow2 targets: 2 GiB qcow2 → raw
-0.66–0.74 s against 0.60–0.70 s) and hashes from it; without checksums,
-`-t none` stays where it was faster.  What bounds this figure is the hash
-itself: SHA-256 over the whole virtual size of a raw output (holes hashed as
-zeros, 1.4–1.7 GiB/s on one core), which the hashlib reference pays too;
-convd runs its `fsync` beside the hash, which the reference does not.  13 of
-14 rows passed in the 08:52 run, 8 of 14 in the run below, on the same code:
-the hash took 1.07–1.14 s (raw targets) in every convd run and the `fsync`
-beside it never mattered, but convd's `qemu-img convert`, written through
-the page cache so that the hash reads from it, took 0.26–0.4 s when its
-pages were warm and up to 2.3 s when the host had to fault them in (qcow2,
-VDI, VHD, VHDX → raw, in both runs).  That is the lottery of "Fresh sources",
-which bare's output drew less often in the run below; what bounds the
-figure otherwise is the hash.
+from disk (an earlier table: publish 3.7 s for a 2 GiB qcow2 → raw); so with
+checksums configured convd writes through the cache (`-W`, no `-t none`)
+and hashes from it.  The hash is not what misses: 1.07–1.16 s for a raw
+target (2 GiB, about 1.8 GiB/s) in every convd run, against 1.19–1.24 s for
+the hashlib reference, and the `fsync` beside it never mattered.  The
+conversion is: through the page cache it took 0.63–2.34 s in the run below
+(medians 1.3–2.3 s for qcow2, VDI, VHD and VHDX sources), where the same
+conversions with `-t none` and checksums off took 0.39–0.63 s.  The 08:52
+run, on nearly the same code, had one sha256 miss (vhdx → raw); the run
+below six (VDI, VHD and VHDX to raw and to qcow2, 1.03–1.45).  The page-cache
+faults of "Fresh sources" fit that spread, but bare wrote through the page
+cache too and drew them less often in the run below, so that is not proven;
+what would settle it is more repetitions, alternating, with the writeback
+and fault counts of each.
 """
 
 
