@@ -152,9 +152,10 @@ and where convd's flags differ from Glance's (`-t none -W` for qcow2, VDI,
 VHD and VHDX sources and raw sources to qcow2) it is faster.  It still
 missed in the run below on all four VMDK rows (1.10–1.25) and on six of the
 fourteen sha256 rows (1.03–1.45), in each case because its `qemu-img
-convert`, writing through the page cache, took longer than bare's did in
-the same run; in the 09:13 run the VMDK rows were 0.98–1.13, and in the
-08:52 run one sha256 row missed.  For many small images convd is about 2×
+convert`, writing through the page cache, drew this VM's slow page faults
+where bare's did not (an A/B of the same conversions, alternating with
+nothing in between, timed convd's process at bare's speed); in the 09:13 run
+the VMDK rows were 0.98–1.13, and in the 08:52 run one sha256 row missed.  For many small images convd is about 2×
 slower than bare (200 × 1 MiB: 2.08; the limit 0.60 is out of reach, floor
 below).  What bounds the other figures: pick-up latency is watchfiles' 5 ms
 step plus the claim's renames and fsyncs (p50 9 ms); the backlog's peak RSS
@@ -283,10 +284,14 @@ per 2 GiB).  What bounds the figure is therefore qemu's vmdk driver, one
 CPU per 2 GiB), plus that `fsync`: at best about 1.04 for a 2 GiB image.
 Measured: 0.98–1.13 in the 09:13 run, where convd's `qemu-img convert` took
 0.79–1.10 s against bare's 0.79–0.99 s; 1.10–1.25 in the run below, where
-it took 1.33–2.02 s against bare's 1.03–1.61 s (medians).  Why convd's
-process drew the slower run there is not established: same program, same
-flags for raw, launcher ruled out on an old file (above); page-cache faults
-are the suspect, not proven with three repetitions.  Flags, all on fresh
+it took 1.33–2.02 s against bare's 1.03–1.61 s (medians).  An A/B with
+nothing else in between (`python -m bench.pagecache_ab`, 6 repetitions,
+alternating, each on a fresh copy, 10:15 UTC) puts convd's `qemu-img
+convert` of the 2 GiB streamOptimized VMDK at 0.86–1.11 s (median 0.98),
+bare with convd's flags at 0.88–1.05 s (0.98) and as Glance at 0.91–1.27 s
+(0.97): the same process at the same speed, so the misses in the run below
+are the page-cache lottery of the full bench's sequence, which moves
+gigabytes between runs.  Flags, all on fresh
 copies (the variants tables below, seconds to durable): VMDK → raw as
 Glance 1.22, `-W` 1.21, `-m 16 -W` 1.29, `-t none -m 16 -W` 1.61;
 streamOptimized 1.43, 1.54, 1.58, 1.69.  O_DIRECT is steadier (no page
@@ -321,11 +326,15 @@ conversion is: through the page cache it took 0.63–2.34 s in the run below
 (medians 1.3–2.3 s for qcow2, VDI, VHD and VHDX sources), where the same
 conversions with `-t none` and checksums off took 0.39–0.63 s.  The 08:52
 run, on nearly the same code, had one sha256 miss (vhdx → raw); the run
-below six (VDI, VHD and VHDX to raw and to qcow2, 1.03–1.45).  The page-cache
-faults of "Fresh sources" fit that spread, but bare wrote through the page
-cache too and drew them less often in the run below, so that is not proven;
-what would settle it is more repetitions, alternating, with the writeback
-and fault counts of each.
+below six (VDI, VHD and VHDX to raw and to qcow2, 1.03–1.45).  The A/B
+without the full bench around it (`python -m bench.pagecache_ab`, 6
+repetitions each, alternating, fresh copies, convd with sha256 so that it
+writes through the cache): qcow2 → raw, convd's `qemu-img convert`
+0.29–0.72 s (median 0.39), bare with convd's flags (`-p -W`) 0.30–0.58 s
+(0.50), as Glance 0.29–0.60 s (0.47); VDI → raw 0.26–0.65 s (0.37), 0.31–0.59
+s (0.36), 0.32–0.58 s (0.40).  convd's conversion through the cache is as
+fast as bare's; the misses are which run drew the host's page faults, and
+what bounds the figure otherwise is the hash.
 """
 
 

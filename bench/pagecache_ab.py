@@ -1,0 +1,85 @@
+"""A/B of one conversion written through the page cache: convd (checksums on, so
+its output goes through the cache) against bare qemu-img with convd's flags and
+with Glance's, alternating, every method on a fresh copy of the source.
+
+    .venv/bin/python -m bench.pagecache_ab SOURCE FORMAT [REPS] [WORKDIR]
+
+Prints each repetition's ``qemu-img convert`` wall time (convd's from its
+record's ``timings.qemu_convert``) and the medians.  Used in
+docs/benchmarks.md ("Checksums") to tell convd's own cost from this VM's
+page-cache faults; it is not part of ``make bench``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.daemon import convd_bin, stage_private, write_config
+from convd import qemu
+
+
+def main(argv: list[str]) -> int:
+    src, fmt = Path(argv[0]), argv[1]
+    reps = int(argv[2]) if len(argv) > 2 else 6
+    work = Path(argv[3]) if len(argv) > 3 else Path("bench/out/pagecache-ab")
+    shutil.rmtree(work, ignore_errors=True)
+    root = work / "spool"
+    cfg = write_config(root, target="raw", algorithms=["sha256"])
+    flags = qemu.convert_args(fmt, "raw", None, direct_io=False)
+    methods = {"convd": None, f"bare, convd's flags ({' '.join(['-p', *flags])})": ["-p", *flags],
+               "bare, as Glance": []}
+    res: dict[str, list[float]] = {m: [] for m in methods}
+    with open(work / "daemon.log", "w") as log:
+        daemon = subprocess.Popen([convd_bin(), "run", "-c", str(cfg)], stdout=log, stderr=log)
+    try:
+        time.sleep(2.0)
+
+        def settle() -> None:
+            subprocess.run(["sync", "-f", str(work)], check=False)
+            time.sleep(0.5)
+
+        for rep in range(reps):
+            names = list(methods)
+            for m in names[rep % 3:] + names[:rep % 3]:
+                if methods[m] is None:
+                    staged = stage_private(src, root / f".stage-{rep}")
+                    settle()
+                    name = f"ab-{rep}"
+                    os.rename(staged, root / "incoming" / name)
+                    rec = root / "outgoing" / f"{name}.json"
+                    deadline = time.monotonic() + 600
+                    while not rec.exists():
+                        if time.monotonic() > deadline or daemon.poll() is not None:
+                            raise RuntimeError(f"no record for {name}; see {work / 'daemon.log'}")
+                        time.sleep(0.005)
+                    res[m].append(json.loads(rec.read_text())["timings"]["qemu_convert"])
+                    rec.unlink()
+                    (root / "outgoing" / name).unlink()
+                else:
+                    staged = stage_private(src, work / "source")
+                    settle()
+                    t0 = time.monotonic()
+                    subprocess.run(["qemu-img", "convert", *methods[m], "-f", fmt, "-O", "raw", str(staged),
+                                    str(work / "out")], stdout=subprocess.DEVNULL, check=True)
+                    res[m].append(time.monotonic() - t0)
+                    staged.unlink()
+                    (work / "out").unlink()
+                settle()
+            print(f"rep {rep + 1}/{reps}: " + ", ".join(f"{m} {v[-1]:.2f} s" for m, v in res.items()), flush=True)
+    finally:
+        daemon.terminate()
+        daemon.wait()
+    for m, v in res.items():
+        print(f"{m}: median {statistics.median(v):.2f} s ({', '.join(f'{x:.2f}' for x in v)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
