@@ -38,6 +38,7 @@ appears (the record promises the image is complete and durable).
 make bench                                   # = .venv/bin/python -m bench, ~10 min on 2 cores
 .venv/bin/python -m bench --size 256MiB --reps 1 --out -   # a quick look
 .venv/bin/python -m bench --help             # every option
+.venv/bin/python -m bench.pagecache_ab bench/out/images/guest.qcow2 qcow2 6   # convd vs bare, page cache, A/B
 ```
 
 Options: `--size` (virtual size of the large images, default 2 GiB),
