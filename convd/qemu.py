@@ -264,11 +264,12 @@ async def measure(path: str, fmt: str, target: str, *, limits: DetectConfig,
 # makes the durable total shorter and steadier, and leaves convd's own fsync
 # almost nothing to do.  VMDK is the exception: qemu's vmdk driver issues
 # one 64 KiB grain at a time, which O_DIRECT turns into as many synchronous
-# device writes, so VMDK outputs go through the page cache (2 GiB, medians
-# of 3, seconds to durable: VMDK → raw with qemu-img's defaults 1.19, -W
-# 1.24, -t none -m 16 -W 1.53; streamOptimized 1.42, 1.56, 1.58; VMDK →
-# qcow2 with -W 1.22 against 2.25 with no flags and 1.44 with -t none -W;
-# streamOptimized 1.49, 1.53, 1.43).
+# device writes, so VMDK outputs go through the page cache (the variants
+# tables of docs/benchmarks.md, 2 GiB, medians of 3, seconds to durable:
+# VMDK → raw with qemu-img's defaults 1.22, -W 1.21, -m 16 -W 1.29, -t none
+# -m 16 -W 1.61; streamOptimized 1.43, 1.54, 1.58, 1.69; VMDK → qcow2 with
+# -W 1.24 against 2.86 with no flags and 1.59 with -t none -W;
+# streamOptimized 1.53, 2.44, 1.68).
 _TUNED: dict[tuple[str, str], tuple[str, ...]] = {
     ("vmdk", "raw"): (),
     ("vmdk", "qcow2"): ("-W",),
