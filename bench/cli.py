@@ -152,8 +152,9 @@ def check_space(workdir: Path, args: argparse.Namespace) -> None:
     free = st.f_bavail * st.f_frsize
     need = 0
     if not (args.skip_large and args.skip_passthrough and args.skip_compressed):
-        # sources (~55 % allocated each), one output at a time (~data size), the daemons' 1 GiB floor
-        need += int(args.size * 0.6 * (len(set(args.formats) | {"raw"})) + args.size + 2 * GiB)
+        # sources (~55 % allocated each), one staged copy (dense, up to the size) and one
+        # output (~data size) at a time, the daemons' 1 GiB floor
+        need += int(args.size * 0.6 * (len(set(args.formats) | {"raw"})) + 2 * args.size + 2 * GiB)
     if not args.skip_backlog:
         need += args.backlog_files * args.backlog_size * 2
     log(f"free space in {workdir}: {free / GiB:.1f} GiB; this run needs about {need / GiB:.1f} GiB")

@@ -2,7 +2,7 @@
 its output goes through the cache) against bare qemu-img with convd's flags and
 with Glance's, alternating, every method on a fresh copy of the source.
 
-    .venv/bin/python -m bench.pagecache_ab SOURCE FORMAT [REPS] [WORKDIR]
+    .venv/bin/python -m bench.pagecache_ab SOURCE FORMAT [--reps N] [--tmpdir DIR]
 
 Prints each repetition's ``qemu-img convert`` wall time (convd's from its
 record's ``timings.qemu_convert``) and the medians.  Used in
@@ -12,12 +12,14 @@ page-cache faults; it is not part of ``make bench``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,10 +28,27 @@ from convd import qemu
 
 
 def main(argv: list[str]) -> int:
-    src, fmt = Path(argv[0]), argv[1]
-    reps = int(argv[2]) if len(argv) > 2 else 6
-    work = Path(argv[3]) if len(argv) > 3 else Path("bench/out/pagecache-ab")
-    shutil.rmtree(work, ignore_errors=True)
+    p = argparse.ArgumentParser(prog="python -m bench.pagecache_ab", description=__doc__.split("\n\n")[0])
+    p.add_argument("source", type=Path, help="the image to convert (a fresh copy is made for every run)")
+    p.add_argument("format", help="its qemu-img format name (qcow2, vmdk, vdi, vpc, vhdx, raw)")
+    p.add_argument("--reps", type=int, default=6, help="repetitions of each method (default 6)")
+    p.add_argument("--tmpdir", type=Path, default=None,
+                   help="where the scratch directory is made (default: the system's; needs about 3 × "
+                        "the source's size), removed at the end")
+    args = p.parse_args(argv)
+    if not args.source.is_file():
+        p.error(f"{args.source}: no such file")
+    if args.reps < 1:
+        p.error("--reps must be at least 1")
+    src, fmt, reps = args.source, args.format, args.reps
+    work = Path(tempfile.mkdtemp(prefix="convd-pagecache-ab-", dir=args.tmpdir))
+    try:
+        return _run(src, fmt, reps, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(src: Path, fmt: str, reps: int, work: Path) -> int:
     root = work / "spool"
     cfg = write_config(root, target="raw", algorithms=["sha256"])
     flags = qemu.convert_args(fmt, "raw", None, direct_io=False)
@@ -57,7 +76,8 @@ def main(argv: list[str]) -> int:
                     deadline = time.monotonic() + 600
                     while not rec.exists():
                         if time.monotonic() > deadline or daemon.poll() is not None:
-                            raise RuntimeError(f"no record for {name}; see {work / 'daemon.log'}")
+                            tail = (work / "daemon.log").read_text(errors="replace")[-2000:]
+                            raise RuntimeError(f"no record for {name}; the daemon's log ends:\n{tail}")
                         time.sleep(0.005)
                     res[m].append(json.loads(rec.read_text())["timings"]["qemu_convert"])
                     rec.unlink()

@@ -38,7 +38,9 @@ appears (the record promises the image is complete and durable).
 make bench                                   # = .venv/bin/python -m bench, ~10 min on 2 cores
 .venv/bin/python -m bench --size 256MiB --reps 1 --out -   # a quick look
 .venv/bin/python -m bench --help             # every option
-.venv/bin/python -m bench.pagecache_ab bench/out/images/guest.qcow2 qcow2 6   # convd vs bare, page cache, A/B
+.venv/bin/python -m bench --size 2GiB --reps 1 --formats qcow2 --targets raw --keep-images \
+    --skip-small --skip-backlog --skip-passthrough --skip-compressed --skip-glance --out -
+.venv/bin/python -m bench.pagecache_ab bench/out/images/guest.qcow2 qcow2 --reps 6   # convd vs bare, page cache
 ```
 
 Options: `--size` (virtual size of the large images, default 2 GiB),
@@ -55,7 +57,7 @@ one `qemu-storage-daemon` driven over QMP, per small image, against convd's
 qemu-img processes; needs `qemu-system-common`), `--small-count`, `--small-size`,
 `--latency-samples`, `--passthrough-reps`, `--backlog-files`,
 `--backlog-size`, `--workdir DIR` (default `bench/out/`, gitignored; needs
-room for about 4 × `--size`), `--out FILE` (default this file; `-` for
+room for about 6 × `--size` + 2 GiB with every format; each run logs what it needs), `--out FILE` (default this file; `-` for
 none), `--keep-images` (reuse the image set on the next run),
 `--report-from RESULTS_JSON` (measure nothing, re-render saved samples).  Raw
 samples of the last run go to `WORKDIR/results.json`.  `make bench` is not
