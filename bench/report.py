@@ -35,10 +35,10 @@ appears (the record promises the image is complete and durable).
 ## Reproduce
 
 ```sh
-make bench                                   # = .venv/bin/python -m bench, ~10 min on 2 cores
+make bench                                   # = .venv/bin/python -m bench, ~20 min on 2 cores
 .venv/bin/python -m bench --size 256MiB --reps 1 --out -   # a quick look
 .venv/bin/python -m bench --help             # every option
-.venv/bin/python -m bench --size 2GiB --reps 1 --formats qcow2 --targets raw --keep-images \
+.venv/bin/python -m bench --size 2GiB --reps 1 --formats qcow2 --targets raw --keep-images \\
     --skip-small --skip-backlog --skip-passthrough --skip-compressed --skip-glance --out -
 .venv/bin/python -m bench.pagecache_ab bench/out/images/guest.qcow2 qcow2 --reps 6   # convd vs bare, page cache
 ```
