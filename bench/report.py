@@ -154,7 +154,7 @@ is the same `qemu-img convert` and the same `fsync` that bare + fsync pays,
 and where convd's flags differ from Glance's (`-t none -W` for qcow2, VDI,
 VHD and VHDX sources and raw sources to qcow2) it is faster.  It still
 missed in the run below on all four VMDK rows (1.10–1.25) and on six of the
-fourteen sha256 rows (1.03–1.45), in each case because its `qemu-img
+fourteen sha256 rows (1.05–1.40), in each case because its `qemu-img
 convert`, writing through the page cache, drew this VM's slow page faults
 where bare's did not (an A/B of the same conversions, alternating with
 nothing in between, timed convd's process at bare's speed); in the 09:13 run
@@ -329,7 +329,7 @@ conversion is: through the page cache it took 0.63–2.34 s in the run below
 (medians 1.3–2.3 s for qcow2, VDI, VHD and VHDX sources), where the same
 conversions with `-t none` and checksums off took 0.39–0.63 s.  The 08:52
 run, on nearly the same code, had one sha256 miss (vhdx → raw); the run
-below six (VDI, VHD and VHDX to raw and to qcow2, 1.03–1.45).  The A/B
+below six (VDI, VHD and VHDX to raw and to qcow2, 1.05–1.40).  The A/B
 without the full bench around it (`python -m bench.pagecache_ab`, 6
 repetitions each, alternating, fresh copies, convd with sha256 so that it
 writes through the cache): qcow2 → raw, convd's `qemu-img convert`
