@@ -119,7 +119,21 @@ def import_staged(client: GlanceClient, src: Path, disk_format: str) -> str:
     return image_id
 
 
+def lost_to_sqlite(env: Env, task: dict[str, Any]) -> bool:
+    """Whether Glance failed ``task`` on its own SQLite database: two of its threads
+    upgrading read locks at once get "database is locked" at once, without a wait
+    (seen in 1 of about 60 imports).  SQLite only stands in for MySQL here."""
+    return (f"Task {task['id']} failed with exception (sqlite3.OperationalError) database is locked"
+            in env.glance.log())
+
+
 def assert_active_raw(env: Env, image_id: str, src: Path, fmt: str, task: dict[str, Any]) -> None:
+    if task["status"] == "failure" and lost_to_sqlite(env, task):
+        # Glance's own database failed the import, not convd: import once more.
+        tasks = len(env.client.tasks(image_id))
+        env.client.stage(image_id, src)
+        env.client.import_(image_id)
+        task = env.client.wait_import(image_id, ntasks=tasks + 1)
     assert task["status"] == "success", task["message"]
     img = env.client.image(image_id)
     stored = env.glance.images / image_id
