@@ -223,6 +223,15 @@ class Spool:
     def wait_record(self, name: str, timeout: float = 60.0) -> dict[str, Any]:
         return wait_for(lambda: self.record(name), timeout, what=f"record of {name}")
 
+    def wait_work_empty(self, timeout: float = 10.0) -> None:
+        """Wait until no item files are left under ``work/``.
+
+        A claim directory is removed after its record is durable (the record
+        is the commit point), so a test that has just read a record waits
+        for that removal rather than racing it.
+        """
+        wait_for(lambda: self.work_files() == [], timeout=timeout, what="work/ to be emptied")
+
     def work_files(self) -> list[str]:
         out = []
         for dirpath, _dirs, files in os.walk(self.work):

@@ -211,7 +211,7 @@ def test_each_container_around_each_disk_format_publishes_the_disk_inside(
         out = spool.outgoing / name
         assert images_equal(out, "raw", disk, fmt), name
         assert rec["target"]["checksums"]["sha256"] == sha256_file(out)
-    assert spool.work_files() == []
+    spool.wait_work_empty()
     workspace_back_to_zero(cfg)
 
 
@@ -262,7 +262,7 @@ def test_containers_without_one_clean_disk_are_rejected_and_kept_and_bombs_are_t
     written = {f for _d, _s, files in os.walk(tmp_path) for f in files}
     assert not written & {"escaped.txt", "absolute-escaped.txt"}
     assert not Path("/tmp/absolute-escaped.txt").exists()
-    assert spool.work_files() == []
+    spool.wait_work_empty()
     assert list(spool.outgoing.iterdir()) == []
     workspace_back_to_zero(cfg)
 
@@ -536,7 +536,7 @@ def test_sigkill_during_unpacking_ten_times_publishes_once_and_identical(
     assert sha256_file(spool.outgoing / "big") == sha256_file(raw) == rec["target"]["checksums"]["sha256"]
     assert sorted(p.name for p in spool.outgoing.iterdir()) == ["big", "big.json"]
     assert list(spool.failed.iterdir()) == []
-    assert spool.work_files() == []
+    spool.wait_work_empty()
 
 
 

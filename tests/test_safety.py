@@ -137,9 +137,7 @@ def test_convert_over_its_time_limit_fails_timeout_and_keeps_the_source(tmp_path
     assert rec["error"]["code"] == "timeout", rec
     assert "2 s" in rec["error"]["message"]
     assert (spool.failed / "slow.qcow2").read_bytes() == img.read_bytes()
-    # The claim directory goes after the record is durable (the record is the
-    # commit point), so wait for that removal rather than race it.
-    wait_for(lambda: spool.work_files() == [], timeout=10, what="the claim directory to be removed")
+    spool.wait_work_empty()
 
 
 def test_hard_linked_source_is_rejected_so_no_other_name_can_change_it(tmp_path, spool, daemon_factory):
