@@ -15,6 +15,12 @@ would replace: measured in docs/benchmarks.md.)
 What each child gets:
 
 - its own session (a terminal's Ctrl-C is the daemon's to handle);
+- no network, where the launcher may have a network namespace of its own
+  (``unshare(CLONE_NEWNET)``, which needs ``CAP_SYS_ADMIN``: a root daemon):
+  it takes an empty one at start, holding only a loopback that is down, so
+  no qemu-img it starts can reach an NBD, HTTP or SSH server whatever an
+  image names (under the unit, ``RestrictNamespaces=yes`` refuses it, and
+  :func:`convd.qemu.source_args` alone keeps qemu-img to its file);
 - as descriptor 3, when the daemon sends one, the file it is to read
   (``convd.qemu`` names it ``/proc/self/fd/3``, never by path);
 - ``RLIMIT_CPU`` and ``RLIMIT_AS`` when asked: inherited as soft limits at
@@ -91,6 +97,18 @@ def _check(rc: int, what: str) -> None:
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def _leave_network(libc: ctypes.CDLL) -> bool:
+    """Move this process (and so every child it starts) into an empty network namespace.
+
+    Returns False where it may not (EPERM without ``CAP_SYS_ADMIN``, or a
+    seccomp filter): the children then share the daemon's network.
+    """
+    return libc.unshare(_CLONE_NEWNET) == 0
 
 
 def _drop_inheritable_caps(libc: ctypes.CDLL) -> None:
@@ -180,6 +198,7 @@ def serve(ctl: socket.socket, daemon: int) -> None:
     _check(libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0), "PR_SET_PDEATHSIG")
     if os.getppid() != daemon:
         return
+    _leave_network(libc)
     _drop_inheritable_caps(libc)
     poller = select.poll()
     poller.register(ctl, select.POLLIN)
