@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 import anyio.from_thread
+import structlog
 
 from convd import containers, custody
 from convd.config import format_size
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     from convd.pipeline.context import Context
 
 __all__ = ["GROW_PATIENCE", "unpack", "unpack_limit"]
+
+log = structlog.get_logger("convd.unpack")
 
 # A stream of unknown size starts with this much reserved (or its own size
 # times _RATIO, if more), and grows by doubling.
@@ -54,6 +57,7 @@ async def unpack(item: Item, ctx: Context) -> Stage:
             if claim.source_path is None and item.custody is None:
                 # Before the first read: every check reads bytes no producer can change.
                 item.custody = custody.take(fd, shared=ctx.shared)
+                log.debug("source in custody", how=item.custody.how)
             plan = containers.plan(fd)
             if plan is None and item.custody is not None and item.custody.how == "copy" \
                     and claim.private is None:
