@@ -7,7 +7,7 @@ timestamp.  So a claimed source is either *taken* or *copied* before
 anything reads it:
 
 - **taken** (``lease``): the inode is made convd's (``fchown`` to convd's
-  uid and gid, ``fchmod`` 0640), so no other user can open it for writing
+  uid and the group a file convd creates there gets, ``fchmod`` 0640), so no other user can open it for writing
   again, then a read lease (``F_SETLEASE F_RDLCK``) is taken and held until
   the item ends.  The kernel refuses a read lease while any descriptor is
   open for writing or any shared writable mapping exists (each holds the
@@ -40,7 +40,7 @@ import structlog
 
 from convd.errors import TransientError, UnsafeImage
 
-__all__ = ["MODE", "Custody", "copy_private", "take"]
+__all__ = ["MODE", "Custody", "copy_private", "group_of", "take"]
 
 log = structlog.get_logger("convd.custody")
 
@@ -73,8 +73,11 @@ class Custody:
             self.fd = None
 
 
-def take(fd: int, *, shared: bool) -> Custody:
+def take(fd: int, *, shared: bool, group: int | None = None) -> Custody:
     """Take the inode behind ``fd`` (a regular file opened read-only) into convd's custody.
+
+    ``group``: the gid the file gets (the setgid spool's group, so consumers
+    read a passthrough as they read a converted output); convd's own if None.
 
     Returns a ``lease`` custody (holding a duplicate of ``fd``) or, where the
     inode cannot be taken or leases prove nothing, ``copy``: the caller then
@@ -87,9 +90,10 @@ def take(fd: int, *, shared: bool) -> Custody:
         return Custody("copy")  # not a file: detect refuses it, nothing to hold
     if shared:
         return Custody("copy")
+    gid = os.getegid() if group is None else group
     try:
-        if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
-            os.fchown(fd, os.geteuid(), os.getegid())
+        if (st.st_uid, st.st_gid) != (os.geteuid(), gid):
+            os.fchown(fd, os.geteuid(), gid)
         os.fchmod(fd, MODE)
     except PermissionError:
         # No CAP_CHOWN (an older unit): the producer could reopen it for writing.
@@ -106,6 +110,12 @@ def take(fd: int, *, shared: bool) -> Custody:
         # EINVAL: no leases on this filesystem (e.g. overlayfs over NFS, FUSE).
         return Custody("copy")
     return Custody("lease", held)
+
+
+def group_of(directory: str) -> int:
+    """The group a file created in ``directory`` gets: its own when it is setgid, else convd's."""
+    st = os.stat(directory)
+    return st.st_gid if st.st_mode & stat.S_ISGID else os.getegid()
 
 
 def copy_private(fd: int, dest: str, size: int) -> None:

@@ -9,6 +9,7 @@ the capabilities the unit grants (CAP_LEASE, CAP_CHOWN), like the unit.
 from __future__ import annotations
 
 import errno
+import grp
 import hashlib
 import json
 import mmap
@@ -368,7 +369,9 @@ def _hostile_producer(base: Path, tmp_path: Path, daemon: str, attack: str, targ
                 published = spool / "outgoing" / name
                 assert images_equal(good, "qcow2", published, target)
                 st = published.stat()
-                assert (pwd.getpwuid(st.st_uid).pw_name, st.st_mode & 0o022) == (daemon_user, 0)
+                # convd's, and its group the spool's (consumers read it), as a converted output
+                assert (pwd.getpwuid(st.st_uid).pw_name, grp.getgrgid(st.st_gid).gr_name, st.st_mode & 0o022) \
+                    == (daemon_user, GROUP, 0)
                 assert s["after"] == f"outgoing {errno.EACCES}", s
                 digest = hashlib.sha256(published.read_bytes()).hexdigest()
                 assert rec["target"]["checksums"]["sha256"] == digest

@@ -56,7 +56,7 @@ async def unpack(item: Item, ctx: Context) -> Stage:
         try:
             if claim.source_path is None and item.custody is None:
                 # Before the first read: every check reads bytes no producer can change.
-                item.custody = custody.take(fd, shared=ctx.shared)
+                item.custody = custody.take(fd, shared=ctx.shared, group=custody.group_of(str(claim.dir)))
                 log.debug("source in custody", how=item.custody.how)
             plan = containers.plan(fd)
             if plan is None and item.custody is not None and item.custody.how == "copy" \
