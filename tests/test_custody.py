@@ -34,7 +34,9 @@ from convd import custody, qemu
 from convd.config import DetectConfig
 from convd.errors import UnsafeImage
 
-PRODUCER, CONVD_USER, GROUP = "convdtest-producer", "convdtest-convd", "convdtest-spool"
+# Names of this module's own: another suite (tests/test_glance.py) makes and
+# removes its users and group, and may run at the same time.
+PRODUCER, CONVD_USER, GROUP = "convdtest-producer", "convdtest-custody", "convdtest-custody-spool"
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="another user (useradd, setpriv) needs root")
 NEEDS_SETPRIV = pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) switches users")
 
@@ -382,6 +384,12 @@ def _hostile_producer(base: Path, tmp_path: Path, daemon: str, attack: str, targ
                 # Reopened before convd took it (or, copied, the copy caught the
                 # flip and detect found the backing file): refused, never converted.
                 assert rec["error"]["code"] == "unsafe_image", rec
+        custody_lines = [json.loads(line) for line in log_path.read_text().splitlines()
+                         if '"source in custody"' in line]
+        # One per item convd took (a take refused for a writer logs none), each as expected.
+        published = sum(1 for p in (spool / "outgoing").glob("*.json"))
+        assert len(custody_lines) >= published, custody_lines
+        assert {e["how"] for e in custody_lines} <= {"copy" if daemon == "no-chown" else "lease"}, custody_lines
         for p in [*_files(spool / "outgoing", spool / "failed"), log_path]:
             assert marker not in p.read_bytes(), f"the canary's bytes reached {p}"
     finally:
