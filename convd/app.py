@@ -113,9 +113,12 @@ class Daemon:
             spool=self.spool, ledger=ledger, slots=anyio.CapacityLimiter(cfg.convert.max_workers),
             sparse=sparse, block_size=fs.block_size, direct_io=fs.direct_io, count_hashed=self.metrics.hashed.inc,
             on_published=self.monitor.published, on_failed=self.monitor.failed,
-            on_retry=self.monitor.retried,
+            on_retry=self.monitor.retried, shared=fstype.shared,
         )
         self.monitor.ctx = ctx
+        # A broken read lease (convd.custody) signals its holder with SIGIO,
+        # whose default action ends the process; the stages ask the lease instead.
+        signal.signal(signal.SIGIO, signal.SIG_IGN)
         if cfg.metrics_address:
             host, port = cfg.metrics_address
             try:

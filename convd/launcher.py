@@ -15,6 +15,14 @@ would replace: measured in docs/benchmarks.md.)
 What each child gets:
 
 - its own session (a terminal's Ctrl-C is the daemon's to handle);
+- no network, where the launcher may have a network namespace of its own
+  (``unshare(CLONE_NEWNET)``, which needs ``CAP_SYS_ADMIN``: a root daemon):
+  it takes an empty one at start, holding only a loopback that is down, so
+  no qemu-img it starts can reach an NBD, HTTP or SSH server whatever an
+  image names (under the unit, ``RestrictNamespaces=yes`` refuses it, and
+  :func:`convd.qemu.source_args` alone keeps qemu-img to its file);
+- as descriptor 3, when the daemon sends one, the file it is to read
+  (``convd.qemu`` names it ``/proc/self/fd/3``, never by path);
 - ``RLIMIT_CPU`` and ``RLIMIT_AS`` when asked: inherited as soft limits at
   ``execve``, then made hard too (``prlimit`` on the new pid, so it cannot
   raise them again);
@@ -30,7 +38,8 @@ What each child gets:
 
 Wire protocol (``AF_UNIX``/``SOCK_SEQPACKET``, one datagram per message):
 the daemon sends ``{"argv": [...], "limits": {...}}`` with four descriptors
-(stdin, stdout, stderr, and one end of a fresh reply socket pair); the
+(stdin, stdout, stderr, and one end of a fresh reply socket pair), and a
+fifth when the child is to read a file through it (its descriptor 3); the
 launcher answers on the reply socket ``{"pid": N}`` with a pidfd once the
 child has exec'd (or ``{"error": "..."}``), then ``{"returncode": N}``
 (negative: killed by that signal) when it has reaped the child.
@@ -90,6 +99,18 @@ def _check(rc: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
+_CLONE_NEWNET = 0x40000000
+
+
+def _leave_network(libc: ctypes.CDLL) -> bool:
+    """Move this process (and so every child it starts) into an empty network namespace.
+
+    Returns False where it may not (EPERM without ``CAP_SYS_ADMIN``, or a
+    seccomp filter): the children then share the daemon's network.
+    """
+    return libc.unshare(_CLONE_NEWNET) == 0
+
+
 def _drop_inheritable_caps(libc: ctypes.CDLL) -> None:
     hdr = _CapHeader(_CAP_VERSION_3, 0)
     data = (_CapData * 2)()
@@ -143,7 +164,9 @@ def _spawn_limited(argv: list[str], fds: list[int], limits: dict[str, int]) -> i
             env = {**os.environ, "MALLOC_ARENA_MAX": "1"}
         pid = os.posix_spawn(
             argv[0], argv, env, setsid=True, setsigdef=_RESET_SIGNALS,
-            file_actions=[(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(fds[:3])],
+            # 0-2, and 3 when given: the file the child reads (fds[3] is the reply socket).
+            file_actions=[(os.POSIX_SPAWN_DUP2, fd, target)
+                          for target, fd in enumerate([*fds[:3], *fds[4:5]])],
         )
     finally:
         for which, old in saved.items():
@@ -175,6 +198,7 @@ def serve(ctl: socket.socket, daemon: int) -> None:
     _check(libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0), "PR_SET_PDEATHSIG")
     if os.getppid() != daemon:
         return
+    _leave_network(libc)
     _drop_inheritable_caps(libc)
     poller = select.poll()
     poller.register(ctl, select.POLLIN)
@@ -199,7 +223,7 @@ def serve(ctl: socket.socket, daemon: int) -> None:
                     _send(reply, {"returncode": os.waitstatus_to_exitcode(status)})
                     reply.close()
                     continue
-                data, fds = _recv_fds(ctl, 4)
+                data, fds = _recv_fds(ctl, 5)
                 if not data:
                     return  # the daemon is gone
                 reply = socket.socket(fileno=fds[3])
@@ -216,7 +240,7 @@ def serve(ctl: socket.socket, daemon: int) -> None:
                     reply.close()
                     continue
                 finally:
-                    for f in fds[:3]:
+                    for f in [*fds[:3], *fds[4:]]:
                         os.close(f)
                 _send(reply, {"pid": pid}, [pidfd])
                 children[pidfd] = (pid, reply)
@@ -362,8 +386,10 @@ class Launcher:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    async def spawn(self, argv: list[str], limits: dict[str, int] | None = None) -> Child:
-        """Start ``argv`` (argv[0] an absolute path) with stdout and stderr piped to us.
+    async def spawn(self, argv: list[str], limits: dict[str, int] | None = None,
+                    pass_fd: int | None = None) -> Child:
+        """Start ``argv`` (argv[0] an absolute path) with stdout and stderr piped to us,
+        and ``pass_fd`` (if given; still ours to close) as its descriptor 3.
 
         Raises ``OSError`` if the child could not be started; by then it never exec'd.
         """
@@ -378,7 +404,8 @@ class Launcher:
         try:
             msg = json.dumps({"argv": argv, "limits": limits or {}}).encode()
             with self._lock:
-                socket.send_fds(self._sock, [msg], [devnull, out_w, err_w, theirs.fileno()])
+                socket.send_fds(self._sock, [msg], [devnull, out_w, err_w, theirs.fileno(),
+                                                    *([] if pass_fd is None else [pass_fd])])
         except BaseException:
             for fd in (out_r, err_r):
                 os.close(fd)

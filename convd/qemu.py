@@ -1,6 +1,11 @@
 """The one way convd runs qemu-img: argument building, limits, progress, killing.
 
-Every call passes ``-f`` (qemu-img never probes a format).  Children are
+Every source is named by :func:`source_args`: a ``json:`` filename that names
+the format driver (qemu-img never probes a format), the ``file`` protocol
+driver (never nbd, http, ssh, …) and no backing or data file, whatever the
+image's header says; the file itself is a descriptor the daemon opened
+(``/proc/self/fd/3`` in the child), so no name the producer chose reaches
+qemu.  Children are
 started by ``convd.launcher``: each runs in its own session, dies with the
 daemon (the launcher's ``PR_SET_PDEATHSIG``), and reads unvetted files under
 CPU and address-space limits in force from ``execve`` (no exec wrappers).
@@ -21,8 +26,9 @@ import re
 import shutil
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import anyio
@@ -43,7 +49,9 @@ __all__ = [
     "measure",
     "phase_timings",
     "qemu_img",
+    "SOURCE_FILENAME",
     "reason",
+    "source_args",
     "terminate",
 ]
 
@@ -76,6 +84,36 @@ def qemu_img() -> str:
     if _qemu_img is None:
         raise RuntimeError("qemu-img not found on PATH (Debian: apt-get install qemu-utils)")
     return _qemu_img
+
+
+# How a child names the source: the descriptor the launcher hands it (fd 3).
+SOURCE_FILENAME = "/proc/self/fd/3"
+# Formats whose driver takes an external data file ("data-file", block/qcow2.c);
+# the others refuse the option.
+_DATA_FILE_DRIVERS = ("qcow2",)
+_NO_OPTIONS: Mapping[str, str] = MappingProxyType({})
+
+
+def source_args(path: str, fmt: str, options: Mapping[str, str] = _NO_OPTIONS) -> list[str]:
+    """The qemu-img arguments that open ``path`` as ``fmt`` and nothing else.
+
+    convd's own runs pass :data:`SOURCE_FILENAME` as ``path`` (the file goes
+    to the child as a descriptor: qemu's JSON takes no name that is not
+    UTF-8, and the child never resolves a name in the spool).
+
+    One ``json:`` filename: the format driver named (no probing), the
+    ``file`` protocol driver under it (a header or name can reach no nbd,
+    http or ssh), ``"backing": null`` (qemu 7.2 accepts it for every driver;
+    the dotted ``--image-opts`` form cannot say null) and, for qcow2,
+    ``"data-file": null``: whatever the header names, qemu-img opens no other
+    file.  ``options`` are further options of the format driver (e.g.
+    ``{"force_size_calc": "current_size"}`` for vpc).  Use it without ``-f``.
+    """
+    spec: dict[str, Any] = {"driver": fmt, **options, "file": {"driver": "file", "filename": path},
+                            "backing": None}
+    if fmt in _DATA_FILE_DRIVERS:
+        spec["data-file"] = None
+    return ["json:" + json.dumps(spec, separators=(",", ":"))]
 
 
 def reason(stderr: bytes, returncode: int, paths: dict[str, str]) -> str:
@@ -138,15 +176,26 @@ def _note(key: str, seconds: float) -> None:
         timings[key] = timings.get(key, 0.0) + seconds
 
 
+def _open_source(path: str) -> int:
+    """The source for a child, opened without following a link and without blocking
+    (what it is, the stages have vetted: detect refuses anything but a regular file)."""
+    return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
 async def _spawn(argv: list[str], cpu_time: float | None = None,
-                 address_space: int | None = None) -> launcher.Child:
+                 address_space: int | None = None, source: str | None = None) -> launcher.Child:
     limits: dict[str, int] = {}
     if cpu_time:
         limits["cpu_time"] = max(1, int(cpu_time))
     if address_space:
         limits["address_space"] = int(address_space)
-    # OSError (qemu-img not startable): an internal error, as a failed exec always was.
-    proc = await launcher.get(_child_env).spawn(argv, limits)
+    fd = _open_source(source) if source is not None else None
+    try:
+        # OSError (qemu-img not startable): an internal error, as a failed exec always was.
+        proc = await launcher.get(_child_env).spawn(argv, limits, pass_fd=fd)
+    finally:
+        if fd is not None:
+            os.close(fd)
     _note("spawn", proc.spawn_seconds)
     return proc
 
@@ -169,13 +218,15 @@ async def _supervised(proc: launcher.Child, timeout: float, what: str) -> AsyncI
         raise
 
 
-async def _run(argv: list[str], timeout: float, *, name: str | None = None, **limits: Any) -> QemuResult:
-    proc = await _spawn(argv, **limits)
+async def _run(argv: list[str], timeout: float, *, path: str, name: str | None = None,
+               **limits: Any) -> QemuResult:
+    proc = await _spawn(argv, source=path, **limits)
     async with _supervised(proc, timeout, argv[1]):
         out, err = await proc.communicate()
     _ran(proc, argv[1])
-    path = argv[-1]
-    return QemuResult(proc.returncode or 0, out, err, {path: name or os.path.basename(path)})
+    label = name or os.path.basename(path)
+    # qemu names the source by its json: filename (argv[-1]) or by the file in it.
+    return QemuResult(proc.returncode or 0, out, err, {argv[-1]: label, SOURCE_FILENAME: label, path: label})
 
 
 def _limited(res: QemuResult) -> bool:
@@ -184,13 +235,13 @@ def _limited(res: QemuResult) -> bool:
 
 async def info(path: str, fmt: str, *, cpu_time: float, address_space: int,
                name: str | None = None) -> dict[str, Any]:
-    """``qemu-img info -f FMT --output=json`` under resource limits.
+    """``qemu-img info --output=json`` of ``path`` as ``fmt`` (:func:`source_args`) under resource limits.
 
     ``name`` stands for ``path`` in messages (the item's name, not its work/ path).
     """
     res = await _run(
-        [qemu_img(), "info", "-f", fmt, "--output=json", path],
-        timeout=cpu_time * 2 + 10, cpu_time=cpu_time, address_space=address_space, name=name,
+        [qemu_img(), "info", "--output=json", *source_args(SOURCE_FILENAME, fmt)],
+        timeout=cpu_time * 2 + 10, cpu_time=cpu_time, address_space=address_space, path=path, name=name,
     )
     if res.returncode != 0:
         if _limited(res):
@@ -203,14 +254,14 @@ async def info(path: str, fmt: str, *, cpu_time: float, address_space: int,
 
 
 async def check(path: str, fmt: str, *, limits: DetectConfig, name: str | None = None) -> dict[str, Any]:
-    """``qemu-img check -f FMT --output=json`` (read-only) under resource limits.
+    """``qemu-img check --output=json`` of ``path`` as ``fmt`` (read-only) under resource limits.
 
     Returns qemu's report (``corruptions``, ``leaks``, ``check-errors``, …);
     exit 2 (corruptions) and 3 (leaks only) are reports, not failures.
     Raises ``CorruptImage`` when qemu-img cannot check the image at all.
     """
-    res = await _run([qemu_img(), "check", "-f", fmt, "--output=json", path], timeout=600,
-                     name=name, **_estimate_limits(limits))
+    res = await _run([qemu_img(), "check", "--output=json", *source_args(SOURCE_FILENAME, fmt)], timeout=600,
+                     path=path, name=name, **_estimate_limits(limits))
     if _limited(res):
         raise CorruptImage(f"qemu-img check as {fmt} hit its resource limits ({res.error_text})")
     try:
@@ -220,7 +271,9 @@ async def check(path: str, fmt: str, *, limits: DetectConfig, name: str | None =
     if res.returncode not in (0, 2, 3) and not report.get("check-errors"):
         raise CorruptImage(f"qemu-img check as {fmt}: {res.error_text}")
     first = next((ln.strip() for ln in res.stderr.decode(errors="replace").splitlines() if ln.strip()), "")
-    report["first_error"] = first.replace(path, name or os.path.basename(path))
+    for shown in sorted(res.paths, key=len, reverse=True):
+        first = first.replace(shown, res.paths[shown])
+    report["first_error"] = first
     return report
 
 
@@ -233,8 +286,8 @@ def _estimate_limits(limits: DetectConfig) -> dict[str, Any]:
 async def data_bytes(path: str, fmt: str, block: int, *, limits: DetectConfig,
                      name: str | None = None) -> int:
     """Bytes a sparse raw copy needs: data extents, each rounded out to ``block``."""
-    res = await _run([qemu_img(), "map", "--output=json", "-f", fmt, path], timeout=600,
-                     name=name, **_estimate_limits(limits))
+    res = await _run([qemu_img(), "map", "--output=json", *source_args(SOURCE_FILENAME, fmt)], timeout=600,
+                     path=path, name=name, **_estimate_limits(limits))
     if res.returncode != 0:
         raise CorruptImage(f"qemu-img map as {fmt}: {res.error_text}")
     total = 0
@@ -250,8 +303,8 @@ async def measure(path: str, fmt: str, target: str, *, limits: DetectConfig,
                   name: str | None = None) -> int:
     """``qemu-img measure`` required size for a ``target`` image of this source."""
     res = await _run(
-        [qemu_img(), "measure", "--output=json", "-f", fmt, "-O", target, path], timeout=600,
-        name=name, **_estimate_limits(limits),
+        [qemu_img(), "measure", "--output=json", "-O", target, *source_args(SOURCE_FILENAME, fmt)], timeout=600,
+        path=path, name=name, **_estimate_limits(limits),
     )
     if res.returncode != 0:
         raise CorruptImage(f"qemu-img measure as {fmt}: {res.error_text}")
@@ -309,9 +362,10 @@ async def convert(
     killed child), which may pass on retry.  ``name`` stands for ``src`` in
     messages.
     """
-    argv = [qemu_img(), "convert", "-p", "-f", src_fmt, "-O", dst_fmt, *extra_args,
-            *TARGET_OPTIONS.get(dst_fmt, ()), src, dst]
-    proc = await _spawn(argv)
+    source = source_args(SOURCE_FILENAME, src_fmt)
+    argv = [qemu_img(), "convert", "-p", "-O", dst_fmt, *extra_args,
+            *TARGET_OPTIONS.get(dst_fmt, ()), *source, dst]
+    proc = await _spawn(argv, source=src)
     if on_start:
         on_start(proc)
 
@@ -325,7 +379,9 @@ async def convert(
         _, err, _ = await asyncio.gather(proc.read_stdout(progress), proc.read_stderr(), proc.wait())
     _ran(proc, "convert")
     if proc.returncode != 0:
-        why = reason(err, proc.returncode, {src: name or os.path.basename(src), dst: "the output"})
+        label = name or os.path.basename(src)
+        why = reason(err, proc.returncode, {source[-1]: label, SOURCE_FILENAME: label, src: label,
+                                            dst: "the output"})
         if proc.returncode < 0:
             raise TransientError(f"qemu-img convert killed by signal {-proc.returncode}")
         if _SOURCE_UNREADABLE.search(err):

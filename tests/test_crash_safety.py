@@ -39,7 +39,7 @@ INSTANCE = "test"  # write_config's [spool] instance
 
 
 def spool_processes(root: Path) -> list[str]:
-    """Processes (qemu-img and its wrappers) whose command line names a path under ``root``."""
+    """Processes (qemu-img and its wrappers) whose command line, or source descriptor, names a path under ``root``."""
     needle = os.fsencode(f"{root}/")
     found = []
     for pid in os.listdir("/proc"):
@@ -49,7 +49,12 @@ def spool_processes(root: Path) -> list[str]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if needle in cmd:
+        try:
+            # qemu-img gets its source as descriptor 3 (convd.qemu.SOURCE_FILENAME), not by name.
+            source = os.fsencode(os.readlink(f"/proc/{pid}/fd/3")) if b"qemu-img" in cmd else b""
+        except OSError:
+            source = b""
+        if needle in cmd or source.startswith(needle):
             argv = cmd.replace(b"\0", b" ").decode(errors="replace")
             found.append(f"{pid}: {argv}")
     return found

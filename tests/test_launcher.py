@@ -129,3 +129,23 @@ def test_a_running_qemu_img_dies_with_a_sigkilled_daemon(tmp_path: Path, daemon_
         time.sleep(0.05)
     assert _gone(lch), "the launcher outlived the daemon"
     assert [p for p in converting if not _gone(p)] == [], "qemu-img outlived the daemon"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a network namespace of its own needs CAP_SYS_ADMIN")
+def test_qemu_img_children_of_a_root_daemon_have_no_network(tmp_path: Path) -> None:
+    # An image naming an NBD or HTTP server reaches nothing: the children run in
+    # an empty network namespace (only a loopback, down).
+    fifo = tmp_path / "blocks.qcow2"
+    os.mkfifo(fifo)
+
+    async def main() -> tuple[str, str]:
+        child = await launcher.get().spawn([qemu.qemu_img(), "info", "-f", "qcow2", str(fifo)])
+        try:
+            return os.readlink(f"/proc/{child.pid}/ns/net"), Path(f"/proc/{child.pid}/net/dev").read_text()
+        finally:
+            child.kill()
+            await child.wait()
+
+    ns, devices = asyncio.run(main())
+    assert ns != os.readlink("/proc/self/ns/net")
+    assert [line.split(":")[0].strip() for line in devices.splitlines()[2:]] == ["lo"]

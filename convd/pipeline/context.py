@@ -38,6 +38,9 @@ class Context:
     sparse: bool = True
     block_size: int = 4096
     direct_io: bool = True
+    # The spool is on a filesystem other hosts write to: a lease proves
+    # nothing there, so every source is read from a private copy (convd.custody).
+    shared: bool = False
     count_hashed: Callable[[int], None] = _noop
     on_published: Callable[[Item, dict[str, Any]], None] = _noop
     on_failed: Callable[[Item, dict[str, Any]], None] = _noop

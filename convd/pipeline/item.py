@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from convd.config import Config
+    from convd.custody import Custody
     from convd.inspection import Inspection
     from convd.pipeline.ledger import Reservation
     from convd.pipeline.spool import Claim
@@ -59,6 +60,9 @@ class Item:
     # (inode, size, mtime, ctime) of the source when detect vetted it: any
     # change afterwards (an old writer's fd) voids the checks.
     vetted: tuple[int, int, int, int] | None = None
+    # How the source is kept from change from the first check to the last
+    # read (convd.custody): its read lease, or the private copy it reads.
+    custody: Custody | None = None
     # Set when the item is cancelled: the message of its `cancelled` record.
     # `scope` is the cancel scope of the stage running now, while it may be cut short.
     withdrawn: str | None = None
@@ -78,7 +82,10 @@ class Item:
         self.vetted = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def source_changed(self) -> bool:
-        """Whether the source is not the file that was vetted (ctime cannot be faked)."""
+        """Whether the source is not the file that was vetted (ctime cannot be faked),
+        or its read lease was broken (someone opened it for writing)."""
+        if self.custody is not None and not self.custody.intact():
+            return True
         if self.vetted is None:
             return False
         st = os.lstat(self.claim.source)

@@ -73,8 +73,9 @@ async def run_item(item: Item, ctx: Context) -> None:
                 log.warning("convert failed, retrying", error=str(exc), attempt=attempts,
                             retry_in=round(delay, 1))
                 ctx.on_retry(item, str(exc))
-                # The discard took an unpacked disk with it: unpack again.
-                item.stage = Stage.UNPACK if item.container else Stage.RESERVE
+                # The discard took an unpacked disk with it: unpack again (and
+                # a failure before detect, e.g. no room for a private copy: from the start).
+                item.stage = Stage.UNPACK if item.container or item.inspection is None else Stage.RESERVE
                 with _cancellable(item):
                     await anyio.sleep(delay)
                 continue
@@ -101,6 +102,8 @@ async def run_item(item: Item, ctx: Context) -> None:
         await _discard(item, ctx)
         log.exception("internal error; the source stays in work/")
     finally:
+        if item.custody is not None:
+            item.custody.close()  # the read lease ends with the item
         ctx.items.pop(item.name, None)
         structlog.contextvars.unbind_contextvars("item", "stage")
 

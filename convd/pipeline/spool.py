@@ -7,6 +7,8 @@ one), and in it one directory per item (``work/<instance>/<NAME>/``) holding
 * ``source``       the original bytes, until the result is durable;
 * ``unpacked``     the disk unpacked from a container (gzip, xz, tar, OVA, …),
                    when ``source`` is one; rewritten from ``source`` after a crash;
+* ``private``      a copy of ``source`` read instead of it where convd cannot
+                   take the inode itself (``convd.custody``); made again after a crash;
 * ``output``       qemu-img's output while it is being written;
 * ``item.json``    attempts so far;
 * ``record.json``  the final record and destination, written durably just
@@ -60,6 +62,7 @@ log = structlog.get_logger("convd.spool")
 IGNORED_SUFFIXES = (".part", ".tmp")
 SOURCE, OUTPUT, ITEM, RECORD = "source", "output", "item.json", "record.json"
 UNPACKED = "unpacked"
+PRIVATE = "private"
 # Another instance's temp in outgoing/ or failed/ older than this is abandoned.
 STALE_TEMP_AGE = 3600.0
 
@@ -110,6 +113,7 @@ class Claim:
     pending: dict[str, Any] | None = None  # record.json, when only the handoff is left
     source_path: Path | None = None  # `convd convert`: the user's file, left where it is
     unpacked: Path | None = None  # the disk unpacked from a container source, once written
+    private: Path | None = None  # the private copy of a source convd could not take (convd.custody)
 
     @property
     def dropped(self) -> Path:
@@ -118,13 +122,14 @@ class Claim:
 
     @property
     def source(self) -> Path:
-        """The disk the stages read: the unpacked one when the drop was a container."""
-        return self.unpacked or self.dropped
+        """The disk the stages read: the unpacked one when the drop was a container,
+        the private copy when convd could not take the dropped inode."""
+        return self.unpacked or self.private or self.dropped
 
     @property
     def source_payload(self) -> str:
         """The file a passthrough publishes."""
-        return UNPACKED if self.unpacked else SOURCE
+        return UNPACKED if self.unpacked else PRIVATE if self.private else SOURCE
 
     @property
     def output(self) -> Path:
@@ -323,7 +328,7 @@ class Spool:
                 return None
             # Mid-convert at the crash: the partial output is worthless;
             # an unpacked disk may be partial too, and is unpacked again.
-            for partial in (claim.output, claim.dir / UNPACKED):
+            for partial in (claim.output, claim.dir / UNPACKED, claim.dir / PRIVATE):
                 if os.path.lexists(partial):
                     os.unlink(partial)
         return claim
@@ -536,7 +541,7 @@ class Spool:
         handoff; were it gone first, a surviving ``source`` would be converted
         a second time.
         """
-        for name in (SOURCE, UNPACKED, OUTPUT, ITEM, RECORD):
+        for name in (SOURCE, UNPACKED, PRIVATE, OUTPUT, ITEM, RECORD):
             try:
                 os.unlink(claim.dir / name)
             except FileNotFoundError:

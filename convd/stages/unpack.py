@@ -10,18 +10,21 @@ from typing import TYPE_CHECKING
 
 import anyio
 import anyio.from_thread
+import structlog
 
-from convd import containers
+from convd import containers, custody
 from convd.config import format_size
 from convd.errors import Cancelled, ItemError, Stopped, TooLarge, TransientError, UnsupportedFormat
 from convd.inspection import open_regular
 from convd.pipeline.item import Item, Stage
-from convd.pipeline.spool import UNPACKED
+from convd.pipeline.spool import PRIVATE, UNPACKED
 
 if TYPE_CHECKING:
     from convd.pipeline.context import Context
 
 __all__ = ["GROW_PATIENCE", "unpack", "unpack_limit"]
+
+log = structlog.get_logger("convd.unpack")
 
 # A stream of unknown size starts with this much reserved (or its own size
 # times _RATIO, if more), and grows by doubling.
@@ -47,11 +50,23 @@ async def unpack(item: Item, ctx: Context) -> Stage:
     claim.unpacked = None
 
     def look() -> tuple[int, containers.Plan | None]:
-        # One thread hop for all three: most items are no container at all.
+        # One thread hop for all of it: most items are no container at all.
         _remove(str(dest))  # a retry's leftovers
         fd = open_regular(claim.dropped)
         try:
-            return fd, containers.plan(fd)
+            if claim.source_path is None and item.custody is None:
+                # Before the first read: every check reads bytes no producer can change.
+                item.custody = custody.take(fd, shared=ctx.shared, group=custody.group_of(str(claim.dir)))
+                log.debug("source in custody", how=item.custody.how)
+            plan = containers.plan(fd)
+            if plan is None and item.custody is not None and item.custody.how == "copy" \
+                    and claim.private is None:
+                # (A container needs no copy: what it unpacks to is convd's own file.)
+                private = claim.dir / PRIVATE
+                _remove(str(private))
+                custody.copy_private(fd, str(private), os.fstat(fd).st_size)
+                claim.private = private
+            return fd, plan
         except BaseException as exc:
             if isinstance(exc, ItemError):  # a container whose very start is damaged
                 size = os.fstat(fd).st_size
