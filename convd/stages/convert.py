@@ -40,6 +40,7 @@ async def convert(item: Item, ctx: Context) -> Stage:
         # against 0.60-0.70 s for 2 GiB qcow2 -> raw) and hashed from it.
         args = qemu.convert_args(src_fmt, item.target_format, cfg.qemu_args_for(item.inspection.format),
                                  direct_io=ctx.direct_io and not cfg.checksum.algorithms)
+        args += qemu.layout_args(item.target_format, cfg.target)
         try:
             await qemu.convert(
                 str(item.claim.source), src_fmt, str(item.claim.output), item.target_format,

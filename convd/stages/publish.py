@@ -90,7 +90,10 @@ def _finish_output(path: str, item: Item, ctx: Context) -> dict[str, Any]:
         os.close(fd)
     if sync_error:
         raise sync_error[0]
-    return {"format": item.target_format, "size": size, "virtual_size": vsize, "checksums": sums}
+    out = {"format": item.target_format, "size": size, "virtual_size": vsize, "checksums": sums}
+    if not item.passthrough:
+        out["layout"] = item.cfg.target.layout(item.target_format)  # what [target.FMT] made
+    return out
 
 
 async def publish(item: Item, ctx: Context) -> Stage:
