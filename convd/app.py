@@ -18,6 +18,7 @@ import anyio
 import structlog
 
 from convd import __version__, cancel, durable, launcher, logs, protocol, qemu
+from convd.bandwidth import Bandwidth
 from convd.config import Config, load
 from convd.errors import ConfigError
 from convd.filesystem import detect_type, probe_filesystem
@@ -113,7 +114,7 @@ class Daemon:
             spool=self.spool, ledger=ledger, slots=anyio.CapacityLimiter(cfg.convert.max_workers),
             sparse=sparse, block_size=fs.block_size, direct_io=fs.direct_io, count_hashed=self.metrics.hashed.inc,
             on_published=self.monitor.published, on_failed=self.monitor.failed,
-            on_retry=self.monitor.retried,
+            on_retry=self.monitor.retried, bandwidth=Bandwidth(cfg.convert.rate_limit),
         )
         self.monitor.ctx = ctx
         if cfg.metrics_address:
@@ -373,10 +374,11 @@ class Daemon:
             self.cfg = new
             assert self.ctx is not None
             self.ctx.slots.total_tokens = new.convert.max_workers
+            self.ctx.bandwidth.set_limit(new.convert.rate_limit)
             self.ctx.ledger.workspace = new.limits.workspace
             self.ctx.ledger.min_free = new.limits.min_free
             self.intake.settle = new.watch.settle
             self.intake.burst = new.convert.priority_burst
             log.info("reloaded", config=str(path), target_format=new.convert.target_format,
-                     max_workers=new.convert.max_workers)
+                     max_workers=new.convert.max_workers, rate_limit=new.convert.rate_limit)
         self.notifier.ready(status=self.monitor.summary())

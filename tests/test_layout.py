@@ -203,3 +203,50 @@ def test_check_config_refuses_what_qemu_img_would_naming_the_key(tmp_path, secti
     r = run(convd_bin(), "check-config", "-c", cfg, check=False)
     assert r.returncode == 1
     assert key in r.stderr, r.stderr
+
+
+def test_rate_limit_is_shown_and_a_reload_applies_to_children_started_after_it(tmp_path, spool, daemon_factory):
+    # 16 MiB of data at 1 MiB/s: the conversion runs long enough to be seen.
+    # No timing is asserted: what status says, and the -r the child got.
+    import signal
+
+    from conftest import convd_bin, wait_for
+
+    img = tmp_path / "slow.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", img, str(32 * MiB))
+    qemu_io(img, "qcow2", f"write -P 9 0 {16 * MiB}")
+    cfg = write_config(tmp_path, convert={"rate_limit": "1MiB"})
+    d = daemon_factory(cfg)
+    spool.drop(img)
+
+    def status() -> dict[str, Any]:
+        r = run(convd_bin(), "status", "-c", cfg, "--json", check=False)
+        return json.loads(r.stdout)["daemon"] if r.stdout.strip() else {}
+
+    def converting() -> bool:
+        st = status()
+        return any(i["stage"] == "convert" for i in (st or {}).get("in_flight", []))
+
+    wait_for(converting, 30, interval=0.2, what="the conversion to start")
+    assert wait_for(lambda: status().get("bandwidth") == {"limit": MiB, "in_use": MiB}, 10,
+                    what="status to show the cap in use")
+    text = run(convd_bin(), "status", "-c", cfg).stdout
+    assert "bandwidth: 1.0 MiB/s, 1.0 MiB/s granted" in text, text
+    cmdlines = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdlines.append(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"))
+        except OSError:
+            pass  # gone meanwhile
+    children = [c for c in cmdlines if len(c) > 2 and c[0].endswith(b"qemu-img") and c[1] == b"convert"
+                and str(spool.root).encode() in b" ".join(c)]
+    assert children and all(c[c.index(b"-r") + 1] == str(MiB).encode() for c in children), children
+    # A reload: the cap changes now; the running child keeps its share.
+    cfg.write_text(cfg.read_text().replace('rate_limit = "1MiB"', 'rate_limit = "4MiB"'))
+    d.signal(signal.SIGHUP)
+    assert wait_for(lambda: status().get("bandwidth") == {"limit": 4 * MiB, "in_use": MiB}, 10,
+                    what="status to show the new cap")
+    rec = spool.wait_record("slow.qcow2", timeout=120)
+    assert rec["status"] == "converted"
+    assert images_equal(img, "qcow2", spool.outgoing / "slow.qcow2", "raw")
+    assert wait_for(lambda: status().get("bandwidth", {}).get("in_use") == 0, 10, what="the share returned")
