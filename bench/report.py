@@ -702,9 +702,9 @@ def _rate(res: dict[str, Any]) -> list[str]:
     cap, rate = res["cap"], res["rate"]
     ok = "within" if abs(rate - cap) <= cap * 0.10 else "**outside**"
     return [
-        f"### Bandwidth cap: {res['items']} conversions at once under `rate_limit = {cap // MiB} MiB/s`",
+        "### Bandwidth cap",
         "",
-        f"{res['items']} qcow2 → raw, {_size(res['data'])} of data each, checksums off, max_workers = "
+        f"`[convert] rate_limit = \"{cap // MiB}MiB\"`: {res['items']} qcow2 → raw at once, {_size(res['data'])} of data each, checksums off, max_workers = "
         f"{res['items']}; all the data over the time from the drop to the last record.",
         "",
         "| cap | measured total | target | |",
