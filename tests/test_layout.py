@@ -215,8 +215,21 @@ def test_rate_limit_is_shown_and_a_reload_applies_to_children_started_after_it(t
     img = tmp_path / "slow.qcow2"
     run("qemu-img", "create", "-f", "qcow2", img, str(32 * MiB))
     qemu_io(img, "qcow2", f"write -P 9 0 {16 * MiB}")
-    cfg = write_config(tmp_path, convert={"rate_limit": "1MiB"})
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = write_config(tmp_path, convert={"rate_limit": "1MiB"}, metrics={"listen": f"127.0.0.1:{port}"})
     d = daemon_factory(cfg)
+
+    def gauges() -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as resp:
+            text = resp.read().decode()
+        return {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines()
+                if ln.startswith("convd_rate_")}
+
     spool.drop(img)
 
     def status() -> dict[str, Any]:
@@ -230,6 +243,9 @@ def test_rate_limit_is_shown_and_a_reload_applies_to_children_started_after_it(t
     wait_for(converting, 30, interval=0.2, what="the conversion to start")
     assert wait_for(lambda: status().get("bandwidth") == {"limit": MiB, "in_use": MiB}, 10,
                     what="status to show the cap in use")
+    assert wait_for(lambda: gauges() == {"convd_rate_limit_bytes_per_second": MiB,
+                                         "convd_rate_in_use_bytes_per_second": MiB}, 10,
+                    what="/metrics to show the cap in use")
     text = run(convd_bin(), "status", "-c", cfg).stdout
     assert "bandwidth: 1.0 MiB/s, 1.0 MiB/s granted" in text, text
     cmdlines = []
