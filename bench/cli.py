@@ -99,6 +99,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-passthrough", action="store_true", help="skip the large raw→raw passthrough")
     p.add_argument("--skip-compressed", action="store_true",
                    help="skip the xz/gzip-compressed raw uploads (convd against `xz -dc`/`gzip -dc` + fsync)")
+    p.add_argument("--skip-rate", action="store_true",
+                   help="skip the bandwidth cap: 4 conversions at once under [convert] rate_limit = 50MiB")
+    p.add_argument("--rate-only", action="store_true",
+                   help="measure only the bandwidth cap (prints the figure; --out is not rewritten)")
     p.add_argument("--skip-glance", action="store_true",
                    help="skip the Glance import: built-in image_conversion against the convd plugin")
     p.add_argument("--glance-reps", type=int, default=3, help="imports per method in the Glance scenario")
@@ -432,6 +436,33 @@ def _convd_defaults(formats: tuple[str, ...], targets: tuple[str, ...]) -> dict[
     return out
 
 
+RATE_CAP = 50 * MiB
+RATE_ITEMS = 4
+RATE_DATA = 256 * MiB
+
+
+def run_rate(workdir: Path) -> dict[str, Any]:
+    """Four 512 MiB-virtual qcow2 images with 256 MiB of data each, converted at once under a 50 MiB/s cap."""
+    log(f"bandwidth cap: {RATE_ITEMS} × {RATE_DATA // MiB} MiB of data at once, "
+        f"rate_limit = {RATE_CAP // MiB} MiB/s")
+    src_dir = workdir / "rate"
+    src_dir.mkdir(parents=True, exist_ok=True)
+    sources = []
+    for i in range(RATE_ITEMS):
+        p = src_dir / f"rate-{i}.qcow2"
+        if not p.exists():
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(p), str(2 * RATE_DATA)], check=True)
+            subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -q -P {i + 1} 0 {RATE_DATA}", str(p)],
+                           check=True, capture_output=True)
+        scenarios.durable(p)
+        sources.append(p)
+    try:
+        return scenarios.rate_limited(workdir / "spools" / "rate", sources, RATE_DATA, RATE_CAP, log)
+    finally:
+        shutil.rmtree(src_dir, ignore_errors=True)
+        shutil.rmtree(workdir / "spools" / "rate", ignore_errors=True)
+
+
 def write_report(results: dict[str, Any], out: Path) -> None:
     md = report.render(results)
     print(md)
@@ -456,6 +487,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     workdir: Path = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    if args.rate_only:
+        res = run_rate(workdir)
+        print(json.dumps(res, indent=1))
+        return 0
     check_space(workdir, args)
     results: dict[str, Any] = {
         "started_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -526,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = write_config(root, target="raw", algorithms=["sha256"])
             results["backlog"] = scenarios.backlog(root, cfg, args.backlog_files, args.backlog_size, log)
             shutil.rmtree(root)
+        if not args.skip_rate:
+            results["rate_limit"] = run_rate(workdir)
         if not args.skip_glance and imgset is not None:
             log(f"Glance: guest.qcow2 through glance-api, image_conversion against convd, "
                 f"{args.glance_reps} reps, alternating")

@@ -698,6 +698,22 @@ def _qsd(res: dict[str, Any]) -> list[str]:
     return out
 
 
+def _rate(res: dict[str, Any]) -> list[str]:
+    cap, rate = res["cap"], res["rate"]
+    ok = "within" if abs(rate - cap) <= cap * 0.10 else "**outside**"
+    return [
+        "### Bandwidth cap",
+        "",
+        f"`[convert] rate_limit = \"{cap // MiB}MiB\"`: {res['items']} qcow2 → raw at once, {_size(res['data'])} of data each, checksums off, max_workers = "
+        f"{res['items']}; all the data over the time from the drop to the last record.",
+        "",
+        "| cap | measured total | target | |",
+        "| ---: | ---: | ---: | --- |",
+        f"| {cap / MiB:.0f} MiB/s | {rate / MiB:.1f} MiB/s | {cap / MiB:.0f} MiB/s ± 10 % | {ok} |",
+        "",
+    ]
+
+
 def _limit(limit: float, unit: str) -> str:
     return f"≤ {limit:.2f} ×" if unit == "×" else f"≤ {limit:g} {unit}"
 
@@ -725,6 +741,8 @@ def render(results: dict[str, Any]) -> str:
         body += _variants(results["variants"])
     if "glance" in results:
         body += _glance(results["glance"], summary)
+    if "rate_limit" in results:
+        body += _rate(results["rate_limit"])
 
     s = results["settings"]
     head = [

@@ -8,13 +8,14 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.daemon import Daemon, Spool, parse_ts, stage_private
+from bench.daemon import Daemon, Spool, parse_ts, stage_private, write_config
 from bench.images import tiny_raw
 from bench.inotify import DirWatch, QueueOverflow
 
@@ -29,6 +30,7 @@ __all__ = [
     "hashlib_sha256",
     "pickup_latency",
     "quiesce",
+    "rate_limited",
     "settle_fs",
     "sha256sum",
     "warm",
@@ -335,3 +337,31 @@ def backlog(root: Path, config: Path, files: int, size: int, log: Log) -> dict[s
         "first_to_last": last_wall - first_wall,
         "exit": rc,
     }
+
+
+def rate_limited(root: Path, sources: Sequence[Path], data: int, cap: int, log: Log) -> dict[str, Any]:
+    """``len(sources)`` qcow2 → raw conversions at once (max_workers as many) under
+    ``[convert] rate_limit = cap``: the bytes they move together per second.
+
+    ``data``: guest bytes each source holds (what qemu-img copies and ``-r``
+    counts; holes are not copied).  Checksums off: the figure is the
+    conversions'.  The rate is all the data over the time from the drop to
+    the last record, so detection and publishing count against it.
+    """
+    if root.exists():
+        shutil.rmtree(root)
+    spool = Spool(root)
+    spool.create()
+    cfg = write_config(root, target="raw", algorithms=[], max_workers=len(sources),
+                       convert={"rate_limit": cap})
+    daemon = Daemon(cfg, spool, "rate_limit")
+    try:
+        daemon.wait_ready()
+        res = drain(daemon, sources, "rate")
+    finally:
+        daemon.stop()
+    moved = data * len(sources)
+    rate = moved / res["total"]
+    log(f"rate_limit {cap / 2**20:.0f} MiB/s, {len(sources)} at once: {rate / 2**20:.1f} MiB/s in total")
+    return {"cap": cap, "items": len(sources), "data": data, "total": res["total"], "rate": rate,
+            "convert": [t.get("convert") for t in res["timings"]]}

@@ -18,6 +18,7 @@ import anyio
 import structlog
 
 from convd import __version__, cancel, durable, launcher, logs, protocol, qemu
+from convd.bandwidth import Bandwidth
 from convd.config import Config, load
 from convd.errors import ConfigError
 from convd.filesystem import detect_type, probe_filesystem
@@ -49,7 +50,7 @@ class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.spool = Spool(cfg.spool)
-        self.intake = Intake(cfg.spool.incoming, cfg.watch.settle)
+        self.intake = Intake(cfg.spool.incoming, cfg.watch.settle, burst=cfg.convert.priority_burst)
         self.metrics = Metrics(cfg.spool.instance)
         self.notifier = Notifier()
         self.stopping = anyio.Event()
@@ -114,6 +115,7 @@ class Daemon:
             sparse=sparse, block_size=fs.block_size, direct_io=fs.direct_io, count_hashed=self.metrics.hashed.inc,
             on_published=self.monitor.published, on_failed=self.monitor.failed,
             on_retry=self.monitor.retried, shared=fstype.shared,
+            bandwidth=Bandwidth(cfg.convert.rate_limit),
         )
         self.monitor.ctx = ctx
         # A broken read lease (convd.custody) signals its holder with SIGIO,
@@ -275,7 +277,7 @@ class Daemon:
             # One thread hop and one pair of directory fsyncs for the whole batch.
             claimed = {}
             if wanted and not self.stopping.is_set():
-                claimed = await anyio.to_thread.run_sync(self.spool.claim_all, wanted)
+                claimed = await anyio.to_thread.run_sync(self._claim_all, wanted)
             for name, claim in claimed.items():
                 if isinstance(claim, FileExistsError):
                     self.intake.defer(name)  # an earlier item's work dir, kept after an internal error
@@ -286,12 +288,21 @@ class Daemon:
                     log.error("cannot claim; left in incoming/", item=name, error=str(claim))
                     self.intake.forget(name)
                     continue
+                self.intake.taken(name)
                 self.intake.forget(name)
                 if claim is not None:
                     log.info("claimed", item=name)
                     self._start_item(items, claim)
             with anyio.move_on_after(wait if wait is not None else 5.0):
                 await self.wake.wait()
+
+    def _claim_all(self, names: list[str]) -> dict[str, Claim | OSError | None]:
+        """``Spool.claim_all``, then the claimed names' priority marks go (they served their turn)."""
+        claimed = self.spool.claim_all(names)
+        for name, claim in claimed.items():
+            if claim is not None and not isinstance(claim, OSError):
+                protocol.clear_priority(self.spool.incoming, name)
+        return claimed
 
     # -- cancel (contract section 6) ----------------------------------------
 
@@ -325,6 +336,7 @@ class Daemon:
                 return  # an earlier item's work dir; the request waits
             if claim is not None:
                 self.intake.forget(name)
+                protocol.clear_priority(self.spool.incoming, name)
                 log.info("cancelled before conversion", item=name, reason=req.reason)
                 # Run like any claim, withdrawn from the start: the runner
                 # rejects it, and a failing disk leaves it to _process's
@@ -366,9 +378,11 @@ class Daemon:
             self.cfg = new
             assert self.ctx is not None
             self.ctx.slots.total_tokens = new.convert.max_workers
+            self.ctx.bandwidth.set_limit(new.convert.rate_limit)
             self.ctx.ledger.workspace = new.limits.workspace
             self.ctx.ledger.min_free = new.limits.min_free
             self.intake.settle = new.watch.settle
+            self.intake.burst = new.convert.priority_burst
             log.info("reloaded", config=str(path), target_format=new.convert.target_format,
-                     max_workers=new.convert.max_workers)
+                     max_workers=new.convert.max_workers, rate_limit=new.convert.rate_limit)
         self.notifier.ready(status=self.monitor.summary())

@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_CONFIG_PATH",
     "DetectConfig",
     "TARGET_FORMATS",
+    "TargetConfig",
     "default_config",
     "dump",
     "format_size",
@@ -129,6 +130,64 @@ class ConvertConfig:
     # Extra qemu-img convert arguments per source format ("*" for all),
     # replacing convd's tuned defaults for that format.
     qemu_args: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Bytes per second all conversions, unpacking and checksumming move
+    # together (convd.bandwidth); 0: no limit.  Reloadable.
+    rate_limit: int = 0
+    # Glance's imports (a .convd-priority.NAME sidecar) go before bulk drops,
+    # but after this many in a row one waiting bulk file is taken (contract
+    # section 9: neither starves).
+    priority_burst: int = 4
+
+
+@dataclass(frozen=True)
+class RawLayout:
+    preallocation: str = "off"
+
+
+@dataclass(frozen=True)
+class Qcow2Layout:
+    compat: str = "1.1"
+    cluster_size: int = 64 << 10
+    compression: str = "none"
+    preallocation: str = "off"
+
+
+@dataclass(frozen=True)
+class VpcLayout:
+    subformat: str = "dynamic"
+    # Every input's virtual size must be a multiple of this (Azure: "1MiB");
+    # 0: any size.  An input that is not is refused (unsupported_format).
+    size_multiple: int = 0
+
+
+@dataclass(frozen=True)
+class VmdkLayout:
+    subformat: str = "monolithicSparse"
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """``[target.FMT]``: what the output of each target format looks like (contract section 9)."""
+
+    raw: RawLayout = field(default_factory=RawLayout)
+    qcow2: Qcow2Layout = field(default_factory=Qcow2Layout)
+    vpc: VpcLayout = field(default_factory=VpcLayout)
+    vmdk: VmdkLayout = field(default_factory=VmdkLayout)
+
+    def layout(self, fmt: str) -> dict[str, Any]:
+        """The record's ``target.layout`` for a ``fmt`` output: its settings by name ({} for vdi, vhdx)."""
+        sect = getattr(self, fmt, None)
+        if sect is None:
+            return {}
+        out = dataclasses.asdict(sect)
+        if fmt == "vpc" and not out["size_multiple"]:
+            del out["size_multiple"]
+        return out
+
+    def is_default(self, fmt: str) -> bool:
+        """Whether a ``fmt`` output would be what qemu-img writes by default (a passthrough may stand)."""
+        sect = getattr(self, fmt, None)
+        return sect is None or sect == type(sect)()
 
 
 @dataclass(frozen=True)
@@ -181,6 +240,7 @@ class Config:
     checksum: ChecksumConfig = field(default_factory=ChecksumConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
     source: Path | None = None  # the file it was loaded from
 
     @property
@@ -303,9 +363,16 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
             if a in ("-f", "-O", "-o", "-p", "-U", "--image-opts", "--target-image-opts") or a.startswith("-o"):
                 raise ConfigError(f"[convert] qemu_args.{fmt}: {a!r} is set by convd and cannot be overridden")
         qargs.append((fmt, args))
+    rate = parse_size(c.get("rate_limit", d.rate_limit), "[convert] rate_limit")
+    if 0 < rate < 1 << 20:
+        raise ConfigError(f"[convert] rate_limit: must be 0 (no limit) or at least 1MiB per second, got {rate}")
+    burst = _expect("convert", "priority_burst", c.get("priority_burst", d.priority_burst), int, "an integer")
+    if not 1 <= burst <= 1000:
+        raise ConfigError(f"[convert] priority_burst: must be between 1 and 1000, got {burst}")
     convert = ConvertConfig(
         target_format=target, allowed_formats=allowed, containers=kinds, max_workers=workers, timeout=timeout,
-        max_attempts=attempts, retry_backoff=backoff, qemu_args=tuple(qargs),
+        max_attempts=attempts, retry_backoff=backoff, qemu_args=tuple(qargs), rate_limit=rate,
+        priority_burst=burst,
     )
 
     dt = section("detect", DetectConfig)
@@ -367,7 +434,67 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
     metrics = MetricsConfig(listen=listen)
 
     return Config(spool=spool, convert=convert, detect=detect, limits=limits, watch=watch,
-                  checksum=checksum, log=log, metrics=metrics)
+                  checksum=checksum, log=log, metrics=metrics, target=_target(raw.get("target", {})))
+
+
+def _target(raw: dict[str, Any]) -> TargetConfig:
+    """``[target.raw]``, ``[target.qcow2]``, ``[target.vpc]``, ``[target.vmdk]``.
+
+    Refuses what qemu-img 7.2 would refuse at convert time, naming the key:
+    compression with preallocation (block/qcow2.c: "Compression and
+    preallocation not supported at the same time"), zstd with compat 0.10
+    ("Non-zlib compression type is only supported with compatibility level
+    1.1"), a cluster size that is not a power of two from 512 B to 2 MiB.
+    """
+    kinds = {f.name: f.type for f in dataclasses.fields(TargetConfig)}
+    for fmt, body in raw.items():
+        if fmt not in kinds:
+            raise ConfigError(f"unknown section [target.{fmt}] (known: {', '.join(sorted(kinds))})")
+        if not isinstance(body, dict):
+            raise ConfigError(f"[target.{fmt}]: expected a table, got {body!r}")
+    classes = {"raw": RawLayout, "qcow2": Qcow2Layout, "vpc": VpcLayout, "vmdk": VmdkLayout}
+
+    def section(fmt: str) -> dict[str, Any]:
+        body = dict(raw.get(fmt, {}))
+        known = {f.name for f in dataclasses.fields(classes[fmt])}
+        for key in body:
+            if key not in known:
+                raise ConfigError(f"unknown key [target.{fmt}] {key} (known: {', '.join(sorted(known))})")
+        return body
+
+    r = section("raw")
+    rawl = RawLayout(preallocation=_one_of("target.raw", "preallocation", r.get("preallocation", "off"),
+                                           ("off", "falloc", "full")))
+    q = section("qcow2")
+    qd = Qcow2Layout()
+    compat = q.get("compat", qd.compat)
+    if isinstance(compat, float):
+        compat = {0.1: "0.10", 1.1: "1.1"}.get(compat, str(compat))  # compat = 1.1 unquoted
+    compat = _one_of("target.qcow2", "compat", compat, ("0.10", "1.1"))
+    cluster = parse_size(q.get("cluster_size", qd.cluster_size), "[target.qcow2] cluster_size")
+    if not (512 <= cluster <= 2 << 20 and cluster & (cluster - 1) == 0):
+        raise ConfigError(f"[target.qcow2] cluster_size: must be a power of two from 512 to 2MiB, got {cluster}")
+    compression = _one_of("target.qcow2", "compression", q.get("compression", qd.compression),
+                          ("none", "zlib", "zstd"))
+    prealloc = _one_of("target.qcow2", "preallocation", q.get("preallocation", qd.preallocation),
+                       ("off", "metadata", "falloc", "full"))
+    if compression != "none" and prealloc != "off":
+        raise ConfigError(f"[target.qcow2] preallocation: {prealloc!r} with compression = {compression!r}: "
+                          "qemu-img cannot compress and preallocate at the same time")
+    if compression == "zstd" and compat == "0.10":
+        raise ConfigError("[target.qcow2] compression: 'zstd' needs compat = '1.1' "
+                          "(qcow2 0.10 knows zlib only)")
+    qcow2 = Qcow2Layout(compat=compat, cluster_size=cluster, compression=compression, preallocation=prealloc)
+    v = section("vpc")
+    multiple = parse_size(v.get("size_multiple", 0), "[target.vpc] size_multiple")
+    if multiple % 512:
+        raise ConfigError(f"[target.vpc] size_multiple: must be a multiple of 512 bytes, got {multiple}")
+    vpc = VpcLayout(subformat=_one_of("target.vpc", "subformat", v.get("subformat", "dynamic"),
+                                      ("dynamic", "fixed")), size_multiple=multiple)
+    m = section("vmdk")
+    vmdk = VmdkLayout(subformat=_one_of("target.vmdk", "subformat", m.get("subformat", "monolithicSparse"),
+                                        ("monolithicSparse", "streamOptimized")))
+    return TargetConfig(raw=rawl, qcow2=qcow2, vpc=vpc, vmdk=vmdk)
 
 
 def _polling(value: Any) -> bool | None:
@@ -422,4 +549,6 @@ def dump(cfg: Config) -> dict[str, Any]:
             continue
         sect = getattr(cfg, f.name)
         out[f.name] = {sf.name: plain(getattr(sect, sf.name)) for sf in dataclasses.fields(sect)}
+    out["target"] = {fmt: dataclasses.asdict(getattr(cfg.target, fmt))
+                     for fmt in (f.name for f in dataclasses.fields(TargetConfig))}
     return out

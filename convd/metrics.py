@@ -34,6 +34,12 @@ class Metrics:
         self.progress = Gauge("convd_item_progress_ratio", "Convert progress of an item", ["item"], registry=r)
         self.reserved = Gauge("convd_workspace_reserved_bytes", "Workspace reserved by outputs", registry=r)
         self.free = Gauge("convd_workspace_available_bytes", "Workspace a new output may take", registry=r)
+        self.rate_limit = Gauge("convd_rate_limit_bytes_per_second",
+                                "[convert] rate_limit: bytes per second all conversions may move (0: none)",
+                                registry=r)
+        self.rate_in_use = Gauge("convd_rate_in_use_bytes_per_second",
+                                 "Bytes per second granted to running conversions, unpacking and checksums",
+                                 registry=r)
         self.fs_free = Gauge("convd_filesystem_free_bytes", "Free bytes on the spool filesystem", registry=r)
         self.peers = Gauge("convd_spool_instances", "Daemon instances with a directory on the spool, by state "
                            "(alive, stale, dead; by their heartbeats)", ["state"], registry=r)

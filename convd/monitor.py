@@ -102,6 +102,7 @@ class Monitor:
             "workspace": {"limit": ledger.workspace, "reserved": ledger.reserved,
                           "available": max(0, ledger.available()), "filesystem_free": ledger.space.free(),
                           "waiting": len(ledger.waiting)},
+            "bandwidth": {"limit": self.ctx.bandwidth.limit, "in_use": self.ctx.bandwidth.in_use},
             "counters": {"converted": self.counters["converted"], "passthrough": self.counters["passthrough"],
                          "failed": self.counters["failed"]},
             "stuck": sorted(self.stuck),
@@ -138,6 +139,8 @@ class Monitor:
         m.reserved.set(snap["workspace"]["reserved"])
         m.free.set(snap["workspace"]["available"])
         m.fs_free.set(snap["workspace"]["filesystem_free"])
+        m.rate_limit.set(snap["bandwidth"]["limit"])
+        m.rate_in_use.set(snap["bandwidth"]["in_use"])
         return snap
 
     def count_peers(self) -> None:

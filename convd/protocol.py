@@ -33,6 +33,7 @@ import os
 import secrets
 import select
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,20 +44,29 @@ from convd import cluster, durable
 
 __all__ = [
     "CANCEL_PREFIX",
+    "PRIORITY_PREFIX",
     "CancelRequest",
     "DirWatch",
     "SpoolPaths",
     "clear_cancel_request",
+    "clear_priority",
     "daemons_running",
     "find_record",
     "hand_in",
     "is_cancel_request",
     "item_progress",
+    "mark_priority",
     "read_cancel_requests",
+    "read_priority",
     "request_cancel",
 ]
 
 CANCEL_PREFIX = ".convd-cancel."
+# incoming/.convd-priority.NAME: NAME is taken before bulk drops (contract
+# section 9; the rule is Intake.ready's).
+PRIORITY_PREFIX = ".convd-priority."
+PRIORITIES = ("high", "normal")
+_PRIORITY_MAX_BYTES = 4096
 _IGNORED_SUFFIXES = (".part", ".tmp")
 
 
@@ -78,8 +88,11 @@ class SpoolPaths:
 # -- hand-in -------------------------------------------------------------
 
 
-def hand_in(src: str | os.PathLike[str], paths: SpoolPaths, name: str) -> int:
+def hand_in(src: str | os.PathLike[str], paths: SpoolPaths, name: str, *, priority: str = "normal") -> int:
     """Put ``src`` into ``incoming/NAME``: a rename on the same filesystem, else a copy.
+
+    ``priority="high"`` first marks ``NAME`` (:func:`mark_priority`) so the
+    daemon takes it before bulk drops; ``"normal"`` marks nothing.
 
     Either way the bytes pass through ``incoming/.NAME.part`` (fsynced, made
     group-readable with the spool's group) and reach ``NAME`` by a rename
@@ -87,6 +100,10 @@ def hand_in(src: str | os.PathLike[str], paths: SpoolPaths, name: str) -> int:
     number of the handed-in file, which identifies it in a cancel request.
     Raises ``FileExistsError`` if ``incoming/NAME`` is already there.
     """
+    if priority not in PRIORITIES:
+        raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
+    if priority == "high":
+        mark_priority(paths, name)  # before NAME appears: the daemon reads it when it first sees NAME
     part = paths.incoming / f".{name}.part"
     renamed = True
     try:
@@ -120,6 +137,58 @@ def hand_in(src: str | os.PathLike[str], paths: SpoolPaths, name: str) -> int:
     if not renamed:
         os.unlink(src)
     return inode
+
+
+def mark_priority(paths: SpoolPaths, name: str) -> Path:
+    """Write ``incoming/.convd-priority.NAME`` (``{"priority": "high"}``), through a temporary dot-name.
+
+    Written before ``NAME`` is renamed in; the daemon removes it when it claims ``NAME``.
+    """
+    path = paths.incoming / f"{PRIORITY_PREFIX}{name}"
+    tmp = paths.incoming / f".convd-priority-{secrets.token_hex(6)}.tmp"
+    durable.write_json(tmp, {"priority": "high"})
+    try:
+        durable.move(tmp, path, replace=True)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_priority(incoming: Path, name: str) -> str:
+    """``"high"`` if ``incoming/.convd-priority.NAME`` says so, else ``"normal"``.
+
+    The sidecar is a producer's file: opened without following a link or
+    blocking on a FIFO, a regular file only, at most 4 KiB read; anything
+    else (absent, unreadable, not JSON, another value) is ``"normal"``.
+    """
+    try:
+        fd = os.open(incoming / f"{PRIORITY_PREFIX}{name}",
+                     os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return "normal"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return "normal"
+        data = os.read(fd, _PRIORITY_MAX_BYTES + 1)
+    except OSError:
+        return "normal"
+    finally:
+        os.close(fd)
+    if len(data) > _PRIORITY_MAX_BYTES:
+        return "normal"
+    try:
+        body = json.loads(data)
+    except ValueError:
+        return "normal"
+    return "high" if isinstance(body, dict) and body.get("priority") == "high" else "normal"
+
+
+def clear_priority(incoming: Path, name: str) -> None:
+    """Remove ``NAME``'s priority sidecar (once ``NAME`` is claimed)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(incoming / f"{PRIORITY_PREFIX}{name}")
 
 
 def _copy(src: Path, dst: Path) -> None:

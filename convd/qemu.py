@@ -34,7 +34,7 @@ from typing import Any
 import anyio
 
 from convd import launcher
-from convd.config import DetectConfig
+from convd.config import DetectConfig, TargetConfig
 from convd.errors import CorruptImage, StartupError, Timeout, TransientError
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "convert_args",
     "data_bytes",
     "info",
+    "layout_args",
     "measure",
     "phase_timings",
     "qemu_img",
@@ -300,11 +301,16 @@ async def data_bytes(path: str, fmt: str, block: int, *, limits: DetectConfig,
 
 
 async def measure(path: str, fmt: str, target: str, *, limits: DetectConfig,
-                  name: str | None = None) -> int:
-    """``qemu-img measure`` required size for a ``target`` image of this source."""
+                  name: str | None = None, options: Sequence[str] = ()) -> int:
+    """``qemu-img measure`` required size, in bytes, for a ``target`` image of this source.
+
+    ``options``: ``-o`` pairs the output is created with (``layout_args``'s
+    ``-o`` arguments; measure takes no ``-c``: for a compressed qcow2 it
+    gives the size of the uncompressed clusters, an upper bound).
+    """
     res = await _run(
-        [qemu_img(), "measure", "--output=json", "-O", target, *source_args(SOURCE_FILENAME, fmt)], timeout=600,
-        path=path, name=name, **_estimate_limits(limits),
+        [qemu_img(), "measure", "--output=json", "-O", target, *options, *source_args(SOURCE_FILENAME, fmt)],
+        timeout=600, path=path, name=name, **_estimate_limits(limits),
     )
     if res.returncode != 0:
         raise CorruptImage(f"qemu-img measure as {fmt}: {res.error_text}")
@@ -333,6 +339,30 @@ _DIRECT_TARGETS = ("raw", "qcow2")
 # otherwise rounds the size up to a CHS geometry (block/vpc.c, and Azure
 # refuses such disks); the other targets keep it (tests/test_integrity.py).
 TARGET_OPTIONS: dict[str, tuple[str, ...]] = {"vpc": ("-o", "force_size=on")}
+
+
+def layout_args(dst_fmt: str, target: TargetConfig, *, compress: bool = True) -> list[str]:
+    """The output side of ``qemu-img convert`` for ``[target.FMT]``: ``-o`` pairs, and ``-c``.
+
+    Option names are qemu-img 7.2's creation options (``qemu-img create -f
+    FMT -o help``); ``compress=False`` leaves out ``-c`` (for ``measure``).
+    """
+    opts: list[str] = []
+    if dst_fmt == "raw":
+        opts.append(f"preallocation={target.raw.preallocation}")
+    elif dst_fmt == "qcow2":
+        q = target.qcow2
+        opts += [f"compat={q.compat}", f"cluster_size={q.cluster_size}", f"preallocation={q.preallocation}"]
+        if q.compression != "none":
+            opts.append(f"compression_type={q.compression}")
+    elif dst_fmt == "vpc":
+        opts.append(f"subformat={target.vpc.subformat}")
+    elif dst_fmt == "vmdk":
+        opts.append(f"subformat={target.vmdk.subformat}")
+    args = ["-o", ",".join(opts)] if opts else []
+    if compress and dst_fmt == "qcow2" and target.qcow2.compression != "none":
+        args.append("-c")
+    return args
 
 
 def convert_args(src_fmt: str, dst_fmt: str, override: Sequence[str] | None, *,

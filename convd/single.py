@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 
 from convd import durable
+from convd.bandwidth import Bandwidth
 from convd.config import Config
 from convd.filesystem import probe_filesystem
 from convd.pipeline.context import Context
@@ -90,7 +91,7 @@ async def convert_one(cfg: Config, src: Path, dst: Path, target: str | None) -> 
             ledger=Ledger(cfg.limits.workspace, cfg.limits.min_free, StatvfsSpace(str(workdir))),
             slots=anyio.CapacityLimiter(1), sparse=sparse, block_size=fs.block_size,
             direct_io=fs.direct_io,
-            on_published=keep, on_failed=keep,
+            on_published=keep, on_failed=keep, bandwidth=Bandwidth(cfg.convert.rate_limit),
         )
         claim = Claim(name=dst.name, dir=workdir, source_path=src.absolute())
         await run_item(Item(claim=claim, cfg=cfg), ctx)

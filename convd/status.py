@@ -133,6 +133,10 @@ def _render_daemon(d: dict[str, Any], now: float) -> list[str]:
     lines.append(f"workspace: {format_size(w['reserved'])} reserved of {format_size(w['limit'])}, "
                  f"{format_size(w['available'])} available, filesystem {format_size(w['filesystem_free'])} free, "
                  f"{w['waiting']} waiting for space")
+    bw = d.get("bandwidth")  # absent in a snapshot of an older daemon
+    if bw is not None:
+        cap = f"{format_size(bw['limit'])}/s" if bw["limit"] else "no limit"
+        lines.append(f"bandwidth: {cap}, {format_size(bw['in_use'])}/s granted to running work")
     for i in d["in_flight"]:
         eta = f" ETA {i['eta']:.0f} s" if i.get("eta") is not None else ""
         lines.append(f"  {i['name']:<32} {i['stage']:<8} {_bar(i['progress'])} {i['progress'] * 100:5.1f}%"

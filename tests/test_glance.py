@@ -464,3 +464,31 @@ def _two_users(base: Path, tmp_path: Path) -> None:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(15)
         log.close()
+
+
+def test_deleting_an_image_while_it_converts_cancels_the_conversion(
+        glance_env: Env, tmp_path: Path, slow_convert: None) -> None:
+    src = tmp_path / "doomed.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", src, str(256 * MiB))
+    run("qemu-io", "-f", "qcow2", "-c", f"write -P 5 0 {96 * MiB}", src)  # 12 s at 8 MiB/s
+    # Its own Glance, beating every 0.5 s: the plugin notices the deletion at its next heartbeat.
+    watched = GlanceServer(tmp_path / "glance", plugins=["convd"],
+                           import_conf={"convd": {"spool": glance_env.spool.root, "timeout": 120,
+                                                  "poll_interval": 0.5, "heartbeat_interval": 0.5}}).start()
+    try:
+        client = watched.client()
+        image_id = client.create("doomed", "qcow2")
+        client.stage(image_id, src)
+        client.import_(image_id)
+        work = str(glance_env.spool.work / "test" / image_id)
+        wait_for(lambda: _converting(work), what="qemu-img convert to start")
+        client.request("DELETE", f"/v2/images/{image_id}")
+        rec = glance_env.spool.wait_record(image_id, timeout=60)
+        assert (rec["status"], rec["error"]["code"]) == ("failed", "cancelled"), rec
+        assert "image deleted during its import" in rec["error"]["message"]
+        assert not _converting(work)
+        assert not (glance_env.spool.outgoing / image_id).exists()
+        wait_for(lambda: "the image was deleted during its import" in watched.log(),
+                 what="the import to fail saying why")
+    finally:
+        watched.stop()

@@ -188,6 +188,15 @@ def test_unit_grants_cap_lease_and_cap_chown_and_no_other_capability() -> None:
     assert _settings("AmbientCapabilities") == ["CAP_LEASE CAP_CHOWN"]
 
 
+def test_unit_sets_cpu_and_io_weight_once_below_the_default() -> None:
+    # The one documented place for convd's priority against other services
+    # (docs/operations.md, "Priority"): once each, so nothing later resets it.
+    for key in ("CPUWeight", "IOWeight", "Nice"):
+        assert len(_settings(key)) == 1, key
+    assert 1 <= int(_settings("CPUWeight")[0]) < 100
+    assert 1 <= int(_settings("IOWeight")[0]) < 100
+
+
 def test_spool_root_mode_agrees_between_unit_and_tmpfiles() -> None:
     # systemd re-applies StateDirectoryMode= at every start; a different mode
     # in tmpfiles would flip back and forth between boot and service start.

@@ -66,6 +66,17 @@ Seconds between updates of the import task's message with convd's progress.
 Each update also keeps the task fresh, so Glance never takes its image lock
 away (it does so from a task idle for an hour).
 """),
+    cfg.StrOpt('priority',
+               default='high',
+               choices=[('high', 'taken before files dropped into the spool by hand'),
+                        ('normal', 'taken in arrival order with every other file')],
+               help="""
+Where this Glance's imports stand in convd's queue. "high" marks each
+hand-in (incoming/.convd-priority.IMAGE_ID) so the daemon takes it before
+files dropped by hand, a user being the one who waits; convd still takes one
+waiting dropped file after every [convert] priority_burst imports in a row,
+so neither starves.
+"""),
 ]
 
 CONF.register_opts(convd_opts, group='convd')
@@ -142,7 +153,7 @@ class _ConvdConvert(task.Task):
             LOG.warning('Removing an unclaimed convd result of an earlier import of image %s', name)
             self._discard_result(paths, name)
         try:
-            self.handed_in = protocol.hand_in(src, paths, name)
+            self.handed_in = protocol.hand_in(src, paths, name, priority=conf.priority)
         except FileExistsError:
             raise exception.UploadException(
                 'convd: an image with this ID is already in the spool (incoming/%s)' % name)
@@ -198,7 +209,15 @@ class _ConvdConvert(task.Task):
                 if now >= deadline:
                     return None
                 if now >= next_beat:
-                    self._heartbeat(_progress_message(protocol.item_progress(paths, name)))
+                    try:
+                        self._heartbeat(_progress_message(protocol.item_progress(paths, name)))
+                    except exception.NotFound:
+                        # The image was deleted while convd worked on it: its
+                        # conversion is of no use to anyone now.
+                        self._withdraw(paths, name, 'image deleted during its import (Glance import task %s)'
+                                       % self.task_id)
+                        raise exception.UploadException(
+                            'convd: cancelled: the image was deleted during its import')
                     next_beat = now + conf.heartbeat_interval
                 watch.wait(min(conf.poll_interval, next_beat - now, deadline - now))
 

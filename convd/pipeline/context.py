@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import structlog
 
+from convd.bandwidth import Bandwidth
 from convd.pipeline.item import Item
 from convd.pipeline.ledger import Ledger
 from convd.pipeline.spool import Spool
@@ -46,6 +47,8 @@ class Context:
     on_failed: Callable[[Item, dict[str, Any]], None] = _noop
     on_retry: Callable[[Item, str], None] = _noop
     items: dict[str, Item] = field(default_factory=dict)
+    # [convert] rate_limit, shared by conversions, unpacking and checksumming.
+    bandwidth: Bandwidth = field(default_factory=Bandwidth)
     # Set at shutdown so work in threads (checksums) gives up promptly.
     stop: threading.Event = field(default_factory=threading.Event)
 

@@ -1,5 +1,12 @@
 """The intake queue: names seen in ``incoming/``, oldest first, and when each may be claimed.
 
+Priority (contract section 9): a name whose producer marked it
+(``incoming/.convd-priority.NAME``, as the Glance plugin does) is taken
+before every unmarked one, oldest first; but after ``burst`` marked names
+in a row, the oldest unmarked name that is ready goes next, so a stream of
+imports never starves an operator's backlog, and the backlog delays an
+import by at most one file in ``burst + 1``.
+
 A file renamed in is ready at once.  A file written in place is ready only
 when no process holds it open for writing (a read lease is refused while a
 writer has it open; ``/proc/*/fd`` where leases are not allowed) and its
@@ -25,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
+
+from convd.protocol import read_priority
 
 __all__ = ["Candidate", "Intake", "Writer", "has_writer", "writer_state"]
 
@@ -106,15 +115,19 @@ class Candidate:
     mtime_ns: int = -1
     still_since: float = 0.0
     in_place: bool = False  # written where it lies: settle applies
+    priority: bool = False  # its producer marked it (.convd-priority.NAME)
 
 
 class Intake:
-    def __init__(self, incoming: Path, settle: float, *, shared: bool = False) -> None:
-        """``shared``: ``incoming/`` is on a filesystem other hosts write to (see the module docstring)."""
+    def __init__(self, incoming: Path, settle: float, *, shared: bool = False, burst: int = 4) -> None:
+        """``shared``: ``incoming/`` is on a filesystem other hosts write to (see the module docstring);
+        ``burst``: marked names taken in a row before a waiting unmarked one."""
         self.incoming = incoming
         self.settle = settle
         self.shared = shared
+        self.burst = burst
         self.pending: dict[str, Candidate] = {}
+        self.streak = 0  # marked names taken in a row
 
     def __len__(self) -> int:
         return len(self.pending)
@@ -125,6 +138,8 @@ class Intake:
         c = self.pending.get(name)
         if c is None:
             c = self.pending[name] = Candidate(name=name, seen=now, still_since=now)
+            # The producer writes the mark before renaming NAME in.
+            c.priority = read_priority(self.incoming, name) == "high"
             # watchfiles reports a rename into incoming/ and a file created in
             # place alike ("added"); without inotify's word, timestamps decide.
             c.in_place = (not renamed) if renamed is not None else self._looks_in_place(name)
@@ -135,6 +150,28 @@ class Intake:
 
     def forget(self, name: str) -> None:
         self.pending.pop(name, None)
+
+    def taken(self, name: str) -> None:
+        """Note that ``name`` was claimed (before ``forget``): counts marked names in a row."""
+        c = self.pending.get(name)
+        self.streak = self.streak + 1 if c is not None and c.priority else 0
+
+    def _order(self) -> list[Candidate]:
+        """Pending names in the order they are offered (the module docstring's rule)."""
+        marked = [c for c in self.pending.values() if c.priority]
+        if not marked:
+            return list(self.pending.values())
+        bulk = [c for c in self.pending.values() if not c.priority]
+        out: list[Candidate] = []
+        run = self.streak
+        while marked or bulk:
+            if marked and (run < self.burst or not bulk):
+                out.append(marked.pop(0))
+                run += 1
+            else:
+                out.append(bulk.pop(0))
+                run = 0
+        return out
 
     def defer(self, name: str) -> None:
         """Send a name that cannot be claimed yet to the back of the line."""
@@ -165,7 +202,8 @@ class Intake:
         now = time.monotonic()
         out: list[str] = []
         wait: float | None = None
-        for name, c in list(self.pending.items()):
+        for c in self._order():
+            name = c.name
             if len(out) >= limit:
                 break
             path = self.incoming / name

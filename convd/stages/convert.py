@@ -11,6 +11,9 @@ from convd import qemu
 from convd.errors import UnsafeImage
 from convd.pipeline.item import Item, Stage
 
+# Stages of an item that will convert soon: they count when the budget is split.
+_CONVERTING_SOON = frozenset({Stage.UNPACK, Stage.DETECT, Stage.RESERVE, Stage.CONVERT})
+
 if TYPE_CHECKING:
     from convd.pipeline.context import Context
 
@@ -40,12 +43,16 @@ async def convert(item: Item, ctx: Context) -> Stage:
         # against 0.60-0.70 s for 2 GiB qcow2 -> raw) and hashed from it.
         args = qemu.convert_args(src_fmt, item.target_format, cfg.qemu_args_for(item.inspection.format),
                                  direct_io=ctx.direct_io and not cfg.checksum.algorithms)
+        args += qemu.layout_args(item.target_format, cfg.target)
+        soon = sum(1 for i in ctx.items.values() if i.stage in _CONVERTING_SOON and not i.passthrough)
         try:
-            await qemu.convert(
-                str(item.claim.source), src_fmt, str(item.claim.output), item.target_format,
-                extra_args=args, timeout=cfg.convert.timeout, on_progress=progress, on_start=started,
-                name=item.label,
-            )
+            # [convert] rate_limit: this child's share, as -r (convd.bandwidth).
+            async with ctx.bandwidth.share(expected=min(soon, cfg.convert.max_workers)) as rate:
+                await qemu.convert(
+                    str(item.claim.source), src_fmt, str(item.claim.output), item.target_format,
+                    extra_args=[*args, "-r", str(rate)] if rate else args, timeout=cfg.convert.timeout,
+                    on_progress=progress, on_start=started, name=item.label,
+                )
         finally:
             item.proc = None
             item.timings["convert"] += time.monotonic() - t0

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from convd import record
+from convd.bandwidth import Throttle
 from convd.checksum import digest_file
 from convd.errors import ConvertFailed, CorruptImage, NameConflict, UnsafeImage
 from convd.inspection import RAW_FAMILY, inspect_fd
@@ -49,7 +50,7 @@ def _vet_output(fd: int, target: str, stop: threading.Event) -> int:
     return insp.virtual_size
 
 
-def _finish_output(path: str, item: Item, ctx: Context) -> dict[str, Any]:
+def _finish_output(path: str, item: Item, ctx: Context, throttle: Throttle) -> dict[str, Any]:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     sync_error: list[OSError] = []
 
@@ -81,7 +82,11 @@ def _finish_output(path: str, item: Item, ctx: Context) -> dict[str, Any]:
                                     f"the source's {item.inspection.virtual_size}: the conversion changed "
                                     "the disk")
         t0 = time.monotonic()
-        sums = digest_file(fd, item.cfg.checksum.algorithms, ctx.count_hashed, ctx.stop)
+        def hashed(n: int) -> None:
+            ctx.count_hashed(n)
+            throttle.spend(n)  # [convert] rate_limit
+
+        sums = digest_file(fd, item.cfg.checksum.algorithms, hashed, ctx.stop)
         item.timings["hash"] = time.monotonic() - t0
         if item.source_changed():  # after the checksum: a passthrough's sums cover these bytes
             raise UnsafeImage("the source changed after its safety checks")
@@ -90,7 +95,10 @@ def _finish_output(path: str, item: Item, ctx: Context) -> dict[str, Any]:
         os.close(fd)
     if sync_error:
         raise sync_error[0]
-    return {"format": item.target_format, "size": size, "virtual_size": vsize, "checksums": sums}
+    out = {"format": item.target_format, "size": size, "virtual_size": vsize, "checksums": sums}
+    if not item.passthrough:
+        out["layout"] = item.cfg.target.layout(item.target_format)  # what [target.FMT] made
+    return out
 
 
 async def publish(item: Item, ctx: Context) -> Stage:
@@ -101,7 +109,8 @@ async def publish(item: Item, ctx: Context) -> Stage:
         raise NameConflict(f"{taken} already exists")
     payload = claim.source_payload if item.passthrough else OUTPUT
     path = claim.source if item.passthrough else claim.output
-    target = await anyio.to_thread.run_sync(_finish_output, str(path), item, ctx)
+    async with ctx.bandwidth.share() as rate:
+        target = await anyio.to_thread.run_sync(_finish_output, str(path), item, ctx, Throttle(rate, ctx.stop))
     item.timings["publish"] += time.monotonic() - t0
     status = "passthrough" if item.passthrough else "converted"
     rec = record.build(item, status, target=target)

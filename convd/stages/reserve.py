@@ -5,14 +5,18 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+import structlog
+
 from convd import qemu
-from convd.errors import TooLarge
+from convd.errors import TooLarge, UnsupportedFormat
 from convd.pipeline.item import Item, Stage
 
 if TYPE_CHECKING:
     from convd.pipeline.context import Context
 
 __all__ = ["MARGIN_BYTES", "estimate", "reserve"]
+
+log = structlog.get_logger("convd.reserve")
 
 # Added to every estimate: a filesystem's metadata for the file, rounding.
 MARGIN_BYTES = 1 << 20
@@ -42,19 +46,38 @@ def _metadata_bound(vsize: int, data: int) -> int:
 
 
 async def estimate(item: Item, ctx: Context) -> int:
+    """Bytes the output will take on disk, as its ``[target.FMT]`` layout writes it.
+
+    A preallocated raw (``falloc``, ``full``) and a fixed VHD take their
+    whole virtual size (plus the VHD's 512-byte footer); a qcow2 is measured
+    by ``qemu-img measure`` with the same creation options (a compressed one
+    as if uncompressed: an upper bound); the rest by their data.
+    """
     assert item.inspection is not None
     insp, target = item.inspection, item.target_format
+    layout = item.cfg.target
     path = str(item.claim.source)
     vsize = insp.virtual_size
-    # An upper bound for any target: every guest byte, plus generous metadata.
+    # An upper bound for any target: every guest byte, plus generous metadata
+    # (qcow2: an 8-byte L2 entry and a 2-byte refcount per cluster, doubled,
+    # for the small clusters [target.qcow2] cluster_size may ask for).
     bound = vsize if target == "raw" else vsize + vsize // 64 + (1 << 20)
-    if vsize <= CHEAP_BOUND or 2 * bound <= ctx.ledger.available():
+    if target == "qcow2":
+        bound = max(bound, vsize + vsize * 20 // layout.qcow2.cluster_size + (1 << 20))
+    preallocated = ((target == "raw" and layout.raw.preallocation != "off")
+                    or (target == "vpc" and layout.vpc.subformat == "fixed"))
+    if preallocated:
+        # Every block is allocated (falloc, full) or may be written (a fixed
+        # VHD is the raw disk and its footer): the whole disk.
+        need = vsize + (512 if target == "vpc" else 0)
+    elif vsize <= CHEAP_BOUND or 2 * bound <= ctx.ledger.available():
         need = bound
     elif target == "raw":
         need = await qemu.data_bytes(path, insp.qemu_format, ctx.block_size,
                                      limits=item.cfg.detect, name=item.label) if ctx.sparse else vsize
     elif target == "qcow2":  # the only other target qemu-img 7.2 can measure
-        need = await qemu.measure(path, insp.qemu_format, target, limits=item.cfg.detect, name=item.label)
+        need = await qemu.measure(path, insp.qemu_format, target, limits=item.cfg.detect, name=item.label,
+                                  options=qemu.layout_args(target, layout, compress=False))
     elif any(a.startswith("-S") for a in item.cfg.qemu_args_for(insp.format) or ()):
         need = bound  # an operator's -S changes which zeros qemu-img writes: no data-based estimate
     else:
@@ -68,9 +91,23 @@ async def estimate(item: Item, ctx: Context) -> int:
 
 
 async def reserve(item: Item, ctx: Context) -> Stage:
+    assert item.inspection is not None
+    if item.passthrough and not item.cfg.target.is_default(item.target_format):
+        # The source is already this format, but not in the layout asked for
+        # ([target.FMT]): it is converted like any other.
+        item.passthrough = False
     if item.passthrough:
         return Stage.PUBLISH  # published by rename: no byte is written
+    multiple = item.cfg.target.vpc.size_multiple
+    vsize = item.inspection.virtual_size
+    if item.target_format == "vpc" and multiple and vsize % multiple:
+        raise UnsupportedFormat(
+            f"its virtual size ({vsize} bytes) is not a whole multiple of {multiple} bytes, "
+            "which the vpc target requires ([target.vpc] size_multiple)"
+        )
     item.estimate = await estimate(item, ctx)
+    log.debug("estimated", bytes=item.estimate, target_format=item.target_format,
+              layout=item.cfg.target.layout(item.target_format))
     if not ctx.ledger.could_ever_fit(item.estimate):
         raise TooLarge(
             f"the {item.target_format} output needs about {item.estimate} bytes; the workspace "

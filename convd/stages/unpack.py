@@ -13,6 +13,7 @@ import anyio.from_thread
 import structlog
 
 from convd import containers, custody
+from convd.bandwidth import Throttle
 from convd.config import format_size
 from convd.errors import Cancelled, ItemError, Stopped, TooLarge, TransientError, UnsupportedFormat
 from convd.inspection import open_regular
@@ -118,7 +119,13 @@ async def unpack(item: Item, ctx: Context) -> Stage:
                                          f"(past {format_size(total)})")
                 time.sleep(_GROW_POLL)
 
+        read = 0
+
         def progress(frac: float) -> None:  # from the unpacking thread, once a chunk
+            nonlocal read
+            done = int(frac * plan.size)
+            throttle.spend(done - read)  # [convert] rate_limit, on the bytes read
+            read = max(read, done)
             if item.withdrawn is not None:
                 # Cancelled (convd cancel): the thread stops here, the
                 # partial disk is removed and the dropped bytes go to failed/.
@@ -127,8 +134,10 @@ async def unpack(item: Item, ctx: Context) -> Stage:
 
         budget = containers.Budget(cap=cap, reserved=first, grow=grow)
         item.progress = 0.0
-        result = await anyio.to_thread.run_sync(functools.partial(
-            containers.unpack, fd, plan, str(dest), budget, stop=ctx.stop, on_progress=progress))
+        async with ctx.bandwidth.share() as rate:
+            throttle = Throttle(rate, ctx.stop)
+            result = await anyio.to_thread.run_sync(functools.partial(
+                containers.unpack, fd, plan, str(dest), budget, stop=ctx.stop, on_progress=progress))
     finally:
         os.close(fd)
         item.timings["unpack"] = item.timings.get("unpack", 0.0) + time.monotonic() - t0
