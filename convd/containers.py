@@ -223,11 +223,20 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
+_XZ_INDEX_MAX = 4 << 20  # an index of ~500k blocks: a TiB in 2 MiB blocks
+_XZ_STREAMS_MAX = 64  # concatenated streams looked through (`cat a.xz b.xz` makes two)
+
+
 def _xz_size(fd: int, size: int) -> int | None:
     """Uncompressed bytes of every stream in an xz file, from their indexes (xz file format 1.1, 4-6)."""
-    total, pos = 0, size
+    total, pos, streams = 0, size, 0
     try:
         while pos > 0:
+            # Bounded work: a hostile file of many streams or a huge index
+            # is simply not sized (decoded as is, under the unpack budget).
+            streams += 1
+            if streams > _XZ_STREAMS_MAX:
+                return None
             # Stream padding: zero bytes in fours.  Only a little is looked
             # through; a file ending in more is not sized (and decoded as is).
             tail = os.pread(fd, min(pos, 64 << 10), pos - min(pos, 64 << 10))
@@ -242,12 +251,14 @@ def _xz_size(fd: int, size: int) -> int | None:
                 return None
             backward = (int.from_bytes(footer[4:8], "little") + 1) * 4
             index_at = pos - 12 - backward
-            if backward > 64 << 20 or index_at < 12:
+            if backward > _XZ_INDEX_MAX or index_at < 12:
                 return None
             index = os.pread(fd, backward, index_at)
-            if index[0] != 0:
+            if not index or index[0] != 0:
                 return None
             records, p = _varint(index, 1)
+            if records > len(index) // 2:  # each record takes two bytes at least
+                return None
             blocks = 0
             for _ in range(records):
                 unpadded, p = _varint(index, p)
@@ -769,10 +780,55 @@ def _from_archive(fileobj: Any, seekable: bool, p: Plan, out: int, budget: Budge
     return Unpacked(kinds=kinds, size=size, member=taken)
 
 
+# tarfile reads a GNU long-name or PAX header whole into memory, as large as the
+# header states (a 99 KB .tar.zst can state 3 GiB): capped before it is read.
+_EXT_HEADER_MAX = 64 << 10  # one such header (a path is at most 4096 bytes)
+_EXT_TOTAL_MAX = 1 << 20  # all of them in one archive
+_EXT_CHAIN_MAX = 16  # such headers in a row before a member's own (tarfile recurses on each)
+_MEMBERS_MAX = 10_000  # members of one archive (tarfile keeps every header it read)
+
+
 class _Header(tarfile.TarInfo):
     """A tar header that remembers why reading stopped: tarfile ends its member list
     quietly at end of file, at half a header and at a bad one, as at the end-of-archive
-    blocks; only the last is a whole archive."""
+    blocks; only the last is a whole archive.  Extension headers (GNU long names, PAX)
+    are bounded before tarfile reads them, and GNU sparse members refused (their maps
+    are read without bound)."""
+
+    def _bound_extension(self, tf: tarfile.TarFile) -> None:
+        what = "GNU long-name" if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK) else "PAX"
+        if self.size > _EXT_HEADER_MAX:
+            raise CorruptImage(f"a tar {what} header at byte {self.offset} states {self.size} bytes; convd "
+                               f"reads such headers up to {_EXT_HEADER_MAX // 1024} KiB", detected=_TAR)
+        total = getattr(tf, "convd_ext_bytes", 0) + self.size
+        chain = getattr(tf, "convd_ext_chain", 0) + 1
+        if total > _EXT_TOTAL_MAX:
+            raise CorruptImage(f"the archive's long-name and PAX headers add up to more than "
+                               f"{_EXT_TOTAL_MAX >> 20} MiB (at byte {self.offset})", detected=_TAR)
+        if chain > _EXT_CHAIN_MAX:
+            raise CorruptImage(f"more than {_EXT_CHAIN_MAX} tar extension headers in a row at byte "
+                               f"{self.offset}", detected=_TAR)
+        tf.convd_ext_bytes, tf.convd_ext_chain = total, chain  # type: ignore[attr-defined]  # our own tally
+
+    def _proc_gnulong(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        self._bound_extension(tarfile_)
+        return super()._proc_gnulong(tarfile_)  # type: ignore[misc]  # tarfile's private hook
+
+    def _proc_pax(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        self._bound_extension(tarfile_)
+        return super()._proc_pax(tarfile_)  # type: ignore[misc]  # tarfile's private hook
+
+    def _proc_builtin(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        tarfile_.convd_ext_chain = 0  # type: ignore[attr-defined]  # a member's own header ends a chain
+        return super()._proc_builtin(tarfile_)  # type: ignore[misc]  # tarfile's private hook
+
+    def _proc_sparse(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        raise UnsupportedFormat(f"tar member {self.name!r} is a GNU sparse file; convd unpacks plain members",
+                                detected=_TAR)
+
+    def _proc_gnusparse_10(self, *_args: Any) -> None:
+        raise UnsupportedFormat(f"tar member {self.name!r} is a GNU sparse file; convd unpacks plain members",
+                                detected=_TAR)
 
     @classmethod
     def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
@@ -786,9 +842,14 @@ class _Header(tarfile.TarInfo):
 def _members(tf: tarfile.TarFile, what: str) -> Iterator[tarfile.TarInfo]:
     """The members of ``tf`` (opened with ``tarinfo=_Header``), then a check that the archive
     ended with its end-of-archive block. Raises ``CorruptImage`` for a cut or damaged one."""
+    count = 0
     while True:
         member = tf.next()
         if member is not None:
+            count += 1
+            if count > _MEMBERS_MAX:
+                raise UnsupportedFormat(f"{what} has more than {_MEMBERS_MAX} members; convd unpacks "
+                                        "archives of a few files", detected=_TAR)
             yield member
             continue
         end = getattr(tf, "convd_end", None)

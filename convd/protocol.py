@@ -29,10 +29,12 @@ import ctypes
 import ctypes.util
 import errno
 import json
+import math
 import os
 import secrets
 import select
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,7 +45,11 @@ from convd import cluster, durable
 
 __all__ = [
     "CANCEL_PREFIX",
+    "EXPECT_PREFIX",
+    "SET_ASIDE_PREFIX",
+    "SIDECAR_MAX",
     "CancelRequest",
+    "SidecarError",
     "DirWatch",
     "SpoolPaths",
     "clear_cancel_request",
@@ -52,11 +58,18 @@ __all__ = [
     "hand_in",
     "is_cancel_request",
     "item_progress",
+    "parse_sidecar",
+    "read_cancel_request",
     "read_cancel_requests",
+    "read_sidecar",
     "request_cancel",
+    "set_aside",
 ]
 
 CANCEL_PREFIX = ".convd-cancel."
+EXPECT_PREFIX = ".convd-expect."
+# Where a sidecar convd will not act on goes when it cannot be removed (a directory).
+SET_ASIDE_PREFIX = ".convd-set-aside."
 _IGNORED_SUFFIXES = (".part", ".tmp")
 
 
@@ -182,6 +195,98 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
+# -- sidecars: bounded, link-free reading ---------------------------------------
+
+SIDECAR_MAX = 4096  # bytes a sidecar may have; a request or an expectation is far smaller
+SIDECAR_DEPTH = 4  # nesting a sidecar's JSON may have ({"a": {"b": […]}} is 3)
+REASON_MAX = 500
+
+
+class SidecarError(ValueError):
+    """A sidecar (cancel request, expectation) that convd will not act on; the message says why."""
+
+
+def read_sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON object in the sidecar at ``path``, read without following a link or blocking.
+
+    Opened with ``O_NOFOLLOW | O_NONBLOCK`` (a symlink, a FIFO or a device
+    never makes convd wait or read without end), it must be a regular file
+    of at most ``SIDECAR_MAX`` bytes holding one JSON object nested at most
+    ``SIDECAR_DEPTH`` deep.  Raises ``FileNotFoundError`` when it is gone and
+    ``SidecarError`` (the reason, in a producer's words) for anything else.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SidecarError("it is a symbolic link") from None
+        raise SidecarError(f"it cannot be opened: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SidecarError("it is not a regular file (a directory, FIFO, socket or device)")
+        if st.st_size > SIDECAR_MAX:
+            raise SidecarError(f"it is {st.st_size} bytes; a sidecar has at most {SIDECAR_MAX}")
+        try:
+            data = os.read(fd, SIDECAR_MAX + 1)
+        except OSError as exc:
+            raise SidecarError(f"it cannot be read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > SIDECAR_MAX:
+        raise SidecarError(f"it holds more than {SIDECAR_MAX} bytes")
+    return parse_sidecar(data)
+
+
+def _depth(text: str) -> int:
+    """Deepest nesting of ``[``/``{`` outside strings (json would recurse that deep)."""
+    depth = most = 0
+    in_str = escaped = False
+    for ch in text:
+        if in_str:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            most = max(most, depth)
+        elif ch in "]}":
+            depth -= 1
+    return most
+
+
+def parse_sidecar(data: bytes) -> dict[str, Any]:
+    """A sidecar's bytes as a JSON object (UTF-8, bounded depth); raises ``SidecarError``."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SidecarError("it is not UTF-8 text") from None
+    if _depth(text) > SIDECAR_DEPTH:
+        raise SidecarError(f"its JSON is nested more than {SIDECAR_DEPTH} deep")
+    try:
+        obj = json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        raise SidecarError(f"it is not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise SidecarError("it is not a JSON object")
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _printable(text: str) -> str:
+    return "".join(ch if ch.isprintable() else " " for ch in text)
+
+
 # -- cancel requests -------------------------------------------------------
 
 
@@ -190,7 +295,7 @@ class CancelRequest:
     name: str
     inode: int | None
     reason: str
-    requested_at: float
+    requested_at: float  # as the producer stated it: informational, never trusted for expiry
 
     def matches(self, inode: int | None) -> bool:
         """Whether this request is for the bytes with ``inode`` (any, if it names none)."""
@@ -205,7 +310,7 @@ def is_cancel_request(filename: str) -> bool:
 def request_cancel(paths: SpoolPaths, name: str, *, inode: int | None, reason: str = "") -> Path:
     """Ask, through the spool, that ``NAME`` be cancelled (replaces an earlier request)."""
     path = paths.incoming / f"{CANCEL_PREFIX}{name}"
-    body = {"name": name, "inode": inode, "reason": reason[:500], "requested_at": time.time()}
+    body = {"name": name, "inode": inode, "reason": reason[:REASON_MAX], "requested_at": time.time()}
     tmp = paths.incoming / f".convd-cancel-{secrets.token_hex(6)}.tmp"
     durable.write_json(tmp, body)
     try:
@@ -217,6 +322,32 @@ def request_cancel(paths: SpoolPaths, name: str, *, inode: int | None, reason: s
     return path
 
 
+def read_cancel_request(path: str | os.PathLike[str], name: str) -> CancelRequest:
+    """The cancel request for ``NAME`` at ``path``, validated field by field.
+
+    Fields: ``name`` (optional; if given, ``NAME``), ``inode`` (a non-negative
+    integer or null), ``reason`` (text, at most ``REASON_MAX`` characters),
+    ``requested_at`` (a number, informational).  Unknown fields are ignored.
+    Raises ``FileNotFoundError`` or ``SidecarError`` as :func:`read_sidecar`.
+    """
+    body = read_sidecar(path)
+    stated = body.get("name", name)
+    if stated != name:
+        raise SidecarError(f'its "name" ({_printable(str(stated))[:80]!r}) is not the name in the file name')
+    inode = body.get("inode")
+    if inode is not None and (isinstance(inode, bool) or not isinstance(inode, int) or inode < 0):
+        raise SidecarError('its "inode" is not a non-negative integer or null')
+    reason = body.get("reason") or ""
+    if not isinstance(reason, str):
+        raise SidecarError('its "reason" is not text')
+    if len(reason) > REASON_MAX:
+        raise SidecarError(f'its "reason" is longer than {REASON_MAX} characters')
+    at = body.get("requested_at") or 0.0
+    if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at):
+        raise SidecarError('its "requested_at" is not a number')
+    return CancelRequest(name=name, inode=inode, reason=_printable(reason), requested_at=float(at))
+
+
 def read_cancel_requests(paths: SpoolPaths) -> Iterator[CancelRequest]:
     """Every well-formed cancel request in ``incoming/`` (a malformed one is removed)."""
     try:
@@ -226,22 +357,33 @@ def read_cancel_requests(paths: SpoolPaths) -> Iterator[CancelRequest]:
     for filename in names:
         if not is_cancel_request(filename):
             continue
-        req = _parse_request(paths.incoming / filename, filename[len(CANCEL_PREFIX):])
-        if req is not None:
-            yield req
+        path = paths.incoming / filename
+        try:
+            yield read_cancel_request(path, filename[len(CANCEL_PREFIX):])
+        except FileNotFoundError:
+            continue
+        except SidecarError:
+            set_aside(path)
 
 
-def _parse_request(path: Path, name: str) -> CancelRequest | None:
-    body = _read_json(path)
-    if body is None:
-        if path.exists():
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        return None
-    inode = body.get("inode")
-    return CancelRequest(name=name, inode=inode if isinstance(inode, int) else None,
-                         reason=str(body.get("reason") or ""),
-                         requested_at=float(body.get("requested_at") or 0.0))
+def set_aside(path: str | os.PathLike[str]) -> bool:
+    """Take a sidecar convd will not act on out of the way: removed, or (a directory)
+    renamed to a dot-name nothing reads.  False when neither was allowed."""
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError:
+        pass
+    p = Path(path)
+    try:
+        os.rename(p, p.with_name(f"{SET_ASIDE_PREFIX}{secrets.token_hex(6)}"))
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
 
 
 def clear_cancel_request(paths: SpoolPaths, name: str) -> None:

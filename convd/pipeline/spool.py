@@ -67,8 +67,11 @@ STALE_TEMP_AGE = 3600.0
 # probe takes milliseconds; adopting many items on a slow filesystem, longer).
 ADOPT_WAIT = 60.0
 
-# NAME.json and failed/NAME.N.json must fit in NAME_MAX (255 bytes).
-MAX_NAME_BYTES = 255 - len(".json") - len(".999")
+# NAME.json and failed/NAME.N.json (N up to 8 digits) must fit in NAME_MAX (255 bytes).
+FAILED_NUMBER_MAX = 99_999_999
+MAX_NAME_BYTES = 255 - len(".json") - len(f".{FAILED_NUMBER_MAX}")  # 241
+# Names whose next free number in failed/ is remembered (so numbering is O(1) when warm).
+_FAILED_NEXT_KEPT = 4096
 
 
 def is_candidate_name(name: str) -> bool:
@@ -143,6 +146,7 @@ class Spool:
         # directory of a claim being made.
         self._claims_guard = threading.Lock()
         self._unrecovered: list[str] = []  # adopted, but not yet readable (take_over retries them)
+        self._failed_next: dict[str, int] = {}  # NAME -> the number to try next in failed/
 
     # -- start-up --------------------------------------------------------
 
@@ -439,13 +443,36 @@ class Spool:
 
     # -- handoff ----------------------------------------------------------
 
+    def _failed_free(self, candidate: str) -> bool:
+        return not (os.path.lexists(self.failed / candidate) or os.path.lexists(self.failed / f"{candidate}.json"))
+
     def free_failed_name(self, name: str) -> str:
-        """``failed/`` never overwrites: NAME, else NAME.1, NAME.2, …"""
-        candidate, n = name, 0
-        while os.path.lexists(self.failed / candidate) or os.path.lexists(self.failed / f"{candidate}.json"):
-            n += 1
-            candidate = f"{name}.{n}"
-        return candidate
+        """``failed/`` never overwrites: NAME, else NAME.1, NAME.2, … (N at most ``FAILED_NUMBER_MAX``).
+
+        The next number is remembered per name, and found afresh by doubling
+        then halving (a few ``lstat`` calls, not one per earlier reject), so
+        the thousandth reject of a name costs what the second did.
+        """
+        if self._failed_free(name):
+            return name
+        n = self._failed_next.pop(name, None)
+        if n is None:
+            lo, hi = 0, 1  # NAME.lo is taken (or lo is 0), NAME.hi to be seen
+            while hi < FAILED_NUMBER_MAX and not self._failed_free(f"{name}.{hi}"):
+                lo, hi = hi, min(hi * 2, FAILED_NUMBER_MAX)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if self._failed_free(f"{name}.{mid}"):
+                    hi = mid
+                else:
+                    lo = mid
+            n = hi
+        while n < FAILED_NUMBER_MAX and not self._failed_free(f"{name}.{n}"):
+            n += 1  # taken since (another instance): the next one
+        if len(self._failed_next) >= _FAILED_NEXT_KEPT:
+            del self._failed_next[next(iter(self._failed_next))]
+        self._failed_next[name] = n + 1
+        return f"{name}.{n}"
 
     def output_taken(self, name: str) -> str | None:
         """Which of ``outgoing/NAME`` and its record already exists (for the message), else None."""
