@@ -20,6 +20,13 @@ whatever item of that name is in flight.  Whichever daemon holds the item
 (or, with none running, ``convd cancel`` itself) moves it to ``failed/`` with
 code ``cancelled`` and removes the request; a request for an item already
 published, or for no item at all, is removed and changes nothing.
+
+Expectations (contract section 8): ``incoming/.convd-expect.NAME``, written
+before ``NAME`` is renamed in, states what the producer dropped
+(``{"size": 123, "sha256": "…"}``); convd takes it with the item at claim.
+
+Every sidecar is the producer's file: convd reads it with :func:`read_sidecar`
+(no link followed, never blocking, a few KiB at most, bounded JSON).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import hashlib
 import json
 import math
 import os
@@ -35,6 +43,7 @@ import secrets
 import select
 import shutil
 import stat
+import string
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -54,6 +63,7 @@ __all__ = [
     "SpoolPaths",
     "clear_cancel_request",
     "daemons_running",
+    "expectation",
     "find_record",
     "hand_in",
     "is_cancel_request",
@@ -64,6 +74,7 @@ __all__ = [
     "read_sidecar",
     "request_cancel",
     "set_aside",
+    "write_expectation",
 ]
 
 CANCEL_PREFIX = ".convd-cancel."
@@ -91,8 +102,13 @@ class SpoolPaths:
 # -- hand-in -------------------------------------------------------------
 
 
-def hand_in(src: str | os.PathLike[str], paths: SpoolPaths, name: str) -> int:
+def hand_in(src: str | os.PathLike[str], paths: SpoolPaths, name: str, *,
+            expect: dict[str, int | str] | None = None) -> int:
     """Put ``src`` into ``incoming/NAME``: a rename on the same filesystem, else a copy.
+
+    ``expect`` (contract section 8: ``{"size": bytes, "sha256": hex, …}``) is
+    written as ``incoming/.convd-expect.NAME`` first, so convd checks the
+    bytes it takes against it; it is removed again if the hand-in fails.
 
     Either way the bytes pass through ``incoming/.NAME.part`` (fsynced, made
     group-readable with the spool's group) and reach ``NAME`` by a rename
@@ -101,6 +117,7 @@ def hand_in(src: str | os.PathLike[str], paths: SpoolPaths, name: str) -> int:
     Raises ``FileExistsError`` if ``incoming/NAME`` is already there.
     """
     part = paths.incoming / f".{name}.part"
+    expect_path = write_expectation(paths, name, expect) if expect else None
     renamed = True
     try:
         os.rename(src, part)
@@ -129,6 +146,9 @@ def hand_in(src: str | os.PathLike[str], paths: SpoolPaths, name: str) -> int:
                 os.rename(part, src)  # the caller's file stays where it was
             else:
                 os.unlink(part)
+        if expect_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(expect_path)
         raise
     if not renamed:
         os.unlink(src)
@@ -384,6 +404,56 @@ def set_aside(path: str | os.PathLike[str]) -> bool:
         return True
     except OSError:
         return False
+
+
+# -- expectations (contract section 8) --------------------------------------------
+
+
+def expectation(body: dict[str, Any]) -> dict[str, int | str]:
+    """A producer's expectation, validated field by field: ``{"size": bytes, ALGO: hex, …}``.
+
+    ``size`` is a non-negative integer; every other key must be a hashlib
+    algorithm of fixed digest length (``sha256``, ``sha512``, ``sha1``, ``md5``, …)
+    with a hex digest of that length (case is ignored).  Raises ``SidecarError``.
+    """
+    out: dict[str, int | str] = {}
+    for key, value in body.items():
+        if key == "size":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise SidecarError('its "size" is not a non-negative integer (bytes)')
+            out["size"] = value
+            continue
+        algo = key.lower() if isinstance(key, str) else ""
+        try:
+            length = hashlib.new(algo).digest_size * 2 if algo in hashlib.algorithms_available else 0
+        except (ValueError, TypeError):
+            length = 0
+        if not length or algo.startswith("shake"):
+            raise SidecarError(f"it states {_printable(key)[:40]!r}, which is neither \"size\" nor a "
+                               "hashlib digest name")
+        if not isinstance(value, str) or len(value) != length or any(c not in string.hexdigits for c in value):
+            raise SidecarError(f'its "{algo}" is not a hex digest of {length} characters')
+        out[algo] = value.lower()
+    if not out:
+        raise SidecarError('it states nothing ("size" or a digest)')
+    return out
+
+
+def write_expectation(paths: SpoolPaths, name: str, expect: dict[str, int | str]) -> Path:
+    """Write ``incoming/.convd-expect.NAME`` (through a dot-temp and a rename), before
+    ``NAME`` itself is renamed in; it replaces an earlier one."""
+    path = paths.incoming / f"{EXPECT_PREFIX}{name}"
+    tmp = paths.incoming / f".convd-expect-{secrets.token_hex(6)}.tmp"
+    durable.write_json(tmp, dict(expect))
+    try:
+        with contextlib.suppress(OSError):
+            os.chmod(tmp, 0o640)  # the daemon reads it through the spool's group
+        durable.move(tmp, path, replace=True)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def clear_cancel_request(paths: SpoolPaths, name: str) -> None:

@@ -40,7 +40,7 @@ from typing import Any
 
 import structlog
 
-from convd import durable
+from convd import durable, protocol
 from convd.cluster import ADOPT, LOCK, instance_lock_state, try_flock
 from convd.config import SpoolConfig
 from convd.errors import ConfigError
@@ -59,6 +59,9 @@ log = structlog.get_logger("convd.spool")
 
 IGNORED_SUFFIXES = (".part", ".tmp")
 SOURCE, OUTPUT, ITEM, RECORD = "source", "output", "item.json", "record.json"
+# The producer's expectation (contract section 8) as convd read it at claim:
+# {"expect": {...}} or {"unreadable": "why"}; written by convd, never the producer's file.
+EXPECT = "expect.json"
 UNPACKED = "unpacked"
 # Another instance's temp in outgoing/ or failed/ older than this is abandoned.
 STALE_TEMP_AGE = 3600.0
@@ -399,6 +402,21 @@ class Spool:
                 out[claim.name] = exc
         return out
 
+    def _take_expectation(self, name: str, d: Path) -> Path | None:
+        """Read ``incoming/.convd-expect.NAME`` into ``d/expect.json``; its path in
+        ``incoming/`` (to remove once the claim is won), or None when there is none."""
+        path = self.incoming / f"{protocol.EXPECT_PREFIX}{name}"
+        if not os.path.lexists(path):
+            return None
+        try:
+            state: dict[str, Any] = {"expect": protocol.expectation(protocol.read_sidecar(path))}
+        except FileNotFoundError:
+            return None
+        except protocol.SidecarError as exc:
+            state = {"unreadable": str(exc)}
+        durable.write_json(d / EXPECT, state, sync=False, compact=True)
+        return path
+
     def _claim(self, name: str) -> Claim | None | OSError:
         d = self.claims / name
         try:
@@ -406,17 +424,24 @@ class Spool:
         except OSError as exc:
             return exc
         try:
+            expect = self._take_expectation(name, d)
+        except OSError as exc:
+            os.rmdir(d)
+            return exc
+        try:
             # A plain rename: d was just made by us, so nothing can be at
             # d/source, and rename(2) is atomic on every filesystem (NFS too,
             # where renameat2 flags are not), so exactly one claimer wins.
             durable.move(self.incoming / name, d / SOURCE, replace=True, sync=False)
         except FileNotFoundError:
-            os.rmdir(d)
+            _unclaim(d)
             log.debug("claim lost the race", item=name)
             return None
         except OSError as exc:
-            os.rmdir(d)
+            _unclaim(d)
             return exc
+        if expect is not None:
+            protocol.set_aside(expect)  # taken with the item: removed (a directory, renamed away)
         return Claim(name=name, dir=d)
 
     # -- per-item state ---------------------------------------------------
@@ -563,9 +588,18 @@ class Spool:
         handoff; were it gone first, a surviving ``source`` would be converted
         a second time.
         """
-        for name in (SOURCE, UNPACKED, OUTPUT, ITEM, RECORD):
+        for name in (SOURCE, UNPACKED, OUTPUT, EXPECT, ITEM, RECORD):
             try:
                 os.unlink(claim.dir / name)
             except FileNotFoundError:
                 pass
         durable.remove_tree(claim.dir)
+
+
+def _unclaim(d: Path) -> None:
+    """Undo a claim directory that got no source (its expectation copy, then itself)."""
+    try:
+        os.unlink(d / EXPECT)
+    except FileNotFoundError:
+        pass
+    os.rmdir(d)

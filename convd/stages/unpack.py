@@ -17,6 +17,7 @@ from convd.errors import Cancelled, ItemError, Stopped, TooLarge, TransientError
 from convd.inspection import open_regular
 from convd.pipeline.item import Item, Stage
 from convd.pipeline.spool import UNPACKED
+from convd.stages.verify import verify
 
 if TYPE_CHECKING:
     from convd.pipeline.context import Context
@@ -43,6 +44,7 @@ def unpack_limit(max_virtual_size: int) -> int:
 
 async def unpack(item: Item, ctx: Context) -> Stage:
     claim, cfg = item.claim, item.cfg
+    await verify(item, ctx)  # the producer's expectation, before anything is unpacked or converted
     dest = claim.dir / UNPACKED
     claim.unpacked = None
 
