@@ -4,6 +4,7 @@ with the daemon's memory (RSS, from /proc) sampled while it reads it."""
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import io
 import lzma
@@ -18,6 +19,8 @@ from pathlib import Path
 import pytest
 import zstandard
 from conftest import MiB, Daemon, Spool, make_image, wait_for, write_config
+
+from convd import protocol
 
 # What the daemon may hold while it reads one hostile upload: its own
 # interpreter (~60 MiB) and buffers, far below the gigabyte the headers state.
@@ -166,4 +169,31 @@ def test_a_hostile_xz_index_is_rejected_and_kept_and_sigterm_is_heard(
     os.rename(tmp, spool.incoming / "again.xz")
     wait_for(lambda: not (spool.incoming / "again.xz").exists(), 30, what="the claim")
     d.signal(signal.SIGTERM)
+    assert d.stop() == 0
+
+
+def test_an_input_the_daemon_keeps_dying_on_is_quarantined_after_three_tries_not_a_crash_loop(
+        tmp_path: Path, daemon_factory: Callable[..., Daemon], spool: Spool) -> None:
+    # SIGKILL while the daemon unpacks stands in for a parser bug that kills it
+    # (an OOM kill): a real one is fixed as soon as it is found, so none is at hand.
+    data = bz2.compress(bytes(16 * MiB), 1) * 64  # a GiB of zeros in 64 streams: seconds of bzip2
+    cfg = write_config(tmp_path, limits={"min_free": 0})
+    spool.incoming.mkdir(parents=True)
+    tmp = spool.incoming / ".slow.part"
+    tmp.write_bytes(data)
+    os.rename(tmp, spool.incoming / "slow.bz2")
+    paths = protocol.SpoolPaths.under(spool.root)
+    for _ in range(3):
+        d = daemon_factory(cfg)
+        wait_for(lambda: (protocol.item_progress(paths, "slow.bz2") or {}).get("stage") == "unpack", 30,
+                 what="the unpack")
+        d.kill_group()
+    d = daemon_factory(cfg)
+    rec = spool.wait_record("slow.bz2")
+    assert rec["error"]["code"] == "unsafe_image", rec
+    assert "convd stopped 3 times while reading this input" in rec["error"]["message"]
+    assert (spool.failed / "slow.bz2").read_bytes() == data
+    # The daemon lives on and converts.
+    spool.drop(make_image(tmp_path / "next.qcow2", "qcow2", 4 * MiB), "next")
+    assert spool.wait_record("next")["status"] == "converted"
     assert d.stop() == 0

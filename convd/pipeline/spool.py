@@ -8,7 +8,8 @@ one), and in it one directory per item (``work/<instance>/<NAME>/``) holding
 * ``unpacked``     the disk unpacked from a container (gzip, xz, tar, OVA, …),
                    when ``source`` is one; rewritten from ``source`` after a crash;
 * ``output``       qemu-img's output while it is being written;
-* ``item.json``    attempts so far;
+* ``item.json``    attempts so far, and reads (unpack, detect) begun but never
+                   finished: the daemon died in them (see ``note_reading``);
 * ``record.json``  the final record and destination, written durably just
                    before the handoff, so recovery can finish it.
 
@@ -113,6 +114,7 @@ class Claim:
     name: str
     dir: Path
     attempts: int = 0
+    reads_unfinished: int = 0  # in-process reads of it (unpack, detect) the daemon never came back from
     pending: dict[str, Any] | None = None  # record.json, when only the handoff is left
     source_path: Path | None = None  # `convd convert`: the user's file, left where it is
     unpacked: Path | None = None  # the disk unpacked from a container source, once written
@@ -340,8 +342,10 @@ class Spool:
         d = self.claims / name
         claim = Claim(name=name, dir=d)
         try:
-            claim.attempts = int(json.loads((d / ITEM).read_bytes()).get("attempts", 0))
-        except (FileNotFoundError, ValueError):
+            state = json.loads((d / ITEM).read_bytes())
+            claim.attempts = int(state.get("attempts", 0))
+            claim.reads_unfinished = int(state.get("reads_unfinished", 0))
+        except (FileNotFoundError, ValueError, AttributeError, TypeError):
             pass
         try:
             claim.pending = json.loads((d / RECORD).read_bytes())
@@ -450,8 +454,19 @@ class Spool:
         claim.attempts += 1
         # Atomic but not fsynced: the count is informational, and a power cut
         # costing it at worst under-reports one attempt.
+        self._write_item(claim, sync=False)
+
+    def note_reading(self, claim: Claim, reading: bool) -> None:
+        """Count an in-process read of the item (unpack, detect) begun, or take one back once it
+        ended.  Fsynced when begun: a read the daemon died in (a crash, an OOM kill) stays counted,
+        so an input that keeps taking the daemon down is quarantined instead of retried forever."""
+        claim.reads_unfinished = claim.reads_unfinished + 1 if reading else max(0, claim.reads_unfinished - 1)
+        self._write_item(claim, sync=reading)
+
+    def _write_item(self, claim: Claim, *, sync: bool) -> None:
         durable.write_json(claim.dir / ITEM, {"name": claim.name, "attempts": claim.attempts,
-                                              "updated_at": time.time()}, replace=True, sync=False,
+                                              "reads_unfinished": claim.reads_unfinished,
+                                              "updated_at": time.time()}, replace=True, sync=sync,
                            compact=True)
 
     def discard_output(self, claim: Claim) -> None:
