@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import MiB, Daemon, Spool, make_image, write_config
+from conftest import Daemon, MiB, Spool, make_image, write_config
 
 NAME = "img"
 

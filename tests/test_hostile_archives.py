@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from conftest import MiB, Daemon, Spool, make_image, wait_for, write_config
+from conftest import Daemon, MiB, Spool, make_image, wait_for, write_config
 
 from convd import protocol
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import MiB, Daemon, Spool, make_image, wait_for, write_config
+from conftest import Daemon, MiB, Spool, make_image, write_config
 
 from convd.config import SpoolConfig
 from convd.pipeline.spool import MAX_NAME_BYTES
