@@ -864,8 +864,41 @@ def _members(tf: tarfile.TarFile, what: str) -> Iterator[tarfile.TarInfo]:
 
 # -- unpacking -------------------------------------------------------------------------
 
+class _Tapped(io.RawIOBase):
+    """``fd`` read with ``pread`` at its own offset; ``tap`` sees the file's bytes in order
+    from byte 0 for as long as the reads are contiguous (a seek past bytes ends that)."""
+
+    def __init__(self, fd: int, tap: Callable[[memoryview], None]) -> None:
+        super().__init__()
+        self.fd, self.tap, self.pos, self.tapped = fd, tap, 0, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        n = os.preadv(self.fd, [view], self.pos)
+        if self.pos == self.tapped and n:
+            self.tap(view[:n])
+            self.tapped += n
+        self.pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: os.fstat(self.fd).st_size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+
 def unpack(fd: int, p: Plan, dest: str, budget: Budget, *, stop: threading.Event,
-           on_progress: Callable[[float], None] = lambda _f: None) -> Unpacked:
+           on_progress: Callable[[float], None] = lambda _f: None,
+           tap: Callable[[memoryview], None] | None = None) -> Unpacked:
     """Write the one disk inside the container ``fd`` to ``dest`` (created, never followed).
 
     Raises ``TooLarge`` past the budget's cap, ``UnsafeImage`` for a member
@@ -873,12 +906,16 @@ def unpack(fd: int, p: Plan, dest: str, budget: Budget, *, stop: threading.Event
     for no disk, several disks, or a container inside the disk,
     ``CorruptImage`` when the stream or archive is damaged, ``Stopped`` at
     shutdown, and whatever ``budget.grow`` raises.  On any error ``dest``
-    is removed.
+    is removed.  ``tap`` (from the unpacking thread) sees the container's bytes
+    in order from byte 0 while they are read in order: a compressed stream
+    is read whole, so its digest needs no read of its own.
     """
     out = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
     ok = False
     try:
-        with open(fd, "rb", buffering=_CHUNK, closefd=False) as raw:
+        reader = (open(fd, "rb", buffering=_CHUNK, closefd=False) if tap is None  # noqa: SIM115 - closed by with
+                  else io.BufferedReader(_Tapped(fd, tap), buffer_size=_CHUNK))
+        with reader as raw:
             raw.seek(0)  # the descriptor's offset is shared with every reader of it
 
             def progress() -> None:

@@ -13,11 +13,18 @@ import anyio.from_thread
 
 from convd import containers
 from convd.config import format_size
-from convd.errors import Cancelled, ItemError, Stopped, TooLarge, TransientError, UnsupportedFormat
+from convd.errors import (
+    Cancelled,
+    ItemError,
+    Stopped,
+    TooLarge,
+    TransientError,
+    UnsupportedFormat,
+)
 from convd.inspection import open_regular
 from convd.pipeline.item import Item, Stage
 from convd.pipeline.spool import UNPACKED
-from convd.stages.verify import verify
+from convd.stages import verify
 
 if TYPE_CHECKING:
     from convd.pipeline.context import Context
@@ -43,8 +50,24 @@ def unpack_limit(max_virtual_size: int) -> int:
 
 
 async def unpack(item: Item, ctx: Context) -> Stage:
+    # The producer's expectation and the dropped file's digests, before anything
+    # is converted; for a container, taken while it is unpacked.
+    verifier = await verify.begin(item, ctx)
+    try:
+        stage = await _unpack(item, ctx, verifier)
+    except ItemError:
+        if verifier is not None and item.source_checksums is None:
+            # The record's digests; and bytes that are not what was stated are
+            # why the container would not unpack (a cut-short upload).
+            await verifier.finish()
+        raise
+    if verifier is not None:
+        await verifier.finish()
+    return stage
+
+
+async def _unpack(item: Item, ctx: Context, verifier: verify.Verifier | None) -> Stage:
     claim, cfg = item.claim, item.cfg
-    await verify(item, ctx)  # the producer's expectation, before anything is unpacked or converted
     dest = claim.dir / UNPACKED
     claim.unpacked = None
 
@@ -115,7 +138,8 @@ async def unpack(item: Item, ctx: Context) -> Stage:
         budget = containers.Budget(cap=cap, reserved=first, grow=grow)
         item.progress = 0.0
         result = await anyio.to_thread.run_sync(functools.partial(
-            containers.unpack, fd, plan, str(dest), budget, stop=ctx.stop, on_progress=progress))
+            containers.unpack, fd, plan, str(dest), budget, stop=ctx.stop, on_progress=progress,
+            tap=verifier.feed if verifier is not None else None))
     finally:
         os.close(fd)
         item.timings["unpack"] = item.timings.get("unpack", 0.0) + time.monotonic() - t0
