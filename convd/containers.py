@@ -797,7 +797,7 @@ class _Header(tarfile.TarInfo):
 
     def _bound_extension(self, tf: tarfile.TarFile) -> None:
         what = "GNU long-name" if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK) else "PAX"
-        if self.size > _EXT_HEADER_MAX:
+        if not 0 <= self.size <= _EXT_HEADER_MAX:  # base-256 sizes may be negative: read(-n) reads all
             raise CorruptImage(f"a tar {what} header at byte {self.offset} states {self.size} bytes; convd "
                                f"reads such headers up to {_EXT_HEADER_MAX // 1024} KiB", detected=_TAR)
         total = getattr(tf, "convd_ext_bytes", 0) + self.size
@@ -819,6 +819,8 @@ class _Header(tarfile.TarInfo):
         return super()._proc_pax(tarfile_)  # type: ignore[misc]  # tarfile's private hook
 
     def _proc_builtin(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.size < 0:
+            raise CorruptImage(f"tar member {self.name!r} states a negative size", detected=_TAR)
         tarfile_.convd_ext_chain = 0  # type: ignore[attr-defined]  # a member's own header ends a chain
         return super()._proc_builtin(tarfile_)  # type: ignore[misc]  # tarfile's private hook
 

@@ -91,6 +91,16 @@ def tar_long_name_chain() -> bytes:
     return _header("././@LongLink", tarfile.GNUTYPE_LONGNAME, 0) * 5000 + bytes(1024)
 
 
+def tar_negative_long_name() -> bytes:
+    """A GNU long-name header whose base-256 size is -1 (tarfile would read(-512): the rest of
+    the file), before a megabyte of data."""
+    head = bytearray(_header("././@LongLink", tarfile.GNUTYPE_LONGNAME, 0))
+    head[124:136] = b"\xff" * 12
+    head[148:156] = b" " * 8
+    head[148:156] = b"%06o\0 " % sum(head[:512])
+    return bytes(head) + bytes(1 << 20) + bytes(1024)
+
+
 def _varint(n: int) -> bytes:
     out = bytearray()
     while True:
@@ -129,6 +139,7 @@ def daemon(tmp_path: Path, daemon_factory: Callable[..., Daemon]) -> Iterator[Da
     ("longname.tar.zst", tar_zst_long_name, "GNU long-name header"),
     ("pax.tar.gz", tar_gz_pax, "PAX header"),
     ("chain.tar", tar_long_name_chain, "extension headers in a row"),
+    ("negative.tar", tar_negative_long_name, "GNU long-name header"),
 ])
 def test_a_huge_tar_extension_header_is_corrupt_and_kept_within_the_memory_bound(
         daemon: Daemon, spool: Spool, name: str, make: Callable[[], bytes], words: str) -> None:

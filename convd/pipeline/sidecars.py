@@ -54,7 +54,6 @@ class CancelBook:
         self.limit = limit
         self.clock = clock
         self.entries: dict[str, _Entry] = {}
-        self.incoming_names: set[str] = set()  # candidate names seen by the last refresh
         self._stuck: dict[str, tuple[int, int, int, int]] = {}  # refused, could not be set aside
 
     def refresh(self) -> tuple[list[tuple[str, str]], int]:
@@ -67,7 +66,6 @@ class CancelBook:
             names = os.listdir(self.incoming)
         except FileNotFoundError:
             names = []
-        self.incoming_names = {n for n in names if not n.startswith(".")}
         refused: list[tuple[str, str]] = []
         over = 0
         seen: set[str] = set()
