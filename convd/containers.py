@@ -223,6 +223,7 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
+_STREAMS_MAX = 10_000  # gzip members or xz streams in one file (`cat a.gz b.gz` makes two)
 _XZ_INDEX_MAX = 4 << 20  # an index of ~500k blocks: a TiB in 2 MiB blocks
 _XZ_STREAMS_MAX = 64  # concatenated streams looked through (`cat a.xz b.xz` makes two)
 
@@ -440,11 +441,12 @@ class _Concatenated(io.RawIOBase):
     xz block's check and index.
     """
 
-    def __init__(self, fp: IO[bytes], kind: str) -> None:
-        self._fp, self._kind = fp, kind
+    def __init__(self, fp: IO[bytes], kind: str, stop: threading.Event | None = None) -> None:
+        self._fp, self._kind, self._stop = fp, kind, stop
         self._dec = self._new()
         self._pending = b""
         self._done = False
+        self._streams = 1
 
     def _new(self) -> Any:
         if self._kind == "gzip":
@@ -479,6 +481,16 @@ class _Concatenated(io.RawIOBase):
                     # does not guess what they are (a second, damaged member? another format?).
                     raise _TrailingData(f"bytes after the end of the {self._kind} stream that are not "
                                        f"another {self._kind} {'member' if self._kind == 'gzip' else 'stream'}")
+                # Each new stream starts from what the last one left over (up to a
+                # chunk, copied): a flood of tiny streams is bounded, and a
+                # shutdown is heard between them (they may write nothing at all).
+                self._streams += 1
+                if self._streams > _STREAMS_MAX:
+                    raise UnsupportedFormat(f"{describe([self._kind])} of more than {_STREAMS_MAX} concatenated "
+                                            f"{'members' if self._kind == 'gzip' else 'streams'}; convd "
+                                            "unpacks a few", detected=self._kind)
+                if self._stop is not None and self._stop.is_set():
+                    raise Stopped("unpacking interrupted by shutdown")
                 self._dec, self._pending = self._new(), rest
             out = self._step(want)
             if out:
@@ -505,10 +517,10 @@ class _Concatenated(io.RawIOBase):
         return bytes(dec.decompress(data, want))
 
 
-def _decoder(kind: str, raw: IO[bytes]) -> Any:
+def _decoder(kind: str, raw: IO[bytes], stop: threading.Event | None = None) -> Any:
     """A file-like ``read(n)`` of the decompressed bytes of ``raw``."""
     if kind in ("gzip", "xz"):
-        return _Concatenated(raw, kind)
+        return _Concatenated(raw, kind, stop)
     if kind == "bzip2":
         return bz2.BZ2File(raw)
     return zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW).stream_reader(
@@ -952,7 +964,7 @@ def _unpack(raw: IO[bytes], p: Plan, out: int, budget: Budget, stop: threading.E
     outer = p.kinds[0]
     if outer in ARCHIVES:
         return _from_archive(raw, True, p, out, budget, stop, progress)
-    stream = _decoder(outer, raw)
+    stream = _decoder(outer, raw, stop)
     first = _read_up_to(stream, HEAD)
     if len(p.kinds) > 1:
         return _from_archive(_Chained(first, stream), False, p, out, budget, stop, progress)

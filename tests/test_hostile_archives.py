@@ -111,8 +111,9 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def xz_huge_index(records: int = 4 << 20) -> bytes:
-    """An xz stream whose index lists millions of empty blocks (8 MiB of index)."""
+def xz_huge_index(records: int = 30 << 20) -> bytes:
+    """An xz stream whose index lists 30 million empty blocks (60 MiB of index: a minute of
+    parsing for a reader that walks it in Python)."""
     empty = lzma.compress(b"", format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32)
     header, footer = empty[:12], empty[-12:]
     idx = b"\x00" + _varint(records) + b"\x00\x00" * records
@@ -123,7 +124,7 @@ def xz_huge_index(records: int = 4 << 20) -> bytes:
     return header + idx + zlib.crc32(size_field + flags).to_bytes(4, "little") + size_field + flags + b"YZ"
 
 
-def xz_many_streams(n: int = 100_000) -> bytes:
+def xz_many_streams(n: int = 1_000_000) -> bytes:
     """Many concatenated empty xz streams (each sized by its own index, one after another)."""
     return lzma.compress(b"", format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32) * n
 
