@@ -285,3 +285,20 @@ def test_ten_thousand_future_dated_requests_are_bounded_and_expire_and_items_sti
     over = hosted.events("too many cancel requests; the newest were refused and set aside")
     assert over and sum(int(str(e["refused"])) for e in over) == n - MAX_CANCEL_REQUESTS
     assert hosted.stop() == 0
+
+
+def test_an_expectation_the_daemon_may_not_read_is_refused_with_a_record_saying_so(
+        hosted: Hosted, image: Path) -> None:
+    if not hosted.as_user:
+        pytest.skip("a daemon running as root reads a mode-000 file (needs root, setpriv and `make glance-venv`)")
+    hosted.start()
+    _request(hosted.incoming / ".convd-expect.locked", {"size": image.stat().st_size}, mode=0)
+    hosted.drop(image, "locked")
+    rec = wait_for(lambda: hosted.record("locked"), 60, what="record of locked")
+    err = rec["error"]
+    assert isinstance(err, dict) and err["code"] == "corrupt_image"
+    assert err["message"].startswith("the expectation .convd-expect.locked cannot be used: it cannot be opened")
+    assert (hosted.failed / "locked").read_bytes() == image.read_bytes()
+    assert not os.path.lexists(hosted.incoming / ".convd-expect.locked")
+    hosted.converts(image, "after")
+    assert hosted.stop() == 0
