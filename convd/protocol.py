@@ -117,6 +117,9 @@ def hand_in(src: str | os.PathLike[str], paths: SpoolPaths, name: str, *,
     Raises ``FileExistsError`` if ``incoming/NAME`` is already there.
     """
     part = paths.incoming / f".{name}.part"
+    if expect and os.path.lexists(paths.incoming / name):
+        # An earlier hand-in of that name waits: its expectation is not ours to replace.
+        raise FileExistsError(errno.EEXIST, "already in the spool", str(paths.incoming / name))
     expect_path = write_expectation(paths, name, expect) if expect else None
     renamed = True
     try:
