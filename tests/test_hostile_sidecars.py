@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import MiB, convd_bin, make_image, run, wait_for
+from conftest import MiB, convd_bin, make_image, run, wait_for, write_config
 from glance_server import GLANCE_VENV
 
 from convd.pipeline.sidecars import MAX_CANCEL_REQUESTS
@@ -302,3 +302,16 @@ def test_an_expectation_the_daemon_may_not_read_is_refused_with_a_record_saying_
     assert not os.path.lexists(hosted.incoming / ".convd-expect.locked")
     hosted.converts(image, "after")
     assert hosted.stop() == 0
+
+
+def test_convd_cancel_of_a_refused_name_moves_nothing(tmp_path: Path) -> None:
+    # With no daemon running, `convd cancel` withdraws items itself: never a name
+    # the intake refuses (victim.json would land in failed/ as another item's record).
+    cfg = write_config(tmp_path)
+    incoming = tmp_path / "spool" / "incoming"
+    incoming.mkdir(parents=True)
+    (incoming / "victim.json").write_text('{"forged": true}')
+    done = run(convd_bin(), "cancel", "victim.json", "-c", cfg, "--wait", "2", check=False)
+    assert done.returncode == 1 and "not an item" in done.stdout + done.stderr
+    assert (incoming / "victim.json").exists()
+    assert not (tmp_path / "spool" / "failed" / "victim.json").exists()
