@@ -203,7 +203,7 @@ def test_an_input_the_daemon_keeps_dying_on_is_quarantined_after_three_tries_not
     d = daemon_factory(cfg)
     rec = spool.wait_record("slow.bz2")
     assert rec["error"]["code"] == "unsafe_image", rec
-    assert "convd stopped 3 times while reading this input" in rec["error"]["message"]
+    assert "convd stopped 3 times while unpacking" in rec["error"]["message"]
     assert (spool.failed / "slow.bz2").read_bytes() == data
     # The daemon lives on and converts.
     spool.drop(make_image(tmp_path / "next.qcow2", "qcow2", 4 * MiB), "next")

@@ -4,7 +4,6 @@ quarantines rejected and withdrawn inputs, and on shutdown leaves the source for
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -12,15 +11,7 @@ import anyio
 import structlog
 
 from convd import qemu
-from convd.errors import (
-    Cancelled,
-    ConvertFailed,
-    ItemError,
-    NameConflict,
-    Stopped,
-    TransientError,
-    UnsafeImage,
-)
+from convd.errors import Cancelled, ConvertFailed, ItemError, NameConflict, Stopped, TransientError
 from convd.pipeline.context import Context
 from convd.pipeline.item import CANCELLABLE, Item, Stage
 from convd.stages import cleanup, convert, detect, publish, quarantine, reserve, unpack
@@ -28,12 +19,6 @@ from convd.stages import cleanup, convert, detect, publish, quarantine, reserve,
 __all__ = ["finish_handoff", "run_item"]
 
 log = structlog.get_logger("convd.runner")
-
-# Stages that read the producer's bytes in the daemon's own process (decompressors,
-# tar headers, format headers), where a hostile input could take the daemon down.
-READING = frozenset({Stage.UNPACK, Stage.DETECT})
-# Times the daemon may die while reading one input before that input is quarantined.
-MAX_UNFINISHED_READS = 3
 
 STAGES: dict[Stage, Callable[[Item, Context], Awaitable[Stage]]] = {
     Stage.UNPACK: unpack,
@@ -67,20 +52,11 @@ async def run_item(item: Item, ctx: Context) -> None:
     structlog.contextvars.bind_contextvars(item=item.name)
     qemu.phase_timings.set(item.timings)  # this task's qemu-img runs add their times
     ctx.items[item.name] = item
-    reading = False  # a read of the item is counted in item.json (Spool.note_reading)
     try:
         while item.stage is not Stage.DONE:
             stage = item.stage
             if item.withdrawn is not None and stage in CANCELLABLE:
                 raise Cancelled(item.withdrawn)
-            if (stage in READING) != reading:
-                if not reading and item.claim.reads_unfinished >= MAX_UNFINISHED_READS:
-                    raise UnsafeImage(
-                        f"convd stopped {item.claim.reads_unfinished} times while reading this input "
-                        "(unpacking or detecting it), by a crash or an out-of-memory kill; it is "
-                        "quarantined so that it cannot stop the daemon again")
-                reading = not reading
-                await anyio.to_thread.run_sync(ctx.spool.note_reading, item.claim, reading)
             structlog.contextvars.bind_contextvars(stage=stage.value)
             t0 = time.monotonic()
             try:
@@ -125,11 +101,6 @@ async def run_item(item: Item, ctx: Context) -> None:
         await _discard(item, ctx)
         log.exception("internal error; the source stays in work/")
     finally:
-        if reading and item.claim.pending is None:
-            # Left a read without dying (an error, a shutdown): it is not counted against the input.
-            with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
-                if os.path.isdir(item.claim.dir):
-                    await anyio.to_thread.run_sync(ctx.spool.note_reading, item.claim, False)
         ctx.items.pop(item.name, None)
         structlog.contextvars.unbind_contextvars("item", "stage")
 

@@ -8,8 +8,8 @@ one), and in it one directory per item (``work/<instance>/<NAME>/``) holding
 * ``unpacked``     the disk unpacked from a container (gzip, xz, tar, OVA, …),
                    when ``source`` is one; rewritten from ``source`` after a crash;
 * ``output``       qemu-img's output while it is being written;
-* ``item.json``    attempts so far, and reads (unpack, detect) begun but never
-                   finished: the daemon died in them (see ``note_reading``);
+* ``item.json``    attempts so far, and unpacks begun but never finished: the
+                   daemon died in them (see ``note_reading``);
 * ``record.json``  the final record and destination, written durably just
                    before the handoff, so recovery can finish it.
 
@@ -114,7 +114,7 @@ class Claim:
     name: str
     dir: Path
     attempts: int = 0
-    reads_unfinished: int = 0  # in-process reads of it (unpack, detect) the daemon never came back from
+    reads_unfinished: int = 0  # unpacks of it the daemon never came back from (it died in them)
     pending: dict[str, Any] | None = None  # record.json, when only the handoff is left
     source_path: Path | None = None  # `convd convert`: the user's file, left where it is
     unpacked: Path | None = None  # the disk unpacked from a container source, once written
@@ -457,9 +457,10 @@ class Spool:
         self._write_item(claim, sync=False)
 
     def note_reading(self, claim: Claim, reading: bool) -> None:
-        """Count an in-process read of the item (unpack, detect) begun, or take one back once it
-        ended.  Fsynced when begun: a read the daemon died in (a crash, an OOM kill) stays counted,
-        so an input that keeps taking the daemon down is quarantined instead of retried forever."""
+        """Count an unpack of the item (the daemon's own process parsing a container) begun, or
+        take one back once it ended.  Fsynced when begun: an unpack the daemon died in (a crash,
+        an OOM kill) stays counted, so an input that keeps taking the daemon down is quarantined
+        instead of retried forever."""
         claim.reads_unfinished = claim.reads_unfinished + 1 if reading else max(0, claim.reads_unfinished - 1)
         self._write_item(claim, sync=reading)
 

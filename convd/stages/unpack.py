@@ -3,6 +3,7 @@ written to the item's work directory under the ledger; anything else goes straig
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -19,6 +20,7 @@ from convd.errors import (
     Stopped,
     TooLarge,
     TransientError,
+    UnsafeImage,
     UnsupportedFormat,
 )
 from convd.inspection import open_regular
@@ -29,7 +31,7 @@ from convd.stages import verify
 if TYPE_CHECKING:
     from convd.pipeline.context import Context
 
-__all__ = ["GROW_PATIENCE", "unpack", "unpack_limit"]
+__all__ = ["GROW_PATIENCE", "MAX_UNFINISHED_READS", "unpack", "unpack_limit"]
 
 # A stream of unknown size starts with this much reserved (or its own size
 # times _RATIO, if more), and grows by doubling.
@@ -41,6 +43,9 @@ _DEFLATE_MAX_RATIO = 1032  # deflate's most output per input byte
 # once must not wait for each other forever).
 GROW_PATIENCE = 60.0
 _GROW_POLL = 0.5
+# Times the daemon may die while unpacking one input before that input is quarantined
+# (never a crash loop: systemd restarts the daemon, recovery would unpack it again).
+MAX_UNFINISHED_READS = 3
 
 
 def unpack_limit(max_virtual_size: int) -> int:
@@ -137,9 +142,20 @@ async def _unpack(item: Item, ctx: Context, verifier: verify.Verifier | None) ->
 
         budget = containers.Budget(cap=cap, reserved=first, grow=grow)
         item.progress = 0.0
-        result = await anyio.to_thread.run_sync(functools.partial(
-            containers.unpack, fd, plan, str(dest), budget, stop=ctx.stop, on_progress=progress,
-            tap=verifier.feed if verifier is not None else None))
+        if claim.reads_unfinished >= MAX_UNFINISHED_READS:
+            raise UnsafeImage(f"convd stopped {claim.reads_unfinished} times while unpacking {plan.description}, "
+                              "by a crash or an out-of-memory kill; it is quarantined so that it cannot "
+                              "stop the daemon again")
+        # Counted (fsynced) while the daemon's own process parses the container: a
+        # death here is remembered at the next start; leaving in any other way is not.
+        await anyio.to_thread.run_sync(ctx.spool.note_reading, claim, True)
+        try:
+            result = await anyio.to_thread.run_sync(functools.partial(
+                containers.unpack, fd, plan, str(dest), budget, stop=ctx.stop, on_progress=progress,
+                tap=verifier.feed if verifier is not None else None))
+        finally:
+            with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
+                await anyio.to_thread.run_sync(ctx.spool.note_reading, claim, False)
     finally:
         os.close(fd)
         item.timings["unpack"] = item.timings.get("unpack", 0.0) + time.monotonic() - t0
