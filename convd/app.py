@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from typing import Any
 
 import anyio
@@ -29,7 +28,8 @@ from convd.pipeline.item import Item
 from convd.pipeline.ledger import SHARED_REFRESH, Ledger, SharedLedger, StatvfsSpace
 from convd.pipeline.queue import Intake
 from convd.pipeline.runner import finish_handoff, run_item
-from convd.pipeline.spool import Claim, Spool
+from convd.pipeline.sidecars import CancelBook
+from convd.pipeline.spool import Claim, Spool, name_refused
 from convd.pipeline.watch import Watcher
 from convd.sdnotify import Notifier
 
@@ -64,6 +64,7 @@ class Daemon:
                                stopping=self.stopping,
                                on_change=self._kick, on_cancel_request=self._cancel_requested)
         self.cancels_pending = True  # look for cancel requests at the next turn of dispatch
+        self.cancels = CancelBook(cfg.spool.incoming, name_refused)
 
     # -- signals ---------------------------------------------------------
 
@@ -309,13 +310,22 @@ class Daemon:
     async def _handle_cancels(self) -> None:
         """Act on every cancel request in ``incoming/``; settled ones are removed."""
         paths = cancel.spool_paths(self.cfg)
-        for req in await anyio.to_thread.run_sync(lambda: list(protocol.read_cancel_requests(paths))):
+        refused, over = await anyio.to_thread.run_sync(self.cancels.refresh)
+        for filename, reason in refused:
+            log.warning("cancel request refused; set aside", request=filename, reason=reason)
+        if over:
+            log.warning("too many cancel requests; the newest were refused and set aside", refused=over,
+                        limit=self.cancels.limit)
+        if not self.cancels.entries:
+            return
+        settled = await anyio.to_thread.run_sync(_names_with_records, paths)
+        for req in [e.request for e in self.cancels.entries.values()]:
             try:
-                await self._cancel(req, paths)
+                await self._cancel(req, paths, settled)
             except OSError as exc:
                 log.error("cannot act on a cancel request", item=req.name, error=str(exc))
 
-    async def _cancel(self, req: protocol.CancelRequest, paths: protocol.SpoolPaths) -> None:
+    async def _cancel(self, req: protocol.CancelRequest, paths: protocol.SpoolPaths, settled: set[str]) -> None:
         assert self.ctx is not None
         name, msg = req.name, cancel.message(req.reason)
         item = self.ctx.items.get(name)
@@ -346,11 +356,15 @@ class Daemon:
             return
         if where.place == "work":
             return  # the instance holding it acts (or `convd cancel`, or the next start)
-        found = await anyio.to_thread.run_sync(protocol.find_record, paths, name, req.inode)
-        if found is not None or time.time() - req.requested_at > STALE_CANCEL:
+        found = None
+        if name in settled:
+            found = await anyio.to_thread.run_sync(protocol.find_record, paths, name, req.inode)
+        # Stale by convd's clock, never the file's own date (a producer's
+        # "requested_at" in the future must not keep a request alive).
+        if found is not None or self.cancels.age(name) > STALE_CANCEL:
             # Settled (in failed/, or published before the request: refused),
             # or naming nothing: a stale request must not cancel a later item.
-            protocol.clear_cancel_request(paths, name)
+            self.cancels.clear(name)
 
     # -- reload ----------------------------------------------------------
 
@@ -386,3 +400,23 @@ class Daemon:
             log.info("reloaded", config=str(path), target_format=new.convert.target_format,
                      max_workers=new.convert.max_workers, rate_limit=new.convert.rate_limit)
         self.notifier.ready(status=self.monitor.summary())
+
+
+def _names_with_records(paths: protocol.SpoolPaths) -> set[str]:
+    """Every NAME with a record in ``outgoing/`` or ``failed/`` (``NAME.json``, ``NAME.N.json``):
+    one listing of each, so a cancel request looks for its record only where one may be."""
+    names: set[str] = set()
+    for d in (paths.outgoing, paths.failed):
+        try:
+            entries = os.listdir(d)
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            if not entry.endswith(".json") or entry.startswith("."):
+                continue
+            base = entry[:-5]
+            names.add(base)
+            stem, _, n = base.rpartition(".")
+            if stem and n.isdigit():
+                names.add(stem)
+    return names

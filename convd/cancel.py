@@ -22,7 +22,7 @@ from convd import cluster, protocol
 from convd.config import Config
 from convd.errors import Cancelled
 from convd.pipeline.item import Item
-from convd.pipeline.spool import SOURCE, Spool
+from convd.pipeline.spool import SOURCE, Spool, name_refused
 from convd.stages.cleanup import reject
 
 __all__ = ["OPERATOR_REASON", "Where", "cancel", "locate", "message", "spool_paths"]
@@ -119,6 +119,11 @@ def _withdraw_here(cfg: Config, name: str, where: Where, reason: str) -> bool:
 def cancel(cfg: Config, name: str, *, wait: float = 30.0, reason: str = OPERATOR_REASON) -> tuple[int, str]:
     """``convd cancel``: ``(exit code, what to tell the user)``."""
     paths = spool_paths(cfg)
+    refused = name_refused(name)
+    if refused is not None:
+        # Never an item (it waits in incoming/ until renamed): claiming it here
+        # would put its bytes in failed/ under a record's name.
+        return 1, f"{name}: not an item: {refused}"
     where = locate(cfg, name)
     if where.place is None:
         found = protocol.find_record(paths, name)

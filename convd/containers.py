@@ -223,11 +223,21 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
+_STREAMS_MAX = 10_000  # gzip members or xz streams in one file (`cat a.gz b.gz` makes two)
+_XZ_INDEX_MAX = 4 << 20  # an index of ~500k blocks: a TiB in 2 MiB blocks
+_XZ_STREAMS_MAX = 64  # concatenated streams looked through (`cat a.xz b.xz` makes two)
+
+
 def _xz_size(fd: int, size: int) -> int | None:
     """Uncompressed bytes of every stream in an xz file, from their indexes (xz file format 1.1, 4-6)."""
-    total, pos = 0, size
+    total, pos, streams = 0, size, 0
     try:
         while pos > 0:
+            # Bounded work: a hostile file of many streams or a huge index
+            # is simply not sized (decoded as is, under the unpack budget).
+            streams += 1
+            if streams > _XZ_STREAMS_MAX:
+                return None
             # Stream padding: zero bytes in fours.  Only a little is looked
             # through; a file ending in more is not sized (and decoded as is).
             tail = os.pread(fd, min(pos, 64 << 10), pos - min(pos, 64 << 10))
@@ -242,12 +252,14 @@ def _xz_size(fd: int, size: int) -> int | None:
                 return None
             backward = (int.from_bytes(footer[4:8], "little") + 1) * 4
             index_at = pos - 12 - backward
-            if backward > 64 << 20 or index_at < 12:
+            if backward > _XZ_INDEX_MAX or index_at < 12:
                 return None
             index = os.pread(fd, backward, index_at)
-            if index[0] != 0:
+            if not index or index[0] != 0:
                 return None
             records, p = _varint(index, 1)
+            if records > len(index) // 2:  # each record takes two bytes at least
+                return None
             blocks = 0
             for _ in range(records):
                 unpadded, p = _varint(index, p)
@@ -429,11 +441,12 @@ class _Concatenated(io.RawIOBase):
     xz block's check and index.
     """
 
-    def __init__(self, fp: IO[bytes], kind: str) -> None:
-        self._fp, self._kind = fp, kind
+    def __init__(self, fp: IO[bytes], kind: str, stop: threading.Event | None = None) -> None:
+        self._fp, self._kind, self._stop = fp, kind, stop
         self._dec = self._new()
         self._pending = b""
         self._done = False
+        self._streams = 1
 
     def _new(self) -> Any:
         if self._kind == "gzip":
@@ -468,6 +481,16 @@ class _Concatenated(io.RawIOBase):
                     # does not guess what they are (a second, damaged member? another format?).
                     raise _TrailingData(f"bytes after the end of the {self._kind} stream that are not "
                                        f"another {self._kind} {'member' if self._kind == 'gzip' else 'stream'}")
+                # Each new stream starts from what the last one left over (up to a
+                # chunk, copied): a flood of tiny streams is bounded, and a
+                # shutdown is heard between them (they may write nothing at all).
+                self._streams += 1
+                if self._streams > _STREAMS_MAX:
+                    raise UnsupportedFormat(f"{describe([self._kind])} of more than {_STREAMS_MAX} concatenated "
+                                            f"{'members' if self._kind == 'gzip' else 'streams'}; convd "
+                                            "unpacks a few", detected=self._kind)
+                if self._stop is not None and self._stop.is_set():
+                    raise Stopped("unpacking interrupted by shutdown")
                 self._dec, self._pending = self._new(), rest
             out = self._step(want)
             if out:
@@ -494,10 +517,10 @@ class _Concatenated(io.RawIOBase):
         return bytes(dec.decompress(data, want))
 
 
-def _decoder(kind: str, raw: IO[bytes]) -> Any:
+def _decoder(kind: str, raw: IO[bytes], stop: threading.Event | None = None) -> Any:
     """A file-like ``read(n)`` of the decompressed bytes of ``raw``."""
     if kind in ("gzip", "xz"):
-        return _Concatenated(raw, kind)
+        return _Concatenated(raw, kind, stop)
     if kind == "bzip2":
         return bz2.BZ2File(raw)
     return zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW).stream_reader(
@@ -769,10 +792,57 @@ def _from_archive(fileobj: Any, seekable: bool, p: Plan, out: int, budget: Budge
     return Unpacked(kinds=kinds, size=size, member=taken)
 
 
+# tarfile reads a GNU long-name or PAX header whole into memory, as large as the
+# header states (a 99 KB .tar.zst can state 3 GiB): capped before it is read.
+_EXT_HEADER_MAX = 64 << 10  # one such header (a path is at most 4096 bytes)
+_EXT_TOTAL_MAX = 1 << 20  # all of them in one archive
+_EXT_CHAIN_MAX = 16  # such headers in a row before a member's own (tarfile recurses on each)
+_MEMBERS_MAX = 10_000  # members of one archive (tarfile keeps every header it read)
+
+
 class _Header(tarfile.TarInfo):
     """A tar header that remembers why reading stopped: tarfile ends its member list
     quietly at end of file, at half a header and at a bad one, as at the end-of-archive
-    blocks; only the last is a whole archive."""
+    blocks; only the last is a whole archive.  Extension headers (GNU long names, PAX)
+    are bounded before tarfile reads them, and GNU sparse members refused (their maps
+    are read without bound)."""
+
+    def _bound_extension(self, tf: tarfile.TarFile) -> None:
+        what = "GNU long-name" if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK) else "PAX"
+        if not 0 <= self.size <= _EXT_HEADER_MAX:  # base-256 sizes may be negative: read(-n) reads all
+            raise CorruptImage(f"a tar {what} header at byte {self.offset} states {self.size} bytes; convd "
+                               f"reads such headers up to {_EXT_HEADER_MAX // 1024} KiB", detected=_TAR)
+        total = getattr(tf, "convd_ext_bytes", 0) + self.size
+        chain = getattr(tf, "convd_ext_chain", 0) + 1
+        if total > _EXT_TOTAL_MAX:
+            raise CorruptImage(f"the archive's long-name and PAX headers add up to more than "
+                               f"{_EXT_TOTAL_MAX >> 20} MiB (at byte {self.offset})", detected=_TAR)
+        if chain > _EXT_CHAIN_MAX:
+            raise CorruptImage(f"more than {_EXT_CHAIN_MAX} tar extension headers in a row at byte "
+                               f"{self.offset}", detected=_TAR)
+        tf.convd_ext_bytes, tf.convd_ext_chain = total, chain  # type: ignore[attr-defined]  # our own tally
+
+    def _proc_gnulong(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        self._bound_extension(tarfile_)
+        return super()._proc_gnulong(tarfile_)  # type: ignore[misc]  # tarfile's private hook
+
+    def _proc_pax(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        self._bound_extension(tarfile_)
+        return super()._proc_pax(tarfile_)  # type: ignore[misc]  # tarfile's private hook
+
+    def _proc_builtin(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.size < 0:
+            raise CorruptImage(f"tar member {self.name!r} states a negative size", detected=_TAR)
+        tarfile_.convd_ext_chain = 0  # type: ignore[attr-defined]  # a member's own header ends a chain
+        return super()._proc_builtin(tarfile_)  # type: ignore[misc]  # tarfile's private hook
+
+    def _proc_sparse(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        raise UnsupportedFormat(f"tar member {self.name!r} is a GNU sparse file; convd unpacks plain members",
+                                detected=_TAR)
+
+    def _proc_gnusparse_10(self, *_args: Any) -> None:
+        raise UnsupportedFormat(f"tar member {self.name!r} is a GNU sparse file; convd unpacks plain members",
+                                detected=_TAR)
 
     @classmethod
     def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
@@ -786,9 +856,14 @@ class _Header(tarfile.TarInfo):
 def _members(tf: tarfile.TarFile, what: str) -> Iterator[tarfile.TarInfo]:
     """The members of ``tf`` (opened with ``tarinfo=_Header``), then a check that the archive
     ended with its end-of-archive block. Raises ``CorruptImage`` for a cut or damaged one."""
+    count = 0
     while True:
         member = tf.next()
         if member is not None:
+            count += 1
+            if count > _MEMBERS_MAX:
+                raise UnsupportedFormat(f"{what} has more than {_MEMBERS_MAX} members; convd unpacks "
+                                        "archives of a few files", detected=_TAR)
             yield member
             continue
         end = getattr(tf, "convd_end", None)
@@ -803,8 +878,41 @@ def _members(tf: tarfile.TarFile, what: str) -> Iterator[tarfile.TarInfo]:
 
 # -- unpacking -------------------------------------------------------------------------
 
+class _Tapped(io.RawIOBase):
+    """``fd`` read with ``pread`` at its own offset; ``tap`` sees the file's bytes in order
+    from byte 0 for as long as the reads are contiguous (a seek past bytes ends that)."""
+
+    def __init__(self, fd: int, tap: Callable[[memoryview], None]) -> None:
+        super().__init__()
+        self.fd, self.tap, self.pos, self.tapped = fd, tap, 0, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        n = os.preadv(self.fd, [view], self.pos)
+        if self.pos == self.tapped and n:
+            self.tap(view[:n])
+            self.tapped += n
+        self.pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: os.fstat(self.fd).st_size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+
 def unpack(fd: int, p: Plan, dest: str, budget: Budget, *, stop: threading.Event,
-           on_progress: Callable[[float], None] = lambda _f: None) -> Unpacked:
+           on_progress: Callable[[float], None] = lambda _f: None,
+           tap: Callable[[memoryview], None] | None = None) -> Unpacked:
     """Write the one disk inside the container ``fd`` to ``dest`` (created, never followed).
 
     Raises ``TooLarge`` past the budget's cap, ``UnsafeImage`` for a member
@@ -812,12 +920,16 @@ def unpack(fd: int, p: Plan, dest: str, budget: Budget, *, stop: threading.Event
     for no disk, several disks, or a container inside the disk,
     ``CorruptImage`` when the stream or archive is damaged, ``Stopped`` at
     shutdown, and whatever ``budget.grow`` raises.  On any error ``dest``
-    is removed.
+    is removed.  ``tap`` (from the unpacking thread) sees the container's bytes
+    in order from byte 0 while they are read in order: a compressed stream
+    is read whole, so its digest needs no read of its own.
     """
     out = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
     ok = False
     try:
-        with open(fd, "rb", buffering=_CHUNK, closefd=False) as raw:
+        reader = (open(fd, "rb", buffering=_CHUNK, closefd=False) if tap is None  # noqa: SIM115 - closed by with
+                  else io.BufferedReader(_Tapped(fd, tap), buffer_size=_CHUNK))
+        with reader as raw:
             raw.seek(0)  # the descriptor's offset is shared with every reader of it
 
             def progress() -> None:
@@ -852,7 +964,7 @@ def _unpack(raw: IO[bytes], p: Plan, out: int, budget: Budget, stop: threading.E
     outer = p.kinds[0]
     if outer in ARCHIVES:
         return _from_archive(raw, True, p, out, budget, stop, progress)
-    stream = _decoder(outer, raw)
+    stream = _decoder(outer, raw, stop)
     first = _read_up_to(stream, HEAD)
     if len(p.kinds) > 1:
         return _from_archive(_Chained(first, stream), False, p, out, budget, stop, progress)

@@ -20,6 +20,13 @@ whatever item of that name is in flight.  Whichever daemon holds the item
 (or, with none running, ``convd cancel`` itself) moves it to ``failed/`` with
 code ``cancelled`` and removes the request; a request for an item already
 published, or for no item at all, is removed and changes nothing.
+
+Expectations (contract section 8): ``incoming/.convd-expect.NAME``, written
+before ``NAME`` is renamed in, states what the producer dropped
+(``{"size": 123, "sha256": "…"}``); convd takes it with the item at claim.
+
+Every sidecar is the producer's file: convd reads it with :func:`read_sidecar`
+(no link followed, never blocking, a few KiB at most, bounded JSON).
 """
 
 from __future__ import annotations
@@ -28,12 +35,15 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import hashlib
 import json
+import math
 import os
 import secrets
 import select
 import shutil
 import stat
+import string
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,21 +54,31 @@ from convd import cluster, durable
 
 __all__ = [
     "CANCEL_PREFIX",
+    "EXPECT_PREFIX",
     "PRIORITY_PREFIX",
+    "SET_ASIDE_PREFIX",
+    "SIDECAR_MAX",
     "CancelRequest",
     "DirWatch",
+    "SidecarError",
     "SpoolPaths",
     "clear_cancel_request",
     "clear_priority",
     "daemons_running",
+    "expectation",
     "find_record",
     "hand_in",
     "is_cancel_request",
     "item_progress",
     "mark_priority",
+    "parse_sidecar",
+    "read_cancel_request",
     "read_cancel_requests",
     "read_priority",
+    "read_sidecar",
     "request_cancel",
+    "set_aside",
+    "write_expectation",
 ]
 
 CANCEL_PREFIX = ".convd-cancel."
@@ -66,7 +86,9 @@ CANCEL_PREFIX = ".convd-cancel."
 # section 9; the rule is Intake.ready's).
 PRIORITY_PREFIX = ".convd-priority."
 PRIORITIES = ("high", "normal")
-_PRIORITY_MAX_BYTES = 4096
+EXPECT_PREFIX = ".convd-expect."
+# Where a sidecar convd will not act on goes when it cannot be removed (a directory).
+SET_ASIDE_PREFIX = ".convd-set-aside."
 _IGNORED_SUFFIXES = (".part", ".tmp")
 
 
@@ -88,11 +110,15 @@ class SpoolPaths:
 # -- hand-in -------------------------------------------------------------
 
 
-def hand_in(src: str | os.PathLike[str], paths: SpoolPaths, name: str, *, priority: str = "normal") -> int:
+def hand_in(src: str | os.PathLike[str], paths: SpoolPaths, name: str, *, priority: str = "normal",
+            expect: dict[str, int | str] | None = None) -> int:
     """Put ``src`` into ``incoming/NAME``: a rename on the same filesystem, else a copy.
 
     ``priority="high"`` first marks ``NAME`` (:func:`mark_priority`) so the
     daemon takes it before bulk drops; ``"normal"`` marks nothing.
+    ``expect`` (contract section 8: ``{"size": bytes, "sha256": hex, …}``) is
+    written as ``incoming/.convd-expect.NAME`` first, so convd checks the
+    bytes it takes against it; it is removed again if the hand-in fails.
 
     Either way the bytes pass through ``incoming/.NAME.part`` (fsynced, made
     group-readable with the spool's group) and reach ``NAME`` by a rename
@@ -105,6 +131,10 @@ def hand_in(src: str | os.PathLike[str], paths: SpoolPaths, name: str, *, priori
     if priority == "high":
         mark_priority(paths, name)  # before NAME appears: the daemon reads it when it first sees NAME
     part = paths.incoming / f".{name}.part"
+    if expect and os.path.lexists(paths.incoming / name):
+        # An earlier hand-in of that name waits: its expectation is not ours to replace.
+        raise FileExistsError(errno.EEXIST, "already in the spool", str(paths.incoming / name))
+    expect_path = write_expectation(paths, name, expect) if expect else None
     renamed = True
     try:
         os.rename(src, part)
@@ -133,6 +163,9 @@ def hand_in(src: str | os.PathLike[str], paths: SpoolPaths, name: str, *, priori
                 os.rename(part, src)  # the caller's file stays where it was
             else:
                 os.unlink(part)
+        if expect_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(expect_path)
         raise
     if not renamed:
         os.unlink(src)
@@ -159,30 +192,15 @@ def mark_priority(paths: SpoolPaths, name: str) -> Path:
 def read_priority(incoming: Path, name: str) -> str:
     """``"high"`` if ``incoming/.convd-priority.NAME`` says so, else ``"normal"``.
 
-    The sidecar is a producer's file: opened without following a link or
-    blocking on a FIFO, a regular file only, at most 4 KiB read; anything
-    else (absent, unreadable, not JSON, another value) is ``"normal"``.
+    The sidecar is a producer's file, read as every sidecar is
+    (:func:`read_sidecar`); anything else (absent, unreadable, not JSON,
+    another value) is ``"normal"``.
     """
     try:
-        fd = os.open(incoming / f"{PRIORITY_PREFIX}{name}",
-                     os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
+        body = read_sidecar(incoming / f"{PRIORITY_PREFIX}{name}")
+    except (OSError, SidecarError):
         return "normal"
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return "normal"
-        data = os.read(fd, _PRIORITY_MAX_BYTES + 1)
-    except OSError:
-        return "normal"
-    finally:
-        os.close(fd)
-    if len(data) > _PRIORITY_MAX_BYTES:
-        return "normal"
-    try:
-        body = json.loads(data)
-    except ValueError:
-        return "normal"
-    return "high" if isinstance(body, dict) and body.get("priority") == "high" else "normal"
+    return "high" if body.get("priority") == "high" else "normal"
 
 
 def clear_priority(incoming: Path, name: str) -> None:
@@ -251,6 +269,98 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
+# -- sidecars: bounded, link-free reading ---------------------------------------
+
+SIDECAR_MAX = 4096  # bytes a sidecar may have; a request or an expectation is far smaller
+SIDECAR_DEPTH = 4  # nesting a sidecar's JSON may have ({"a": {"b": […]}} is 3)
+REASON_MAX = 500
+
+
+class SidecarError(ValueError):
+    """A sidecar (cancel request, expectation) that convd will not act on; the message says why."""
+
+
+def read_sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON object in the sidecar at ``path``, read without following a link or blocking.
+
+    Opened with ``O_NOFOLLOW | O_NONBLOCK`` (a symlink, a FIFO or a device
+    never makes convd wait or read without end), it must be a regular file
+    of at most ``SIDECAR_MAX`` bytes holding one JSON object nested at most
+    ``SIDECAR_DEPTH`` deep.  Raises ``FileNotFoundError`` when it is gone and
+    ``SidecarError`` (the reason, in a producer's words) for anything else.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SidecarError("it is a symbolic link") from None
+        raise SidecarError(f"it cannot be opened: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SidecarError("it is not a regular file (a directory, FIFO, socket or device)")
+        if st.st_size > SIDECAR_MAX:
+            raise SidecarError(f"it is {st.st_size} bytes; a sidecar has at most {SIDECAR_MAX}")
+        try:
+            data = os.read(fd, SIDECAR_MAX + 1)
+        except OSError as exc:
+            raise SidecarError(f"it cannot be read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > SIDECAR_MAX:
+        raise SidecarError(f"it holds more than {SIDECAR_MAX} bytes")
+    return parse_sidecar(data)
+
+
+def _depth(text: str) -> int:
+    """Deepest nesting of ``[``/``{`` outside strings (json would recurse that deep)."""
+    depth = most = 0
+    in_str = escaped = False
+    for ch in text:
+        if in_str:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            most = max(most, depth)
+        elif ch in "]}":
+            depth -= 1
+    return most
+
+
+def parse_sidecar(data: bytes) -> dict[str, Any]:
+    """A sidecar's bytes as a JSON object (UTF-8, bounded depth); raises ``SidecarError``."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SidecarError("it is not UTF-8 text") from None
+    if _depth(text) > SIDECAR_DEPTH:
+        raise SidecarError(f"its JSON is nested more than {SIDECAR_DEPTH} deep")
+    try:
+        obj = json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        raise SidecarError(f"it is not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise SidecarError("it is not a JSON object")
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _printable(text: str) -> str:
+    return "".join(ch if ch.isprintable() else " " for ch in text)
+
+
 # -- cancel requests -------------------------------------------------------
 
 
@@ -259,7 +369,7 @@ class CancelRequest:
     name: str
     inode: int | None
     reason: str
-    requested_at: float
+    requested_at: float  # as the producer stated it: informational, never trusted for expiry
 
     def matches(self, inode: int | None) -> bool:
         """Whether this request is for the bytes with ``inode`` (any, if it names none)."""
@@ -274,7 +384,7 @@ def is_cancel_request(filename: str) -> bool:
 def request_cancel(paths: SpoolPaths, name: str, *, inode: int | None, reason: str = "") -> Path:
     """Ask, through the spool, that ``NAME`` be cancelled (replaces an earlier request)."""
     path = paths.incoming / f"{CANCEL_PREFIX}{name}"
-    body = {"name": name, "inode": inode, "reason": reason[:500], "requested_at": time.time()}
+    body = {"name": name, "inode": inode, "reason": reason[:REASON_MAX], "requested_at": time.time()}
     tmp = paths.incoming / f".convd-cancel-{secrets.token_hex(6)}.tmp"
     durable.write_json(tmp, body)
     try:
@@ -286,6 +396,32 @@ def request_cancel(paths: SpoolPaths, name: str, *, inode: int | None, reason: s
     return path
 
 
+def read_cancel_request(path: str | os.PathLike[str], name: str) -> CancelRequest:
+    """The cancel request for ``NAME`` at ``path``, validated field by field.
+
+    Fields: ``name`` (optional; if given, ``NAME``), ``inode`` (a non-negative
+    integer or null), ``reason`` (text, at most ``REASON_MAX`` characters),
+    ``requested_at`` (a number, informational).  Unknown fields are ignored.
+    Raises ``FileNotFoundError`` or ``SidecarError`` as :func:`read_sidecar`.
+    """
+    body = read_sidecar(path)
+    stated = body.get("name", name)
+    if stated != name:
+        raise SidecarError(f'its "name" ({_printable(str(stated))[:80]!r}) is not the name in the file name')
+    inode = body.get("inode")
+    if inode is not None and (isinstance(inode, bool) or not isinstance(inode, int) or inode < 0):
+        raise SidecarError('its "inode" is not a non-negative integer or null')
+    reason = body.get("reason") or ""
+    if not isinstance(reason, str):
+        raise SidecarError('its "reason" is not text')
+    if len(reason) > REASON_MAX:
+        raise SidecarError(f'its "reason" is longer than {REASON_MAX} characters')
+    at = body.get("requested_at") or 0.0
+    if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at):
+        raise SidecarError('its "requested_at" is not a number')
+    return CancelRequest(name=name, inode=inode, reason=_printable(reason), requested_at=float(at))
+
+
 def read_cancel_requests(paths: SpoolPaths) -> Iterator[CancelRequest]:
     """Every well-formed cancel request in ``incoming/`` (a malformed one is removed)."""
     try:
@@ -295,22 +431,83 @@ def read_cancel_requests(paths: SpoolPaths) -> Iterator[CancelRequest]:
     for filename in names:
         if not is_cancel_request(filename):
             continue
-        req = _parse_request(paths.incoming / filename, filename[len(CANCEL_PREFIX):])
-        if req is not None:
-            yield req
+        path = paths.incoming / filename
+        try:
+            yield read_cancel_request(path, filename[len(CANCEL_PREFIX):])
+        except FileNotFoundError:
+            continue
+        except SidecarError:
+            set_aside(path)
 
 
-def _parse_request(path: Path, name: str) -> CancelRequest | None:
-    body = _read_json(path)
-    if body is None:
-        if path.exists():
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        return None
-    inode = body.get("inode")
-    return CancelRequest(name=name, inode=inode if isinstance(inode, int) else None,
-                         reason=str(body.get("reason") or ""),
-                         requested_at=float(body.get("requested_at") or 0.0))
+def set_aside(path: str | os.PathLike[str]) -> bool:
+    """Take a sidecar convd will not act on out of the way: removed, or (a directory)
+    renamed to a dot-name nothing reads.  False when neither was allowed."""
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError:
+        pass
+    p = Path(path)
+    try:
+        os.rename(p, p.with_name(f"{SET_ASIDE_PREFIX}{secrets.token_hex(6)}"))
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+
+
+# -- expectations (contract section 8) --------------------------------------------
+
+
+def expectation(body: dict[str, Any]) -> dict[str, int | str]:
+    """A producer's expectation, validated field by field: ``{"size": bytes, ALGO: hex, …}``.
+
+    ``size`` is a non-negative integer; every other key must be a hashlib
+    algorithm of fixed digest length (``sha256``, ``sha512``, ``sha1``, ``md5``, …)
+    with a hex digest of that length (case is ignored).  Raises ``SidecarError``.
+    """
+    out: dict[str, int | str] = {}
+    for key, value in body.items():
+        if key == "size":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise SidecarError('its "size" is not a non-negative integer (bytes)')
+            out["size"] = value
+            continue
+        algo = key.lower() if isinstance(key, str) else ""
+        try:
+            length = hashlib.new(algo).digest_size * 2 if algo in hashlib.algorithms_available else 0
+        except (ValueError, TypeError):
+            length = 0
+        if not length or algo.startswith("shake"):
+            raise SidecarError(f"it states {_printable(key)[:40]!r}, which is neither \"size\" nor a "
+                               "hashlib digest name")
+        if not isinstance(value, str) or len(value) != length or any(c not in string.hexdigits for c in value):
+            raise SidecarError(f'its "{algo}" is not a hex digest of {length} characters')
+        out[algo] = value.lower()
+    if not out:
+        raise SidecarError('it states nothing ("size" or a digest)')
+    return out
+
+
+def write_expectation(paths: SpoolPaths, name: str, expect: dict[str, int | str]) -> Path:
+    """Write ``incoming/.convd-expect.NAME`` (through a dot-temp and a rename), before
+    ``NAME`` itself is renamed in; it replaces an earlier one."""
+    path = paths.incoming / f"{EXPECT_PREFIX}{name}"
+    tmp = paths.incoming / f".convd-expect-{secrets.token_hex(6)}.tmp"
+    durable.write_json(tmp, dict(expect))
+    try:
+        with contextlib.suppress(OSError):
+            os.chmod(tmp, 0o640)  # the daemon reads it through the spool's group
+        durable.move(tmp, path, replace=True)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def clear_cancel_request(paths: SpoolPaths, name: str) -> None:

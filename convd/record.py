@@ -25,6 +25,8 @@ def build(item: Item, status: str, *, target: dict[str, Any] | None = None,
         "status": status,
         "source": {**item.source, **(item.container or {})},
     }
+    if item.source_checksums:
+        rec["source"]["checksums"] = dict(item.source_checksums)
     if error is not None:
         rec["error"] = {"code": error.code, "message": error.message}
     else:

@@ -38,6 +38,9 @@ class SingleFileSpool:
     def note_attempt(self, claim: Claim) -> None:
         claim.attempts += 1
 
+    def note_reading(self, claim: Claim, reading: bool) -> None:
+        pass  # one run of `convd convert`: nothing survives it to quarantine
+
     def discard_output(self, claim: Claim) -> None:
         try:
             os.unlink(claim.output)

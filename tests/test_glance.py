@@ -201,6 +201,28 @@ def test_web_download_reject_reaches_the_user_and_the_image_imports_again(glance
     assert_active_raw(glance_env, image_id, src, "vmdk", client.wait_import(image_id, ntasks=2))
 
 
+def test_staged_data_that_is_not_the_size_glance_counted_fails_the_import_and_goes_back_to_queued(
+        glance_env: Env, tmp_path: Path) -> None:
+    # The plugin states the size Glance's staging upload counted (contract
+    # section 8); bytes added to the staged file since are not what was uploaded.
+    src = make_image(tmp_path / "grown.qcow2", "qcow2", VIRTUAL, seed=11)
+    client = glance_env.client
+    image_id = client.create("grown", "qcow2")
+    client.stage(image_id, src)
+    size = src.stat().st_size
+    with open(glance_env.glance.staging / image_id, "ab") as staged:
+        staged.write(b"\0" * 512)
+    client.import_(image_id)
+    task = client.wait_import(image_id)
+    assert task["status"] == "failure"
+    assert task["message"].startswith("convd: corrupt_image: "), task["message"]
+    assert f"stated size {size} bytes; {size + 512} bytes were received" in task["message"]
+    assert_back_to_queued(glance_env, image_id, "qcow2")
+    rec = glance_env.spool.record(image_id)
+    assert rec["error"]["code"] == "corrupt_image"
+    assert not os.path.lexists(glance_env.spool.incoming / f".convd-expect.{image_id}")
+
+
 @pytest.mark.parametrize("sample", ["qcow-with-backing.qcow2", "qcow-with-datafile.qcow2"])
 def test_hostile_image_fails_with_unsafe_image_and_goes_back_to_queued(glance_env: Env, tmp_path: Path,
                                                                        sample: str) -> None:

@@ -146,6 +146,11 @@ class _ConvdConvert(task.Task):
         name = self.image_id
         with self.action_wrapper as action:
             self.original = (action.image_disk_format, action.image_container_format)
+            staged_size = action.image_size
+        # What Glance knows of the staged data, for convd to check the bytes
+        # it takes against (contract section 8): the size its staging upload
+        # counted (glance-direct).  Glance holds no digest of staged data.
+        expect = {'size': staged_size} if isinstance(staged_size, int) and staged_size > 0 else None
         # A result under this image's ID that nobody took (an earlier import
         # whose glance-api died) is not this upload's: it would be mistaken
         # for it, and it would make this one a name_conflict.
@@ -153,7 +158,7 @@ class _ConvdConvert(task.Task):
             LOG.warning('Removing an unclaimed convd result of an earlier import of image %s', name)
             self._discard_result(paths, name)
         try:
-            self.handed_in = protocol.hand_in(src, paths, name, priority=conf.priority)
+            self.handed_in = protocol.hand_in(src, paths, name, priority=conf.priority, expect=expect)
         except FileExistsError:
             raise exception.UploadException(
                 'convd: an image with this ID is already in the spool (incoming/%s)' % name)

@@ -47,6 +47,8 @@ class Item:
     # the dropped file's}); it overrides ``source``'s keys in the record.
     container: dict[str, Any] | None = None
     passthrough: bool = False
+    # Digests of the bytes as dropped (the record's source.checksums), once verified.
+    source_checksums: dict[str, str] | None = None
     estimate: int = 0
     reservation: Reservation | None = None
     unpack_reservation: Reservation | None = None  # the unpacked disk's bytes, until the item ends

@@ -10,7 +10,8 @@ one), and in it one directory per item (``work/<instance>/<NAME>/``) holding
 * ``private``      a copy of ``source`` read instead of it where convd cannot
                    take the inode itself (``convd.custody``); made again after a crash;
 * ``output``       qemu-img's output while it is being written;
-* ``item.json``    attempts so far;
+* ``item.json``    attempts so far, and unpacks begun but never finished: the
+                   daemon died in them (see ``note_reading``);
 * ``record.json``  the final record and destination, written durably just
                    before the handoff, so recovery can finish it.
 
@@ -42,7 +43,7 @@ from typing import Any
 
 import structlog
 
-from convd import durable
+from convd import durable, protocol
 from convd.cluster import ADOPT, LOCK, instance_lock_state, try_flock
 from convd.config import SpoolConfig
 from convd.errors import ConfigError
@@ -61,6 +62,9 @@ log = structlog.get_logger("convd.spool")
 
 IGNORED_SUFFIXES = (".part", ".tmp")
 SOURCE, OUTPUT, ITEM, RECORD = "source", "output", "item.json", "record.json"
+# The producer's expectation (contract section 8) as convd read it at claim:
+# {"expect": {...}} or {"unreadable": "why"}; written by convd, never the producer's file.
+EXPECT = "expect.json"
 UNPACKED = "unpacked"
 PRIVATE = "private"
 # Another instance's temp in outgoing/ or failed/ older than this is abandoned.
@@ -70,8 +74,11 @@ STALE_TEMP_AGE = 3600.0
 # probe takes milliseconds; adopting many items on a slow filesystem, longer).
 ADOPT_WAIT = 60.0
 
-# NAME.json and failed/NAME.N.json must fit in NAME_MAX (255 bytes).
-MAX_NAME_BYTES = 255 - len(".json") - len(".999")
+# NAME.json and failed/NAME.N.json (N up to 8 digits) must fit in NAME_MAX (255 bytes).
+FAILED_NUMBER_MAX = 99_999_999
+MAX_NAME_BYTES = 255 - len(".json") - len(f".{FAILED_NUMBER_MAX}")  # 241
+# Names whose next free number in failed/ is remembered (so numbering is O(1) when warm).
+_FAILED_NEXT_KEPT = 4096
 
 
 def is_candidate_name(name: str) -> bool:
@@ -110,6 +117,7 @@ class Claim:
     name: str
     dir: Path
     attempts: int = 0
+    reads_unfinished: int = 0  # unpacks of it the daemon never came back from (it died in them)
     pending: dict[str, Any] | None = None  # record.json, when only the handoff is left
     source_path: Path | None = None  # `convd convert`: the user's file, left where it is
     unpacked: Path | None = None  # the disk unpacked from a container source, once written
@@ -148,6 +156,7 @@ class Spool:
         # directory of a claim being made.
         self._claims_guard = threading.Lock()
         self._unrecovered: list[str] = []  # adopted, but not yet readable (take_over retries them)
+        self._failed_next: dict[str, int] = {}  # NAME -> the number to try next in failed/
 
     # -- start-up --------------------------------------------------------
 
@@ -338,8 +347,10 @@ class Spool:
         d = self.claims / name
         claim = Claim(name=name, dir=d)
         try:
-            claim.attempts = int(json.loads((d / ITEM).read_bytes()).get("attempts", 0))
-        except (FileNotFoundError, ValueError):
+            state = json.loads((d / ITEM).read_bytes())
+            claim.attempts = int(state.get("attempts", 0))
+            claim.reads_unfinished = int(state.get("reads_unfinished", 0))
+        except (FileNotFoundError, ValueError, AttributeError, TypeError):
             pass
         try:
             claim.pending = json.loads((d / RECORD).read_bytes())
@@ -400,6 +411,21 @@ class Spool:
                 out[claim.name] = exc
         return out
 
+    def _take_expectation(self, name: str, d: Path) -> Path | None:
+        """Read ``incoming/.convd-expect.NAME`` into ``d/expect.json``; its path in
+        ``incoming/`` (to remove once the claim is won), or None when there is none."""
+        path = self.incoming / f"{protocol.EXPECT_PREFIX}{name}"
+        if not os.path.lexists(path):
+            return None
+        try:
+            state: dict[str, Any] = {"expect": protocol.expectation(protocol.read_sidecar(path))}
+        except FileNotFoundError:
+            return None
+        except protocol.SidecarError as exc:
+            state = {"unreadable": str(exc)}
+        durable.write_json(d / EXPECT, state, sync=False, compact=True)
+        return path
+
     def _claim(self, name: str) -> Claim | None | OSError:
         d = self.claims / name
         try:
@@ -407,17 +433,24 @@ class Spool:
         except OSError as exc:
             return exc
         try:
+            expect = self._take_expectation(name, d)
+        except OSError as exc:
+            os.rmdir(d)
+            return exc
+        try:
             # A plain rename: d was just made by us, so nothing can be at
             # d/source, and rename(2) is atomic on every filesystem (NFS too,
             # where renameat2 flags are not), so exactly one claimer wins.
             durable.move(self.incoming / name, d / SOURCE, replace=True, sync=False)
         except FileNotFoundError:
-            os.rmdir(d)
+            _unclaim(d)
             log.debug("claim lost the race", item=name)
             return None
         except OSError as exc:
-            os.rmdir(d)
+            _unclaim(d)
             return exc
+        if expect is not None:
+            protocol.set_aside(expect)  # taken with the item: removed (a directory, renamed away)
         return Claim(name=name, dir=d)
 
     # -- per-item state ---------------------------------------------------
@@ -426,8 +459,20 @@ class Spool:
         claim.attempts += 1
         # Atomic but not fsynced: the count is informational, and a power cut
         # costing it at worst under-reports one attempt.
+        self._write_item(claim, sync=False)
+
+    def note_reading(self, claim: Claim, reading: bool) -> None:
+        """Count an unpack of the item (the daemon's own process parsing a container) begun, or
+        take one back once it ended.  Fsynced when begun: an unpack the daemon died in (a crash,
+        an OOM kill) stays counted, so an input that keeps taking the daemon down is quarantined
+        instead of retried forever."""
+        claim.reads_unfinished = claim.reads_unfinished + 1 if reading else max(0, claim.reads_unfinished - 1)
+        self._write_item(claim, sync=reading)
+
+    def _write_item(self, claim: Claim, *, sync: bool) -> None:
         durable.write_json(claim.dir / ITEM, {"name": claim.name, "attempts": claim.attempts,
-                                              "updated_at": time.time()}, replace=True, sync=False,
+                                              "reads_unfinished": claim.reads_unfinished,
+                                              "updated_at": time.time()}, replace=True, sync=sync,
                            compact=True)
 
     def discard_output(self, claim: Claim) -> None:
@@ -444,13 +489,36 @@ class Spool:
 
     # -- handoff ----------------------------------------------------------
 
+    def _failed_free(self, candidate: str) -> bool:
+        return not (os.path.lexists(self.failed / candidate) or os.path.lexists(self.failed / f"{candidate}.json"))
+
     def free_failed_name(self, name: str) -> str:
-        """``failed/`` never overwrites: NAME, else NAME.1, NAME.2, …"""
-        candidate, n = name, 0
-        while os.path.lexists(self.failed / candidate) or os.path.lexists(self.failed / f"{candidate}.json"):
-            n += 1
-            candidate = f"{name}.{n}"
-        return candidate
+        """``failed/`` never overwrites: NAME, else NAME.1, NAME.2, … (N at most ``FAILED_NUMBER_MAX``).
+
+        The next number is remembered per name, and found afresh by doubling
+        then halving (a few ``lstat`` calls, not one per earlier reject), so
+        the thousandth reject of a name costs what the second did.
+        """
+        if self._failed_free(name):
+            return name
+        n = self._failed_next.pop(name, None)
+        if n is None:
+            lo, hi = 0, 1  # NAME.lo is taken (or lo is 0), NAME.hi to be seen
+            while hi < FAILED_NUMBER_MAX and not self._failed_free(f"{name}.{hi}"):
+                lo, hi = hi, min(hi * 2, FAILED_NUMBER_MAX)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if self._failed_free(f"{name}.{mid}"):
+                    hi = mid
+                else:
+                    lo = mid
+            n = hi
+        while n < FAILED_NUMBER_MAX and not self._failed_free(f"{name}.{n}"):
+            n += 1  # taken since (another instance): the next one
+        if len(self._failed_next) >= _FAILED_NEXT_KEPT:
+            del self._failed_next[next(iter(self._failed_next))]
+        self._failed_next[name] = n + 1
+        return f"{name}.{n}"
 
     def output_taken(self, name: str) -> str | None:
         """Which of ``outgoing/NAME`` and its record already exists (for the message), else None."""
@@ -541,9 +609,18 @@ class Spool:
         handoff; were it gone first, a surviving ``source`` would be converted
         a second time.
         """
-        for name in (SOURCE, UNPACKED, PRIVATE, OUTPUT, ITEM, RECORD):
+        for name in (SOURCE, UNPACKED, PRIVATE, OUTPUT, EXPECT, ITEM, RECORD):
             try:
                 os.unlink(claim.dir / name)
             except FileNotFoundError:
                 pass
         durable.remove_tree(claim.dir)
+
+
+def _unclaim(d: Path) -> None:
+    """Undo a claim directory that got no source (its expectation copy, then itself)."""
+    try:
+        os.unlink(d / EXPECT)
+    except FileNotFoundError:
+        pass
+    os.rmdir(d)

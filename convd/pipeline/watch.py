@@ -38,6 +38,7 @@ class Watcher:
         self.stopping = stopping
         self.on_change = on_change
         self.on_cancel_request = on_cancel_request  # a request file (convd.protocol) came or may have
+        self._refused: dict[str, int] = {}  # refused name -> its inode, logged once until it changes
 
     async def run(self, watching: anyio.Event) -> None:
         """Watch until ``stopping``; sets ``watching`` once events flow (or it gave up)."""
@@ -88,12 +89,16 @@ class Watcher:
 
     def scan(self) -> None:
         """Note every candidate name in ``incoming/`` (the directory is the truth)."""
+        refused_now: dict[str, int] = {}
         for entry in self.spool.scan_incoming():
             refused = name_refused(entry.name) if entry.name not in self.intake.pending else None
             if refused:
-                log.error("name refused; left in incoming/", item=entry.name, reason=refused)
+                refused_now[entry.name] = inode = entry.inode()
+                if self._refused.get(entry.name) != inode:  # once per file, not at every rescan
+                    log.error("name refused; left in incoming/", item=entry.name, reason=refused)
                 continue
             self.intake.saw(entry.name)
+        self._refused = refused_now
         self.on_cancel_request()
         self.on_change()
 

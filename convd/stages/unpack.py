@@ -3,6 +3,7 @@ written to the item's work directory under the ledger; anything else goes straig
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -15,15 +16,24 @@ import structlog
 from convd import containers, custody
 from convd.bandwidth import Throttle
 from convd.config import format_size
-from convd.errors import Cancelled, ItemError, Stopped, TooLarge, TransientError, UnsupportedFormat
+from convd.errors import (
+    Cancelled,
+    ItemError,
+    Stopped,
+    TooLarge,
+    TransientError,
+    UnsafeImage,
+    UnsupportedFormat,
+)
 from convd.inspection import open_regular
 from convd.pipeline.item import Item, Stage
 from convd.pipeline.spool import PRIVATE, UNPACKED
+from convd.stages import verify
 
 if TYPE_CHECKING:
     from convd.pipeline.context import Context
 
-__all__ = ["GROW_PATIENCE", "unpack", "unpack_limit"]
+__all__ = ["GROW_PATIENCE", "MAX_UNFINISHED_READS", "unpack", "unpack_limit"]
 
 log = structlog.get_logger("convd.unpack")
 
@@ -37,6 +47,9 @@ _DEFLATE_MAX_RATIO = 1032  # deflate's most output per input byte
 # once must not wait for each other forever).
 GROW_PATIENCE = 60.0
 _GROW_POLL = 0.5
+# Times the daemon may die while unpacking one input before that input is quarantined
+# (never a crash loop: systemd restarts the daemon, recovery would unpack it again).
+MAX_UNFINISHED_READS = 3
 
 
 def unpack_limit(max_virtual_size: int) -> int:
@@ -46,6 +59,23 @@ def unpack_limit(max_virtual_size: int) -> int:
 
 
 async def unpack(item: Item, ctx: Context) -> Stage:
+    # The producer's expectation and the dropped file's digests, before anything
+    # is converted; for a container, taken while it is unpacked.
+    verifier = await verify.begin(item, ctx)
+    try:
+        stage = await _unpack(item, ctx, verifier)
+    except ItemError:
+        if verifier is not None and item.source_checksums is None:
+            # The record's digests; and bytes that are not what was stated are
+            # why the container would not unpack (a cut-short upload).
+            await verifier.finish()
+        raise
+    if verifier is not None:
+        await verifier.finish()
+    return stage
+
+
+async def _unpack(item: Item, ctx: Context, verifier: verify.Verifier | None) -> Stage:
     claim, cfg = item.claim, item.cfg
     dest = claim.dir / UNPACKED
     claim.unpacked = None
@@ -134,10 +164,22 @@ async def unpack(item: Item, ctx: Context) -> Stage:
 
         budget = containers.Budget(cap=cap, reserved=first, grow=grow)
         item.progress = 0.0
-        async with ctx.bandwidth.share() as rate:
-            throttle = Throttle(rate, ctx.stop)
-            result = await anyio.to_thread.run_sync(functools.partial(
-                containers.unpack, fd, plan, str(dest), budget, stop=ctx.stop, on_progress=progress))
+        if claim.reads_unfinished >= MAX_UNFINISHED_READS:
+            raise UnsafeImage(f"convd stopped {claim.reads_unfinished} times while unpacking {plan.description}, "
+                              "by a crash or an out-of-memory kill; it is quarantined so that it cannot "
+                              "stop the daemon again")
+        # Counted (fsynced) while the daemon's own process parses the container: a
+        # death here is remembered at the next start; leaving in any other way is not.
+        await anyio.to_thread.run_sync(ctx.spool.note_reading, claim, True)
+        try:
+            async with ctx.bandwidth.share() as rate:
+                throttle = Throttle(rate, ctx.stop)
+                result = await anyio.to_thread.run_sync(functools.partial(
+                    containers.unpack, fd, plan, str(dest), budget, stop=ctx.stop, on_progress=progress,
+                    tap=verifier.feed if verifier is not None else None))
+        finally:
+            with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
+                await anyio.to_thread.run_sync(ctx.spool.note_reading, claim, False)
     finally:
         os.close(fd)
         item.timings["unpack"] = item.timings.get("unpack", 0.0) + time.monotonic() - t0

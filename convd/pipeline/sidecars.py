@@ -1,0 +1,129 @@
+"""The daemon's side of the spool's sidecars (``convd.protocol``): cancel requests,
+indexed and bounded, and the producer's expectation taken with the item at claim.
+
+A sidecar is the producer's file: read bounded and without following links
+(:func:`convd.protocol.read_sidecar`), and a bad one is logged once and set
+aside.  Time is convd's own clock, never a date the file states.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from convd.protocol import (
+    CANCEL_PREFIX,
+    CancelRequest,
+    SidecarError,
+    is_cancel_request,
+    read_cancel_request,
+    set_aside,
+)
+
+__all__ = ["MAX_CANCEL_REQUESTS", "CancelBook"]
+
+# Most cancel requests held at once; one more is refused (and removed).  A
+# real request is settled within seconds, so this only bounds a flood.
+MAX_CANCEL_REQUESTS = 256
+# Files that could be neither read nor set aside, remembered so each is logged once.
+_REMEMBERED_MAX = 10_000
+
+
+@dataclass
+class _Entry:
+    ident: tuple[int, int, int, int]  # (inode, size, mtime, ctime) when read: re-read only if it changes
+    request: CancelRequest
+    first_seen: float  # convd's monotonic clock
+
+
+class CancelBook:
+    """The cancel requests waiting in ``incoming/``, by item name.
+
+    :meth:`refresh` reads only what changed since the last look, refuses a
+    request naming a name the intake refuses, a malformed one and any past
+    ``limit``, and sets each refused file aside (logged once by the caller).
+    """
+
+    def __init__(self, incoming: Path, name_refused: Callable[[str], str | None], *,
+                 limit: int = MAX_CANCEL_REQUESTS, clock: Callable[[], float] = time.monotonic) -> None:
+        self.incoming = incoming
+        self.name_refused = name_refused
+        self.limit = limit
+        self.clock = clock
+        self.entries: dict[str, _Entry] = {}
+        self._stuck: dict[str, tuple[int, int, int, int]] = {}  # refused, could not be set aside
+
+    def refresh(self) -> tuple[list[tuple[str, str]], int]:
+        """Look at ``incoming/`` again: ``([(file name, why refused)], requests over the limit)``.
+
+        Blocking (a directory listing and an ``lstat`` per request); never
+        waits on a request's content (see :func:`convd.protocol.read_sidecar`).
+        """
+        try:
+            names = os.listdir(self.incoming)
+        except FileNotFoundError:
+            names = []
+        refused: list[tuple[str, str]] = []
+        over = 0
+        seen: set[str] = set()
+        requests = [n for n in names if is_cancel_request(n)]
+        for filename in requests:
+            name = filename[len(CANCEL_PREFIX):]
+            path = self.incoming / filename
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            ident = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            entry = self.entries.get(name)
+            if entry is not None and entry.ident == ident:
+                seen.add(name)
+                continue
+            if self._stuck.get(filename) == ident:
+                continue
+            overflow = False
+            try:
+                why = self.name_refused(name)
+                if why is not None:
+                    raise SidecarError(f"it names {name!r}, which the intake refuses: {why}")
+                if entry is None and len(self.entries) >= self.limit:
+                    overflow = True
+                    raise SidecarError(f"more than {self.limit} cancel requests are waiting")
+                req = read_cancel_request(path, name)
+            except FileNotFoundError:
+                continue
+            except SidecarError as exc:
+                if overflow:
+                    over += 1  # one line for all of them, not one each
+                else:
+                    refused.append((filename, str(exc)))
+                if not set_aside(path):
+                    if len(self._stuck) >= _REMEMBERED_MAX:
+                        self._stuck.clear()
+                    self._stuck[filename] = ident
+                continue
+            # A rewritten request is a new one: its age starts again.
+            self.entries[name] = _Entry(ident, req, self.clock())
+            seen.add(name)
+        for name in [n for n in self.entries if n not in seen]:
+            del self.entries[name]
+        present = set(requests)
+        for filename in [f for f in self._stuck if f not in present]:
+            del self._stuck[filename]
+        return refused, over
+
+    def age(self, name: str) -> float:
+        """Seconds since this daemon first read the request for ``NAME``."""
+        entry = self.entries.get(name)
+        return 0.0 if entry is None else self.clock() - entry.first_seen
+
+    def clear(self, name: str) -> None:
+        """Remove the request for ``NAME`` (settled)."""
+        self.entries.pop(name, None)
+        try:
+            os.unlink(self.incoming / f"{CANCEL_PREFIX}{name}")
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,317 @@
+"""Hostile sidecars (issue 24): cancel requests a producer shapes to crash, wedge or drain
+the daemon, against a real ``convd run`` that runs as its own unprivileged user where
+that can be arranged (root can read a mode-000 file; convd's unit cannot)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import MiB, convd_bin, make_image, run, wait_for, write_config
+from glance_server import GLANCE_VENV
+
+from convd.pipeline.sidecars import MAX_CANCEL_REQUESTS
+
+CONVD_USER = "convdtest-convd"
+SECRET = "outside-the-spool-secret-reason"
+
+
+class Hosted:
+    """A spool under /tmp (reachable by another user) and a ``convd run`` on it,
+    as ``CONVD_USER`` when the test runs as root, else as the test's own user."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.root = base / "spool"
+        self.incoming, self.outgoing, self.failed = (self.root / d for d in ("incoming", "outgoing", "failed"))
+        # The test's venv lives under /root: another user runs the Glance venv's
+        # convd (the same source tree, installed editable), where it was made.
+        self.as_user = (os.geteuid() == 0 and shutil.which("setpriv") is not None
+                        and (GLANCE_VENV / "bin" / "convd").exists())
+        self.convd = str(GLANCE_VENV / "bin" / "convd") if self.as_user else convd_bin()
+        for d, mode in ((self.root, 0o755), (self.incoming, 0o2777), (self.root / "work", 0o750),
+                        (self.outgoing, 0o755), (self.failed, 0o755)):
+            d.mkdir()
+            if self.as_user:
+                shutil.chown(d, CONVD_USER, CONVD_USER)
+            d.chmod(mode)
+        self.config = base / "convd.toml"
+        self.config.write_text(f'[spool]\nroot = "{self.root}"\ninstance = "hostile"\n[log]\nformat = "json"\n'
+                               'level = "debug"\n[metrics]\nlisten = ""\n[watch]\nsettle = 0.5\n'
+                               'rescan_interval = "1s"\n')
+        self.config.chmod(0o644)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.logs: list[Path] = []
+
+    def start(self) -> None:
+        log_path = self.base / f"convd-{len(self.logs)}.log"
+        self.logs.append(log_path)
+        argv = [self.convd, "run", "-c", str(self.config)]
+        if self.as_user:
+            argv = ["setpriv", f"--reuid={CONVD_USER}", f"--regid={CONVD_USER}", "--init-groups", "--", *argv]
+        with open(log_path, "wb") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(lambda: b'"watching"' in log_path.read_bytes() or self.proc.poll() is not None,
+                 what="convd to start")
+        self.assert_alive()
+
+    def log(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in self.logs)
+
+    def events(self, name: str) -> list[dict[str, object]]:
+        out = []
+        for line in self.log().splitlines():
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if ev.get("event") == name:
+                out.append(ev)
+        return out
+
+    def assert_alive(self) -> None:
+        assert self.proc is not None and self.proc.poll() is None, f"convd died:\n{self.log()[-3000:]}"
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            raise AssertionError(f"convd did not stop within 10 s after SIGTERM:\n{self.log()[-3000:]}") from None
+
+    def drop(self, src: Path, name: str) -> None:
+        tmp = self.incoming / f".{name}.part"
+        shutil.copyfile(src, tmp)
+        tmp.chmod(0o644)
+        os.rename(tmp, self.incoming / name)
+
+    def record(self, name: str) -> dict[str, object] | None:
+        for d in (self.outgoing, self.failed):
+            p = d / f"{name}.json"
+            if p.exists():
+                return dict(json.loads(p.read_text()))
+        return None
+
+    def converts(self, src: Path, name: str) -> None:
+        """Drop ``src`` as ``NAME`` and see it converted: the daemon still works."""
+        self.drop(src, name)
+        rec = wait_for(lambda: self.record(name), 60, what=f"record of {name}")
+        assert rec["status"] == "converted", rec
+        self.assert_alive()
+
+
+@pytest.fixture
+def convd_user() -> Iterator[None]:
+    if os.geteuid() != 0:
+        yield
+        return
+    made = False
+    try:
+        pwd.getpwnam(CONVD_USER)
+    except KeyError:
+        run("useradd", "--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin", CONVD_USER)
+        made = True
+    yield
+    if made:
+        run("userdel", CONVD_USER, check=False)
+
+
+@pytest.fixture
+def hosted(convd_user: None) -> Iterator[Hosted]:
+    # /tmp/pytest-of-root is 0700: the daemon's user needs a tree it can reach.
+    base = Path(tempfile.mkdtemp(prefix="convd-hostile-", dir="/tmp"))
+    base.chmod(0o755)
+    h = Hosted(base)
+    try:
+        yield h
+    finally:
+        if h.proc is not None and h.proc.poll() is None:
+            os.killpg(h.proc.pid, signal.SIGKILL)
+            h.proc.wait()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    return make_image(tmp_path / "ok.qcow2", "qcow2", 4 * MiB)
+
+
+def _request(path: Path, body: object, mode: int = 0o644) -> None:
+    tmp = path.with_name(f".{path.name}.part")
+    tmp.write_text(json.dumps(body) if not isinstance(body, str) else body)
+    tmp.chmod(mode)
+    os.rename(tmp, path)
+
+
+def _directory(p: Path, base: Path) -> None:
+    p.mkdir()
+    (p / "inside").write_text("x")
+
+
+def _mode_000(p: Path, base: Path) -> None:
+    _request(p, {"inode": None, "reason": "unreadable"}, mode=0)
+
+
+def _bad_requested_at(p: Path, base: Path) -> None:
+    _request(p, {"inode": None, "reason": "x", "requested_at": "tomorrow"})
+
+
+def _deep_json(p: Path, base: Path) -> None:
+    _request(p, "[" * 2000 + "]" * 2000)
+
+
+def _deep_object(p: Path, base: Path) -> None:
+    _request(p, '{"reason": ' + "[" * 50 + "]" * 50 + "}")
+
+
+def _fifo(p: Path, base: Path) -> None:
+    os.mkfifo(p, 0o644)
+
+
+def _dev_zero(p: Path, base: Path) -> None:
+    os.symlink("/dev/zero", p)
+
+
+def _outside_json(p: Path, base: Path) -> None:
+    outside = base / "outside.json"
+    outside.write_text(json.dumps({"inode": None, "reason": SECRET}))
+    os.symlink(outside, p)
+
+
+def _huge(p: Path, base: Path) -> None:
+    _request(p, json.dumps({"inode": None, "reason": "x", "pad": "y" * (1 << 20)}))
+
+
+def _not_an_object(p: Path, base: Path) -> None:
+    _request(p, "[1, 2, 3]")
+
+
+def _nan_inode(p: Path, base: Path) -> None:
+    _request(p, '{"inode": NaN, "reason": "x"}')
+
+
+ATTACKS: dict[str, Callable[[Path, Path], None]] = {
+    "directory": _directory, "mode_000": _mode_000, "bad_requested_at": _bad_requested_at,
+    "deep_json": _deep_json, "deep_object": _deep_object, "fifo": _fifo, "symlink_to_dev_zero": _dev_zero,
+    "symlink_to_json_outside_the_spool": _outside_json, "a_megabyte": _huge, "not_an_object": _not_an_object,
+    "nan_inode": _nan_inode,
+}
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_a_malformed_cancel_request_is_set_aside_once_and_the_daemon_lives_on(
+        hosted: Hosted, image: Path, tmp_path: Path, attack: str) -> None:
+    if attack == "mode_000" and not hosted.as_user:
+        pytest.skip("a daemon running as root reads a mode-000 file (needs root, setpriv and `make glance-venv`)")
+    victim = make_image(tmp_path / "victim.qcow2", "qcow2", 4 * MiB)
+    hosted.start()
+    request = hosted.incoming / ".convd-cancel.victim"
+    ATTACKS[attack](request, hosted.base)
+    hosted.converts(image, "first")
+    wait_for(lambda: not os.path.lexists(request), 30, what="the request to be set aside")
+    refused = [e for e in hosted.events("cancel request refused; set aside") if e.get("request") == request.name]
+    assert len(refused) == 1, hosted.log()[-3000:]
+    # The request acted on nothing: an item of that name converts.
+    hosted.converts(victim, "victim")
+    # ... and it stays harmless across a restart (nothing left to trip over).
+    assert hosted.stop() == 0
+    hosted.start()
+    hosted.converts(image, "second")
+    assert hosted.stop() == 0
+    assert SECRET not in hosted.log()
+    for d in (hosted.outgoing, hosted.failed):
+        for f in d.glob("*.json"):
+            assert SECRET not in f.read_text()
+
+
+def test_a_fifo_request_neither_stops_claiming_nor_delays_sigterm(hosted: Hosted, image: Path) -> None:
+    hosted.start()
+    for i in range(3):
+        os.mkfifo(hosted.incoming / f".convd-cancel.pipe{i}", 0o666)
+    hosted.converts(image, "through")
+    assert hosted.stop() == 0
+
+
+def test_a_cancel_request_naming_a_refused_name_plants_nothing_in_failed(hosted: Hosted) -> None:
+    # victim.json is a name the intake refuses (it would take the record's name):
+    # a cancel for it must not move those bytes to failed/victim.json.
+    forged = {"schema": 1, "name": "victim", "status": "failed",
+              "error": {"code": "cancelled", "message": "forged"}}
+    hosted.start()
+    (hosted.incoming / "victim.json").write_text(json.dumps(forged))
+    _request(hosted.incoming / ".convd-cancel.victim.json", {"inode": None, "reason": "forge"})
+    wait_for(lambda: not os.path.lexists(hosted.incoming / ".convd-cancel.victim.json"), 30,
+             what="the request to be set aside")
+    assert os.listdir(hosted.failed) == []
+    assert (hosted.incoming / "victim.json").exists()
+    refused = hosted.events("cancel request refused; set aside")
+    assert len(refused) == 1 and "intake refuses" in str(refused[0]["reason"])
+    hosted.assert_alive()
+    assert hosted.stop() == 0
+
+
+def test_ten_thousand_future_dated_requests_are_bounded_and_expire_and_items_still_convert(
+        hosted: Hosted, image: Path) -> None:
+    n = 10_000
+    future = time.time() + 10 * 365 * 86400
+    hosted.start()
+    body = json.dumps({"inode": None, "reason": "flood", "requested_at": future})
+    for i in range(n):
+        tmp = hosted.incoming / f".flood{i}.tmp"
+        tmp.write_text(body)
+        tmp.chmod(0o644)
+        os.rename(tmp, hosted.incoming / f".convd-cancel.ghost{i}")
+
+    def left() -> int:
+        return sum(1 for f in os.listdir(hosted.incoming) if f.startswith(".convd-cancel."))
+
+    # Past the bound, requests are refused at once; the rest wait no longer than
+    # convd's own staleness, whatever date they state.
+    wait_for(lambda: left() <= MAX_CANCEL_REQUESTS, 60, what="the flood to be cut to the bound")
+    hosted.converts(image, "during-the-flood")
+    wait_for(lambda: left() == 0, 90, what="the remaining requests to expire")
+    over = hosted.events("too many cancel requests; the newest were refused and set aside")
+    assert over and sum(int(str(e["refused"])) for e in over) == n - MAX_CANCEL_REQUESTS
+    assert hosted.stop() == 0
+
+
+def test_an_expectation_the_daemon_may_not_read_is_refused_with_a_record_saying_so(
+        hosted: Hosted, image: Path) -> None:
+    if not hosted.as_user:
+        pytest.skip("a daemon running as root reads a mode-000 file (needs root, setpriv and `make glance-venv`)")
+    hosted.start()
+    _request(hosted.incoming / ".convd-expect.locked", {"size": image.stat().st_size}, mode=0)
+    hosted.drop(image, "locked")
+    rec = wait_for(lambda: hosted.record("locked"), 60, what="record of locked")
+    err = rec["error"]
+    assert isinstance(err, dict) and err["code"] == "corrupt_image"
+    assert err["message"].startswith("the expectation .convd-expect.locked cannot be used: it cannot be opened")
+    assert (hosted.failed / "locked").read_bytes() == image.read_bytes()
+    assert not os.path.lexists(hosted.incoming / ".convd-expect.locked")
+    hosted.converts(image, "after")
+    assert hosted.stop() == 0
+
+
+def test_convd_cancel_of_a_refused_name_moves_nothing(tmp_path: Path) -> None:
+    # With no daemon running, `convd cancel` withdraws items itself: never a name
+    # the intake refuses (victim.json would land in failed/ as another item's record).
+    cfg = write_config(tmp_path)
+    incoming = tmp_path / "spool" / "incoming"
+    incoming.mkdir(parents=True)
+    (incoming / "victim.json").write_text('{"forged": true}')
+    done = run(convd_bin(), "cancel", "victim.json", "-c", cfg, "--wait", "2", check=False)
+    assert done.returncode == 1 and "not an item" in done.stdout + done.stderr
+    assert (incoming / "victim.json").exists()
+    assert not (tmp_path / "spool" / "failed" / "victim.json").exists()
