@@ -45,6 +45,11 @@ class Inspection:
     size: int
     matched: list[str] = field(default_factory=list)
     vhd_fixed: bool = False
+    # How qemu-img must be told to read the disk (driver options, passed on
+    # every qemu-img call on the source), and which rule sized it, for the
+    # record: VHD's "current_size" or "chs" (convd.integrity.vpc_size_rule).
+    driver_options: dict[str, str] = field(default_factory=dict)
+    size_rule: str | None = None
 
     @property
     def qemu_format(self) -> str:
@@ -52,7 +57,10 @@ class Inspection:
         return "raw" if self.format in RAW_FAMILY else self.format
 
     def as_dict(self) -> dict[str, Any]:
-        return {"format": self.format, "virtual_size": self.virtual_size, "size": self.size}
+        out: dict[str, Any] = {"format": self.format, "virtual_size": self.virtual_size, "size": self.size}
+        if self.size_rule is not None:
+            out["size_rule"] = self.size_rule
+        return out
 
 
 def _kind(mode: int) -> str:
@@ -279,6 +287,10 @@ def inspect_fd(fd: int, *, stop: threading.Event | None = None, limit: int | Non
             # The size qemu-img will convert (integrity documents each rule):
             # VHD by creator (CHS or current size), VDI rounded up to 512, …
             result.virtual_size = qemu_size
+    if result.format == "vpc":
+        rule = integrity.vpc_size_rule(integrity.vpc_footer(fd, size))
+        result.size_rule = rule
+        result.driver_options = {"force_size_calc": rule}
     if result.virtual_size <= 0:
         what = "the file is empty (0 bytes)" if size == 0 else f"{result.format} header gives no virtual size"
         raise CorruptImage(f"{what}: an empty disk", detected=result.format)

@@ -1,6 +1,8 @@
 """The one way convd runs qemu-img: argument building, limits, progress, killing.
 
-Every call passes ``-f`` (qemu-img never probes a format).  Children are
+Every call names the format (qemu-img never probes one): ``-f``, or
+``--image-opts`` with ``driver=`` when convd must also tell the driver how
+to read the disk (:func:`source_args`).  Children are
 started by ``convd.launcher``: each runs in its own session, dies with the
 daemon (the launcher's ``PR_SET_PDEATHSIG``), and reads unvetted files under
 CPU and address-space limits in force from ``execve`` (no exec wrappers).
@@ -21,7 +23,7 @@ import re
 import shutil
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +46,7 @@ __all__ = [
     "phase_timings",
     "qemu_img",
     "reason",
+    "source_args",
     "terminate",
 ]
 
@@ -169,13 +172,34 @@ async def _supervised(proc: launcher.Child, timeout: float, what: str) -> AsyncI
         raise
 
 
-async def _run(argv: list[str], timeout: float, *, name: str | None = None, **limits: Any) -> QemuResult:
+_NO_OPTIONS: Mapping[str, str] = {}
+
+
+def source_args(path: str, fmt: str, options: Mapping[str, str] = _NO_OPTIONS) -> list[str]:
+    """The arguments that name the source for qemu-img: ``-f FMT PATH``, or with
+    driver ``options`` (e.g. ``{"force_size_calc": "current_size"}`` for vpc)
+    ``--image-opts driver=FMT,KEY=VALUE,file.driver=file,file.filename=PATH``
+    (commas in values doubled, as qemu's option syntax escapes them)."""
+    if not options:
+        return ["-f", fmt, path]
+    opts = [f"driver={fmt}", *(f"{k}={v}" for k, v in options.items()), "file.driver=file",
+            f"file.filename={path}"]
+    return ["--image-opts", ",".join(o.replace(",", ",,") if o.startswith("file.filename=") else o
+                                     for o in opts)]
+
+
+def _labels(argv: list[str], path: str, name: str | None) -> dict[str, str]:
+    label = name or os.path.basename(path)
+    return {argv[-1]: label, path: label}
+
+
+async def _run(argv: list[str], timeout: float, *, path: str, name: str | None = None,
+               **limits: Any) -> QemuResult:
     proc = await _spawn(argv, **limits)
     async with _supervised(proc, timeout, argv[1]):
         out, err = await proc.communicate()
     _ran(proc, argv[1])
-    path = argv[-1]
-    return QemuResult(proc.returncode or 0, out, err, {path: name or os.path.basename(path)})
+    return QemuResult(proc.returncode or 0, out, err, _labels(argv, path, name))
 
 
 def _limited(res: QemuResult) -> bool:
@@ -183,14 +207,15 @@ def _limited(res: QemuResult) -> bool:
 
 
 async def info(path: str, fmt: str, *, cpu_time: float, address_space: int,
-               name: str | None = None) -> dict[str, Any]:
+               name: str | None = None, options: Mapping[str, str] = _NO_OPTIONS) -> dict[str, Any]:
     """``qemu-img info -f FMT --output=json`` under resource limits.
 
-    ``name`` stands for ``path`` in messages (the item's name, not its work/ path).
+    ``name`` stands for ``path`` in messages (the item's name, not its work/ path);
+    ``options`` are the driver's (:func:`source_args`).
     """
     res = await _run(
-        [qemu_img(), "info", "-f", fmt, "--output=json", path],
-        timeout=cpu_time * 2 + 10, cpu_time=cpu_time, address_space=address_space, name=name,
+        [qemu_img(), "info", "--output=json", *source_args(path, fmt, options)],
+        timeout=cpu_time * 2 + 10, cpu_time=cpu_time, address_space=address_space, path=path, name=name,
     )
     if res.returncode != 0:
         if _limited(res):
@@ -202,15 +227,16 @@ async def info(path: str, fmt: str, *, cpu_time: float, address_space: int,
         raise CorruptImage(f"qemu-img info as {fmt} printed no JSON") from None
 
 
-async def check(path: str, fmt: str, *, limits: DetectConfig, name: str | None = None) -> dict[str, Any]:
+async def check(path: str, fmt: str, *, limits: DetectConfig, name: str | None = None,
+                options: Mapping[str, str] = _NO_OPTIONS) -> dict[str, Any]:
     """``qemu-img check -f FMT --output=json`` (read-only) under resource limits.
 
     Returns qemu's report (``corruptions``, ``leaks``, ``check-errors``, …);
     exit 2 (corruptions) and 3 (leaks only) are reports, not failures.
     Raises ``CorruptImage`` when qemu-img cannot check the image at all.
     """
-    res = await _run([qemu_img(), "check", "-f", fmt, "--output=json", path], timeout=600,
-                     name=name, **_estimate_limits(limits))
+    res = await _run([qemu_img(), "check", "--output=json", *source_args(path, fmt, options)], timeout=600,
+                     path=path, name=name, **_estimate_limits(limits))
     if _limited(res):
         raise CorruptImage(f"qemu-img check as {fmt} hit its resource limits ({res.error_text})")
     try:
@@ -231,10 +257,10 @@ def _estimate_limits(limits: DetectConfig) -> dict[str, Any]:
 
 
 async def data_bytes(path: str, fmt: str, block: int, *, limits: DetectConfig,
-                     name: str | None = None) -> int:
+                     name: str | None = None, options: Mapping[str, str] = _NO_OPTIONS) -> int:
     """Bytes a sparse raw copy needs: data extents, each rounded out to ``block``."""
-    res = await _run([qemu_img(), "map", "--output=json", "-f", fmt, path], timeout=600,
-                     name=name, **_estimate_limits(limits))
+    res = await _run([qemu_img(), "map", "--output=json", *source_args(path, fmt, options)], timeout=600,
+                     path=path, name=name, **_estimate_limits(limits))
     if res.returncode != 0:
         raise CorruptImage(f"qemu-img map as {fmt}: {res.error_text}")
     total = 0
@@ -247,11 +273,11 @@ async def data_bytes(path: str, fmt: str, block: int, *, limits: DetectConfig,
 
 
 async def measure(path: str, fmt: str, target: str, *, limits: DetectConfig,
-                  name: str | None = None) -> int:
+                  name: str | None = None, options: Mapping[str, str] = _NO_OPTIONS) -> int:
     """``qemu-img measure`` required size for a ``target`` image of this source."""
     res = await _run(
-        [qemu_img(), "measure", "--output=json", "-f", fmt, "-O", target, path], timeout=600,
-        name=name, **_estimate_limits(limits),
+        [qemu_img(), "measure", "--output=json", "-O", target, *source_args(path, fmt, options)], timeout=600,
+        path=path, name=name, **_estimate_limits(limits),
     )
     if res.returncode != 0:
         raise CorruptImage(f"qemu-img measure as {fmt}: {res.error_text}")
@@ -300,6 +326,7 @@ async def convert(
     on_progress: Callable[[float], None] | None = None,
     on_start: Callable[[launcher.Child], None] | None = None,
     name: str | None = None,
+    options: Mapping[str, str] = _NO_OPTIONS,
 ) -> None:
     """Run one ``qemu-img convert``.
 
@@ -307,10 +334,11 @@ async def convert(
     compressed grain, say: it fails the same way every time) and
     ``TransientError`` for the rest (ENOSPC or EIO writing the output, a
     killed child), which may pass on retry.  ``name`` stands for ``src`` in
-    messages.
+    messages; ``options`` are the source driver's (:func:`source_args`).
     """
-    argv = [qemu_img(), "convert", "-p", "-f", src_fmt, "-O", dst_fmt, *extra_args,
-            *TARGET_OPTIONS.get(dst_fmt, ()), src, dst]
+    source = source_args(src, src_fmt, options)
+    argv = [qemu_img(), "convert", "-p", *source[:-1], "-O", dst_fmt, *extra_args,
+            *TARGET_OPTIONS.get(dst_fmt, ()), source[-1], dst]
     proc = await _spawn(argv)
     if on_start:
         on_start(proc)
@@ -325,7 +353,7 @@ async def convert(
         _, err, _ = await asyncio.gather(proc.read_stdout(progress), proc.read_stderr(), proc.wait())
     _ran(proc, "convert")
     if proc.returncode != 0:
-        why = reason(err, proc.returncode, {src: name or os.path.basename(src), dst: "the output"})
+        why = reason(err, proc.returncode, {**_labels(source, src, name), dst: "the output"})
         if proc.returncode < 0:
             raise TransientError(f"qemu-img convert killed by signal {-proc.returncode}")
         if _SOURCE_UNREADABLE.search(err):

@@ -44,7 +44,7 @@ async def convert(item: Item, ctx: Context) -> Stage:
             await qemu.convert(
                 str(item.claim.source), src_fmt, str(item.claim.output), item.target_format,
                 extra_args=args, timeout=cfg.convert.timeout, on_progress=progress, on_start=started,
-                name=item.label,
+                name=item.label, options=item.inspection.driver_options,
             )
         finally:
             item.proc = None

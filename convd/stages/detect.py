@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -32,9 +33,9 @@ VMDK_CREATE_TYPES = ("monolithicSparse", "streamOptimized")
 CHECKED_FORMATS = ("qcow2",)
 
 
-async def check_consistency(path: str, fmt: str, item: Item) -> None:
+async def check_consistency(path: str, fmt: str, item: Item, options: Mapping[str, str] | None = None) -> None:
     """``qemu-img check``: corruptions mean the guest would not read what was written."""
-    report = await qemu.check(path, fmt, limits=item.cfg.detect, name=item.label)
+    report = await qemu.check(path, fmt, limits=item.cfg.detect, name=item.label, options=options or {})
     corruptions, errors = report.get("corruptions", 0), report.get("check-errors", 0)
     if corruptions or errors:
         what = ", ".join(part for part in (f"{corruptions} corruptions" if corruptions else "",
@@ -112,10 +113,11 @@ async def detect(item: Item, ctx: Context) -> Stage:
         # Raw-family images are skipped: `qemu-img info -f raw` has no
         # metadata to read and can only restate the file size.
         info = await qemu.info(path, insp.qemu_format, cpu_time=cfg.detect.cpu_time,
-                               address_space=cfg.detect.address_space, name=item.label)
+                               address_space=cfg.detect.address_space, name=item.label,
+                               options=insp.driver_options)
         check_qemu_info(info, insp.qemu_format, insp.virtual_size, path)
         if insp.qemu_format in CHECKED_FORMATS and not info.get("dirty-flag"):
-            await check_consistency(path, insp.qemu_format, item)
+            await check_consistency(path, insp.qemu_format, item, insp.driver_options)
     item.timings["detect"] += time.monotonic() - t0
     target = item.target_format
     item.passthrough = insp.qemu_format == target or (target == "raw" and insp.format in RAW_FAMILY)

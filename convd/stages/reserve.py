@@ -52,9 +52,11 @@ async def estimate(item: Item, ctx: Context) -> int:
         need = bound
     elif target == "raw":
         need = await qemu.data_bytes(path, insp.qemu_format, ctx.block_size,
-                                     limits=item.cfg.detect, name=item.label) if ctx.sparse else vsize
+                                     limits=item.cfg.detect, name=item.label,
+                                     options=insp.driver_options) if ctx.sparse else vsize
     elif target == "qcow2":  # the only other target qemu-img 7.2 can measure
-        need = await qemu.measure(path, insp.qemu_format, target, limits=item.cfg.detect, name=item.label)
+        need = await qemu.measure(path, insp.qemu_format, target, limits=item.cfg.detect, name=item.label,
+                                  options=insp.driver_options)
     elif any(a.startswith("-S") for a in item.cfg.qemu_args_for(insp.format) or ()):
         need = bound  # an operator's -S changes which zeros qemu-img writes: no data-based estimate
     else:
@@ -62,7 +64,7 @@ async def estimate(item: Item, ctx: Context) -> int:
         # image (it starts all zeros): each data extent rounded out to the
         # target's largest allocation unit, plus a bound on its tables.
         data = await qemu.data_bytes(path, insp.qemu_format, _ALLOCATION_UNIT[target],
-                                     limits=item.cfg.detect, name=item.label)
+                                     limits=item.cfg.detect, name=item.label, options=insp.driver_options)
         need = min(bound, data + _metadata_bound(vsize, data))
     return need + int(need * MARGIN_FRACTION) + MARGIN_BYTES
 
