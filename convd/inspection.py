@@ -21,7 +21,7 @@ from typing import Any
 
 from oslo_utils.imageutils import format_inspector as fi
 
-from convd import containers, integrity
+from convd import containers, integrity, signatures
 from convd.errors import CorruptImage, NotRegularFile, Stopped, UnsafeImage, UnsupportedFormat
 
 __all__ = ["RAW_FAMILY", "Inspection", "inspect_fd", "inspect_path", "open_regular", "qemu_probe"]
@@ -194,7 +194,7 @@ def _describe_failures(fmt: str, fd: int, exc: fi.SafetyCheckFailed) -> str:
     for name, failure in exc.failures.items():
         text = str(failure) or name
         if name == "backing_file":
-            text = f"{fmt} backing file points to {_backing_name(fd)}"
+            text = f"{fmt} has a backing file (an overlay), {signatures.DELTA} {_backing_name(fd)}"
         elif name == "data_file":
             text = f"{fmt} names an external data file"
         elif fmt == "vmdk" and name == "descriptor" and text == "Unsupported subformat":
@@ -206,11 +206,18 @@ def _describe_failures(fmt: str, fd: int, exc: fi.SafetyCheckFailed) -> str:
 def inspect_fd(fd: int, *, stop: threading.Event | None = None, limit: int | None = None) -> Inspection:
     """Detect and safety-check an open regular file.
 
-    Raises ``UnsafeImage``, ``UnsupportedFormat`` or ``CorruptImage``; with
+    Raises ``UnsupportedFormat`` for a format convd recognises and refuses
+    (:mod:`convd.signatures`, checked first), ``UnsafeImage`` (a snapshot
+    delta among them) or ``CorruptImage``; with
     ``limit``, ``UnsafeImage`` when a header still wants more than ``limit``
     bytes (only an image header does); ``Stopped`` once ``stop`` is set.
     """
     size = os.fstat(fd).st_size
+    # What the bytes are comes first: a format convd recognises and refuses
+    # is named as such, never judged by the size or safety rules of another.
+    if (known := signatures.recognise(fd, size)) is not None:
+        error = UnsafeImage if known.delta else UnsupportedFormat
+        raise error(known.message, detected=known.format)
     reader = open(fd, "rb", buffering=0, closefd=False)  # noqa: SIM115 - closed below
     wrapper = fi.InspectWrapper(reader)
     try:

@@ -31,6 +31,7 @@ import zstandard
 
 from convd.config import format_size
 from convd.errors import CorruptImage, Stopped, UnsafeImage, UnsupportedFormat
+from convd.signatures import DELTA
 
 __all__ = ["MAGICS", "SIZE_RULE_CHS", "SIZE_RULE_CURRENT", "cut_short_header", "verify", "vmdk_descriptor",
            "vpc_footer", "vpc_size_rule", "vpc_virtual_size"]
@@ -432,9 +433,9 @@ def _vmdk(f: _File) -> int | None:
     parent_cid = _vmdk_descriptor_field(desc, "parentCID")
     hint = _vmdk_descriptor_field(desc, "parentFileNameHint")
     if hint or (parent_cid is not None and parent_cid.lower() != "ffffffff"):
-        raise UnsafeImage(f"VMDK is a delta disk of parent {hint or '(no name given)'} "
-                          f"(parentCID {parent_cid}): its data is incomplete without the parent",
-                          detected="vmdk")
+        raise UnsafeImage(f"VMDK is a delta disk, {DELTA} {hint or '(no name given)'} "
+                          f"(parentCID {parent_cid}): upload the consolidated disk (vmware-vdiskmanager -r, "
+                          "or delete the snapshots)", detected="vmdk")
     compressed = bool(flags & _VMDK_FLAG_COMPRESSED)
     markers = bool(flags & _VMDK_FLAG_MARKERS)
     zero_grain = bool(flags & _VMDK_FLAG_ZERO_GRAIN)
@@ -517,9 +518,9 @@ def _vdi(f: _File) -> int:
     if blocks > 0x3FFFFFFF or disk_size > blocks * block_size:
         raise f.corrupt(f"disk size {disk_size} does not fit its {blocks} blocks")
     if any(parent) or itype in (3, 4):  # undo and differencing images hold changes to another
-        raise UnsafeImage(f"VDI is a differencing image of parent {_uuid(parent)} "
-                          f"(image type {_VDI_TYPES[itype]}): its data is incomplete "
-                          "without the parent", detected="vdi")
+        raise UnsafeImage(f"VDI is a differencing image (image type {_VDI_TYPES[itype]}), {DELTA} "
+                          f"{_uuid(parent)}: upload the merged disk (VBoxManage clonemedium of the "
+                          "snapshot's state)", detected="vdi")
     if any(link):
         raise UnsafeImage(f"VDI is linked to image {_uuid(link)}", detected="vdi")
     if off_bmap + blocks * 4 > f.size:  # before sizing anything by a header's word
@@ -676,8 +677,9 @@ def _vpc(f: _File) -> int:
     if not _vhd_checksum_ok(dyn, 36):
         raise f.corrupt("dynamic disk header checksum is wrong")
     if disk_type == 4:
-        raise UnsafeImage(f"VHD is a differencing disk of parent {_vhd_parent(f, dyn)}: its data is "
-                          "incomplete without the parent", detected="vpc")
+        raise UnsafeImage(f"VHD is a differencing disk (Hyper-V .avhd, Virtual PC undo disk), {DELTA} "
+                          f"{_vhd_parent(f, dyn)}: upload the merged disk (Merge-VHD, or qemu-img convert "
+                          "with the parent beside it)", detected="vpc")
     bat_off, = struct.unpack(">Q", dyn[16:24])
     entries, block_size = struct.unpack(">II", dyn[28:36])
     if block_size < _SECTOR or block_size & (block_size - 1):
@@ -801,6 +803,11 @@ def _vhdx(f: _File) -> int:
     block_size, pflags = struct.unpack("<II", params)
     if lss not in (512, 4096):
         raise f.corrupt(f"logical sector size {lss} is not 512 or 4096")
+    if lss == 4096:
+        # MS-VHDX allows it; qemu's vhdx driver opens 512-byte sectors only (ENOTSUP).
+        raise UnsupportedFormat("a VHDX with 4096-byte logical sectors, which qemu-img cannot read: convert it "
+                                "on Windows (Convert-VHD) to one with 512-byte sectors, or export it as raw, "
+                                "and upload that", detected="vhdx")
     if block_size < 1 << 20 or block_size > 256 << 20 or block_size & (block_size - 1):
         raise f.corrupt(f"block size {block_size} is not a power of two between 1 MiB and 256 MiB")
     if vsize == 0 or vsize > 64 << 40:
@@ -808,8 +815,8 @@ def _vhdx(f: _File) -> int:
     if pflags & _VHDX_HAS_PARENT or _VHDX_PARENT_LOCATOR in items:
         where = items.get(_VHDX_PARENT_LOCATOR)
         parent = _vhdx_parent(f, *where) if where else "(no locator)"
-        raise UnsafeImage(f"VHDX is a differencing disk of parent {parent}: its data is incomplete "
-                          "without the parent", detected="vhdx")
+        raise UnsafeImage(f"VHDX is a differencing disk (Hyper-V .avhdx checkpoint), {DELTA} {parent}: "
+                          "upload the merged disk (Merge-VHD, or delete the checkpoints)", detected="vhdx")
     chunk_ratio = (1 << 23) * lss // block_size
     data_blocks = -(-vsize // block_size)
     total = data_blocks + (data_blocks - 1) // chunk_ratio
@@ -833,7 +840,10 @@ def _vhdx(f: _File) -> int:
             if seen[mib >> 3] & (1 << (mib & 7)):
                 raise f.corrupt(f"BAT entry {index} reuses the payload block at {start:#x}")
             seen[mib >> 3] |= 1 << (mib & 7)
-    return vsize - vsize % _SECTOR
+    if vsize % lss:
+        raise f.corrupt(f"virtual disk size {vsize} is not a whole number of {lss}-byte sectors "
+                        "(MS-VHDX 2.6.2.4); qemu-img would drop its tail")
+    return vsize
 
 
 _CHECKS = {"qcow2": _qcow2, "vmdk": _vmdk, "vdi": _vdi, "vpc": _vpc, "vhdx": _vhdx}

@@ -107,10 +107,31 @@ def _parent_qcow2(path: Path, tmp: Path) -> str:
     return "base-image.qcow2"
 
 
+def _diff_vdi(path: Path, tmp: Path) -> str:
+    make_image(path, "vdi", 4 * MiB)
+    make_cases.write_at(str(path), 0x4C, struct.pack("<I", 4))  # image type: differencing
+    return "differencing"
+
+
+def _sesparse(path: Path, tmp: Path) -> str:
+    # VMware's SEsparse header (qemu's vmdk.c VMDKSESparseConstHeader): magic
+    # 0xcafebabe, version 2.1, then sizes; an ESXi 6.5+ snapshot's data file.
+    hdr = struct.pack("<QQQQ", 0xCAFEBABE, 0x0000000200000001, 8192, 8)
+    path.write_bytes(hdr.ljust(1 << 20, b"\0"))
+    return "SEsparse"
+
+
+def _vmfssparse(path: Path, tmp: Path) -> str:
+    hdr = struct.pack("<4sIIIIIII", b"COWD", 1, 3, 8192, 1, 4, 2, 0) + b"base-disk.vmdk".ljust(1024, b"\0")
+    path.write_bytes(hdr.ljust(1 << 20, b"\0"))
+    return "base-disk.vmdk"
+
+
 @pytest.mark.parametrize("fmt,make", [
-    ("vpc", _parent_vhd), ("vhdx", _parent_vhdx), ("vdi", _parent_vdi), ("vmdk", _parent_vmdk),
-    ("qcow2", _parent_qcow2),
-], ids=["vhd", "vhdx", "vdi", "vmdk", "qcow2"])
+    ("vpc", _parent_vhd), ("vhdx", _parent_vhdx), ("vdi", _parent_vdi), ("vdi", _diff_vdi), ("vmdk", _parent_vmdk),
+    ("qcow2", _parent_qcow2), ("vmdk", _sesparse), ("vmdk", _vmfssparse),
+], ids=["vhd-avhd", "vhdx-avhdx", "vdi", "vdi-diff-type", "vmdk", "qcow2-overlay", "vmdk-sesparse",
+        "vmdk-vmfssparse"])
 def test_disk_that_needs_a_parent_is_unsafe_and_names_it(tmp_path, fmt, make):
     img = tmp_path / f"child.{fmt}"
     named = make(img, tmp_path)
@@ -118,6 +139,9 @@ def test_disk_that_needs_a_parent_is_unsafe_and_names_it(tmp_path, fmt, make):
     assert rc == 1
     assert err.startswith("convd: unsafe_image: "), err
     assert named in err
+    assert "snapshot delta, needs its parent" in err
+    assert "hidden" not in err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("target", TARGETS)

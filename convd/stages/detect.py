@@ -16,6 +16,7 @@ from convd.config import format_size
 from convd.errors import CorruptImage, FormatMismatch, ItemError, TooLarge, UnsafeImage, UnsupportedFormat
 from convd.inspection import RAW_FAMILY, inspect_fd, open_regular
 from convd.pipeline.item import Item, Stage
+from convd.signatures import DELTA
 
 if TYPE_CHECKING:
     from convd.pipeline.context import Context
@@ -58,7 +59,7 @@ def check_qemu_info(info: dict[str, Any], fmt: str, virtual_size: int, path: str
             f"{fmt} virtual size: inspector {virtual_size}, qemu-img {info.get('virtual-size')}"
         )
     if info.get("backing-filename") or info.get("full-backing-filename"):
-        raise UnsafeImage(f"{fmt} backing file points to {info.get('backing-filename')}")
+        raise UnsafeImage(f"{fmt} has a backing file (an overlay), {DELTA} {info.get('backing-filename')}")
     data = info.get("format-specific", {}).get("data", {}) or {}
     if data.get("data-file"):
         raise UnsafeImage(f"{fmt} external data file {data['data-file']}")
