@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from convd import qemu
+from convd import qemu, targets
 from convd.config import format_size
 from convd.errors import CorruptImage, FormatMismatch, ItemError, TooLarge, UnsafeImage, UnsupportedFormat
 from convd.inspection import RAW_FAMILY, inspect_fd, open_regular
@@ -110,6 +110,8 @@ async def detect(item: Item, ctx: Context) -> Stage:
     if insp.virtual_size > cfg.limits.max_virtual_size:
         raise TooLarge(f"virtual size {format_size(insp.virtual_size)} is over max_virtual_size "
                        f"{format_size(cfg.limits.max_virtual_size)}")
+    # The target's own limits: known before converting, so never a convert_failed after retries.
+    targets.check_virtual_size(item.target_format, insp.virtual_size)
     if insp.qemu_format != "raw":
         # Raw-family images are skipped: `qemu-img info -f raw` has no
         # metadata to read and can only restate the file size.

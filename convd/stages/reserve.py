@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from convd import qemu
+from convd import qemu, targets
 from convd.errors import TooLarge
 from convd.pipeline.item import Item, Stage
 
@@ -48,7 +48,9 @@ async def estimate(item: Item, ctx: Context) -> int:
     vsize = insp.virtual_size
     # An upper bound for any target: every guest byte, plus generous metadata.
     bound = vsize if target == "raw" else vsize + vsize // 64 + (1 << 20)
-    if vsize <= CHEAP_BOUND or 2 * bound <= ctx.ledger.available():
+    limit = targets.limit_for(target)
+    capped = limit is not None and limit.max_file_size is not None and bound > limit.max_file_size
+    if (vsize <= CHEAP_BOUND or 2 * bound <= ctx.ledger.available()) and not capped:
         need = bound
     elif target == "raw":
         need = await qemu.data_bytes(path, insp.qemu_format, ctx.block_size,
@@ -73,6 +75,7 @@ async def reserve(item: Item, ctx: Context) -> Stage:
     if item.passthrough:
         return Stage.PUBLISH  # published by rename: no byte is written
     item.estimate = await estimate(item, ctx)
+    targets.check_file_size(item.target_format, item.estimate)
     if not ctx.ledger.could_ever_fit(item.estimate):
         raise TooLarge(
             f"the {item.target_format} output needs about {item.estimate} bytes; the workspace "
