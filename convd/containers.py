@@ -31,6 +31,7 @@ import zstandard
 from defusedxml import ElementTree as SafeXML
 from defusedxml.common import DefusedXmlException
 
+from convd import signatures
 from convd.config import CONTAINER_KINDS, format_size
 from convd.errors import CorruptImage, Stopped, TooLarge, UnsafeImage, UnsupportedFormat
 
@@ -681,6 +682,8 @@ def _href_names(href: str, what: str) -> tuple[str, ...]:
 def _is_disk_candidate(head: bytes, size: int) -> bool:
     if head.startswith(_DISK_MAGICS) or sniff(head[:HEAD]) is not None:
         return True
+    if signatures.recognise_head(head) is not None:
+        return True  # a format convd refuses: detect names it
     if head.startswith(b"<<< ") and head[64:68] == b"\x7f\x10\xda\xbe":  # VDI
         return True
     if head[510:512] == b"\x55\xaa" or head[512:520] == b"EFI PART" or head[32769:32774] == b"CD001":

@@ -20,7 +20,7 @@ import re
 import struct
 from dataclasses import dataclass
 
-__all__ = ["DELTA", "Recognised", "recognise"]
+__all__ = ["DELTA", "Recognised", "recognise", "recognise_head"]
 
 # The words every refusal of a snapshot delta carries, whatever its hypervisor.
 DELTA = "a snapshot delta, needs its parent"
@@ -107,6 +107,11 @@ def _end(tail: bytes, size: int) -> Recognised | None:
                               "unpack it and upload the disk inside (convd unpacks gzip, xz, zstd, bzip2, "
                               "tar and OVA)")
     return None
+
+
+def recognise_head(head: bytes) -> Recognised | None:
+    """What a file is by its first bytes alone (for an archive member read as a stream)."""
+    return _start(head[:_SECTOR] + bytes(64))
 
 
 def recognise(fd: int, size: int) -> Recognised | None:

@@ -32,8 +32,9 @@ LIMITS: dict[tuple[str, str | None], Limit] = {
     ("vpc", "dynamic"): Limit(0xFF000000 * 512, None, "VHD's 2040 GiB", "block/vpc.c VHD_MAX_SECTORS"),
     ("vpc", "fixed"): Limit(0xFF000000 * 512, None, "VHD's 2040 GiB", "block/vpc.c VHD_MAX_SECTORS"),
     ("vhdx", None): Limit(64 << 40, None, "VHDX's 64 TiB", "block/vhdx.h VHDX_MAX_IMAGE_SIZE"),
-    # VDI_DISK_SIZE_MAX: VDI_BLOCKS_IN_IMAGE_MAX (0x1fffff8) blocks of 1 MiB.
-    ("vdi", None): Limit(0x1FFFFF8 << 20, None, "VDI's 0x1fffff8 blocks of 1 MiB", "block/vdi.c VDI_DISK_SIZE_MAX"),
+    # VDI_DISK_SIZE_MAX: VDI_BLOCKS_IN_IMAGE_MAX (0x1fffff80) blocks of 1 MiB.
+    ("vdi", None): Limit(0x1FFFFF80 << 20, None, "VDI's 0x1fffff80 blocks of 1 MiB (just under 512 TiB)",
+                         "block/vdi.c VDI_DISK_SIZE_MAX"),
     # A 32 MiB L1 table (QCOW_MAX_L1_SIZE) of 8-byte entries, each an L2
     # table of 8192 entries of 64 KiB clusters: 2 PiB.
     ("qcow2", None): Limit(2 << 50, None, "qcow2's 2 PiB with 64 KiB clusters", "block/qcow2.h QCOW_MAX_L1_SIZE"),
