@@ -206,7 +206,10 @@ def _qcow2(f: _File) -> int:
         raise UnsupportedFormat(f"qcow2 is encrypted ({'AES' if crypt == 1 else 'LUKS'}): convd holds no keys",
                                 detected="qcow2")
     if size % _SECTOR and size > 0:
-        size -= size % _SECTOR  # qcow2.c: bs->total_sectors = header.size / BDRV_SECTOR_SIZE
+        # qcow2.c: bs->total_sectors = header.size / BDRV_SECTOR_SIZE, on every
+        # qemu version; qemu-img cannot be told otherwise, so the tail would be lost.
+        raise f.corrupt(f"virtual size {size} is not a whole number of 512-byte sectors: qemu-img would "
+                        f"drop its last {size % _SECTOR} bytes")
     extended = bool(incompat & _QCOW2_EXTL2)
     if extended and cluster_bits < 14:
         raise f.corrupt(f"extended L2 entries need clusters of 16 KiB or more, not {cluster}")
