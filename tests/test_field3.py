@@ -48,9 +48,13 @@ CASES: dict[str, tuple[str | None, list[str], list[str]]] = {
     "parallels-desktop.hds": ("unsupported_format", [], ["Parallels"]),
     "vmdk-esxi-vmfssparse-delta.vmdk": ("unsafe_image", [], ["snapshot delta, needs its parent", "vm01.vmdk"]),
     "qcow2-3tib.qcow2@vpc": ("too_large", ["--to", "vpc"], ["2040 GiB"]),
-    "qcow2-3tib.qcow2@raw": (None, [], []),
+    "qcow2-3tib.qcow2@vhdx": (None, ["--to", "vhdx"], []),
     "qcow2-pbzip2.qcow2.bz2": (None, [], []),
 }
+# qemu-img compare reads every unallocated VHDX block as zeros: minutes for
+# 3 TiB.  The output's virtual size is checked instead (its 2 MiB of data
+# are the qcow2 tests' business).
+SIZE_ONLY = {"qcow2-3tib.qcow2@vhdx": 3 << 40}
 
 
 def convert(src: Path, dst: Path, *args: str) -> tuple[int, dict[str, Any] | None, str]:
@@ -97,6 +101,9 @@ def test_field3_case_gets_its_right_outcome(case: str, field3: Path, tmp_path: P
         assert rc == 0, err
         assert rec is not None
         fmt = args[1] if args else "raw"
+        if case in SIZE_ONLY:
+            assert rec["source"]["virtual_size"] == rec["target"]["virtual_size"] == SIZE_ONLY[case]
+            return
         ref, vsize = _reference(field3, name, tmp_path)
         if vsize is not None:
             assert rec["source"]["virtual_size"] == rec["target"]["virtual_size"] == vsize
