@@ -12,12 +12,12 @@ hypervisor are in tests/test_integrity.py.)
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
 import struct
 import subprocess
 import sys
-import importlib.util
 import tarfile
 import uuid
 import zipfile
@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import MiB, convd_bin, images_equal, make_image, run
 
 from convd import targets
@@ -230,12 +229,12 @@ def test_format_convd_cannot_read_inside_a_tar_is_named_too(kind: str, tmp_path:
 
 # --------------------------------------------------------------------------- kind 2: OVA manifests
 
-_OVF = """<?xml version="1.0"?>
+_OVF = b"""<?xml version="1.0"?>
 <Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1">
 <References><File ovf:id="f1" ovf:href="disk1.qcow2"/></References>
 <DiskSection><Info>disks</Info><Disk ovf:diskId="d1" ovf:capacity="8388608" ovf:fileRef="f1"/></DiskSection>
 </Envelope>
-""".encode()
+"""
 
 
 def _ova(path: Path, disk: bytes, manifest: bytes | None, *, manifest_last: bool = False,

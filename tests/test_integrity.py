@@ -218,7 +218,7 @@ def test_vhd_sized_by_geometry_with_data_past_it_is_refused_not_cut(tmp_path, su
     run("qemu-img", "create", "-f", "vpc", "-o", f"subformat={subformat},force_size=on", vhd, str(40 * MiB))
     qemu_io(vhd, "vpc", f"write -P 0x3c {40 * MiB - 512} 512")
     _vhd_footer(vhd, creator=b"vpc ", cur_size=40 * MiB, chs=make_cases.vhd_chs(40 * MiB // 512))
-    rc, rec, err = convert(vhd, tmp_path / "out")
+    rc, _, err = convert(vhd, tmp_path / "out")
     assert rc == 1 and err.startswith("convd: corrupt_image: vpc: creator 'vpc '"), err
     assert "drops no tail" in err
     assert not (tmp_path / "out").exists()
@@ -228,7 +228,7 @@ def test_vhd_current_size_that_is_not_whole_sectors_is_refused(tmp_path):
     vhd = tmp_path / "disk.vhd"
     run("qemu-img", "create", "-f", "vpc", "-o", "subformat=dynamic,force_size=on", vhd, str(8 * MiB))
     _vhd_footer(vhd, creator=b"vbox", cur_size=8 * MiB - 100)
-    rc, rec, err = convert(vhd, tmp_path / "out")
+    rc, _, err = convert(vhd, tmp_path / "out")
     assert rc == 1 and "not a whole number of 512-byte sectors" in err, err
 
 

@@ -12,7 +12,13 @@ import anyio
 
 from convd import record
 from convd.checksum import digest_file
-from convd.errors import ConvertFailed, CorruptImage, NameConflict, UnsafeImage, UnsupportedFormat
+from convd.errors import (
+    ConvertFailed,
+    CorruptImage,
+    NameConflict,
+    UnsafeImage,
+    UnsupportedFormat,
+)
 from convd.inspection import RAW_FAMILY, inspect_fd
 from convd.pipeline.item import Item, Stage
 from convd.pipeline.spool import OUTPUT
