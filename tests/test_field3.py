@@ -352,3 +352,15 @@ def test_source_over_the_vhd_limit_is_too_large_at_detect_once(tmp_path: Path) -
     assert not (tmp_path / "out.vhd").exists()
     rc, _, err = convert(src, tmp_path / "out.vhdx", "--to", "vhdx")
     assert rc == 0, err
+
+
+def test_vhd_named_with_commas_is_read_with_its_size_rule(tmp_path: Path) -> None:
+    # The driver options travel in qemu's option syntax (--image-opts), where
+    # a comma separates options: one in the item's name must stay in the name.
+    vhd = tmp_path / "disk,driver=raw.vhd"
+    run("qemu-img", "create", "-q", "-f", "vpc", "-o", "subformat=dynamic,force_size=on", vhd, str(64 * MiB))
+    field_cases.vhd_edit_footer(str(vhd), creator=b"vbox", cur_size=64 * MiB, chs=field_cases.vhd_chs(64 * MiB // 512))
+    rc, rec, err = convert(vhd, tmp_path / "out,x.raw")
+    assert rc == 0, err
+    assert rec is not None and rec["source"]["size_rule"] == "current_size"
+    assert rec["target"]["virtual_size"] == 64 * MiB
