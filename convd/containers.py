@@ -13,9 +13,11 @@ workspace ledger, so a decompression bomb stops at the limit.
 from __future__ import annotations
 
 import bz2
+import hashlib
 import io
 import lzma
 import os
+import re
 import tarfile
 import threading
 import urllib.parse
@@ -29,6 +31,7 @@ import zstandard
 from defusedxml import ElementTree as SafeXML
 from defusedxml.common import DefusedXmlException
 
+from convd import signatures
 from convd.config import CONTAINER_KINDS, format_size
 from convd.errors import CorruptImage, Stopped, TooLarge, UnsafeImage, UnsupportedFormat
 
@@ -40,6 +43,7 @@ __all__ = [
     "Unpacked",
     "describe",
     "foreign",
+    "parse_manifest",
     "plan",
     "sniff",
     "unpack",
@@ -701,6 +705,8 @@ def _href_names(href: str, what: str) -> tuple[str, ...]:
 def _is_disk_candidate(head: bytes, size: int) -> bool:
     if head.startswith(_DISK_MAGICS) or sniff(head[:HEAD]) is not None:
         return True
+    if signatures.recognise_head(head) is not None:
+        return True  # a format convd refuses: detect names it
     if head.startswith(b"<<< ") and head[64:68] == b"\x7f\x10\xda\xbe":  # VDI
         return True
     if head[510:512] == b"\x55\xaa" or head[512:520] == b"EFI PART" or head[32769:32774] == b"CD001":
@@ -715,12 +721,98 @@ class Unpacked:
     kinds: list[str]
     size: int  # bytes of the unpacked file
     member: str | None = None  # the tar/OVA member it came from
+    manifest: str | None = None  # the OVF manifest every listed member was checked against
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"container": list(self.kinds), "unpacked_size": self.size}
         if self.member is not None:
             out["member"] = self.member
+        if self.manifest is not None:
+            out["manifest"] = self.manifest
         return out
+
+
+# An OVF manifest (DSP0243 5.1): one "ALGO(file)= hex" line per file of the
+# package; "ALGO (file) = hex" (BSD/openssl style) is written too.
+_MANIFEST_LIMIT = 1 << 20
+_MANIFEST_LINE = re.compile(r"(SHA1|SHA256|SHA512)\s*\((.+)\)\s*=\s*([0-9A-Fa-f]+)")
+_MANIFEST_ALGOS = {"SHA1": "sha1", "SHA256": "sha256", "SHA512": "sha512"}
+
+
+def parse_manifest(text: bytes, name: str) -> dict[str, tuple[str, str]]:
+    """``{member: (hashlib name, hex digest)}`` from an OVF manifest ``name``.
+
+    Raises ``CorruptImage`` for a line that is not ``SHA1|SHA256|SHA512(file)= hex``
+    with a digest of that algorithm's length, or a file named twice.
+    """
+    out: dict[str, tuple[str, str]] = {}
+    for n, line in enumerate(text.decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        m = _MANIFEST_LINE.fullmatch(line.strip())
+        algo = _MANIFEST_ALGOS.get(m.group(1)) if m else None
+        if m is None or algo is None or len(m.group(3)) != hashlib.new(algo).digest_size * 2:
+            raise CorruptImage(f"the OVF manifest {name!r} line {n} is not 'SHA1|SHA256|SHA512(file)= digest': "
+                               f"{line[:80]!r}", detected="ova")
+        member = _norm(m.group(2).strip())
+        if member in out:
+            raise CorruptImage(f"the OVF manifest {name!r} lists {member!r} twice", detected="ova")
+        out[member] = (algo, m.group(3).lower())
+    return out
+
+
+class _Digests:
+    """What the package's manifests state, and the digests of the members as read."""
+
+    def __init__(self) -> None:
+        self.stated: list[tuple[str, dict[str, tuple[str, str]]]] = []  # (manifest, its lines)
+        self.got: dict[str, dict[str, str]] = {}  # member -> {algo: hex}
+
+    def wanted(self, member: str) -> list[str]:
+        """The algorithms manifests seen so far state for ``member``."""
+        return sorted({lines[member][0] for _, lines in self.stated if member in lines})
+
+    def note(self, member: str, hashers: list[Any]) -> None:
+        self.got.setdefault(member, {}).update({h.name: h.hexdigest() for h in hashers})
+
+    def check(self, members: list[str], rehash: Callable[[str, list[str]], None]) -> str | None:
+        """Compare; ``rehash(member, algos)`` computes what was not hashed on the way.
+        Returns the manifest's name (the first one) or None; raises ``CorruptImage``."""
+        for manifest, lines in self.stated:
+            for member, (algo, want) in lines.items():
+                if member not in members:
+                    raise CorruptImage(f"the OVF manifest {manifest!r} lists {member!r}, which the archive does "
+                                       "not hold", detected="ova")
+                if algo not in self.got.get(member, {}):
+                    rehash(member, [algo])
+                got = self.got[member][algo]
+                if got != want:
+                    raise CorruptImage(f"the OVF manifest {manifest!r} gives {member!r} {algo} {want}, the "
+                                       f"archive's member has {got}: it changed after the manifest was written "
+                                       "(damaged in transfer?)", detected="ova")
+        return self.stated[0][0] if self.stated else None
+
+
+def _hashing(read: Callable[[int], bytes], hashers: list[Any]) -> Callable[[int], bytes]:
+    if not hashers:
+        return read
+
+    def hashed(n: int) -> bytes:
+        data = read(n)
+        for h in hashers:
+            h.update(data)
+        return data
+    return hashed
+
+
+def _digest_all(read: Callable[[int], bytes], algos: list[str], stop: threading.Event) -> list[Any]:
+    hashers = [hashlib.new(a) for a in algos]
+    while data := read(_CHUNK):
+        for h in hashers:
+            h.update(data)
+        if stop.is_set():
+            raise Stopped("unpacking interrupted by shutdown")
+    return hashers
 
 
 def _from_archive(fileobj: Any, seekable: bool, p: Plan, out: int, budget: Budget,
@@ -733,6 +825,9 @@ def _from_archive(fileobj: Any, seekable: bool, p: Plan, out: int, budget: Budge
     taken: str | None = None
     candidates: list[str] = []
     members: list[str] = []
+    digests = _Digests()
+    disk_hashers: list[Any] = []
+    infos: dict[str, tarfile.TarInfo] = {}
     size = 0
     with tarfile.open(fileobj=fileobj, mode="r:" if seekable else "r|", tarinfo=_Header) as tf:
         for i, member in enumerate(_members(tf, what)):
@@ -748,7 +843,9 @@ def _from_archive(fileobj: Any, seekable: bool, p: Plan, out: int, budget: Budge
                                             "convd reads descriptors up to 4 MiB")
                 src = tf.extractfile(member)
                 assert src is not None
-                wanted = ovf_disks(src.read(_OVF_LIMIT))
+                xml = src.read(_OVF_LIMIT)
+                digests.note(name, [hashlib.new(a, xml) for a in _MANIFEST_ALGOS.values()])
+                wanted = ovf_disks(xml)
                 if not wanted:
                     raise UnsupportedFormat(f"{what} whose descriptor references no disk")
                 if len(wanted) > 1:
@@ -758,8 +855,18 @@ def _from_archive(fileobj: Any, seekable: bool, p: Plan, out: int, budget: Budge
                 continue
             src = tf.extractfile(member)
             assert src is not None
+            infos[name] = member
+            if wanted is not None and name.lower().endswith(".mf"):
+                if member.size > _MANIFEST_LIMIT:
+                    raise CorruptImage(f"the OVF manifest {name!r} is {format_size(member.size)}; a manifest is "
+                                       "a line per file", detected="ova")
+                digests.stated.append((name, parse_manifest(src.read(_MANIFEST_LIMIT), name)))
+                continue
             if wanted is not None:
                 if name not in names:
+                    if digests.stated or not seekable:  # a member a manifest may list
+                        algos = digests.wanted(name) if seekable else list(_MANIFEST_ALGOS.values())
+                        digests.note(name, _digest_all(src.read, algos, stop))
                     continue
                 if taken is not None:
                     # tar -r appends a newer copy; tar xf keeps the last, a
@@ -778,9 +885,33 @@ def _from_archive(fileobj: Any, seekable: bool, p: Plan, out: int, budget: Budge
                              known=member.size, first=head)
                 taken = name
                 continue
-            size = _copy(src.read, out, budget, f"member {name!r} of {what}", stop, progress,
-                         known=member.size)
+            # The manifest's digest of the disk is folded into the one read that unpacks it.
+            disk_hashers = [hashlib.new(a) for a in digests.wanted(name)]
+            size = _copy(_hashing(src.read, disk_hashers), out, budget, f"member {name!r} of {what}", stop,
+                         progress, known=member.size)
+            digests.note(name, disk_hashers)
             taken = name
+
+        def rehash(member: str, algos: list[str]) -> None:
+            # A manifest after the member it lists: the disk is read back from
+            # what was written; another member from the archive (or, streamed, it was hashed on the way).
+            if member == taken:
+                pos = [0]
+
+                def read_out(n: int) -> bytes:
+                    data = os.pread(out, n, pos[0])
+                    pos[0] += len(data)
+                    return data
+                digests.note(member, _digest_all(read_out, algos, stop))
+            elif seekable:
+                src = tf.extractfile(infos[member])
+                assert src is not None
+                digests.note(member, _digest_all(src.read, algos, stop))
+            else:
+                raise CorruptImage(f"{what}: a member its manifest lists, {member!r}, could not be checked",
+                                   detected="ova")
+
+        manifest = digests.check(members, rehash) if wanted is not None else None
     if wanted is not None and taken is None:
         raise UnsupportedFormat(f"{what} references disk {wanted[0]!r}, which the archive does not hold")
     if len(candidates) > 1:
@@ -789,7 +920,7 @@ def _from_archive(fileobj: Any, seekable: bool, p: Plan, out: int, budget: Budge
     if taken is None:
         listed = ", ".join(members[:10]) + (" …" if len(members) > 10 else "")
         raise UnsupportedFormat(f"{what} holds no disk image (members: {listed or 'none'})")
-    return Unpacked(kinds=kinds, size=size, member=taken)
+    return Unpacked(kinds=kinds, size=size, member=taken, manifest=manifest)
 
 
 # tarfile reads a GNU long-name or PAX header whole into memory, as large as the

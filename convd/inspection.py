@@ -21,7 +21,7 @@ from typing import Any
 
 from oslo_utils.imageutils import format_inspector as fi
 
-from convd import containers, integrity
+from convd import containers, integrity, signatures
 from convd.errors import CorruptImage, NotRegularFile, Stopped, UnsafeImage, UnsupportedFormat
 
 __all__ = ["RAW_FAMILY", "Inspection", "inspect_fd", "inspect_path", "open_regular", "qemu_probe"]
@@ -45,6 +45,11 @@ class Inspection:
     size: int
     matched: list[str] = field(default_factory=list)
     vhd_fixed: bool = False
+    # How qemu-img must be told to read the disk (driver options, passed on
+    # every qemu-img call on the source), and which rule sized it, for the
+    # record: VHD's "current_size" or "chs" (convd.integrity.vpc_size_rule).
+    driver_options: dict[str, str] = field(default_factory=dict)
+    size_rule: str | None = None
 
     @property
     def qemu_format(self) -> str:
@@ -52,7 +57,10 @@ class Inspection:
         return "raw" if self.format in RAW_FAMILY else self.format
 
     def as_dict(self) -> dict[str, Any]:
-        return {"format": self.format, "virtual_size": self.virtual_size, "size": self.size}
+        out: dict[str, Any] = {"format": self.format, "virtual_size": self.virtual_size, "size": self.size}
+        if self.size_rule is not None:
+            out["size_rule"] = self.size_rule
+        return out
 
 
 def _kind(mode: int) -> str:
@@ -186,7 +194,7 @@ def _describe_failures(fmt: str, fd: int, exc: fi.SafetyCheckFailed) -> str:
     for name, failure in exc.failures.items():
         text = str(failure) or name
         if name == "backing_file":
-            text = f"{fmt} backing file points to {_backing_name(fd)}"
+            text = f"{fmt} has a backing file (an overlay), {signatures.DELTA} {_backing_name(fd)}"
         elif name == "data_file":
             text = f"{fmt} names an external data file"
         elif fmt == "vmdk" and name == "descriptor" and text == "Unsupported subformat":
@@ -198,11 +206,18 @@ def _describe_failures(fmt: str, fd: int, exc: fi.SafetyCheckFailed) -> str:
 def inspect_fd(fd: int, *, stop: threading.Event | None = None, limit: int | None = None) -> Inspection:
     """Detect and safety-check an open regular file.
 
-    Raises ``UnsafeImage``, ``UnsupportedFormat`` or ``CorruptImage``; with
+    Raises ``UnsupportedFormat`` for a format convd recognises and refuses
+    (:mod:`convd.signatures`, checked first), ``UnsafeImage`` (a snapshot
+    delta among them) or ``CorruptImage``; with
     ``limit``, ``UnsafeImage`` when a header still wants more than ``limit``
     bytes (only an image header does); ``Stopped`` once ``stop`` is set.
     """
     size = os.fstat(fd).st_size
+    # What the bytes are comes first: a format convd recognises and refuses
+    # is named as such, never judged by the size or safety rules of another.
+    if (known := signatures.recognise(fd, size)) is not None:
+        error = UnsafeImage if known.delta else UnsupportedFormat
+        raise error(known.message, detected=known.format)
     reader = open(fd, "rb", buffering=0, closefd=False)  # noqa: SIM115 - closed below
     wrapper = fi.InspectWrapper(reader)
     try:
@@ -279,6 +294,10 @@ def inspect_fd(fd: int, *, stop: threading.Event | None = None, limit: int | Non
             # The size qemu-img will convert (integrity documents each rule):
             # VHD by creator (CHS or current size), VDI rounded up to 512, …
             result.virtual_size = qemu_size
+    if result.format == "vpc":
+        rule = integrity.vpc_size_rule(integrity.vpc_footer(fd, size))
+        result.size_rule = rule
+        result.driver_options = {"force_size_calc": rule}
     if result.virtual_size <= 0:
         what = "the file is empty (0 bytes)" if size == 0 else f"{result.format} header gives no virtual size"
         raise CorruptImage(f"{what}: an empty disk", detected=result.format)

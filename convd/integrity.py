@@ -31,8 +31,10 @@ import zstandard
 
 from convd.config import format_size
 from convd.errors import CorruptImage, Stopped, UnsafeImage, UnsupportedFormat
+from convd.signatures import DELTA
 
-__all__ = ["MAGICS", "cut_short_header", "verify", "vmdk_descriptor", "vpc_virtual_size"]
+__all__ = ["MAGICS", "SIZE_RULE_CHS", "SIZE_RULE_CURRENT", "cut_short_header", "verify", "vmdk_descriptor",
+           "vpc_footer", "vpc_size_rule", "vpc_virtual_size"]
 
 _SECTOR = 512
 # Tables are read in slices of this many bytes (a table is metadata, but a
@@ -204,7 +206,10 @@ def _qcow2(f: _File) -> int:
         raise UnsupportedFormat(f"qcow2 is encrypted ({'AES' if crypt == 1 else 'LUKS'}): convd holds no keys",
                                 detected="qcow2")
     if size % _SECTOR and size > 0:
-        size -= size % _SECTOR  # qcow2.c: bs->total_sectors = header.size / BDRV_SECTOR_SIZE
+        # qcow2.c: bs->total_sectors = header.size / BDRV_SECTOR_SIZE, on every
+        # qemu version; qemu-img cannot be told otherwise, so the tail would be lost.
+        raise f.corrupt(f"virtual size {size} is not a whole number of 512-byte sectors: qemu-img would "
+                        f"drop its last {size % _SECTOR} bytes")
     extended = bool(incompat & _QCOW2_EXTL2)
     if extended and cluster_bits < 14:
         raise f.corrupt(f"extended L2 entries need clusters of 16 KiB or more, not {cluster}")
@@ -431,9 +436,9 @@ def _vmdk(f: _File) -> int | None:
     parent_cid = _vmdk_descriptor_field(desc, "parentCID")
     hint = _vmdk_descriptor_field(desc, "parentFileNameHint")
     if hint or (parent_cid is not None and parent_cid.lower() != "ffffffff"):
-        raise UnsafeImage(f"VMDK is a delta disk of parent {hint or '(no name given)'} "
-                          f"(parentCID {parent_cid}): its data is incomplete without the parent",
-                          detected="vmdk")
+        raise UnsafeImage(f"VMDK is a delta disk, {DELTA} {hint or '(no name given)'} "
+                          f"(parentCID {parent_cid}): upload the consolidated disk (vmware-vdiskmanager -r, "
+                          "or delete the snapshots)", detected="vmdk")
     compressed = bool(flags & _VMDK_FLAG_COMPRESSED)
     markers = bool(flags & _VMDK_FLAG_MARKERS)
     zero_grain = bool(flags & _VMDK_FLAG_ZERO_GRAIN)
@@ -516,9 +521,9 @@ def _vdi(f: _File) -> int:
     if blocks > 0x3FFFFFFF or disk_size > blocks * block_size:
         raise f.corrupt(f"disk size {disk_size} does not fit its {blocks} blocks")
     if any(parent) or itype in (3, 4):  # undo and differencing images hold changes to another
-        raise UnsafeImage(f"VDI is a differencing image of parent {_uuid(parent)} "
-                          f"(image type {_VDI_TYPES[itype]}): its data is incomplete "
-                          "without the parent", detected="vdi")
+        raise UnsafeImage(f"VDI is a differencing image (image type {_VDI_TYPES[itype]}), {DELTA} "
+                          f"{_uuid(parent)}: upload the merged disk (VBoxManage clonemedium of the "
+                          "snapshot's state)", detected="vdi")
     if any(link):
         raise UnsafeImage(f"VDI is linked to image {_uuid(link)}", detected="vdi")
     if off_bmap + blocks * 4 > f.size:  # before sizing anything by a header's word
@@ -562,24 +567,51 @@ _VHD_MAX_GEOMETRY = 65535 * 16 * 255
 # all of what a VHD can hold); qemu checks none.
 _OVERLAP_CAP = 1 << 20
 _VHD_MAX_SECTORS = 0xFF000000
-# vpc.c: these creators size the disk by current_size; all others by CHS geometry.
-_VHD_CURRENT_SIZE_CREATORS = (b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0")
+# The VHD specification's Current Size is the disk.  Only Virtual PC ("vpc ")
+# and qemu before 2.6 ("qemu", whose current size is its geometry anyway)
+# present the disk their CHS geometry covers.  qemu 7.2's block/vpc.c sizes
+# every creator it does not list (VirtualBox "vbox", Azure "wa\0\0", ...) by
+# geometry too, which cuts their tail; later qemu lists more creators.  convd
+# decides by this rule and tells qemu-img (the vpc driver's
+# ``force_size_calc``), so every qemu version reads the same disk.
+_VHD_CHS_CREATORS = (b"vpc ", b"qemu")
+# Guest bytes past a geometry-sized disk that convd reads to be sure they
+# hold nothing (a geometry drops at most one cylinder, under 2 MiB).
+_VHD_TAIL_CHECK = 64 << 20
+SIZE_RULE_CHS = "chs"
+SIZE_RULE_CURRENT = "current_size"
 _VHD_LOCATOR_CODES = {b"W2ru": "utf-16-le", b"W2ku": "utf-16-le", b"Mac ": "utf-8", b"MacX": "utf-8"}
 
 
-def vpc_virtual_size(footer: bytes) -> int:
-    """Virtual size in bytes of a VHD footer, as qemu's block/vpc.c computes it.
-
-    Virtual PC ("vpc "), qemu's old "qemu" and unknown creators: cylinders ×
-    heads × sectors × 512; Hyper-V ("win "), qemu ("qem2"), Disk2vhd,
-    XenServer and XenConverter, or a maximal CHS geometry: ``current_size``
-    rounded down to 512.
+def vpc_size_rule(footer: bytes) -> str:
+    """Which rule sizes the disk of a VHD footer: ``"chs"`` (cylinders × heads ×
+    sectors × 512: Virtual PC, old qemu) or ``"current_size"`` (every other
+    creator, and any VHD whose geometry is the maximal one, as block/vpc.c
+    does even when told ``chs``).  The value is also the vpc driver's
+    ``force_size_calc`` option that makes qemu-img read it so.
     """
     cyls, heads, secs = struct.unpack(">HBB", footer[56:60])
-    sectors = cyls * heads * secs
-    if footer[28:32] in _VHD_CURRENT_SIZE_CREATORS or sectors == _VHD_MAX_GEOMETRY:
-        sectors = struct.unpack(">Q", footer[48:56])[0] // _SECTOR
-    return sectors * _SECTOR
+    if footer[28:32] in _VHD_CHS_CREATORS and cyls * heads * secs != _VHD_MAX_GEOMETRY:
+        return SIZE_RULE_CHS
+    return SIZE_RULE_CURRENT
+
+
+def vpc_virtual_size(footer: bytes) -> int:
+    """Virtual size in bytes of a VHD footer by :func:`vpc_size_rule`: the
+    geometry's sectors, or ``current_size`` (block/vpc.c reads it in whole
+    sectors, rounding down; :func:`verify` refuses a size that is not)."""
+    if vpc_size_rule(footer) == SIZE_RULE_CHS:
+        cyls, heads, secs = struct.unpack(">HBB", footer[56:60])
+        return cyls * heads * secs * _SECTOR
+    return struct.unpack(">Q", footer[48:56])[0] // _SECTOR * _SECTOR
+
+
+def vpc_footer(fd: int, size: int) -> bytes:
+    """A VHD's footer: the copy at the start of a dynamic disk, else the last 512 bytes."""
+    head = os.pread(fd, _SECTOR, 0)
+    if head[:8] == b"conectix" or size < _SECTOR:
+        return head
+    return os.pread(fd, _SECTOR, size - _SECTOR)
 
 
 def _vhd_checksum_ok(block: bytes, at: int) -> bool:
@@ -611,18 +643,33 @@ def _vpc(f: _File) -> int:
     if not _vhd_checksum_ok(footer, 64):
         raise f.corrupt("footer checksum is wrong")
     vsize = vpc_virtual_size(footer)
+    rule = vpc_size_rule(footer)
+    current, = struct.unpack(">Q", footer[48:56])
+    creator = footer[28:32].decode("latin-1")
     disk_type, = struct.unpack(">I", footer[60:64])
     if vsize // _SECTOR > _VHD_MAX_SECTORS:
         raise f.corrupt(f"virtual size {vsize} is over VHD's 2040 GiB")
     if vsize == 0:
-        raise f.corrupt(f"footer gives no virtual size (creator {footer[28:32].decode('latin-1')!r} "
-                        f"is sized by CHS geometry {'/'.join(map(str, struct.unpack('>HBB', footer[56:60])))}, "
-                        f"current size {struct.unpack('>Q', footer[48:56])[0]}): an empty disk")
+        raise f.corrupt(f"footer gives no virtual size (creator {creator!r} is sized by "
+                        f"{'CHS geometry' if rule == SIZE_RULE_CHS else 'current size'}, geometry "
+                        f"{'/'.join(map(str, struct.unpack('>HBB', footer[56:60])))}, "
+                        f"current size {current}): an empty disk")
+    if rule == SIZE_RULE_CURRENT and current % _SECTOR:
+        # qemu-img reads whole sectors and cannot be told otherwise: it would drop the tail.
+        raise f.corrupt(f"current size {current} is not a whole number of 512-byte sectors: qemu-img "
+                        f"would drop its last {current % _SECTOR} bytes")
+    # A geometry-sized disk whose current size says more: the bytes between
+    # must hold nothing, or the creator field does not tell which disk is meant.
+    tail = (vsize, min(current, vsize + _VHD_TAIL_CHECK)) if rule == SIZE_RULE_CHS and current > vsize else None
     if fixed:
         if disk_type != 2:
             raise f.corrupt(f"footer at the end names disk type {disk_type}, not fixed (2)")
         if vsize > f.size - 512:
             raise f.past_end(f"the footer's disk of {vsize} bytes", vsize + 512)
+        if tail is not None:
+            lo, hi = tail[0], min(tail[1], f.size - 512)
+            if lo < hi and f.read(lo, hi - lo, "VHD disk tail").strip(b"\0"):
+                raise _vhd_tail_error(f, creator, vsize, current)
         return vsize
     if disk_type not in (3, 4):
         raise f.corrupt(f"footer at the start names disk type {disk_type}, not dynamic (3) or differencing (4)")
@@ -633,8 +680,9 @@ def _vpc(f: _File) -> int:
     if not _vhd_checksum_ok(dyn, 36):
         raise f.corrupt("dynamic disk header checksum is wrong")
     if disk_type == 4:
-        raise UnsafeImage(f"VHD is a differencing disk of parent {_vhd_parent(f, dyn)}: its data is "
-                          "incomplete without the parent", detected="vpc")
+        raise UnsafeImage(f"VHD is a differencing disk (Hyper-V .avhd, Virtual PC undo disk), {DELTA} "
+                          f"{_vhd_parent(f, dyn)}: upload the merged disk (Merge-VHD, or qemu-img convert "
+                          "with the parent beside it)", detected="vpc")
     bat_off, = struct.unpack(">Q", dyn[16:24])
     entries, block_size = struct.unpack(">II", dyn[28:36])
     if block_size < _SECTOR or block_size & (block_size - 1):
@@ -668,7 +716,23 @@ def _vpc(f: _File) -> int:
     for a, b in zip(ordered, ordered[1:]):
         if b < a + bitmap + block_size:
             raise f.corrupt(f"two BAT entries share the file's bytes at {b:#x} (blocks overlap)")
+    if tail is not None:
+        for block in range(tail[0] // block_size, min(entries, -(-tail[1] // block_size))):
+            sec, = struct.unpack(">I", f.read(bat_off + 4 * block, 4, "VHD block allocation table"))
+            if sec == 0xFFFFFFFF:
+                continue
+            lo = max(tail[0], block * block_size)
+            hi = min(tail[1], (block + 1) * block_size)
+            at = sec * _SECTOR + bitmap + lo - block * block_size
+            if lo < hi and at + hi - lo <= f.size and os.pread(f.fd, hi - lo, at).strip(b"\0"):
+                raise _vhd_tail_error(f, creator, vsize, current)
     return vsize
+
+
+def _vhd_tail_error(f: _File, creator: str, vsize: int, current: int) -> CorruptImage:
+    return f.corrupt(f"creator {creator!r} sizes the disk by its CHS geometry ({vsize} bytes), but data lies "
+                     f"past it, inside the current size ({current} bytes): which disk is meant is unclear "
+                     "(convd drops no tail)")
 
 
 # --------------------------------------------------------------------------- VHDX
@@ -742,6 +806,11 @@ def _vhdx(f: _File) -> int:
     block_size, pflags = struct.unpack("<II", params)
     if lss not in (512, 4096):
         raise f.corrupt(f"logical sector size {lss} is not 512 or 4096")
+    if lss == 4096:
+        # MS-VHDX allows it; qemu's vhdx driver opens 512-byte sectors only (ENOTSUP).
+        raise UnsupportedFormat("a VHDX with 4096-byte logical sectors, which qemu-img cannot read: convert it "
+                                "on Windows (Convert-VHD) to one with 512-byte sectors, or export it as raw, "
+                                "and upload that", detected="vhdx")
     if block_size < 1 << 20 or block_size > 256 << 20 or block_size & (block_size - 1):
         raise f.corrupt(f"block size {block_size} is not a power of two between 1 MiB and 256 MiB")
     if vsize == 0 or vsize > 64 << 40:
@@ -749,8 +818,8 @@ def _vhdx(f: _File) -> int:
     if pflags & _VHDX_HAS_PARENT or _VHDX_PARENT_LOCATOR in items:
         where = items.get(_VHDX_PARENT_LOCATOR)
         parent = _vhdx_parent(f, *where) if where else "(no locator)"
-        raise UnsafeImage(f"VHDX is a differencing disk of parent {parent}: its data is incomplete "
-                          "without the parent", detected="vhdx")
+        raise UnsafeImage(f"VHDX is a differencing disk (Hyper-V .avhdx checkpoint), {DELTA} {parent}: "
+                          "upload the merged disk (Merge-VHD, or delete the checkpoints)", detected="vhdx")
     chunk_ratio = (1 << 23) * lss // block_size
     data_blocks = -(-vsize // block_size)
     total = data_blocks + (data_blocks - 1) // chunk_ratio
@@ -774,7 +843,10 @@ def _vhdx(f: _File) -> int:
             if seen[mib >> 3] & (1 << (mib & 7)):
                 raise f.corrupt(f"BAT entry {index} reuses the payload block at {start:#x}")
             seen[mib >> 3] |= 1 << (mib & 7)
-    return vsize - vsize % _SECTOR
+    if vsize % lss:
+        raise f.corrupt(f"virtual disk size {vsize} is not a whole number of {lss}-byte sectors "
+                        "(MS-VHDX 2.6.2.4); qemu-img would drop its tail")
+    return vsize
 
 
 _CHECKS = {"qcow2": _qcow2, "vmdk": _vmdk, "vdi": _vdi, "vpc": _vpc, "vhdx": _vhdx}

@@ -235,13 +235,14 @@ def _limited(res: QemuResult) -> bool:
 
 
 async def info(path: str, fmt: str, *, cpu_time: float, address_space: int,
-               name: str | None = None) -> dict[str, Any]:
+               name: str | None = None, options: Mapping[str, str] = _NO_OPTIONS) -> dict[str, Any]:
     """``qemu-img info --output=json`` of ``path`` as ``fmt`` (:func:`source_args`) under resource limits.
 
-    ``name`` stands for ``path`` in messages (the item's name, not its work/ path).
+    ``name`` stands for ``path`` in messages (the item's name, not its work/ path);
+    ``options`` are the driver's (:func:`source_args`).
     """
     res = await _run(
-        [qemu_img(), "info", "--output=json", *source_args(SOURCE_FILENAME, fmt)],
+        [qemu_img(), "info", "--output=json", *source_args(SOURCE_FILENAME, fmt, options)],
         timeout=cpu_time * 2 + 10, cpu_time=cpu_time, address_space=address_space, path=path, name=name,
     )
     if res.returncode != 0:
@@ -254,14 +255,16 @@ async def info(path: str, fmt: str, *, cpu_time: float, address_space: int,
         raise CorruptImage(f"qemu-img info as {fmt} printed no JSON") from None
 
 
-async def check(path: str, fmt: str, *, limits: DetectConfig, name: str | None = None) -> dict[str, Any]:
+async def check(path: str, fmt: str, *, limits: DetectConfig, name: str | None = None,
+                options: Mapping[str, str] = _NO_OPTIONS) -> dict[str, Any]:
     """``qemu-img check --output=json`` of ``path`` as ``fmt`` (read-only) under resource limits.
 
     Returns qemu's report (``corruptions``, ``leaks``, ``check-errors``, …);
     exit 2 (corruptions) and 3 (leaks only) are reports, not failures.
     Raises ``CorruptImage`` when qemu-img cannot check the image at all.
     """
-    res = await _run([qemu_img(), "check", "--output=json", *source_args(SOURCE_FILENAME, fmt)], timeout=600,
+    res = await _run([qemu_img(), "check", "--output=json", *source_args(SOURCE_FILENAME, fmt, options)],
+                     timeout=600,
                      path=path, name=name, **_estimate_limits(limits))
     if _limited(res):
         raise CorruptImage(f"qemu-img check as {fmt} hit its resource limits ({res.error_text})")
@@ -285,9 +288,10 @@ def _estimate_limits(limits: DetectConfig) -> dict[str, Any]:
 
 
 async def data_bytes(path: str, fmt: str, block: int, *, limits: DetectConfig,
-                     name: str | None = None) -> int:
+                     name: str | None = None, options: Mapping[str, str] = _NO_OPTIONS) -> int:
     """Bytes a sparse raw copy needs: data extents, each rounded out to ``block``."""
-    res = await _run([qemu_img(), "map", "--output=json", *source_args(SOURCE_FILENAME, fmt)], timeout=600,
+    res = await _run([qemu_img(), "map", "--output=json", *source_args(SOURCE_FILENAME, fmt, options)],
+                     timeout=600,
                      path=path, name=name, **_estimate_limits(limits))
     if res.returncode != 0:
         raise CorruptImage(f"qemu-img map as {fmt}: {res.error_text}")
@@ -301,15 +305,19 @@ async def data_bytes(path: str, fmt: str, block: int, *, limits: DetectConfig,
 
 
 async def measure(path: str, fmt: str, target: str, *, limits: DetectConfig,
-                  name: str | None = None, options: Sequence[str] = ()) -> int:
+                  name: str | None = None, options: Mapping[str, str] = _NO_OPTIONS,
+                  target_options: Sequence[str] = ()) -> int:
     """``qemu-img measure`` required size, in bytes, for a ``target`` image of this source.
 
-    ``options``: ``-o`` pairs the output is created with (``layout_args``'s
-    ``-o`` arguments; measure takes no ``-c``: for a compressed qcow2 it
-    gives the size of the uncompressed clusters, an upper bound).
+    ``options`` are the source driver's (:func:`source_args`);
+    ``target_options``: ``-o`` pairs the output is created with
+    (``layout_args``'s ``-o`` arguments; measure takes no ``-c``: for a
+    compressed qcow2 it gives the size of the uncompressed clusters, an upper
+    bound).
     """
     res = await _run(
-        [qemu_img(), "measure", "--output=json", "-O", target, *options, *source_args(SOURCE_FILENAME, fmt)],
+        [qemu_img(), "measure", "--output=json", "-O", target, *target_options,
+         *source_args(SOURCE_FILENAME, fmt, options)],
         timeout=600, path=path, name=name, **_estimate_limits(limits),
     )
     if res.returncode != 0:
@@ -383,6 +391,7 @@ async def convert(
     on_progress: Callable[[float], None] | None = None,
     on_start: Callable[[launcher.Child], None] | None = None,
     name: str | None = None,
+    options: Mapping[str, str] = _NO_OPTIONS,
 ) -> None:
     """Run one ``qemu-img convert``.
 
@@ -390,9 +399,9 @@ async def convert(
     compressed grain, say: it fails the same way every time) and
     ``TransientError`` for the rest (ENOSPC or EIO writing the output, a
     killed child), which may pass on retry.  ``name`` stands for ``src`` in
-    messages.
+    messages; ``options`` are the source driver's (:func:`source_args`).
     """
-    source = source_args(SOURCE_FILENAME, src_fmt)
+    source = source_args(SOURCE_FILENAME, src_fmt, options)
     argv = [qemu_img(), "convert", "-p", "-O", dst_fmt, *extra_args,
             *TARGET_OPTIONS.get(dst_fmt, ()), *source, dst]
     proc = await _spawn(argv, source=src)

@@ -52,6 +52,7 @@ async def convert(item: Item, ctx: Context) -> Stage:
                     str(item.claim.source), src_fmt, str(item.claim.output), item.target_format,
                     extra_args=[*args, "-r", str(rate)] if rate else args, timeout=cfg.convert.timeout,
                     on_progress=progress, on_start=started, name=item.label,
+                    options=item.inspection.driver_options,
                 )
         finally:
             item.proc = None

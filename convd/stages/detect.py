@@ -6,15 +6,17 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from convd import qemu
+from convd import qemu, targets
 from convd.config import format_size
 from convd.errors import CorruptImage, FormatMismatch, ItemError, TooLarge, UnsafeImage, UnsupportedFormat
 from convd.inspection import RAW_FAMILY, inspect_fd, open_regular
 from convd.pipeline.item import Item, Stage
+from convd.signatures import DELTA
 
 if TYPE_CHECKING:
     from convd.pipeline.context import Context
@@ -32,9 +34,9 @@ VMDK_CREATE_TYPES = ("monolithicSparse", "streamOptimized")
 CHECKED_FORMATS = ("qcow2",)
 
 
-async def check_consistency(path: str, fmt: str, item: Item) -> None:
+async def check_consistency(path: str, fmt: str, item: Item, options: Mapping[str, str] | None = None) -> None:
     """``qemu-img check``: corruptions mean the guest would not read what was written."""
-    report = await qemu.check(path, fmt, limits=item.cfg.detect, name=item.label)
+    report = await qemu.check(path, fmt, limits=item.cfg.detect, name=item.label, options=options or {})
     corruptions, errors = report.get("corruptions", 0), report.get("check-errors", 0)
     if corruptions or errors:
         what = ", ".join(part for part in (f"{corruptions} corruptions" if corruptions else "",
@@ -57,7 +59,7 @@ def check_qemu_info(info: dict[str, Any], fmt: str, virtual_size: int, path: str
             f"{fmt} virtual size: inspector {virtual_size}, qemu-img {info.get('virtual-size')}"
         )
     if info.get("backing-filename") or info.get("full-backing-filename"):
-        raise UnsafeImage(f"{fmt} backing file points to {info.get('backing-filename')}")
+        raise UnsafeImage(f"{fmt} has a backing file (an overlay), {DELTA} {info.get('backing-filename')}")
     data = info.get("format-specific", {}).get("data", {}) or {}
     if data.get("data-file"):
         raise UnsafeImage(f"{fmt} external data file {data['data-file']}")
@@ -109,14 +111,17 @@ async def detect(item: Item, ctx: Context) -> Stage:
     if insp.virtual_size > cfg.limits.max_virtual_size:
         raise TooLarge(f"virtual size {format_size(insp.virtual_size)} is over max_virtual_size "
                        f"{format_size(cfg.limits.max_virtual_size)}")
+    # The target's own limits: known before converting, so never a convert_failed after retries.
+    targets.check_virtual_size(item.target_format, insp.virtual_size, layout=cfg.target)
     if insp.qemu_format != "raw":
         # Raw-family images are skipped: `qemu-img info -f raw` has no
         # metadata to read and can only restate the file size.
         info = await qemu.info(path, insp.qemu_format, cpu_time=cfg.detect.cpu_time,
-                               address_space=cfg.detect.address_space, name=item.label)
+                               address_space=cfg.detect.address_space, name=item.label,
+                               options=insp.driver_options)
         check_qemu_info(info, insp.qemu_format, insp.virtual_size, path)
         if insp.qemu_format in CHECKED_FORMATS and not info.get("dirty-flag"):
-            await check_consistency(path, insp.qemu_format, item)
+            await check_consistency(path, insp.qemu_format, item, insp.driver_options)
     item.timings["detect"] += time.monotonic() - t0
     target = item.target_format
     item.passthrough = insp.qemu_format == target or (target == "raw" and insp.format in RAW_FAMILY)

@@ -13,7 +13,13 @@ import anyio
 from convd import record
 from convd.bandwidth import Throttle
 from convd.checksum import digest_file
-from convd.errors import ConvertFailed, CorruptImage, NameConflict, UnsafeImage
+from convd.errors import (
+    ConvertFailed,
+    CorruptImage,
+    NameConflict,
+    UnsafeImage,
+    UnsupportedFormat,
+)
 from convd.inspection import RAW_FAMILY, inspect_fd
 from convd.pipeline.item import Item, Stage
 from convd.pipeline.spool import OUTPUT
@@ -34,6 +40,12 @@ def _vet_output(fd: int, target: str, stop: threading.Event) -> int:
     try:
         insp = inspect_fd(fd, stop=stop, limit=_OUTPUT_INSPECT_LIMIT)
         found = insp.format
+    except UnsupportedFormat as exc:
+        # Guest data that starts (or ends) like a format convd refuses: a
+        # consumer that probes would read that format, not this disk.
+        found = exc.detected or "an unsupported format"
+        raise UnsafeImage(f"the {target} output inspects as {found}: the image hides another format "
+                          "inside") from None
     except CorruptImage as exc:
         # A header of another format in the guest data need not be a valid
         # one: it is still hidden inside, and the source is not to blame.

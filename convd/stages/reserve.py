@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from convd import qemu
+from convd import qemu, targets
 from convd.errors import TooLarge, UnsupportedFormat
 from convd.pipeline.item import Item, Stage
 
@@ -64,20 +64,24 @@ async def estimate(item: Item, ctx: Context) -> int:
     bound = vsize if target == "raw" else vsize + vsize // 64 + (1 << 20)
     if target == "qcow2":
         bound = max(bound, vsize + vsize * 20 // layout.qcow2.cluster_size + (1 << 20))
+    limit = targets.limit_for_layout(target, layout)
+    capped = limit is not None and limit.max_file_size is not None and bound > limit.max_file_size
     preallocated = ((target == "raw" and layout.raw.preallocation != "off")
                     or (target == "vpc" and layout.vpc.subformat == "fixed"))
     if preallocated:
         # Every block is allocated (falloc, full) or may be written (a fixed
         # VHD is the raw disk and its footer): the whole disk.
         need = vsize + (512 if target == "vpc" else 0)
-    elif vsize <= CHEAP_BOUND or 2 * bound <= ctx.ledger.available():
+    elif (vsize <= CHEAP_BOUND or 2 * bound <= ctx.ledger.available()) and not capped:
         need = bound
     elif target == "raw":
         need = await qemu.data_bytes(path, insp.qemu_format, ctx.block_size,
-                                     limits=item.cfg.detect, name=item.label) if ctx.sparse else vsize
+                                     limits=item.cfg.detect, name=item.label,
+                                     options=insp.driver_options) if ctx.sparse else vsize
     elif target == "qcow2":  # the only other target qemu-img 7.2 can measure
         need = await qemu.measure(path, insp.qemu_format, target, limits=item.cfg.detect, name=item.label,
-                                  options=qemu.layout_args(target, layout, compress=False))
+                                  options=insp.driver_options,
+                                  target_options=qemu.layout_args(target, layout, compress=False))
     elif any(a.startswith("-S") for a in item.cfg.qemu_args_for(insp.format) or ()):
         need = bound  # an operator's -S changes which zeros qemu-img writes: no data-based estimate
     else:
@@ -85,7 +89,7 @@ async def estimate(item: Item, ctx: Context) -> int:
         # image (it starts all zeros): each data extent rounded out to the
         # target's largest allocation unit, plus a bound on its tables.
         data = await qemu.data_bytes(path, insp.qemu_format, _ALLOCATION_UNIT[target],
-                                     limits=item.cfg.detect, name=item.label)
+                                     limits=item.cfg.detect, name=item.label, options=insp.driver_options)
         need = min(bound, data + _metadata_bound(vsize, data))
     return need + int(need * MARGIN_FRACTION) + MARGIN_BYTES
 
@@ -108,6 +112,7 @@ async def reserve(item: Item, ctx: Context) -> Stage:
     item.estimate = await estimate(item, ctx)
     log.debug("estimated", bytes=item.estimate, target_format=item.target_format,
               layout=item.cfg.target.layout(item.target_format))
+    targets.check_file_size(item.target_format, item.estimate, layout=item.cfg.target)
     if not ctx.ledger.could_ever_fit(item.estimate):
         raise TooLarge(
             f"the {item.target_format} output needs about {item.estimate} bytes; the workspace "
