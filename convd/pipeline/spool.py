@@ -419,8 +419,8 @@ class Spool:
 
     def note_attempt(self, claim: Claim) -> None:
         claim.attempts += 1
-        # Atomic but not fsynced: the count is informational, and a power cut
-        # costing it at worst under-reports one attempt.
+        # Atomic, but the rename is not made durable: the count is
+        # informational, and a power cut costing it at worst under-reports one attempt.
         durable.write_json(claim.dir / ITEM, {"name": claim.name, "attempts": claim.attempts,
                                               "updated_at": time.time()}, replace=True, sync=False,
                            compact=True)
