@@ -127,7 +127,7 @@ def read_json(path: Path) -> Any:
 
 
 def tree(root: Path) -> list[str]:
-    out: list[dict[str, Any]] = []
+    out: list[str] = []
     for dirpath, dirs, files in os.walk(root):
         rel = os.path.relpath(dirpath, root)
         out += [os.path.normpath(os.path.join(rel, n)) + "/" for n in dirs]
