@@ -386,6 +386,8 @@ def uml_disks_missing(fstypes: tuple[str, ...] = ("ext4", "xfs")) -> str | None:
 
 def uml_has_filesystem(fstype: str) -> bool:
     """Whether the UML kernel can mount ``fstype`` (built in: Debian's has ext4 and xfs)."""
+    if shutil.which("linux.uml") is None:
+        return False
     release = subprocess.run(["linux.uml", "--version"], check=False, capture_output=True, text=True).stdout.strip()
     builtin = Path(f"/usr/lib/uml/modules/{release}/modules.builtin")
     try:
