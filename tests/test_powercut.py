@@ -144,7 +144,9 @@ class Stages:
         """The stages the cut found this spool's items in."""
         if not self.watching:
             return {"start-up"}
-        hit = {s if s in STAGES else "start-up" if s == "recovery" else s for s in self.items.values()}
+        # A carried item that showed nothing since the start was finished before
+        # the last cut (its last lines cut off), or still waits in incoming/.
+        hit = {s for s in self.items.values() if s != "recovery"}
         return hit or {"idle"}
 
 
