@@ -396,6 +396,28 @@ def uml_has_filesystem(fstype: str) -> bool:
         return False
 
 
+def _wait_group_gone(pgid: int, timeout: float = 30.0) -> None:
+    """Wait until no live process (zombies aside) is left in process group ``pgid``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = []
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, ...
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                left.append(pid)
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"UML processes {left} outlived SIGKILL for {timeout:.0f} s")
+        time.sleep(0.01)
+
+
 class UmlDisks:
     """A User-Mode Linux guest whose disks are UML block devices (``ubd``), each
     backed by an image file on the host and holding one local filesystem.
@@ -468,6 +490,10 @@ class UmlDisks:
                 except ProcessLookupError:
                     pass
                 p.wait()
+                # UML's block-device I/O runs in a process of its own (a clone
+                # sharing memory, not a thread): the next boot must not start
+                # while it could still be writing.
+                _wait_group_gone(p.pid)
         return (d / "guest.log").read_text(errors="replace") if (d / "guest.log").exists() else ""
 
     def fsck(self, log: str) -> dict[int, tuple[int | None, str]]:
