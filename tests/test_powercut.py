@@ -241,7 +241,8 @@ def run_cuts(tmp_path: Path, seed: int, cuts: int) -> dict[str, Any]:
         log = lab.boot(job(lab, images, boot, drop=drop, maybe=pending),
                        until=cutter(boot, labels, stages, target, delay, limit=120.0))
         (boot / "guest.log").write_text(log)
-        fsck.append({"boot": n, **{labels[i]: rc for i, (rc, _) in lab.fsck(log).items()}})
+        fsck.append({"boot": n, **{labels[i]: rc if rc == 0 else (rc, out[-2000:])
+                                   for i, (rc, out) in lab.fsck(log).items()}})
         assert "DISKS-UP" in log, f"boot {n}: the guest did not mount its disks:\n{log[-3000:]}"
         for e in Tail(boot / "producer.jsonl").new():
             if e["event"] in ("dropped", "found"):
@@ -268,7 +269,8 @@ def run_cuts(tmp_path: Path, seed: int, cuts: int) -> dict[str, Any]:
     log = lab.boot(job(lab, images, boot, drop=names, maybe=pending, final=sorted(inputs), refs=refs),
                    timeout=1000.0)
     (boot / "guest.log").write_text(log)
-    fsck.append({"boot": "final", **{labels[i]: rc for i, (rc, _) in lab.fsck(log).items()}})
+    fsck.append({"boot": "final", **{labels[i]: rc if rc == 0 else (rc, out[-2000:])
+                                     for i, (rc, out) in lab.fsck(log).items()}})
     tails = {label: Tail(boot / f"{label}.log") for label in labels}
     for label in labels:
         for e in tails[label].new():
