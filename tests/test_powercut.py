@@ -125,7 +125,9 @@ class Stages:
         elif ev == "watching" and "level" in e:
             self.watching = True
         elif ev == "dropped" and e.get("spool") == self.label:
-            self.items[e["name"]] = "claim"
+            # Two files: convd may have told of the claim before the producer's line was read.
+            if self.items.get(e["name"], "recovery") == "recovery":
+                self.items[e["name"]] = "claim"
         elif ev == "claimed":
             self.items[item] = "unpack"
         elif ev == "stage done":
