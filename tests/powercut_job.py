@@ -241,6 +241,15 @@ def main() -> int:
                 say("timed out", tree={label: tree(root) for label, root in spools.items()})
                 return 1
             time.sleep(0.2)
+
+        def ledger_idle(label: str, root: Path) -> bool:
+            entries = read_json(root / "work" / ".ledger").get("instances", {})
+            return {k: v.get("outstanding") for k, v in entries.items()} == {label: 0}
+        # The daemon rewrites its ledger entry every 5 s (SHARED_REFRESH): give
+        # it three rounds to show the last item's bytes gone; a leak stays.
+        until = time.monotonic() + 15
+        while not all(ledger_idle(label, root) for label, root in spools.items()) and time.monotonic() < until:
+            time.sleep(0.2)
         refs = json.loads(args.refs.read_text()) if args.refs else {}
         # Taken while the daemons still run: their ledger as they hold it.
         result = {label: {"status": status(args.log, label), "ledger": read_json(root / "work" / ".ledger")}
