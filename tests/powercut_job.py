@@ -52,7 +52,7 @@ instance = "{instance}"
 settle = 0.2
 rescan_interval = 2
 [convert]
-max_workers = 2
+max_workers = 1
 retry_backoff = 0.2
 [limits]
 workspace = "2GiB"

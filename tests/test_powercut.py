@@ -42,8 +42,10 @@ STAGES = ("start-up", "claim", "unpack", "convert", "publish", "cleanup")
 # Seconds after its target shows in the log within which a cut comes: about
 # the stage's length in the guest, so the cut lands inside it or just after.
 WINDOW = {"start-up": 0.4, "claim": 0.1, "unpack": 0.3, "convert": 0.6, "publish": 0.3, "cleanup": 0.0}
-# A boot whose target never shows (nothing left in that stage) is cut this long after convd watches.
-FALLBACK = 4.0
+# A boot whose target never shows (nothing left in that stage) is cut this long after convd
+# watches: long enough for an item to get through detect, convert and publish in the guest, so
+# that the backlog moves on between cuts.
+FALLBACK = 8.0
 CONTAINERS = ("disk-gz-1", "disk-gz-2", "appliance-ova")
 
 
@@ -144,11 +146,11 @@ class Stages:
 
     def landed(self) -> set[str]:
         """The stages the cut found this spool's items in."""
-        if not self.watching:
-            return {"start-up"}
         # A carried item that showed nothing since the start was finished before
         # the last cut (its last lines cut off), or still waits in incoming/.
         hit = {s for s in self.items.values() if s != "recovery"}
+        if not self.watching:
+            hit.add("start-up")
         return hit or {"idle"}
 
 
