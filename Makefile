@@ -25,13 +25,15 @@ system-deps:
 	fi
 
 # The shared-spool tests and `make bench-shared` run a one-node Ceph cluster
-# (ceph-fuse mounts) on loopback, and kernel NFS inside User-Mode Linux; as
+# (ceph-fuse mounts) on loopback, and kernel NFS inside User-Mode Linux (as
+# does the power-cut test, with ext4 and XFS on UML block devices); as
 # root on Debian/Ubuntu their packages are installed here, elsewhere those
 # tests fail saying what to install (they skip when not root).
 SHAREDFS_TOOLS := ceph-mon:ceph-mon ceph-osd:ceph-osd ceph-mds:ceph-mds ceph-mgr:ceph-mgr \
                   ceph-fuse:ceph-fuse ceph:ceph-common linux.uml:user-mode-linux \
                   rpc.nfsd:nfs-kernel-server rpcbind:rpcbind ip:iproute2 modprobe:kmod \
-                  nsenter:util-linux mkfs.ext4:e2fsprogs
+                  nsenter:util-linux mkfs.ext4:e2fsprogs e2fsck:e2fsprogs \
+                  mkfs.xfs:xfsprogs xfs_repair:xfsprogs
 sharedfs-deps:
 	@missing=""; \
 	for pair in $(SHAREDFS_TOOLS); do \

@@ -1,7 +1,9 @@
 """Every durable write and move convd makes on spool files goes through here.
 
 Write: ``O_EXCL`` temp in the destination directory, write, ``fsync``,
-close, rename (never replacing unless asked), ``fsync`` the directory.
+close, rename (never replacing unless asked), ``fsync`` the directory (a
+write that may be lost skips the directory's, never the file's: see
+:func:`write_bytes`).
 Move: ``renameat2(RENAME_NOREPLACE)`` (hard link + unlink where the
 filesystem lacks it), then ``fsync`` both directories.
 """
@@ -124,8 +126,14 @@ def write_bytes(path: str | os.PathLike[str], data: bytes, *, replace: bool = Fa
                 mode: int = 0o644, sync: bool = True, owner: str = "") -> None:
     """Durably create ``path`` with ``data``; readers see all of it or nothing.
 
-    ``sync=False`` keeps the atomicity but skips the fsyncs, for files that
-    may be lost in a crash (the status snapshot).
+    ``sync=False`` is for files that may be lost in a crash (the status
+    snapshot, the shared ledger, an item's attempt count): the directory is
+    not fsynced, so after a power cut the path may hold the previous version
+    (or nothing, if there was none).  The data is still flushed before the
+    rename: otherwise the rename can reach the disk first (ext4 without
+    ``auto_da_alloc``, XFS), and the path then names an empty file after a
+    power cut (found by tests/test_powercut.py: an "unreadable shared
+    ledger" at the next start).
     """
     p = Path(path)
     tmp = p.with_name(temp_name(p.name, owner))
@@ -136,6 +144,8 @@ def write_bytes(path: str | os.PathLike[str], data: bytes, *, replace: bool = Fa
             view = view[os.write(fd, view):]
         if sync:
             os.fsync(fd)
+        else:
+            os.fdatasync(fd)  # the size is data here: a new file's fdatasync writes it
     except BaseException:
         os.close(fd)
         os.unlink(tmp)

@@ -15,15 +15,18 @@ and from the benchmark (``bench --shared``).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["CephCluster", "CephUnavailable", "UmlNfs", "ceph_missing", "uml_missing"]
+__all__ = ["CephCluster", "CephUnavailable", "UmlDisks", "UmlNfs", "ceph_missing", "uml_disks_missing",
+           "uml_missing"]
 
 CEPH_TOOLS = ("ceph-mon", "ceph-osd", "ceph-mds", "ceph-mgr", "ceph-fuse", "ceph", "monmaptool", "ceph-authtool")
 
@@ -338,3 +341,168 @@ class UmlNfs:
         if "job rc=" not in log:
             raise RuntimeError(f"the UML job did not finish within {timeout:.0f} s:\n{log[-3000:]}")
         return log
+
+
+# -- local filesystems on UML block devices, for power cuts ------------------------------------
+
+# What each filesystem needs: mkfs (on the host), and the read-only check run in the guest.
+DISK_TOOLS = {"ext4": ("mkfs.ext4", "e2fsck"), "xfs": ("mkfs.xfs", "xfs_repair")}
+
+_DISKS_INIT = r"""#!/bin/sh
+# PID 1 of the power-cut guest: a private /run; each disk's journal replayed
+# (a mount and an umount, as the next boot after a power failure does), then
+# checked read-only, then mounted for the job; power off when the job is done.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+S={dir}
+exec > $S/guest.log 2>&1
+mount -t proc proc /proc; mount -t sysfs sysfs /sys
+[ -c /dev/null ] || mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /run
+{disks}
+echo DISKS-UP
+sh $S/job.sh; echo "job rc=$?"
+{umounts}
+poweroff -f
+"""
+
+_CHECK = {"ext4": "e2fsck -fn", "xfs": "xfs_repair -n"}
+# noauto_da_alloc: ext4 then gives a file renamed over another no more than
+# POSIX promises (no implicit flush), so a missing fsync shows as it would on
+# another filesystem.
+_MOUNT_OPTS = {"ext4": "noauto_da_alloc", "xfs": "defaults"}
+
+
+def uml_disks_missing(fstypes: tuple[str, ...] = ("ext4", "xfs")) -> str | None:
+    """Why :class:`UmlDisks` cannot run here with these filesystems, or None if it can."""
+    if os.geteuid() != 0:
+        return "needs root"
+    tools = ("linux.uml", *(t for fs in fstypes for t in DISK_TOOLS[fs]))
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        return (f"missing {', '.join(missing)}: run `make sharedfs-deps` "
+                "(apt-get install user-mode-linux e2fsprogs xfsprogs)")
+    return None
+
+
+def uml_has_filesystem(fstype: str) -> bool:
+    """Whether the UML kernel can mount ``fstype`` (built in: Debian's has ext4 and xfs)."""
+    if shutil.which("linux.uml") is None:
+        return False
+    release = subprocess.run(["linux.uml", "--version"], check=False, capture_output=True, text=True).stdout.strip()
+    builtin = Path(f"/usr/lib/uml/modules/{release}/modules.builtin")
+    try:
+        return f"/fs/{fstype}/{fstype}.ko" in builtin.read_text()
+    except OSError:
+        return False
+
+
+def _wait_group_gone(pgid: int, timeout: float = 30.0) -> None:
+    """Wait until no live process (zombies aside) is left in process group ``pgid``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = []
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, ...
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                left.append(pid)
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"UML processes {left} outlived SIGKILL for {timeout:.0f} s")
+        time.sleep(0.01)
+
+
+class UmlDisks:
+    """A User-Mode Linux guest whose disks are UML block devices (``ubd``), each
+    backed by an image file on the host and holding one local filesystem.
+
+    ``disks`` is a list of ``(fstype, bytes)``; disk ``n`` is mounted at
+    :attr:`mounts` ``[n]`` in the guest (an empty directory on the host: the
+    host's page cache never holds the guest's files, unlike hostfs).  The
+    guest's root is the host's through hostfs, so the host's venv and qemu-img
+    run unchanged in it, and files the job writes outside the mounts (its
+    logs) reach the host as they are written.
+
+    :meth:`boot` starts the guest; ``until`` (a callable given the UML
+    process) returns when the power is to be cut, and the whole UML process
+    group is then SIGKILLed: what the guest had not written to its block
+    devices is lost, as in a power failure.  Each boot first replays each
+    filesystem's journal and checks it read-only (``e2fsck -fn``,
+    ``xfs_repair -n``); :meth:`fsck` gives the results.
+    """
+
+    def __init__(self, base: Path, disks: list[tuple[str, int]]) -> None:
+        self.dir = base / "uml"
+        self.disks = disks
+        self.mounts = [self.dir / f"{fs}{n}" for n, (fs, _) in enumerate(disks)]
+        self.images = [self.dir / f"{fs}{n}.img" for n, (fs, _) in enumerate(disks)]
+
+    def make(self) -> None:
+        """Create the image files and their empty filesystems."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        disks, umounts = [], []
+        for n, ((fs, size), img, mnt) in enumerate(zip(self.disks, self.images, self.mounts)):
+            mnt.mkdir()
+            with open(img, "wb") as fh:
+                fh.truncate(size)
+            mkfs = ["mkfs.ext4", "-q", "-F"] if fs == "ext4" else ["mkfs.xfs", "-q", "-f"]
+            subprocess.run([*mkfs, str(img)], check=True, capture_output=True)
+            dev = f"/dev/ubd{chr(ord('a') + n)}"
+            disks.append(f"mount -t {fs} {dev} {mnt} && umount {mnt}; {_CHECK[fs]} {dev} > $S/fsck{n}.log 2>&1; "
+                         f"echo \"fsck {n} rc=$?\"\nmount -t {fs} -o {_MOUNT_OPTS[fs]} {dev} {mnt} || "
+                         "{ echo MOUNT-FAILED; poweroff -f; }")
+            umounts.append(f"umount {mnt}")
+        (self.dir / "init.sh").write_text(_DISKS_INIT.replace("{dir}", str(self.dir))
+                                          .replace("{disks}", "\n".join(disks))
+                                          .replace("{umounts}", "\n".join(umounts)))
+        (self.dir / "init.sh").chmod(0o755)
+
+    def boot(self, job: str, *, until: Callable[[subprocess.Popen[bytes]], None] | None = None,
+             timeout: float = 120.0, mem: str = "1024M") -> str:
+        """Boot, run ``job`` (a shell script); cut the power when ``until`` returns, else
+        wait for the guest to power off (at most ``timeout`` s).  Returns the guest's log."""
+        d = self.dir
+        (d / "guest.log").unlink(missing_ok=True)
+        (d / "job.sh").write_text(job)
+        ubds = [f"ubd{n}={img}" for n, img in enumerate(self.images)]
+        with open(d / "console.log", "wb") as console:
+            p = subprocess.Popen(
+                ["linux.uml", f"mem={mem}", "rootfstype=hostfs", "rootflags=/", "rw", f"init={d / 'init.sh'}",
+                 *ubds, "con=null", "con0=null"],
+                stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                if until is not None:
+                    until(p)
+                else:
+                    p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+            finally:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
+                # UML's block-device I/O runs in a process of its own (a clone
+                # sharing memory, not a thread): the next boot must not start
+                # while it could still be writing.
+                _wait_group_gone(p.pid)
+        return (d / "guest.log").read_text(errors="replace") if (d / "guest.log").exists() else ""
+
+    def fsck(self, log: str) -> dict[int, tuple[int | None, str]]:
+        """Per disk, the read-only check's exit status at the boot whose guest log
+        this is (None: not run) and its output."""
+        out: dict[int, tuple[int | None, str]] = {}
+        for n in range(len(self.disks)):
+            m = re.search(rf"^fsck {n} rc=(\d+)$", log, re.MULTILINE)
+            path = self.dir / f"fsck{n}.log"
+            text = path.read_text(errors="replace") if path.exists() else ""
+            out[n] = (int(m.group(1)) if m else None, text)
+        return out

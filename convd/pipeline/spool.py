@@ -457,8 +457,8 @@ class Spool:
 
     def note_attempt(self, claim: Claim) -> None:
         claim.attempts += 1
-        # Atomic but not fsynced: the count is informational, and a power cut
-        # costing it at worst under-reports one attempt.
+        # Atomic, but the rename is not made durable: the count is
+        # informational, and a power cut costing it at worst under-reports one attempt.
         self._write_item(claim, sync=False)
 
     def note_reading(self, claim: Claim, reading: bool) -> None:
