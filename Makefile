@@ -24,9 +24,9 @@ system-deps:
 	  fi; \
 	fi
 
-# The shared-spool tests and `make bench-shared` run a one-node Ceph cluster
-# (ceph-fuse mounts) on loopback, and kernel NFS inside User-Mode Linux; as
-# root on Debian/Ubuntu their packages are installed here, elsewhere those
+# The shared-spool and RBD tests and `make bench-shared` run a one-node Ceph
+# cluster (ceph-fuse mounts; qemu's rbd driver, qemu-block-extra) on
+# loopback, and kernel NFS inside User-Mode Linux; as root on Debian/Ubuntu their packages are installed here, elsewhere those
 # tests fail saying what to install (they skip when not root).
 SHAREDFS_TOOLS := ceph-mon:ceph-mon ceph-osd:ceph-osd ceph-mds:ceph-mds ceph-mgr:ceph-mgr \
                   ceph-fuse:ceph-fuse ceph:ceph-common linux.uml:user-mode-linux \
@@ -37,6 +37,7 @@ sharedfs-deps:
 	for pair in $(SHAREDFS_TOOLS); do \
 	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
 	done; \
+	ls /usr/lib/*/qemu/block-rbd.so >/dev/null 2>&1 || missing="$$missing qemu-block-extra"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing:$$missing"; \

@@ -17,9 +17,9 @@ from typing import Any
 import anyio
 import structlog
 
-from convd import __version__, cancel, durable, launcher, logs, protocol, qemu
+from convd import __version__, cancel, durable, launcher, logs, protocol, qemu, rbd
 from convd.config import Config, load
-from convd.errors import ConfigError
+from convd.errors import ConfigError, StartupError
 from convd.filesystem import detect_type, probe_filesystem
 from convd.metrics import Metrics
 from convd.monitor import Monitor
@@ -31,6 +31,7 @@ from convd.pipeline.runner import finish_handoff, run_item
 from convd.pipeline.spool import Claim, Spool
 from convd.pipeline.watch import Watcher
 from convd.sdnotify import Notifier
+from convd.stages import rbd as rbd_stages
 
 __all__ = ["Daemon"]
 
@@ -85,6 +86,10 @@ class Daemon:
     async def run(self) -> None:
         cfg = self.cfg
         qemu.check_tools()
+        if cfg.publish.to == "rbd":
+            missing = rbd.check_tools()
+            if missing:
+                raise StartupError(f"[publish] to = \"rbd\": {missing}")
         self.spool.prepare()
         try:
             await self._run(cfg)
@@ -115,6 +120,10 @@ class Daemon:
             on_published=self.monitor.published, on_failed=self.monitor.failed,
             on_retry=self.monitor.retried,
         )
+        if cfg.publish.to == "rbd":
+            ctx.rbd = rbd_stages.RbdTarget(cfg.publish.rbd, cfg.spool.instance)
+            # Before any item runs: an unfinished attempt's temporary image is never published.
+            await rbd_stages.sweep(ctx.rbd, [cfg.spool.instance, *stopped], recovered + adopted)
         self.monitor.ctx = ctx
         if cfg.metrics_address:
             host, port = cfg.metrics_address
@@ -195,6 +204,8 @@ class Daemon:
                     adopted, stopped = [], []
                 if ledger.shared is not None:
                     ledger.shared.forget(stopped)
+                if stopped and self.ctx.rbd is not None:
+                    await rbd_stages.sweep(self.ctx.rbd, stopped, adopted)
                 for claim in adopted:
                     self._start_item(items, claim)
                 if adopted:
@@ -348,6 +359,8 @@ class Daemon:
             new = load(path)
             if new.spool != self.cfg.spool:
                 raise ConfigError("[spool] changes need a restart")
+            if new.publish != self.cfg.publish:
+                raise ConfigError("[publish] changes need a restart")
         except Exception as exc:  # whatever a bad file raises, the old configuration stays
             log.error("reload refused; keeping the old configuration", error=str(exc))
         else:

@@ -133,6 +133,11 @@ def _render_daemon(d: dict[str, Any], now: float) -> list[str]:
     lines.append(f"workspace: {format_size(w['reserved'])} reserved of {format_size(w['limit'])}, "
                  f"{format_size(w['available'])} available, filesystem {format_size(w['filesystem_free'])} free, "
                  f"{w['waiting']} waiting for space")
+    r = d.get("rbd")
+    if r:
+        quota = f"quota {format_size(r['quota'])}, " if r["quota"] else "no quota, "
+        lines.append(f"ceph pool {r['pool']}: {format_size(r['reserved'])} reserved, {format_size(r['available'])} "
+                     f"available ({quota}{format_size(r['stored'])} stored), {r['waiting']} waiting for space")
     for i in d["in_flight"]:
         eta = f" ETA {i['eta']:.0f} s" if i.get("eta") is not None else ""
         lines.append(f"  {i['name']:<32} {i['stage']:<8} {_bar(i['progress'])} {i['progress'] * 100:5.1f}%"
