@@ -88,8 +88,9 @@ test: setup sharedfs-deps glance-venv
 test-fast: setup glance-venv
 	$(BIN)/python -m pytest tests -m "not slow"
 
-bench: setup glance-venv
+bench: setup glance-venv sharedfs-deps
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench --rbd
 
 # Throughput of 1, 2 and 3 daemons on one CephFS spool, and the take-over time after a kill.
 bench-shared: setup sharedfs-deps

@@ -26,7 +26,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +56,7 @@ __all__ = [
     "snapshot",
     "sweep",
     "tmp_name",
+    "together",
 ]
 
 log = structlog.get_logger("convd.rbd")
@@ -177,6 +178,15 @@ def _tool(name: str) -> str:
     return shutil.which(name) or name
 
 
+async def together(*calls: Awaitable[Any]) -> list[Any]:
+    """Await ``calls`` side by side; all finish, then the first failure (if any) is raised as itself."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return list(results)
+
+
 def check_tools() -> str | None:
     """Why RBD publishing cannot work on this machine, or None."""
     missing = [t for t in ("rbd", "ceph") if shutil.which(t) is None]
@@ -250,11 +260,17 @@ async def rename(cfg: RbdConfig, src: str, dst: str) -> None:
     await _run("rbd", cfg, "rename", f"{cfg.pool}/{src}", f"{cfg.pool}/{dst}")
 
 
-async def snapshot(cfg: RbdConfig, name: str, snap: str) -> None:
-    """Create ``name@snap`` and protect it (as Glance's RBD store does), unless already so."""
+async def snapshot(cfg: RbdConfig, name: str, snap: str, *, fresh: bool = False) -> None:
+    """Create ``name@snap`` and protect it (as Glance's RBD store does), unless already so.
+
+    ``fresh``: the image was just created by convd and has no snapshot (one
+    round trip fewer).
+    """
     spec = f"{cfg.pool}/{name}"
-    snaps = {s["name"]: s for s in json.loads(await _run("rbd", cfg, "snap", "ls", "--format", "json", spec)
-                                               or b"[]")}
+    snaps: dict[str, Any] = {}
+    if not fresh:
+        snaps = {s["name"]: s for s in json.loads(
+            await _run("rbd", cfg, "snap", "ls", "--format", "json", spec) or b"[]")}
     if snap not in snaps:
         await _run("rbd", cfg, "snap", "create", f"{spec}@{snap}")
     if str(snaps.get(snap, {}).get("protected")) != "true":
@@ -290,8 +306,10 @@ async def pool_space(cfg: RbdConfig) -> tuple[int, int, int]:
     bytes, replication already divided out; 0 until the manager has
     reported on a new pool).
     """
-    quota = json.loads(await _run("ceph", cfg, "osd", "pool", "get-quota", cfg.pool, "--format", "json"))
-    df = json.loads(await _run("ceph", cfg, "df", "--format", "json"))
+    # Two round trips of the ceph tool (most of a second each: it is Python), side by side.
+    q, d = await together(_run("ceph", cfg, "osd", "pool", "get-quota", cfg.pool, "--format", "json"),
+                          _run("ceph", cfg, "df", "--format", "json"))
+    quota, df = json.loads(q), json.loads(d)
     stats: dict[str, Any] = next(
         (p.get("stats", {}) for p in df.get("pools", []) if p.get("name") == cfg.pool), {})
     return (int(quota.get("current_num_bytes", 0)), int(stats.get("max_avail", 0)),

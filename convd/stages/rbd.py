@@ -212,13 +212,17 @@ async def publish(item: Item, ctx: Context) -> Stage:
         if ctx.spool.output_taken(item.name) or (ctx.spool.outgoing / f"{item.name}.json").exists():
             raise NameConflict(f"outgoing/{item.name}.json already exists")
         try:
-            if await rbd.image_id(cfg, item.name) is not None:
-                raise NameConflict(f"the image {cfg.pool}/{item.name} already exists in the Ceph pool")
+            # The read-back is most of the time: the round trips that need not wait for it go beside it.
             t1 = time.monotonic()
-            back = await rbd.readback(cfg, tmp, item.cfg.checksum.algorithms, head_bytes=_OUTPUT_INSPECT_LIMIT,
-                                      stop=ctx.stop, timeout=item.cfg.convert.timeout,
-                                      on_bytes=ctx.count_hashed)
+            taken, image, fsid, back = await rbd.together(
+                rbd.image_id(cfg, item.name), rbd.image_id(cfg, tmp), tgt.fsid(),
+                rbd.readback(cfg, tmp, item.cfg.checksum.algorithms, head_bytes=_OUTPUT_INSPECT_LIMIT,
+                             stop=ctx.stop, timeout=item.cfg.convert.timeout, on_bytes=ctx.count_hashed))
             item.timings["hash"] = time.monotonic() - t1
+            if taken is not None:
+                raise NameConflict(f"the image {cfg.pool}/{item.name} already exists in the Ceph pool")
+            if image is None:
+                raise TransientError(f"the temporary image {cfg.pool}/{tmp} vanished before its publish")
             vsize = await anyio.to_thread.run_sync(_vet_head, back.head, back.size)
             want = -(-item.inspection.virtual_size // 512) * 512
             if vsize != want or back.size != want:
@@ -227,11 +231,8 @@ async def publish(item: Item, ctx: Context) -> Stage:
             if item.source_changed():
                 raise UnsafeImage("the source changed after its safety checks")
             if cfg.snapshot:
-                await rbd.snapshot(cfg, tmp, cfg.snapshot)
-            image = await rbd.image_id(cfg, tmp)
-            if image is None:
-                raise TransientError(f"the temporary image {cfg.pool}/{tmp} vanished before its rename")
-            where = rbd.location(await tgt.fsid(), cfg.pool, item.name, cfg.snapshot)
+                await rbd.snapshot(cfg, tmp, cfg.snapshot, fresh=True)
+            where = rbd.location(fsid, cfg.pool, item.name, cfg.snapshot)
         except rbd.CephError as exc:
             raise _ceph(exc) from None
         target = {"format": "raw", "size": back.size, "virtual_size": vsize, "checksums": back.checksums,
@@ -245,7 +246,7 @@ async def publish(item: Item, ctx: Context) -> Stage:
         await anyio.to_thread.run_sync(_stage, item.claim, pending)
         staged = True
         with anyio.CancelScope(shield=True):
-            await _complete(ctx.spool, item.claim)
+            await _complete(ctx.spool, item.claim, fresh=True)
     except NameConflict:
         if staged:
             await anyio.to_thread.run_sync(ctx.spool.unstage_handoff, item.claim)
@@ -264,19 +265,21 @@ def _stage(claim: Claim, pending: dict[str, Any]) -> None:
     durable.write_json(claim.dir / RECORD, pending, replace=True, compact=True)
 
 
-async def _complete(spool: Spool, claim: Claim) -> None:
+async def _complete(spool: Spool, claim: Claim, *, fresh: bool = False) -> None:
     """Rename the staged image into place (or find it there already), then write its record; idempotent.
 
     Raises ``NameConflict`` when ``NAME`` is another image; CephError
     (cluster unreachable…) leaves the handoff staged for a later try.
+    ``fresh``: right after staging, the images were just looked at (the
+    rename itself refuses an existing ``NAME``); recovery looks again.
     """
     p = claim.pending
     assert p is not None and "rbd" in p
     r = p["rbd"]
     cfg = rbd.config_of(p)
-    there = await rbd.image_id(cfg, r["name"])
+    there = None if fresh else await rbd.image_id(cfg, r["name"])
     if there is None:
-        if await rbd.image_id(cfg, r["tmp"]) != r["id"]:
+        if not fresh and await rbd.image_id(cfg, r["tmp"]) != r["id"]:
             raise ConvertFailed(f"the staged image {cfg.pool}/{r['tmp']} is gone before its rename")
         try:
             await rbd.rename(cfg, r["tmp"], r["name"])
