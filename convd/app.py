@@ -120,10 +120,12 @@ class Daemon:
             on_published=self.monitor.published, on_failed=self.monitor.failed,
             on_retry=self.monitor.retried,
         )
+        stale: list[str] = []
         if cfg.publish.to == "rbd":
             ctx.rbd = rbd_stages.RbdTarget(cfg.publish.rbd, cfg.spool.instance)
-            # Before any item runs: an unfinished attempt's temporary image is never published.
-            await rbd_stages.sweep(ctx.rbd, [cfg.spool.instance, *stopped], recovered + adopted)
+            # Listed before any item runs (each new attempt writes an image of
+            # its own name), removed in the background: never published.
+            stale = await rbd_stages.stale(ctx.rbd, [cfg.spool.instance, *stopped], recovered + adopted)
         self.monitor.ctx = ctx
         if cfg.metrics_address:
             host, port = cfg.metrics_address
@@ -142,6 +144,8 @@ class Daemon:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._signals, signals)
                 items = self._items = await tg.start(self._items_group)
+                if stale:
+                    tg.start_soon(rbd_stages.sweep, ctx.rbd, stale)
                 for claim in recovered + adopted:
                     self._start_item(items, claim)
                 watching = anyio.Event()
@@ -205,7 +209,8 @@ class Daemon:
                 if ledger.shared is not None:
                     ledger.shared.forget(stopped)
                 if stopped and self.ctx.rbd is not None:
-                    await rbd_stages.sweep(self.ctx.rbd, stopped, adopted)
+                    stale = await rbd_stages.stale(self.ctx.rbd, stopped, adopted)
+                    items.start_soon(rbd_stages.sweep, self.ctx.rbd, stale)
                 for claim in adopted:
                     self._start_item(items, claim)
                 if adopted:

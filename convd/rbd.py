@@ -54,6 +54,7 @@ __all__ = [
     "remove",
     "rename",
     "snapshot",
+    "stale_images",
     "sweep",
     "tmp_name",
     "together",
@@ -111,9 +112,14 @@ def item_error(exc: CephError) -> ItemError | TransientError:
     return ConvertFailed(f"Ceph: {exc}")
 
 
-def tmp_name(instance: str, name: str) -> str:
-    """The temporary image an attempt of ``name`` writes."""
-    return f"{TMP_PREFIX}{instance}+{name}"
+def tmp_name(instance: str, name: str, attempt: str = "") -> str:
+    """The temporary image an attempt of ``name`` writes: ``.convd-tmp.INSTANCE+ATTEMPT+NAME``.
+
+    Each attempt has a name of its own: a crashed attempt's image keeps its
+    dead writer's watch for up to 30 s (``osd_client_watch_timeout``), and
+    RBD removes no image that is watched.
+    """
+    return f"{TMP_PREFIX}{instance}+{attempt}+{name}"
 
 
 def name_refused(name: str, instance: str) -> str | None:
@@ -128,7 +134,7 @@ def name_refused(name: str, instance: str) -> str | None:
         return "contains /, @, :, \\, white space or a control character"
     if name.startswith(TMP_PREFIX):
         return f"starts with {TMP_PREFIX}, convd's prefix for images being written"
-    if len(tmp_name(instance, name).encode()) > 250:
+    if len(tmp_name(instance, name, "0" * 8).encode()) > 250:
         return "is too long for an RBD image name with convd's temporary prefix"
     return None
 
@@ -414,18 +420,36 @@ async def readback(cfg: RbdConfig, name: str, algorithms: Sequence[str], *, head
 # -- temporary images -----------------------------------------------------------
 
 
-async def sweep(cfg: RbdConfig, instances: Sequence[str], keep: set[str]) -> list[str]:
-    """Remove the temporary images of ``instances`` (unfinished attempts), except ``keep``.
+async def stale_images(cfg: RbdConfig, instances: Sequence[str], keep: set[str]) -> list[str]:
+    """The temporary images of ``instances`` now in the pool (unfinished attempts), except ``keep``.
 
-    Returns the names removed.  An attempt whose record was staged
-    (``keep``) is finished by its handoff instead: its image is complete.
+    An attempt whose record was staged (``keep``) is finished by its
+    handoff instead: its image is complete.
     """
     prefixes = tuple(f"{TMP_PREFIX}{i}+" for i in instances)
+    return [n for n in await list_images(cfg) if n.startswith(prefixes) and n not in keep]
+
+
+async def sweep(cfg: RbdConfig, names: Sequence[str], patience: float = 120.0) -> list[str]:
+    """Remove ``names``; an image still watched by its crashed writer (EBUSY) is tried again
+    every 5 s for ``patience`` seconds (Ceph drops a dead client's watch after 30 s).
+
+    Returns the names removed (or found gone).
+    """
     removed = []
-    for name in await list_images(cfg):
-        if name.startswith(prefixes) and name not in keep:
-            await remove(cfg, name)
-            removed.append(name)
+    deadline = time.monotonic() + patience
+    for name in names:
+        while True:
+            try:
+                await remove(cfg, name)
+                removed.append(name)
+                break
+            except CephError as exc:
+                if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                    log.warning("cannot remove a temporary image; the next start tries again", image=name,
+                                error=str(exc))
+                    break
+                await anyio.sleep(5.0)
     return removed
 
 

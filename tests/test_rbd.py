@@ -18,10 +18,8 @@ from typing import Any
 
 import pytest
 
-from conftest import Daemon, MiB, Spool, make_image, run, wait_for, write_config
+from conftest import Daemon, MiB, Spool, convd_bin, make_image, run, wait_for, write_config
 from sharedfs import CephCluster, ceph_missing
-
-pytestmark = pytest.mark.slow
 
 POOL = "images"
 
@@ -39,6 +37,9 @@ def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
     cluster.start()
     try:
         cluster.rbd_pool(POOL)
+        # A killed writer's watch keeps its image from removal until the OSD
+        # drops it (30 s by default): shorter here, for the kill test's sake.
+        cluster.ceph("config", "set", "osd", "osd_client_watch_timeout", "5")
         yield cluster
     finally:
         cluster.stop()
@@ -80,6 +81,7 @@ def daemon(tmp_path: Path, ceph: CephCluster,
     return make
 
 
+@pytest.mark.slow
 def test_every_format_lands_in_the_pool_identical_and_thin(tmp_path: Path, ceph: CephCluster, spool: Spool,
                                                             daemon: Callable[..., Daemon]) -> None:
     fmts = {"qcow2": None, "vmdk": None, "vdi": None, "vpc": "subformat=fixed", "vhdx": None, "raw": None}
@@ -115,6 +117,7 @@ def test_every_format_lands_in_the_pool_identical_and_thin(tmp_path: Path, ceph:
     assert spool.work_files() == []
 
 
+@pytest.mark.slow
 def test_kill_mid_write_never_publishes_the_temporary_image_and_restart_finishes_once(
         tmp_path: Path, ceph: CephCluster, spool: Spool, daemon_factory: Callable[..., Daemon]) -> None:
     src = make_image(tmp_path / "big.qcow2", "qcow2", 64 * MiB)
@@ -122,8 +125,11 @@ def test_kill_mid_write_never_publishes_the_temporary_image_and_restart_finishes
     slow = config(tmp_path, ceph, convert={"qemu_args": {"qcow2": ["-r", "4M"]}, "retry_backoff": 0.2})
     d = daemon_factory(slow)
     spool.drop(src, "killed")
-    tmp = ".convd-tmp.test+killed"
-    wait_for(lambda: tmp in images(ceph), timeout=60, what="the temporary image")
+
+    def temporary() -> list[str]:
+        return [n for n in images(ceph) if n.startswith(".convd-tmp.test+")]
+    tmp = wait_for(temporary, timeout=60, what="the temporary image")[0]
+    assert tmp.endswith("+killed")
     wait_for(lambda: used_bytes(ceph, tmp)[1] > 0, timeout=60, what="bytes in the temporary image")
     d.proc.send_signal(signal.SIGKILL)
     d.proc.wait()
@@ -136,7 +142,8 @@ def test_kill_mid_write_never_publishes_the_temporary_image_and_restart_finishes
     assert rec["status"] == "converted"
     assert run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", src, qemu_spec(ceph, "killed"),
                check=False).returncode == 0
-    assert tmp not in images(ceph)
+    # Removed once the OSD has dropped the killed writer's watch.
+    wait_for(lambda: not temporary(), timeout=60, what="the temporary image's removal")
     assert d2.stop() == 0
     assert sorted(p.name for p in spool.outgoing.iterdir()) == ["killed.json"]
     assert images(ceph).count("killed") == 1
@@ -144,6 +151,7 @@ def test_kill_mid_write_never_publishes_the_temporary_image_and_restart_finishes
     assert swept and swept[0]["images"] == [tmp]
 
 
+@pytest.mark.slow
 def test_a_name_the_pool_holds_is_a_conflict_and_the_image_is_untouched(
         tmp_path: Path, ceph: CephCluster, spool: Spool, daemon: Callable[..., Daemon]) -> None:
     rbd(ceph, "create", "--size", "4M", f"{POOL}/taken")
@@ -165,6 +173,7 @@ def test_a_name_the_pool_holds_is_a_conflict_and_the_image_is_untouched(
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_pool_quota_that_could_never_hold_the_image_fails_clearly(
         tmp_path: Path, ceph: CephCluster, spool: Spool, daemon_factory: Callable[..., Daemon]) -> None:
     ceph.rbd_pool("small")
@@ -180,6 +189,7 @@ def test_a_pool_quota_that_could_never_hold_the_image_fails_clearly(
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_missing_pool_is_a_clear_record_in_cephs_words(
         tmp_path: Path, ceph: CephCluster, spool: Spool, daemon_factory: Callable[..., Daemon]) -> None:
     d = daemon_factory(config(tmp_path, ceph, pool="nopool"))
@@ -190,3 +200,20 @@ def test_a_missing_pool_is_a_clear_record_in_cephs_words(
     assert rec["attempts"] == 1  # not a thing a retry fixes
     assert (spool.failed / "nopool-item").exists()
     assert d.stop() == 0
+
+
+@pytest.mark.parametrize(("sections", "message"), [
+    ({"publish": {"to": "rbd"}, "convert": {"target_format": "qcow2"}},
+     "[publish] to: 'rbd' publishes raw images"),
+    ({"publish": {"to": "ceph"}}, "[publish] to: 'ceph' is not one of directory, rbd"),
+    ({"publish.rbd": {"pool": "a/b"}}, "[publish.rbd] pool: 'a/b' must be"),
+    ({"publish.rbd": {"user": "client.convd"}}, "[publish.rbd] user: 'client.convd' must be"),
+    ({"publish.rbd": {"snapshot": "s@1"}}, "[publish.rbd] snapshot: 's@1' must be"),
+    ({"publish.rbd": {"size": 1}}, "unknown key [publish.rbd] size"),
+])
+def test_check_config_refuses_an_impossible_rbd_publish_naming_the_key(
+        tmp_path: Path, sections: dict[str, dict[str, Any]], message: str) -> None:
+    cfg = write_config(tmp_path, **sections)
+    res = run(convd_bin(), "check-config", "-c", cfg, check=False)
+    assert res.returncode == 1
+    assert message in res.stderr + res.stdout

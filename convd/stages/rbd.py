@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -141,12 +142,14 @@ async def convert(item: Item, ctx: Context) -> Stage:
     assert item.inspection is not None
     tgt = _target(ctx)
     cfg = item.cfg
-    tmp = rbd.tmp_name(tgt.instance, item.name)
+    # A name of this attempt's own (see rbd.tmp_name); publish reads it back from here.
+    item.rbd_tmp = tmp = rbd.tmp_name(tgt.instance, item.name, secrets.token_hex(4))
     src_fmt = item.inspection.qemu_format
     async with ctx.slots:
         await anyio.to_thread.run_sync(ctx.spool.note_attempt, item.claim)
         try:
-            await rbd.remove(tgt.cfg, tmp)  # an earlier attempt's (and: is the pool there, may we write?)
+            if await rbd.image_id(tgt.cfg, tmp) is not None:  # also: is the pool there, may we read it?
+                raise TransientError(f"the image {tgt.cfg.pool}/{tmp} exists already")
         except rbd.CephError as exc:
             raise _ceph(exc) from None
         item.progress = 0.0
@@ -206,7 +209,8 @@ async def publish(item: Item, ctx: Context) -> Stage:
     t0 = time.monotonic()
     tgt = _target(ctx)
     cfg = tgt.cfg
-    tmp = rbd.tmp_name(tgt.instance, item.name)
+    tmp = item.rbd_tmp
+    assert tmp is not None
     staged = False
     try:
         if ctx.spool.output_taken(item.name) or (ctx.spool.outgoing / f"{item.name}.json").exists():
@@ -330,14 +334,21 @@ async def finish_handoff(item: Item, ctx: Context) -> bool:
     return True
 
 
-async def sweep(tgt: RbdTarget, instances: list[str], claims: list[Claim]) -> None:
-    """Remove the temporary images of unfinished attempts of ``instances`` (at start-up, at take-over)."""
+async def stale(tgt: RbdTarget, instances: list[str], claims: list[Claim]) -> list[str]:
+    """The temporary images of unfinished attempts of ``instances`` (listed before any new attempt
+    starts: at start-up, at take-over), those of staged handoffs in ``claims`` excepted."""
     keep = {c.pending["rbd"]["tmp"] for c in claims if c.pending and "rbd" in c.pending}
     try:
-        removed = await rbd.sweep(tgt.cfg, instances, keep)
+        return await rbd.stale_images(tgt.cfg, instances, keep)
     except rbd.CephError as exc:
-        log.warning("cannot sweep the pool's temporary images; an attempt's own is removed before it "
-                    "writes again", error=str(exc))
+        log.warning("cannot list the pool's temporary images; the next start removes them", error=str(exc))
+        return []
+
+
+async def sweep(tgt: RbdTarget, names: list[str]) -> None:
+    """Remove ``names`` (from :func:`stale`), in the background: a crashed writer's watch lasts 30 s."""
+    if not names:
         return
+    removed = await rbd.sweep(tgt.cfg, names)
     if removed:
         log.info("removed temporary images of unfinished attempts", images=removed)
