@@ -9,7 +9,7 @@ the runner acts on: a retry for what may pass (cluster unreachable, a full
 pool), a ``convert_failed`` record for what will not (pool missing,
 permission denied).
 
-Image names: an item ``NAME`` is written as ``.convd-tmp.INSTANCE+NAME``
+Image names: an item ``NAME`` is written as ``.convd-tmp.INSTANCE+ATTEMPT+NAME``
 (``+`` cannot occur in an instance name, so one instance's prefix never
 matches another's) and renamed to ``NAME`` when complete; RBD renames
 atomically within a pool, and refuses (EEXIST) when ``NAME`` exists.

@@ -5,7 +5,7 @@ The same promises as a file publish, in this order:
 
 1. reserve: the output's data bytes against the pool (its quota, and what
    ``ceph df`` says is available), not the local workspace;
-2. convert: ``qemu-img convert -O raw`` into ``POOL/.convd-tmp.INSTANCE+NAME``,
+2. convert: ``qemu-img convert -O raw`` into ``POOL/.convd-tmp.INSTANCE+ATTEMPT+NAME``,
    which qemu's rbd driver creates (zero-initialised: qemu-img writes no
    zeros into it, so the image is thin);
 3. publish: the image read back from RBD (inspected, its virtual size
