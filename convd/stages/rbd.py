@@ -129,7 +129,8 @@ async def reserve(item: Item, ctx: Context) -> Stage:
 
 async def _discard_tmp(cfg: RbdConfig, tmp: str) -> None:
     """Remove an attempt's temporary image; a failure is logged (the next start sweeps it)."""
-    with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+    # Bounded: an image its killed writer still watches cannot go yet (the next start removes it).
+    with anyio.CancelScope(shield=True), anyio.move_on_after(10):
         try:
             await rbd.remove(cfg, tmp)
         except rbd.CephError as exc:
