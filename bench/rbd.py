@@ -138,6 +138,9 @@ def render(res: dict[str, Any]) -> str:
         "read back from RBD, protected snapshot, from the rename into `incoming/` to `outgoing/NAME.json`. "
         "**By hand**: `qemu-img convert -O raw -t none -W` to a file + `sync`, then `rbd import`.",
         "",
+        "Reproduce: `python -m bench --rbd` (as root, with `make sharedfs-deps`; `make bench` runs it after "
+        "the main run; a few minutes). `--size` and `--reps` apply. It rewrites only this section of the page.",
+        "",
         "| method | median s | runs s | pool bytes used |",
         "|---|---:|---|---:|",
     ]
