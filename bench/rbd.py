@@ -148,11 +148,12 @@ def render(res: dict[str, Any]) -> str:
         runs = ", ".join(f"{r['total']:.2f}" for r in v)
         lines.append(f"| {k} | {med[k]:.2f} | {runs} | {res['used'][k] / MiB:.0f} MiB |")
     hashes = ", ".join(f"{r['hash']:.2f}" for r in res["runs"]["convd"])
+    imports = ", ".join(f"{r['import']:.2f}" for r in res["runs"]["by hand"])
     lines += [
         "",
         f"convd / by hand: **{ratio:.2f}** (target ≤ {TARGET:.2f}: {'met' if ratio <= TARGET else 'missed'}). "
         f"convd's read-back and sha256 took {hashes} s of its runs; the by-hand import's "
-        f"share: {', '.join(f'{r['import']:.2f}' for r in res['runs']['by hand'])} s.",
+        f"share: {imports} s.",
     ]
     return "\n".join(lines) + "\n"
 
