@@ -24,10 +24,11 @@ system-deps:
 	  fi; \
 	fi
 
-# The shared-spool tests and `make bench-shared` run a one-node Ceph cluster
-# (ceph-fuse mounts) on loopback, and kernel NFS inside User-Mode Linux (as
-# does the power-cut test, with ext4 and XFS on UML block devices); as
-# root on Debian/Ubuntu their packages are installed here, elsewhere those
+# The shared-spool and RBD tests and `make bench-shared` run a one-node Ceph
+# cluster (ceph-fuse mounts; qemu's rbd driver, qemu-block-extra) on
+# loopback, and kernel NFS inside User-Mode Linux (as does the power-cut
+# test, with ext4 and XFS on UML block devices); as root on Debian/Ubuntu
+# their packages are installed here, elsewhere those
 # tests fail saying what to install (they skip when not root).
 SHAREDFS_TOOLS := ceph-mon:ceph-mon ceph-osd:ceph-osd ceph-mds:ceph-mds ceph-mgr:ceph-mgr \
                   ceph-fuse:ceph-fuse ceph:ceph-common linux.uml:user-mode-linux \
@@ -39,6 +40,7 @@ sharedfs-deps:
 	for pair in $(SHAREDFS_TOOLS); do \
 	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
 	done; \
+	ls /usr/lib/*/qemu/block-rbd.so >/dev/null 2>&1 || missing="$$missing qemu-block-extra"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing:$$missing"; \
@@ -89,8 +91,9 @@ test: setup sharedfs-deps glance-venv
 test-fast: setup glance-venv
 	$(BIN)/python -m pytest tests -m "not slow"
 
-bench: setup glance-venv
+bench: setup glance-venv sharedfs-deps
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench --rbd
 
 # Throughput of 1, 2 and 3 daemons on one CephFS spool, and the take-over time after a kill.
 bench-shared: setup sharedfs-deps

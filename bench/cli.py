@@ -123,6 +123,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shared-size", type=parse_size, default=16 * MiB, help="virtual size of each --shared image")
     p.add_argument("--shared-out", type=Path, default=REPO / "docs" / "benchmarks.md",
                    help="markdown file whose --shared section is (re)written ('-' for none)")
+    p.add_argument("--rbd", action="store_true",
+                   help="only the Ceph RBD scenario: --size qcow2 into an RBD pool, convd against convert + "
+                        "rbd import by hand (needs root and the Ceph packages: make sharedfs-deps)")
     p.add_argument("--report-from", type=Path, metavar="RESULTS_JSON",
                    help="measure nothing: render a saved results.json to --out and stdout")
     args = p.parse_args(argv)
@@ -470,7 +473,9 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         from bench.shared import shared_block  # `bench --shared` figures live on the same page
 
-        kept = shared_block(out.read_text()) if out.exists() else ""
+        from bench.rbd import rbd_block  # and `bench --rbd` figures
+
+        kept = (shared_block(out.read_text()) + rbd_block(out.read_text())) if out.exists() else ""
         out.write_text(report.page(md) + ("\n" + kept if kept else ""))
         log(f"wrote {out}")
 
@@ -482,6 +487,10 @@ def main(argv: list[str] | None = None) -> int:
 
         out = None if str(args.shared_out) == "-" else args.shared_out
         return run_shared(args.shared_count, args.shared_size, args.workdir.resolve(), out)
+    if args.rbd:
+        from bench.rbd import run_rbd
+
+        return run_rbd(args.size, args.reps, args.workdir.resolve(), args.out)
     if args.report_from:
         write_report(json.loads(args.report_from.read_text()), args.out)
         return 0

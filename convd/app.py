@@ -16,10 +16,10 @@ from typing import Any
 import anyio
 import structlog
 
-from convd import __version__, cancel, durable, launcher, logs, protocol, qemu
+from convd import __version__, cancel, durable, launcher, logs, protocol, qemu, rbd
 from convd.bandwidth import Bandwidth
 from convd.config import Config, load
-from convd.errors import ConfigError
+from convd.errors import ConfigError, StartupError
 from convd.filesystem import detect_type, probe_filesystem
 from convd.metrics import Metrics
 from convd.monitor import Monitor
@@ -32,6 +32,7 @@ from convd.pipeline.sidecars import CancelBook
 from convd.pipeline.spool import Claim, Spool, name_refused
 from convd.pipeline.watch import Watcher
 from convd.sdnotify import Notifier
+from convd.stages import rbd as rbd_stages
 
 __all__ = ["Daemon"]
 
@@ -87,6 +88,10 @@ class Daemon:
     async def run(self) -> None:
         cfg = self.cfg
         qemu.check_tools()
+        if cfg.publish.to == "rbd":
+            missing = rbd.check_tools()
+            if missing:
+                raise StartupError(f"[publish] to = \"rbd\": {missing}")
         self.spool.prepare()
         try:
             await self._run(cfg)
@@ -118,6 +123,12 @@ class Daemon:
             on_retry=self.monitor.retried, shared=fstype.shared,
             bandwidth=Bandwidth(cfg.convert.rate_limit),
         )
+        stale: list[str] = []
+        if cfg.publish.to == "rbd":
+            ctx.rbd = rbd_stages.RbdTarget(cfg.publish.rbd, cfg.spool.instance)
+            # Listed before any item runs (each new attempt writes an image of
+            # its own name), removed in the background: never published.
+            stale = await rbd_stages.stale(ctx.rbd, [cfg.spool.instance, *stopped], recovered + adopted)
         self.monitor.ctx = ctx
         # A broken read lease (convd.custody) signals its holder with SIGIO,
         # whose default action ends the process; the stages ask the lease instead.
@@ -139,6 +150,8 @@ class Daemon:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._signals, signals)
                 items = self._items = await tg.start(self._items_group)
+                if stale:
+                    tg.start_soon(rbd_stages.sweep, ctx.rbd, stale)
                 for claim in recovered + adopted:
                     self._start_item(items, claim)
                 watching = anyio.Event()
@@ -201,6 +214,9 @@ class Daemon:
                     adopted, stopped = [], []
                 if ledger.shared is not None:
                     ledger.shared.forget(stopped)
+                if stopped and self.ctx.rbd is not None:
+                    stale = await rbd_stages.stale(self.ctx.rbd, stopped, adopted)
+                    items.start_soon(rbd_stages.sweep, self.ctx.rbd, stale)
                 for claim in adopted:
                     self._start_item(items, claim)
                 if adopted:
@@ -377,6 +393,8 @@ class Daemon:
             new = load(path)
             if new.spool != self.cfg.spool:
                 raise ConfigError("[spool] changes need a restart")
+            if new.publish != self.cfg.publish:
+                raise ConfigError("[publish] changes need a restart")
         except Exception as exc:  # whatever a bad file raises, the old configuration stays
             log.error("reload refused; keeping the old configuration", error=str(exc))
         else:

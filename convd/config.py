@@ -31,6 +31,9 @@ __all__ = [
     "Config",
     "DEFAULT_CONFIG_PATH",
     "DetectConfig",
+    "PUBLISH_TO",
+    "PublishConfig",
+    "RbdConfig",
     "TARGET_FORMATS",
     "TargetConfig",
     "default_config",
@@ -230,6 +233,28 @@ class MetricsConfig:
     listen: str = "127.0.0.1:9464"
 
 
+PUBLISH_TO = ("directory", "rbd")
+
+
+@dataclass(frozen=True)
+class RbdConfig:
+    """``[publish.rbd]``: where and as whom an RBD publish writes (contract section 10)."""
+
+    pool: str = "images"
+    ceph_conf: Path = Path("/etc/ceph/ceph.conf")
+    user: str = "convd"  # the cephx id (client.USER)
+    keyring: str = ""  # "": Ceph's default search; else an absolute path
+    snapshot: str = "snap"  # "" for none
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    """``[publish]``: ``outgoing/NAME`` (``directory``) or straight into a Ceph pool (``rbd``)."""
+
+    to: str = "directory"
+    rbd: RbdConfig = field(default_factory=RbdConfig)
+
+
 @dataclass(frozen=True)
 class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
@@ -241,6 +266,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
     source: Path | None = None  # the file it was loaded from
 
     @property
@@ -433,8 +459,14 @@ def _build(raw: dict[str, Any], base: Path) -> Config:
             raise ConfigError(f"[metrics] listen: expected 'host:port' or '', got {listen!r}")
     metrics = MetricsConfig(listen=listen)
 
+    publish = _publish(raw.get("publish", {}), base)
+    if publish.to == "rbd" and convert.target_format != "raw":
+        raise ConfigError(f"[publish] to: 'rbd' publishes raw images; [convert] target_format is "
+                          f"{convert.target_format!r}")
+
     return Config(spool=spool, convert=convert, detect=detect, limits=limits, watch=watch,
-                  checksum=checksum, log=log, metrics=metrics, target=_target(raw.get("target", {})))
+                  checksum=checksum, log=log, metrics=metrics, target=_target(raw.get("target", {})),
+                  publish=publish)
 
 
 def _target(raw: dict[str, Any]) -> TargetConfig:
@@ -497,6 +529,53 @@ def _target(raw: dict[str, Any]) -> TargetConfig:
     return TargetConfig(raw=rawl, qcow2=qcow2, vpc=vpc, vmdk=vmdk)
 
 
+# Ceph's own rules (src/tools/rbd, librados): no '/' or '@' in pool and image
+# names; a cephx id has no '.', which would split client.ID; snapshot names
+# no '/' or '@' either.  Stricter here: no ':' or spaces, which qemu's
+# rbd: filename syntax would have to escape.
+_CEPH_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,127}")
+
+
+def _publish(body: dict[str, Any], base: Path) -> PublishConfig:
+    """``[publish]`` and its ``[publish.rbd]`` table."""
+    known = {"to", "rbd"}
+    for key in body:
+        if key not in known:
+            raise ConfigError(f"unknown key [publish] {key} (known: {', '.join(sorted(known))})")
+    to = _one_of("publish", "to", body.get("to", "directory"), PUBLISH_TO)
+    r = body.get("rbd", {})
+    _expect("publish", "rbd", r, dict, "a table ([publish.rbd])")
+    rknown = {f.name for f in dataclasses.fields(RbdConfig)}
+    for key in r:
+        if key not in rknown:
+            raise ConfigError(f"unknown key [publish.rbd] {key} (known: {', '.join(sorted(rknown))})")
+    d = RbdConfig()
+
+    def name(key: str, default: str, allow_empty: bool = False) -> str:
+        v = _expect("publish.rbd", key, r.get(key, default), str, "a string")
+        if allow_empty and v == "":
+            return v
+        if not _CEPH_NAME.fullmatch(v) or (key == "user" and "." in v):
+            raise ConfigError(f"[publish.rbd] {key}: {v!r} must be 1-128 of [A-Za-z0-9_.+=-], not starting "
+                              f"with . - + or ={' (and no . in a cephx id)' if key == 'user' else ''}")
+        return v
+
+    def path(key: str, default: str) -> Path | None:
+        v = _expect("publish.rbd", key, r.get(key, default), str, "a path")
+        if not v:
+            return None
+        p = Path(v)
+        return (p if p.is_absolute() else base / p).resolve()
+
+    conf = path("ceph_conf", str(d.ceph_conf))
+    if conf is None:
+        raise ConfigError("[publish.rbd] ceph_conf: must not be empty")
+    return PublishConfig(to=to, rbd=RbdConfig(
+        pool=name("pool", d.pool), ceph_conf=conf, user=name("user", d.user),
+        keyring=str(path("keyring", "") or ""), snapshot=name("snapshot", d.snapshot, allow_empty=True),
+    ))
+
+
 def _polling(value: Any) -> bool | None:
     """``[watch] force_polling``: true, false, or "auto" (the default) for None."""
     if value == "auto":
@@ -535,6 +614,8 @@ def dump(cfg: Config) -> dict[str, Any]:
     def plain(v: Any) -> Any:
         if v is None:
             return "auto"  # the only None in the tree: [watch] force_polling
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
         if isinstance(v, Path):
             return str(v)
         if isinstance(v, tuple):

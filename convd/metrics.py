@@ -41,6 +41,11 @@ class Metrics:
                                  "Bytes per second granted to running conversions, unpacking and checksums",
                                  registry=r)
         self.fs_free = Gauge("convd_filesystem_free_bytes", "Free bytes on the spool filesystem", registry=r)
+        self.rbd_reserved = Gauge("convd_rbd_pool_reserved_bytes", "Ceph pool bytes reserved by outputs being "
+                                  "written ([publish] to = \"rbd\")", registry=r)
+        self.rbd_available = Gauge("convd_rbd_pool_available_bytes", "Ceph pool bytes a new output may take "
+                                   "(quota and ceph df's max_avail, as last asked)", registry=r)
+        self.rbd_waiting = Gauge("convd_rbd_pool_waiting", "Items waiting for room in the Ceph pool", registry=r)
         self.peers = Gauge("convd_spool_instances", "Daemon instances with a directory on the spool, by state "
                            "(alive, stale, dead; by their heartbeats)", ["state"], registry=r)
         self.peer_items = Gauge("convd_spool_instance_items", "Items held in work/<instance>/, per instance",

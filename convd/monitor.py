@@ -106,7 +106,19 @@ class Monitor:
             "counters": {"converted": self.counters["converted"], "passthrough": self.counters["passthrough"],
                          "failed": self.counters["failed"]},
             "stuck": sorted(self.stuck),
+            "rbd": self._rbd(),
         }
+
+    def _rbd(self) -> dict[str, Any] | None:
+        """The Ceph pool an RBD publish writes to, as last asked (``[publish] to = "rbd"``), else None."""
+        tgt = self.ctx.rbd if self.ctx else None
+        if tgt is None:
+            return None
+        sp, ledger = tgt.space, tgt.ledger
+        return {"pool": tgt.cfg.pool, "quota": sp.quota, "stored": sp.stored, "max_avail": sp.max_avail,
+                "available": max(0, ledger.available()), "reserved": ledger.reserved,
+                "waiting": len(ledger.waiting),
+                "asked_ago": None if not sp.refreshed else round(time.monotonic() - sp.refreshed, 1)}
 
     def write_status(self) -> None:
         """Write the snapshot under ``work/<instance>/`` and refresh the gauges from it."""
@@ -141,6 +153,10 @@ class Monitor:
         m.fs_free.set(snap["workspace"]["filesystem_free"])
         m.rate_limit.set(snap["bandwidth"]["limit"])
         m.rate_in_use.set(snap["bandwidth"]["in_use"])
+        if snap["rbd"] is not None:
+            m.rbd_reserved.set(snap["rbd"]["reserved"])
+            m.rbd_available.set(snap["rbd"]["available"])
+            m.rbd_waiting.set(snap["rbd"]["waiting"])
         return snap
 
     def count_peers(self) -> None:

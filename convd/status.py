@@ -137,6 +137,11 @@ def _render_daemon(d: dict[str, Any], now: float) -> list[str]:
     if bw is not None:
         cap = f"{format_size(bw['limit'])}/s" if bw["limit"] else "no limit"
         lines.append(f"bandwidth: {cap}, {format_size(bw['in_use'])}/s granted to running work")
+    r = d.get("rbd")
+    if r:
+        quota = f"quota {format_size(r['quota'])}, " if r["quota"] else "no quota, "
+        lines.append(f"ceph pool {r['pool']}: {format_size(r['reserved'])} reserved, {format_size(r['available'])} "
+                     f"available ({quota}{format_size(r['stored'])} stored), {r['waiting']} waiting for space")
     for i in d["in_flight"]:
         eta = f" ETA {i['eta']:.0f} s" if i.get("eta") is not None else ""
         lines.append(f"  {i['name']:<32} {i['stage']:<8} {_bar(i['progress'])} {i['progress'] * 100:5.1f}%"

@@ -14,6 +14,7 @@ and from the benchmark (``bench --shared``).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -176,6 +177,8 @@ mgr data = {d}/mgr
         self._run("ceph-osd", "-c", str(self.conf), "-i", "0", "--mkfs")
         self._spawn("ceph-osd", "-i", "0")
         self._spawn("ceph-mgr", "-i", "x")
+        if not self.clients:  # RBD only (tests/test_rbd.py): no file system, no MDS
+            return
         self.ceph("osd", "pool", "create", "cephfs_data", "8")
         self.ceph("osd", "pool", "create", "cephfs_metadata", "8")
         self.ceph("fs", "new", "cephfs", "cephfs_metadata", "cephfs_data")
@@ -195,6 +198,17 @@ mgr data = {d}/mgr
         self._wait("the ceph-fuse mounts", lambda: all(_is_mount(m) for m in self.mounts), timeout=60.0)
         # Without a mgr statvfs() reports 0 bytes: wait until the mounts see space.
         self._wait("statvfs to report space", lambda: os.statvfs(self.mounts[0]).f_blocks > 0, timeout=60.0)
+
+    def rbd_pool(self, name: str) -> None:
+        """Create a replicated pool and initialise it for RBD (``rbd pool init``)."""
+        self.ceph("osd", "pool", "create", name, "8")
+        self._run("rbd", "-c", str(self.conf), "pool", "init", name, timeout=120.0)
+
+        def reported() -> bool:
+            pools = json.loads(self.ceph("df", "--format", "json"))["pools"]
+            return any(p["name"] == name and p["stats"]["max_avail"] > 0 for p in pools)
+        # Until the manager reports on the new pool, `ceph df` says it has no room.
+        self._wait(f"ceph df to report pool {name}", reported, timeout=120.0)
 
     def stop(self) -> None:
         """Unmount, then stop every process this cluster started; idempotent, never raises."""

@@ -51,12 +51,17 @@ class Context:
     bandwidth: Bandwidth = field(default_factory=Bandwidth)
     # Set at shutdown so work in threads (checksums) gives up promptly.
     stop: threading.Event = field(default_factory=threading.Event)
+    # [publish] to = "rbd": the pool (convd.stages.rbd.RbdTarget); None publishes to outgoing/.
+    rbd: Any = None
 
     def release(self, item: Item) -> None:
         for r in (item.reservation, item.unpack_reservation):
             if r is not None:
                 self.ledger.release(r.key)
         item.reservation = item.unpack_reservation = None
+        if item.rbd_reservation is not None and self.rbd is not None:
+            self.rbd.ledger.release(item.rbd_reservation.key)
+        item.rbd_reservation = None
 
     def published(self, item: Item, rec: dict[str, Any]) -> None:
         # One constant event per published item; the figures are fields, so

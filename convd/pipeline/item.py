@@ -52,6 +52,8 @@ class Item:
     estimate: int = 0
     reservation: Reservation | None = None
     unpack_reservation: Reservation | None = None  # the unpacked disk's bytes, until the item ends
+    rbd_reservation: Reservation | None = None  # the output's bytes in the Ceph pool ([publish] to = "rbd")
+    rbd_tmp: str | None = None  # the temporary RBD image the current attempt writes
     progress: float = 0.0
     started: float = field(default_factory=time.monotonic)
     convert_started: float | None = None

@@ -15,6 +15,7 @@ from convd.errors import Cancelled, ConvertFailed, ItemError, NameConflict, Stop
 from convd.pipeline.context import Context
 from convd.pipeline.item import CANCELLABLE, Item, Stage
 from convd.stages import cleanup, convert, detect, publish, quarantine, reserve, unpack
+from convd.stages import rbd as rbd_stages
 
 __all__ = ["finish_handoff", "run_item"]
 
@@ -27,6 +28,12 @@ STAGES: dict[Stage, Callable[[Item, Context], Awaitable[Stage]]] = {
     Stage.CONVERT: convert,
     Stage.PUBLISH: publish,
     Stage.CLEANUP: cleanup,
+}
+# [publish] to = "rbd": the output goes straight into a Ceph pool.
+RBD_STAGES: dict[Stage, Callable[[Item, Context], Awaitable[Stage]]] = {
+    Stage.RESERVE: rbd_stages.reserve,
+    Stage.CONVERT: rbd_stages.convert,
+    Stage.PUBLISH: rbd_stages.publish,
 }
 
 
@@ -61,7 +68,8 @@ async def run_item(item: Item, ctx: Context) -> None:
             t0 = time.monotonic()
             try:
                 with _cancellable(item) as scope:
-                    item.stage = await STAGES[stage](item, ctx)
+                    run = RBD_STAGES.get(stage, STAGES[stage]) if ctx.rbd is not None else STAGES[stage]
+                    item.stage = await run(item, ctx)
                 if scope.cancelled_caught:
                     raise Cancelled(item.withdrawn or "cancelled")
             except TransientError as exc:
@@ -112,6 +120,12 @@ async def finish_handoff(item: Item, ctx: Context) -> None:
     """Recovery of an item that crashed after its record was staged: finish the move."""
     structlog.contextvars.bind_contextvars(item=item.name, stage="publish")
     claim = item.claim
+    if claim.pending and "rbd" in claim.pending:  # renamed in the Ceph pool, not moved
+        try:
+            await rbd_stages.finish_handoff(item, ctx)
+        finally:
+            structlog.contextvars.unbind_contextvars("item", "stage")
+        return
     try:
         await anyio.to_thread.run_sync(ctx.spool.complete_handoff, claim)
     except FileExistsError:

@@ -1,0 +1,222 @@
+"""``python -m bench --rbd``: a qcow2 into a Ceph RBD pool, convd against converting and importing by hand.
+
+A one-node Ceph cluster on loopback (tests/sharedfs.py, no file system: mon,
+mgr, one memstore OSD) with an ``images`` pool.  Alternating, ``--reps``
+times each, every method on a freshly staged private copy of the same
+``--size``-virtual qcow2 (bench.images' layout: 40 % random data, 15 %
+written zeros, the rest holes):
+
+- **convd**: ``[publish] to = "rbd"`` with the default sha256 checksum (read
+  back from RBD) and snapshot; from the rename into ``incoming/`` until
+  ``outgoing/NAME.json`` exists (the image renamed into place, protected
+  snapshot, record durable);
+- **by hand**: ``qemu-img convert -f qcow2 -O raw -t none -W`` to a file,
+  ``sync``, then ``rbd import`` of that file (which skips zero blocks), as
+  an operator does today; no checksum, no snapshot.
+
+Each image is removed from the pool (untimed) before the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import images
+from bench.daemon import Daemon, Spool, stage_private, write_config
+from bench.machine import describe
+
+__all__ = ["RBD_BEGIN", "RBD_END", "rbd_block", "run_rbd"]
+
+REPO = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+POOL = "images"
+TARGET = 0.70
+
+# docs/benchmarks.md keeps this section between these markers; a plain
+# `make bench` rewrites the rest of the page and carries the block over.
+RBD_BEGIN = "<!-- bench --rbd: begin -->"
+RBD_END = "<!-- bench --rbd: end -->"
+
+
+def rbd_block(page: str) -> str:
+    """The --rbd section of a benchmarks page, markers included ("" if none)."""
+    a, b = page.find(RBD_BEGIN), page.find(RBD_END)
+    return page[a:b + len(RBD_END)] + "\n" if a >= 0 and b > a else ""
+
+
+def _splice(path: Path, text: str) -> None:
+    block = f"{RBD_BEGIN}\n{text.rstrip()}\n{RBD_END}\n"
+    page = path.read_text() if path.exists() else ""
+    old = rbd_block(page)
+    page = page.replace(old, block) if old else page.rstrip() + "\n\n" + block
+    path.write_text(page)
+
+
+def _log(msg: str) -> None:
+    print(f"[bench --rbd] {msg}", file=sys.stderr, flush=True)
+
+
+def _rbd(conf: Path, *args: str) -> str:
+    return subprocess.run(["rbd", "--conf", str(conf), "--id", "admin", *args], check=True,
+                          capture_output=True, text=True).stdout
+
+
+def _remove(conf: Path, name: str) -> None:
+    snaps = json.loads(_rbd(conf, "snap", "ls", "--format", "json", f"{POOL}/{name}") or "[]")
+    for s in snaps:
+        if s.get("protected") == "true":
+            _rbd(conf, "snap", "unprotect", f"{POOL}/{name}@{s['name']}")
+    if snaps:
+        _rbd(conf, "snap", "purge", "--no-progress", f"{POOL}/{name}")
+    _rbd(conf, "rm", "--no-progress", f"{POOL}/{name}")
+
+
+def _used(conf: Path, name: str) -> int:
+    du = json.loads(_rbd(conf, "du", "--format", "json", f"{POOL}/{name}"))
+    return int(next(i for i in du["images"] if "snapshot" not in i)["used_size"])
+
+
+def _by_hand(src: Path, work: Path, conf: Path, name: str) -> dict[str, float]:
+    raw = work / f"{name}.raw"
+    staged = stage_private(src, work / f".source-{name}")
+    subprocess.run(["sync", "-f", str(work)], check=False)
+    t0 = time.monotonic()
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", "-t", "none", "-W", str(staged), str(raw)],
+                   check=True)
+    subprocess.run(["sync", "-f", str(raw)], check=True)
+    t1 = time.monotonic()
+    _rbd(conf, "import", "--no-progress", str(raw), f"{POOL}/{name}")
+    t2 = time.monotonic()
+    staged.unlink()
+    raw.unlink()
+    return {"total": t2 - t0, "convert": t1 - t0, "import": t2 - t1}
+
+
+def _convd(d: Daemon, spool: Spool, src: Path, name: str) -> dict[str, float]:
+    staged = spool.stage_copy(src, name)
+    subprocess.run(["sync", "-f", str(spool.root)], check=False)
+    t0 = time.monotonic()
+    spool.drop_staged(staged, name)
+    rec_path = spool.outgoing / f"{name}.json"
+    deadline = t0 + 1800
+    while not rec_path.exists():
+        if (spool.failed / f"{name}.json").exists():
+            raise RuntimeError(f"convd rejected {name}: {(spool.failed / f'{name}.json').read_text()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no record for {name}: {d.tail()}")
+        time.sleep(0.02)
+    total = time.monotonic() - t0
+    rec = json.loads(rec_path.read_text())
+    spool.consume(name)
+    t = rec["timings"]
+    return {"total": total, "convert": t.get("convert", 0.0), "hash": t.get("hash", 0.0)}
+
+
+def render(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    med = {k: statistics.median(r["total"] for r in v) for k, v in res["runs"].items()}
+    ratio = med["convd"] / med["by hand"]
+    lines = [
+        "## Straight into Ceph RBD (`python -m bench --rbd`)",
+        "",
+        f"Measured {res['started_at']} on {m.get('CPU', '?')}, {m.get('cores', '?')}, {m.get('memory', '?')}, "
+        f"{m.get('qemu-img', '?')}, Ceph {res['ceph']}, convd {m.get('convd', '?')}; load average "
+        f"{res['load'][0]:.2f} at the start and {res['load'][1]:.2f} at the end (a shared machine: other "
+        "suites ran meanwhile). A one-node cluster on loopback (one memstore OSD), pool `images`.",
+        "",
+        f"One qcow2 of {res['size'] / 2**30:g} GiB virtual ({res['layout']}), {res['reps']} runs of each "
+        "method, alternating, each on a freshly staged copy. **convd**: `[publish] to = \"rbd\"`, sha256 "
+        "read back from RBD, protected snapshot, from the rename into `incoming/` to `outgoing/NAME.json`. "
+        "**By hand**: `qemu-img convert -O raw -t none -W` to a file + `sync`, then `rbd import`.",
+        "",
+        "Reproduce: `python -m bench --rbd` (as root, with `make sharedfs-deps`; `make bench` runs it after "
+        "the main run; a few minutes). `--size` and `--reps` apply. It rewrites only this section of the page.",
+        "",
+        "| method | median s | runs s | pool bytes used |",
+        "|---|---:|---|---:|",
+    ]
+    for k, v in res["runs"].items():
+        runs = ", ".join(f"{r['total']:.2f}" for r in v)
+        lines.append(f"| {k} | {med[k]:.2f} | {runs} | {res['used'][k] / MiB:.0f} MiB |")
+    hashes = ", ".join(f"{r['hash']:.2f}" for r in res["runs"]["convd"])
+    imports = ", ".join(f"{r['import']:.2f}" for r in res["runs"]["by hand"])
+    lines += [
+        "",
+        f"convd / by hand: **{ratio:.2f}** (target ≤ {TARGET:.2f}: {'met' if ratio <= TARGET else 'missed'}). "
+        f"convd's read-back and sha256 took {hashes} s of its runs; the by-hand import's "
+        f"share: {imports} s.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def run_rbd(size: int, reps: int, workdir: Path, out: Path | None) -> int:
+    sys.path.insert(0, str(REPO / "tests"))
+    from sharedfs import CephCluster, ceph_missing  # the test suite's cluster, not a second copy
+
+    why = ceph_missing()
+    if why:
+        _log(f"cannot run: {why}")
+        return 1
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
+    workdir.mkdir(parents=True, exist_ok=True)
+    imgset = images.build_set(workdir / "rbd-images", size, ("qcow2",), progress=_log)
+    src = imgset.files["qcow2"]
+    res: dict[str, Any] = {"started_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "size": size,
+                           "reps": reps, "layout": imgset.describe(), "machine": describe(workdir, REPO),
+                           "load": [os.getloadavg()[0]]}
+    res["ceph"] = subprocess.run(["ceph", "--version"], capture_output=True, text=True).stdout.split()[2]
+    base = workdir / "rbd-ceph"
+    shutil.rmtree(base, ignore_errors=True)
+    cluster = CephCluster(base, clients=0, memstore_bytes=max(4 << 30, 2 * size))
+    _log("starting the Ceph cluster")
+    cluster.start()
+    d = None
+    try:
+        cluster.rbd_pool(POOL)
+        conf = cluster.conf
+        root = workdir / "rbd-spool"
+        shutil.rmtree(root, ignore_errors=True)
+        cfg = write_config(root, target="raw", algorithms=["sha256"], publish={"to": "rbd"},
+                           **{"publish.rbd": {"pool": POOL, "ceph_conf": str(conf), "user": "admin"}})
+        spool = Spool(root)
+        d = Daemon(cfg, spool, "rbd")
+        d.wait_ready(timeout=60)
+        hand = workdir / "rbd-hand"
+        hand.mkdir(parents=True, exist_ok=True)
+        res["runs"] = {"convd": [], "by hand": []}
+        res["used"] = {}
+        # A warm-up of each, untimed: the first run pays for loading code and the OSD's first objects.
+        _convd(d, spool, src, "warm-convd")
+        _remove(conf, "warm-convd")
+        _by_hand(src, hand, conf, "warm-hand")
+        _remove(conf, "warm-hand")
+        for i in range(reps):
+            for method in (("convd", "by hand") if i % 2 == 0 else ("by hand", "convd")):
+                name = f"{'c' if method == 'convd' else 'h'}{i}"
+                r = _convd(d, spool, src, name) if method == "convd" else _by_hand(src, hand, conf, name)
+                res["used"][method] = _used(conf, name)
+                _remove(conf, name)
+                res["runs"][method].append(r)
+                _log(f"{method} run {i + 1}: {r['total']:.2f} s")
+    finally:
+        if d is not None:
+            d.stop()
+        cluster.stop()
+        imgset.remove()
+    res["load"].append(os.getloadavg()[0])
+    (workdir / "rbd-results.json").write_text(json.dumps(res, indent=2))
+    text = render(res)
+    print(text)
+    if out is not None:
+        _splice(out, text)
+    return 0

@@ -1,0 +1,460 @@
+"""The one way convd talks to Ceph: the ``rbd`` and ``ceph`` command-line tools.
+
+Every call is a child started by ``convd.launcher`` (its own session, dies
+with the daemon), bounded by a timeout, with ``--conf``/``--id``/``--keyring``
+from ``[publish.rbd]``.  A failure raises :class:`CephError` carrying the
+errno Ceph printed (``rbd: error opening pool 'images': (2) No such file or
+directory``) and Ceph's own words; :func:`item_error` turns it into what
+the runner acts on: a retry for what may pass (cluster unreachable, a full
+pool), a ``convert_failed`` record for what will not (pool missing,
+permission denied).
+
+Image names: an item ``NAME`` is written as ``.convd-tmp.INSTANCE+ATTEMPT+NAME``
+(``+`` cannot occur in an instance name, so one instance's prefix never
+matches another's) and renamed to ``NAME`` when complete; RBD renames
+atomically within a pool, and refuses (EEXIST) when ``NAME`` exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import structlog
+
+from convd import launcher
+from convd.config import RbdConfig
+from convd.errors import ConvertFailed, ItemError, Stopped, TransientError
+
+__all__ = [
+    "TMP_PREFIX",
+    "CephError",
+    "PoolSpace",
+    "check_tools",
+    "fsid",
+    "image_id",
+    "item_error",
+    "list_images",
+    "location",
+    "name_refused",
+    "pool_space",
+    "qemu_target",
+    "readback",
+    "remove",
+    "rename",
+    "snapshot",
+    "stale_images",
+    "sweep",
+    "tmp_name",
+    "together",
+]
+
+log = structlog.get_logger("convd.rbd")
+
+TMP_PREFIX = ".convd-tmp."
+_TIMEOUT = 120.0
+# "rbd: error opening pool 'x': (2) No such file or directory"; the ceph
+# tool prints "[errno 2] RADOS object not found (...)" or a monitor's
+# "Error ENOENT: unrecognized pool 'x'".
+_ERRNO = re.compile(r"\((\d+)\) ([^\n]*)|\[errno (\d+)\] ([^\n]*)|Error (E[A-Z]+): ([^\n]*)")
+# What may pass by itself: the cluster unreachable or busy, a full pool.
+_TRANSIENT = {errno.ETIMEDOUT, errno.ECONNREFUSED, errno.ECONNRESET, errno.EAGAIN, errno.EINTR,
+              errno.ESHUTDOWN, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EIO, errno.EDQUOT, errno.ENOSPC,
+              errno.EBUSY}
+
+
+class CephError(Exception):
+    """A ``rbd``/``ceph`` command failed; ``errno`` as Ceph printed it (0: none printed)."""
+
+    def __init__(self, what: str, returncode: int, stderr: str) -> None:
+        self.what = what
+        self.errno = 0
+        self.returncode = returncode
+        m = None
+        for m in _ERRNO.finditer(stderr):
+            pass  # the last one: the innermost cause
+        lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+        if m is not None:
+            if m.group(5):
+                self.errno = getattr(errno, m.group(5), 0)
+            else:
+                self.errno = int(m.group(1) or m.group(3))
+            self.reason = lines[-1] if lines else m.group(0).strip()
+            for ln in lines:  # the line that carries the errno says most
+                if m.group(0) in ln:
+                    self.reason = ln
+        else:
+            self.reason = lines[-1] if lines else f"exit status {returncode}"
+        if "error connecting to the cluster" in stderr or "failed to fetch mon config" in stderr:
+            self.errno = self.errno or errno.ETIMEDOUT
+        super().__init__(f"{what}: {self.reason}")
+
+    @property
+    def transient(self) -> bool:
+        return self.errno in _TRANSIENT or self.returncode < 0
+
+
+def item_error(exc: CephError) -> ItemError | TransientError:
+    """The runner's error for a Ceph failure: retried when it may pass, else ``convert_failed``."""
+    if exc.transient:
+        return TransientError(f"Ceph: {exc}")
+    return ConvertFailed(f"Ceph: {exc}")
+
+
+def tmp_name(instance: str, name: str, attempt: str = "") -> str:
+    """The temporary image an attempt of ``name`` writes: ``.convd-tmp.INSTANCE+ATTEMPT+NAME``.
+
+    Each attempt has a name of its own: a crashed attempt's image keeps its
+    dead writer's watch for up to 30 s (``osd_client_watch_timeout``), and
+    RBD removes no image that is watched.
+    """
+    return f"{TMP_PREFIX}{instance}+{attempt}+{name}"
+
+
+def name_refused(name: str, instance: str) -> str | None:
+    """Why RBD cannot hold ``name`` as an image (the reason), or None.
+
+    librbd keeps image names in an omap of the pool's directory object:
+    ``/`` and ``@`` would be read as pool and snapshot separators by every
+    tool, and qemu's ``rbd:`` syntax gives ``:`` and ``\\`` meanings too;
+    names of temporary images are convd's own.
+    """
+    if any(c in name for c in "/@:\\") or any(ord(c) < 32 or c.isspace() for c in name):
+        return "contains /, @, :, \\, white space or a control character"
+    if name.startswith(TMP_PREFIX):
+        return f"starts with {TMP_PREFIX}, convd's prefix for images being written"
+    if len(tmp_name(instance, name, "0" * 8).encode()) > 250:
+        return "is too long for an RBD image name with convd's temporary prefix"
+    return None
+
+
+def _common(cfg: RbdConfig) -> list[str]:
+    args = ["--conf", str(cfg.ceph_conf), "--id", cfg.user]
+    if cfg.keyring:
+        args += ["--keyring", cfg.keyring]
+    return args
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items()
+            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
+                         "CEPH_ARGS")}
+
+
+async def _terminate(proc: launcher.Child) -> None:
+    from convd.qemu import (
+        terminate,  # the same SIGTERM, grace, SIGKILL as every qemu-img child
+    )
+    await terminate(proc)
+
+
+async def _run(tool: str, cfg: RbdConfig, *args: str, timeout: float = _TIMEOUT) -> bytes:
+    """``tool`` (rbd or ceph) with the cluster arguments; stdout, or CephError."""
+    argv = [_tool(tool), *_common(cfg), *args]
+    what = f"{tool} {args[0]}"
+    proc = await launcher.get(_env).spawn(argv, {})
+    try:
+        with anyio.fail_after(timeout):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        await _terminate(proc)
+        raise CephError(what, -1, f"no answer within {timeout:g} s (the cluster is unreachable?) "
+                                  f"({errno.ETIMEDOUT}) Connection timed out") from None
+    except BaseException:
+        await _terminate(proc)
+        raise
+    if proc.returncode != 0:
+        raise CephError(what, proc.returncode or 0, err.decode(errors="replace"))
+    return out
+
+
+def _tool(name: str) -> str:
+    # The launcher executes a path, as given: no PATH search of its own.
+    return shutil.which(name) or name
+
+
+async def together(*calls: Awaitable[Any]) -> list[Any]:
+    """Await ``calls`` side by side; all finish, then the first failure (if any) is raised as itself."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return list(results)
+
+
+def check_tools() -> str | None:
+    """Why RBD publishing cannot work on this machine, or None."""
+    missing = [t for t in ("rbd", "ceph") if shutil.which(t) is None]
+    if missing:
+        return f"{', '.join(missing)} not found on PATH (Debian: apt-get install ceph-common)"
+    if not any(os.path.exists(f"/usr/lib/{d}/qemu/block-rbd.so") for d in _multiarch()):
+        return "qemu's rbd driver (block-rbd.so) is not installed (Debian: apt-get install qemu-block-extra)"
+    return None
+
+
+def _multiarch() -> list[str]:
+    try:
+        return [d for d in os.listdir("/usr/lib") if d.endswith("-linux-gnu")] + ["."]
+    except OSError:
+        return ["."]
+
+
+async def fsid(cfg: RbdConfig) -> str:
+    """The cluster's fsid (``ceph fsid``; a monitor read that ``profile rbd`` allows)."""
+    out = await _run("ceph", cfg, "fsid", "--format", "json")
+    try:
+        return str(json.loads(out)["fsid"])
+    except (ValueError, KeyError, TypeError):
+        return out.decode(errors="replace").strip()
+
+
+async def image_id(cfg: RbdConfig, name: str) -> str | None:
+    """The image's RBD id (fixed for its life, kept across renames), or None if no such image.
+
+    Raises CephError for anything else, a missing pool included.
+    """
+    try:
+        out = await _run("rbd", cfg, "info", "--format", "json", f"{cfg.pool}/{name}")
+    except CephError as exc:
+        if exc.errno == errno.ENOENT and "error opening pool" not in exc.reason:
+            return None
+        raise
+    return str(json.loads(out)["id"])
+
+
+async def list_images(cfg: RbdConfig) -> list[str]:
+    out = await _run("rbd", cfg, "ls", "--format", "json", cfg.pool)
+    return [str(n) for n in json.loads(out or b"[]")]
+
+
+async def remove(cfg: RbdConfig, name: str) -> bool:
+    """Remove an image and its snapshots (unprotected first); False if there was none."""
+    spec = f"{cfg.pool}/{name}"
+    try:
+        snaps = json.loads(await _run("rbd", cfg, "snap", "ls", "--format", "json", spec) or b"[]")
+    except CephError as exc:
+        if exc.errno == errno.ENOENT and "error opening pool" not in exc.reason:
+            return False
+        raise
+    for s in snaps:
+        if str(s.get("protected")) == "true":
+            await _run("rbd", cfg, "snap", "unprotect", f"{spec}@{s['name']}")
+    if snaps:
+        await _run("rbd", cfg, "snap", "purge", "--no-progress", spec)
+    try:
+        await _run("rbd", cfg, "rm", "--no-progress", spec)
+    except CephError as exc:
+        if exc.errno == errno.ENOENT and "error opening pool" not in exc.reason:
+            return False
+        raise
+    return True
+
+
+async def rename(cfg: RbdConfig, src: str, dst: str) -> None:
+    """``rbd rename`` within the pool: atomic; CephError with EEXIST if ``dst`` exists."""
+    await _run("rbd", cfg, "rename", f"{cfg.pool}/{src}", f"{cfg.pool}/{dst}")
+
+
+async def snapshot(cfg: RbdConfig, name: str, snap: str, *, fresh: bool = False) -> None:
+    """Create ``name@snap`` and protect it (as Glance's RBD store does), unless already so.
+
+    ``fresh``: the image was just created by convd and has no snapshot (one
+    round trip fewer).
+    """
+    spec = f"{cfg.pool}/{name}"
+    snaps: dict[str, Any] = {}
+    if not fresh:
+        snaps = {s["name"]: s for s in json.loads(
+            await _run("rbd", cfg, "snap", "ls", "--format", "json", spec) or b"[]")}
+    if snap not in snaps:
+        await _run("rbd", cfg, "snap", "create", f"{spec}@{snap}")
+    if str(snaps.get(snap, {}).get("protected")) != "true":
+        await _run("rbd", cfg, "snap", "protect", f"{spec}@{snap}")
+
+
+def location(fsid_: str, pool: str, name: str, snap: str) -> str:
+    """Glance's RBD location form: ``rbd://FSID/POOL/IMAGE/SNAP`` (no ``/SNAP`` without one)."""
+    return f"rbd://{fsid_}/{pool}/{name}" + (f"/{snap}" if snap else "")
+
+
+def _escape(value: str) -> str:
+    # qemu's block/rbd.c splits its filename on ':' and '@' and takes '\' as the escape.
+    return re.sub(r"([\\:@])", r"\\\1", value)
+
+
+def qemu_target(cfg: RbdConfig, name: str) -> str:
+    """qemu's ``rbd:POOL/IMAGE:id=USER:conf=PATH[:keyring=PATH]`` filename for an image."""
+    spec = f"rbd:{cfg.pool}/{name}:id={_escape(cfg.user)}:conf={_escape(str(cfg.ceph_conf))}"
+    if cfg.keyring:
+        spec += f":keyring={_escape(cfg.keyring)}"
+    return spec
+
+
+# -- space -------------------------------------------------------------------
+
+
+async def pool_space(cfg: RbdConfig) -> tuple[int, int, int]:
+    """``(stored, max_avail, quota_max_bytes)`` of the pool, bytes (quota 0: none).
+
+    ``stored`` and the quota are ``ceph osd pool get-quota``'s (the bytes
+    Ceph compares with the quota); ``max_avail`` is ``ceph df``'s (user
+    bytes, replication already divided out; 0 until the manager has
+    reported on a new pool).
+    """
+    # Two round trips of the ceph tool (most of a second each: it is Python), side by side.
+    q, d = await together(_run("ceph", cfg, "osd", "pool", "get-quota", cfg.pool, "--format", "json"),
+                          _run("ceph", cfg, "df", "--format", "json"))
+    quota, df = json.loads(q), json.loads(d)
+    stats: dict[str, Any] = next(
+        (p.get("stats", {}) for p in df.get("pools", []) if p.get("name") == cfg.pool), {})
+    return (int(quota.get("current_num_bytes", 0)), int(stats.get("max_avail", 0)),
+            int(quota.get("quota_max_bytes", 0)))
+
+
+class PoolSpace:
+    """What the pool can still take, in the shape the ledger asks of a filesystem.
+
+    ``free``/``total`` answer from the last :meth:`refresh` (the ledger asks
+    from the event loop, a ``ceph df`` takes a round trip): free is the
+    smaller of what ``ceph df`` says is available and what the quota leaves.
+    """
+
+    def __init__(self, cfg: RbdConfig) -> None:
+        self.cfg = cfg
+        self.stored = 0
+        self.max_avail = 0
+        self.quota = 0
+        self.refreshed = 0.0
+
+    async def refresh(self) -> None:
+        self.stored, self.max_avail, self.quota = await pool_space(self.cfg)
+        self.refreshed = time.monotonic()
+
+    def free(self) -> int:
+        if self.quota:
+            return max(0, min(self.max_avail, self.quota - self.stored))
+        return self.max_avail
+
+    def total(self) -> int:
+        return self.quota if self.quota else self.stored + self.max_avail
+
+
+# -- read back -------------------------------------------------------------
+
+
+@dataclass
+class Readback:
+    size: int
+    checksums: dict[str, str]
+    head: bytes  # the first bytes, for the output's inspection
+
+
+def _hash_pipe(fd: int, algorithms: Sequence[str], head_bytes: int, stop: threading.Event,
+               on_bytes: Callable[[int], None] | None) -> tuple[int, dict[str, str], bytes]:
+    os.set_blocking(fd, True)
+    hashers = [hashlib.new(a) for a in algorithms]
+    head = bytearray()
+    size = 0
+    buf = bytearray(4 << 20)
+    view = memoryview(buf)
+    try:
+        while True:
+            if stop.is_set():
+                raise Stopped("read-back interrupted by shutdown")
+            n = os.readv(fd, [view])
+            if n == 0:
+                break
+            for h in hashers:
+                h.update(view[:n])
+            if len(head) < head_bytes:
+                head += view[: min(n, head_bytes - len(head))]
+            size += n
+            if on_bytes:
+                on_bytes(n)
+    finally:
+        os.close(fd)
+    return size, {a: h.hexdigest() for a, h in zip(algorithms, hashers)}, bytes(head)
+
+
+async def readback(cfg: RbdConfig, name: str, algorithms: Sequence[str], *, head_bytes: int,
+                   stop: threading.Event, timeout: float,
+                   on_bytes: Callable[[int], None] | None = None) -> Readback:
+    """Read the image back from RBD (``rbd export IMAGE -``): its size, digests and first bytes.
+
+    The bytes are the ones a consumer of ``POOL/NAME`` reads, holes as zeros.
+    """
+    argv = [_tool("rbd"), *_common(cfg), "export", "--no-progress", f"{cfg.pool}/{name}", "-"]
+    proc = await launcher.get(_env).spawn(argv, {})
+    fd = proc._take("_stdout")  # read in a worker thread: hashing must not hold the event loop
+    try:
+        with anyio.fail_after(timeout):
+            (size, sums, head), err, _ = await asyncio.gather(
+                anyio.to_thread.run_sync(_hash_pipe, fd, list(algorithms), head_bytes, stop, on_bytes),
+                proc.read_stderr(), proc.wait())
+    except TimeoutError:
+        await _terminate(proc)
+        raise CephError("rbd export", -1, f"no end within {timeout:g} s ({errno.ETIMEDOUT}) Connection timed out") \
+            from None
+    except BaseException:
+        stop_here = stop.is_set()
+        await _terminate(proc)
+        if stop_here:
+            raise Stopped("read-back interrupted by shutdown") from None
+        raise
+    if proc.returncode != 0:
+        raise CephError("rbd export", proc.returncode or 0, err.decode(errors="replace"))
+    return Readback(size, sums, head)
+
+
+# -- temporary images -----------------------------------------------------------
+
+
+async def stale_images(cfg: RbdConfig, instances: Sequence[str], keep: set[str]) -> list[str]:
+    """The temporary images of ``instances`` now in the pool (unfinished attempts), except ``keep``.
+
+    An attempt whose record was staged (``keep``) is finished by its
+    handoff instead: its image is complete.
+    """
+    prefixes = tuple(f"{TMP_PREFIX}{i}+" for i in instances)
+    return [n for n in await list_images(cfg) if n.startswith(prefixes) and n not in keep]
+
+
+async def sweep(cfg: RbdConfig, names: Sequence[str], patience: float = 120.0) -> list[str]:
+    """Remove ``names``; an image still watched by its crashed writer (EBUSY) is tried again
+    every 5 s for ``patience`` seconds (Ceph drops a dead client's watch after 30 s).
+
+    Returns the names removed (or found gone).
+    """
+    removed = []
+    deadline = time.monotonic() + patience
+    for name in names:
+        while True:
+            try:
+                await remove(cfg, name)
+                removed.append(name)
+                break
+            except CephError as exc:
+                if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                    log.warning("cannot remove a temporary image; the next start tries again", image=name,
+                                error=str(exc))
+                    break
+                await anyio.sleep(5.0)
+    return removed
+
+
+def config_of(pending: dict[str, Any]) -> RbdConfig:
+    """The ``[publish.rbd]`` a staged handoff was written with (recovery uses that one)."""
+    r = pending["rbd"]
+    return RbdConfig(pool=r["pool"], ceph_conf=r["ceph_conf"], user=r["user"], keyring=r["keyring"],
+                     snapshot=r["snapshot"])
