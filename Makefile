@@ -68,7 +68,7 @@ GLANCE_VENV   := .glance-venv
 $(GLANCE_VENV)/.installed: constraints-glance.txt pyproject.toml
 	rm -rf $(GLANCE_VENV)
 	$(GLANCE_PYTHON) -m venv $(GLANCE_VENV)
-	$(GLANCE_VENV)/bin/pip install -q -c constraints-glance.txt glance==33.0.0 pyuwsgi -e .
+	$(GLANCE_VENV)/bin/pip install -q -c constraints-glance.txt glance==33.0.0 pyuwsgi PyMySQL -e .
 	touch $@
 
 glance-venv: system-deps $(GLANCE_VENV)/.installed
