@@ -10,12 +10,14 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from bench import images, qsd, report, scenarios
@@ -125,6 +127,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.reps < 1:
         p.error("--reps must be at least 1")
     return args
+
+
+def _unwind(signum: int, frame: FrameType | None) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not cut the clean-up short
+        signal.signal(sig, signal.SIG_IGN)
+    sys.exit(128 + signum)
 
 
 @contextlib.contextmanager
@@ -446,6 +454,11 @@ def write_report(results: dict[str, Any], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # A SIGTERM or SIGINT (even one a background shell ignores) unwinds: every
+    # finally below stops the daemons, glance-api and MariaDB it started and
+    # removes its scratch space.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _unwind)
     if args.shared:
         from bench.shared import run_shared
 

@@ -104,15 +104,27 @@ def reap() -> None:
 atexit.register(reap)
 
 
+_INTERRUPT = False
+
+
 def _exit_on(signum: int, frame: FrameType | None) -> None:
-    # SystemExit unwinds through every finally and fixture teardown; reap() at
-    # exit catches what those did not stop.
-    raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+    # Unwinds through every finally and fixture teardown; reap() at exit
+    # catches what those did not stop.  Further SIGTERMs would cut that short.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    if _INTERRUPT or signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(128 + signum)
 
 
-def stop_on_signals() -> None:
+def stop_on_signals(interrupt: bool = False) -> None:
     """SIGTERM and SIGHUP (and SIGINT, as Python does) unwind the program
-    instead of killing it, so that cleanup code and :func:`reap` run."""
+    instead of killing it, so that cleanup code and :func:`reap` run.  They
+    raise SystemExit, or KeyboardInterrupt when ``interrupt`` (pytest ends a
+    session on that, with its fixtures' teardown; a SystemExit would only
+    fail the test that was running)."""
+    global _INTERRUPT
+    _INTERRUPT = interrupt
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _exit_on)
 

@@ -23,6 +23,8 @@ import time
 import uuid
 from pathlib import Path
 
+from glance_server import track, untrack
+
 __all__ = ["CephCluster", "CephUnavailable", "UmlNfs", "ceph_missing", "uml_missing"]
 
 CEPH_TOOLS = ("ceph-mon", "ceph-osd", "ceph-mds", "ceph-mgr", "ceph-fuse", "ceph", "monmaptool", "ceph-authtool")
@@ -94,6 +96,7 @@ class CephCluster:
                                  stdin=subprocess.DEVNULL, cwd=self.dir, start_new_session=True)
         finally:
             log.close()
+        track(p)
         self._daemons.append(p)
         return p
 
@@ -188,6 +191,7 @@ mgr data = {d}/mgr
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
             finally:
                 log.close()
+            track(p)
             self._fuse.append(p)
         self._wait("the ceph-fuse mounts", lambda: all(_is_mount(m) for m in self.mounts), timeout=60.0)
         # Without a mgr statvfs() reports 0 bytes: wait until the mounts see space.
@@ -216,6 +220,7 @@ mgr data = {d}/mgr
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
+                untrack(p)
         self._fuse.clear()
         self._daemons.clear()
 
@@ -320,6 +325,7 @@ class UmlNfs:
                 ["linux.uml", f"mem={mem}", "rootfstype=hostfs", "rootflags=/", "rw", f"init={d / 'init.sh'}",
                  f"ubd0={img}", "con=null", "con0=null"],
                 stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT, start_new_session=True)
+            track(p)
             try:
                 p.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -330,6 +336,7 @@ class UmlNfs:
                 except ProcessLookupError:
                     pass
                 p.wait()
+                untrack(p)
                 img.unlink(missing_ok=True)
         log = (d / "guest.log").read_text(errors="replace") if (d / "guest.log").exists() else ""
         if "NFS-UP" not in log:
