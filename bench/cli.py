@@ -104,6 +104,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-glance", action="store_true",
                    help="skip the Glance import: built-in image_conversion against the convd plugin")
     p.add_argument("--glance-reps", type=int, default=3, help="imports per method in the Glance scenario")
+    p.add_argument("--glance-burst", type=int, default=8,
+                   help="imports started at the same moment in the Glance scenario's burst (0: none)")
+    p.add_argument("--glance-burst-size", type=parse_size, default=1 * GiB,
+                   help="virtual size of each burst image (a qcow2 like the large set's)")
+    p.add_argument("--glance-burst-reps", type=int, default=2, help="bursts per method, alternating")
     p.add_argument("--variants", action="store_true",
                    help="also time bare qemu-img flag variants (-W, -m 16, -t none, --target-is-zero) to raw")
     p.add_argument("--qsd", action="store_true",
@@ -478,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
                      "small_size": args.small_size, "latency_samples": args.latency_samples,
                      "passthrough_reps": args.passthrough_reps, "backlog_files": args.backlog_files,
                      "backlog_size": args.backlog_size, "glance_reps": args.glance_reps,
+                     "glance_burst": args.glance_burst, "glance_burst_size": args.glance_burst_size,
+                     "glance_burst_reps": args.glance_burst_reps,
                      "workdir": str(workdir)},
         "machine": describe(workdir, REPO),
     }
@@ -544,7 +551,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.glance_reps} reps, alternating")
             from bench.glance import run_glance
 
-            results["glance"] = run_glance(imgset.files["qcow2"], workdir, args.glance_reps, log)
+            burst_src = None
+            if args.glance_burst > 0:
+                burst_src = workdir / "small" / "burst.qcow2"
+                log(f"Glance burst image: {args.glance_burst_size / GiB:g} GiB virtual qcow2")
+                images.small_qcow2(burst_src, args.glance_burst_size, seed=11)
+                scenarios.durable(burst_src)
+            results["glance"] = run_glance(imgset.files["qcow2"], workdir, args.glance_reps, log,
+                                           burst=args.glance_burst, burst_src=burst_src,
+                                           burst_reps=args.glance_burst_reps)
         if args.qsd:
             if not qsd.available():
                 log("--qsd: qemu-storage-daemon not found (Debian: apt-get install qemu-system-common); skipped")
