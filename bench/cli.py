@@ -170,6 +170,10 @@ def check_space(workdir: Path, args: argparse.Namespace) -> None:
         need += int(args.size * 0.6 * (len(set(args.formats) | {"raw"})) + 2 * args.size + 2 * GiB)
     if not args.skip_backlog:
         need += args.backlog_files * args.backlog_size * 2
+    if not args.skip_glance and args.glance_burst > 0:
+        # per burst image: the staged copy and the converted output (~60 % of the size
+        # each), and the store's copy (dense, the full size)
+        need += int(args.glance_burst * args.glance_burst_size * 2.2)
     log(f"free space in {workdir}: {free / GiB:.1f} GiB; this run needs about {need / GiB:.1f} GiB")
     if free < need:
         raise SystemExit(f"not enough free space in {workdir}: {free / GiB:.1f} GiB < {need / GiB:.1f} GiB "
