@@ -501,13 +501,14 @@ class GlanceClient:
         self.url = url
 
     def request(self, method: str, path: str, body: bytes | None = None,
-                content_type: str | None = None, expect: tuple[int, ...] = (200, 201, 202, 204)) -> Any:
+                content_type: str | None = None, expect: tuple[int, ...] = (200, 201, 202, 204),
+                timeout: float = 30.0) -> Any:
         headers = dict(AUTH)
         if content_type:
             headers["Content-Type"] = content_type
         req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(req, timeout=30) as r:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
                 status, data = r.status, r.read()
         except urllib.error.HTTPError as exc:
             status, data = exc.code, exc.read()
@@ -520,8 +521,11 @@ class GlanceClient:
         return str(self.request("POST", "/v2/images", body.encode(), "application/json")["id"])
 
     def stage(self, image_id: str, path: Path) -> None:
+        # Glance answers once it has written the whole upload to staging: for the
+        # bench's GiB-sized images on a busy disk that can take minutes.
         with open(path, "rb") as fh:
-            self.request("PUT", f"/v2/images/{image_id}/stage", fh.read(), "application/octet-stream")
+            self.request("PUT", f"/v2/images/{image_id}/stage", fh.read(), "application/octet-stream",
+                         timeout=600)
 
     def import_(self, image_id: str, method: str = "glance-direct", uri: str | None = None) -> None:
         m: dict[str, Any] = {"name": method}
