@@ -51,7 +51,8 @@ Options: `--size` (virtual size of the large images, default 2 GiB),
 `--skip-passthrough`, `--skip-compressed` (the raw image as `.xz` and `.gz`
 against `xz -dc`/`gzip -dc` + fsync; compressing it takes several minutes
 the first time, then is reused with `--keep-images`), `--skip-glance`,
-`--glance-reps` (default 3), `--variants` (also time bare qemu-img flag variants:
+`--glance-reps` (default 3), `--glance-burst` (imports started at once, default 8; 0 for none),
+`--glance-burst-size` (default 1 GiB), `--glance-burst-reps` (default 2), `--variants` (also time bare qemu-img flag variants:
 `-W`, `-m 16`, `-t none`, `-n --target-is-zero` on a pre-created sparse
 target; about 4 more minutes), `--qsd` (also time the design not taken:
 one `qemu-storage-daemon` driven over QMP, per small image, against convd's
