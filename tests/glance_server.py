@@ -147,15 +147,17 @@ def portable_venv(dest: Path, venv: Path = GLANCE_VENV) -> Path:
             shutil.copy2(src, dst)
 
     shutil.copytree(venv, dest, symlinks=True, copy_function=link_or_copy)
-    old = str(venv).encode()
+    # the venv's path as pip wrote it into the scripts: as given, or through symlinks
+    olds = sorted({str(venv.absolute()).encode(), str(venv.resolve()).encode()}, key=len, reverse=True)
     for script in (dest / "bin").iterdir():
         if script.is_symlink() or not script.is_file():
             continue
         data = script.read_bytes()
-        if data.startswith(b"#!") and old in data:
+        old = next((o for o in olds if data.startswith(b"#!" + o + b"/")), None)
+        if old is not None:
             mode = script.stat().st_mode
             script.unlink()  # a new file: the original is hard-linked
-            script.write_bytes(data.replace(old, str(dest).encode()))
+            script.write_bytes(data.replace(old, str(dest.absolute()).encode()))
             script.chmod(mode)
     site = next((dest / "lib").glob("python3*/site-packages"))
     for editable in site.glob("__editable__*convd*"):
