@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= conf/convd.toml
 
-.PHONY: all setup system-deps sharedfs-deps glance-venv demo test test-fast bench bench-shared clean
+.PHONY: all setup system-deps sharedfs-deps glance-deps glance-venv demo test test-fast bench bench-shared clean
 
 all: test
 
@@ -50,6 +50,23 @@ sharedfs-deps:
 	  fi; \
 	fi
 
+# Glance's database in tests and the bench: a private MariaDB each run starts
+# and stops itself (Debian's mariadb-server; only its programs are used).
+GLANCE_TOOLS := mariadbd:mariadb-server mariadb-install-db:mariadb-server mariadb:mariadb-client-core
+glance-deps:
+	@missing=""; \
+	for pair in $(GLANCE_TOOLS); do \
+	  PATH="$$PATH:/usr/sbin:/sbin" command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$(echo $$missing | tr ' ' '\n' | sort -u); \
+	  else \
+	    echo "the Glance tests need:$$missing (as root: apt-get install$$missing)" >&2; \
+	  fi; \
+	fi
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
@@ -61,7 +78,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 setup: system-deps $(VENV)/.installed
 
 # A separate environment for a real Glance (tests/test_glance.py, the bench's
-# Glance scenario): glance 33.0.0 and uWSGI pinned by constraints-glance.txt,
+# Glance scenario): glance 33.0.0, uWSGI and PyMySQL pinned by constraints-glance.txt,
 # plus convd itself (editable), the way a deployer installs the plugin.
 # System python, not a per-user one under /root: the tests also run Glance
 # and convd from it as unprivileged users.  Rebuilt only when the pins or
@@ -72,10 +89,10 @@ GLANCE_VENV   := .glance-venv
 $(GLANCE_VENV)/.installed: constraints-glance.txt pyproject.toml
 	rm -rf $(GLANCE_VENV)
 	$(GLANCE_PYTHON) -m venv $(GLANCE_VENV)
-	$(GLANCE_VENV)/bin/pip install -q -c constraints-glance.txt glance==33.0.0 pyuwsgi -e .
+	$(GLANCE_VENV)/bin/pip install -q -c constraints-glance.txt glance==33.0.0 pyuwsgi PyMySQL -e .
 	touch $@
 
-glance-venv: system-deps $(GLANCE_VENV)/.installed
+glance-venv: system-deps glance-deps $(GLANCE_VENV)/.installed
 
 demo: setup
 	@mkdir -p var

@@ -10,12 +10,14 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from bench import images, qsd, report, scenarios
@@ -106,6 +108,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-glance", action="store_true",
                    help="skip the Glance import: built-in image_conversion against the convd plugin")
     p.add_argument("--glance-reps", type=int, default=3, help="imports per method in the Glance scenario")
+    p.add_argument("--glance-burst", type=int, default=8,
+                   help="imports started at the same moment in the Glance scenario's burst (0: none)")
+    p.add_argument("--glance-burst-size", type=parse_size, default=1 * GiB,
+                   help="virtual size of each burst image (a qcow2 like the large set's)")
+    p.add_argument("--glance-burst-reps", type=int, default=2, help="bursts per method, alternating")
     p.add_argument("--variants", action="store_true",
                    help="also time bare qemu-img flag variants (-W, -m 16, -t none, --target-is-zero) to raw")
     p.add_argument("--qsd", action="store_true",
@@ -132,6 +139,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.reps < 1:
         p.error("--reps must be at least 1")
     return args
+
+
+def _unwind(signum: int, frame: FrameType | None) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not cut the clean-up short
+        signal.signal(sig, signal.SIG_IGN)
+    sys.exit(128 + signum)
 
 
 @contextlib.contextmanager
@@ -164,6 +177,10 @@ def check_space(workdir: Path, args: argparse.Namespace) -> None:
         need += int(args.size * 0.6 * (len(set(args.formats) | {"raw"})) + 2 * args.size + 2 * GiB)
     if not args.skip_backlog:
         need += args.backlog_files * args.backlog_size * 2
+    if not args.skip_glance and args.glance_burst > 0:
+        # per burst image: the staged copy and the converted output (~60 % of the size
+        # each), and the store's copy (dense, the full size)
+        need += int(args.glance_burst * args.glance_burst_size * 2.2)
     log(f"free space in {workdir}: {free / GiB:.1f} GiB; this run needs about {need / GiB:.1f} GiB")
     if free < need:
         raise SystemExit(f"not enough free space in {workdir}: {free / GiB:.1f} GiB < {need / GiB:.1f} GiB "
@@ -482,6 +499,11 @@ def write_report(results: dict[str, Any], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # A SIGTERM or SIGINT (even one a background shell ignores) unwinds: every
+    # finally below stops the daemons, glance-api and MariaDB it started and
+    # removes its scratch space.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _unwind)
     if args.shared:
         from bench.shared import run_shared
 
@@ -509,6 +531,8 @@ def main(argv: list[str] | None = None) -> int:
                      "small_size": args.small_size, "latency_samples": args.latency_samples,
                      "passthrough_reps": args.passthrough_reps, "backlog_files": args.backlog_files,
                      "backlog_size": args.backlog_size, "glance_reps": args.glance_reps,
+                     "glance_burst": args.glance_burst, "glance_burst_size": args.glance_burst_size,
+                     "glance_burst_reps": args.glance_burst_reps,
                      "workdir": str(workdir)},
         "machine": describe(workdir, REPO),
     }
@@ -577,7 +601,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.glance_reps} reps, alternating")
             from bench.glance import run_glance
 
-            results["glance"] = run_glance(imgset.files["qcow2"], workdir, args.glance_reps, log)
+            burst_src = None
+            if args.glance_burst > 0:
+                burst_src = workdir / "small" / "burst.qcow2"
+                log(f"Glance burst image: {args.glance_burst_size / GiB:g} GiB virtual qcow2")
+                images.small_qcow2(burst_src, args.glance_burst_size, seed=11)
+                scenarios.durable(burst_src)
+            results["glance"] = run_glance(imgset.files["qcow2"], workdir, args.glance_reps, log,
+                                           burst=args.glance_burst, burst_src=burst_src,
+                                           burst_reps=args.glance_burst_reps)
         if args.qsd:
             if not qsd.available():
                 log("--qsd: qemu-storage-daemon not found (Debian: apt-get install qemu-system-common); skipped")

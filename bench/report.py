@@ -19,6 +19,7 @@ TARGETS = {
     "rss": ("5 000-file backlog, daemon peak RSS (VmHWM)", 100.0, "MiB"),
     "passthrough": ("raw → raw passthrough of a large file, checksums off, rename → record (p50)", 50.0, "ms"),
     "glance": ("Glance import → active, convd plugin ÷ built-in image_conversion (medians)", 1.00, "×"),
+    "glance_burst": ("Glance, 8 imports at once: all active, convd plugin ÷ built-in image_conversion", 1.00, "×"),
 }
 
 INTRO = """\
@@ -50,7 +51,8 @@ Options: `--size` (virtual size of the large images, default 2 GiB),
 `--skip-passthrough`, `--skip-compressed` (the raw image as `.xz` and `.gz`
 against `xz -dc`/`gzip -dc` + fsync; compressing it takes several minutes
 the first time, then is reused with `--keep-images`), `--skip-glance`,
-`--glance-reps` (default 3), `--variants` (also time bare qemu-img flag variants:
+`--glance-reps` (default 3), `--glance-burst` (imports started at once, default 8; 0 for none),
+`--glance-burst-size` (default 1 GiB), `--glance-burst-reps` (default 2), `--variants` (also time bare qemu-img flag variants:
 `-W`, `-m 16`, `-t none`, `-n --target-is-zero` on a pre-created sparse
 target; about 4 more minutes), `--qsd` (also time the design not taken:
 one `qemu-storage-daemon` driven over QMP, per small image, against convd's
@@ -115,13 +117,20 @@ part of `make test`.
   `VmHWM` from `/proc/PID/status` just before SIGTERM; items/s from the
   `watching` log line to the last record.
 - **Glance**: two glance-api 33.0.0 servers from `.glance-venv` (`make
-  glance-venv`; uWSGI, SQLite, file store, staging and spool on one
-  filesystem), one with the built-in `image_conversion` (`output_format =
-  raw`), one with the `convd` plugin and a daemon (target raw, checksums
-  off: Glance hashes what it stores). The large set's qcow2 is created,
-  staged over HTTP and imported (glance-direct) on each in turn, alternating
-  which goes first, and timed until the task has ended with the image
-  `active` as raw; the image is deleted between runs. One warm-up import each.
+  glance-venv`; uWSGI, a private MariaDB (Debian's `mariadb-server`, one
+  database each), file store, staging and spool on one filesystem), one with
+  the built-in `image_conversion` (`output_format = raw`), one with the
+  `convd` plugin and a daemon (`max_workers = 2`, target raw, checksums off:
+  Glance hashes what it stores). The large set's qcow2 is created, staged
+  over HTTP and imported (glance-direct) on each in turn, alternating which
+  goes first, and timed until the task has ended with the image `active` as
+  raw; the image is deleted between runs. One warm-up import each.  Then the
+  burst: eight copies of a 1 GiB-virtual qcow2 staged (untimed), then eight
+  import requests released at the same moment; timed until all eight are
+  `active`, while every 0.2 s a sampler sums the PSS (`smaps_rollup`) of
+  Glance's uWSGI processes and their children (the built-in path's
+  qemu-img) plus, for convd, the daemon and its children, and the bytes
+  allocated under Glance's staging directory plus convd's spool.
 - **Fixed costs** are timed directly (process spawns, a directory fsync), to
   explain the per-item figures.
 - **Where the time goes**: each record's `timings` has, beside the contract's
@@ -664,7 +673,7 @@ def _glance(res: dict[str, Any], summary: dict[str, Any]) -> list[str]:
     n = len(res["runs"]["convd"])
     summary["glance"] = (res["ratio_import"], f"median of {n}; end to end incl. stage {res['ratio_total']:.2f} ×")
     out = ["### Glance: the same qcow2 imported with image_conversion and with convd", "",
-           "Two glance-api 33.0.0 (uWSGI, SQLite, file store) on one filesystem; glance-direct: "
+           "Two glance-api 33.0.0 (uWSGI, MariaDB, file store) on one filesystem; glance-direct: "
            "stage (upload over HTTP), then import, timed until the task ends and the image is "
            "`active` as raw.  The convd daemon has checksums off (Glance hashes what it stores).",
            "", "| method | stage (s) | import → active (s) | stage → active (s) | runs (import → active) |",
@@ -674,6 +683,28 @@ def _glance(res: dict[str, Any], summary: dict[str, Any]) -> list[str]:
         out.append(f"| {m} | {med[m]['stage']:.1f} | {med[m]['import']:.1f} | {med[m]['total']:.1f} | {runs} |")
     out += ["", f"convd ÷ image_conversion: import → active {res['ratio_import']:.2f} ×, "
                 f"stage → active {res['ratio_total']:.2f} ×.", ""]
+    if "burst" in res:
+        b = res["burst"]
+        bmed = b["median"]
+        summary["glance_burst"] = (b["ratio_wall"], f"median of {len(b['runs']['convd'])} bursts each")
+        out += [f"#### {b['count']} imports started at the same moment", "",
+                f"{b['count']} copies of a {b['virtual_size'] / GiB:g} GiB-virtual qcow2 "
+                f"({b['file_size'] / MiB:.0f} MiB file) staged, then imported at once; convd's "
+                "daemon has `max_workers = 2`, Glance runs image_conversion in as many threads as "
+                "there are imports.  Memory: peak summed PSS of Glance's processes and the converters "
+                "(idle Glance in brackets).  Disk: peak bytes allocated in Glance's staging directory "
+                "plus convd's spool (the store's copies are the same for both and not counted).", "",
+                "| method | all active (s) | peak memory (MiB) | peak staging + spool (GiB) | runs: all active (s) |",
+                "| --- | ---: | ---: | ---: | --- |"]
+        for m in ("image_conversion", "convd"):
+            runs = b["runs"][m]
+            idle = statistics.median(r["idle_mem"] for r in runs) / MiB
+            walls = ", ".join(f"{r['wall']:.1f}" for r in runs)
+            out.append(f"| {m} | {bmed[m]['wall']:.1f} | {bmed[m]['peak_mem'] / MiB:.0f} ({idle:.0f}) "
+                       f"| {bmed[m]['peak_bytes'] / GiB:.2f} | {walls} |")
+        out += ["", f"convd ÷ image_conversion, all active: {b['ratio_wall']:.2f} ×; peak memory "
+                    f"{bmed['convd']['peak_mem'] / bmed['image_conversion']['peak_mem']:.2f} ×; peak staging "
+                    f"+ spool {bmed['convd']['peak_bytes'] / bmed['image_conversion']['peak_bytes']:.2f} ×.", ""]
     return out
 
 

@@ -16,10 +16,17 @@ from typing import Any
 
 import pytest
 import structlog
+from glance_server import stop_on_signals, track, untrack
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = Path(__file__).resolve().parent / "data" / "os-test-images"
 MiB = 1 << 20
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A SIGTERM (CI's cancel, a timeout) ends the run as Ctrl-C does: fixtures
+    # tear down, and every tracked process group is reaped at exit.
+    stop_on_signals(interrupt=True)
 
 
 def convd_bin() -> str:
@@ -139,6 +146,7 @@ class Daemon:
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, **(env or {})},
         )
+        track(self.proc)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -166,6 +174,7 @@ class Daemon:
         except ProcessLookupError:
             pass
         self.proc.wait()
+        untrack(self.proc)
         self._log.close()
 
     def stop(self, timeout: float = 10.0) -> int:
@@ -176,6 +185,7 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.kill_group()
                 raise AssertionError(f"daemon did not stop within {timeout}s:\n{self.log()[-3000:]}")
+        untrack(self.proc)
         self._log.close()
         return self.proc.returncode
 

@@ -1,26 +1,38 @@
 """A real glance-api (Glance 33.0.0 under uWSGI) for tests and the benchmark, and a small REST client.
 
 Glance runs from its own virtualenv (``make glance-venv``: ``.glance-venv``),
-with SQLite, file stores and no Keystone: the ``context`` middleware trusts
+on MariaDB (Debian's ``mariadb-server``, a private server per test session or
+bench run: data directory and socket in a temp dir, no network) as deployments
+run it, file stores and no Keystone: the ``context`` middleware trusts
 ``X-Identity-Status``/``X-Roles``/``X-Project-Id``/``X-User-Id`` headers, as
 Glance's own functional tests do.  The recipe is ``shared/glance/recipe.md``.
+
+Every process started here is in its own process group and registered with
+:func:`reap`, which atexit and the signal handlers of :func:`stop_on_signals`
+run: an interrupted test run or bench leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import atexit
+import itertools
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-__all__ = ["GLANCE_VENV", "GlanceClient", "GlanceServer", "free_port", "glance_venv_problem"]
+__all__ = ["GLANCE_VENV", "GlanceClient", "GlanceServer", "MariaDB", "free_port", "glance_venv_problem",
+           "mariadb_problem", "portable_venv", "reap", "stop_on_signals", "track", "untrack"]
 
 REPO = Path(__file__).resolve().parent.parent
 GLANCE_VENV = Path(os.environ.get("CONVD_GLANCE_VENV", REPO / ".glance-venv"))
@@ -38,6 +50,120 @@ def glance_venv_problem() -> str | None:
     if not (GLANCE_VENV / ".installed").exists():
         return f"no Glance virtualenv at {GLANCE_VENV} (make glance-venv builds it)"
     return None
+
+
+def mariadb_problem() -> str | None:
+    """Why a private MariaDB cannot run here, or None."""
+    missing = [t for t in ("mariadb-install-db", "mariadbd", "mariadb") if shutil.which(t, path=_SBIN_PATH) is None]
+    if missing:
+        return f"{', '.join(missing)} not found (make glance-venv installs Debian's mariadb-server)"
+    return None
+
+
+# -- nothing left running -----------------------------------------------------------
+
+_TRACKED: dict[int, tuple[subprocess.Popen[bytes], list[Path]]] = {}
+
+
+def track(proc: subprocess.Popen[bytes], *scratch: Path) -> None:
+    """Register ``proc`` (the leader of its own process group) and its scratch
+    directories with :func:`reap`."""
+    _TRACKED[proc.pid] = (proc, list(scratch))
+
+
+def untrack(proc: subprocess.Popen[bytes]) -> None:
+    _TRACKED.pop(proc.pid, None)
+
+
+def reap() -> None:
+    """Kill every tracked process group still running (SIGTERM, then SIGKILL
+    after 5 s) and remove the scratch directories registered with them."""
+    procs = list(_TRACKED.values())
+    _TRACKED.clear()
+    for proc, _ in procs:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + 5
+    for proc, scratch in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group too
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+        for d in scratch:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+atexit.register(reap)
+
+
+_INTERRUPT = False
+
+
+def _exit_on(signum: int, frame: FrameType | None) -> None:
+    # Unwinds through every finally and fixture teardown; reap() at exit
+    # catches what those did not stop.  Further SIGTERMs would cut that short.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    if _INTERRUPT or signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(128 + signum)
+
+
+def stop_on_signals(interrupt: bool = False) -> None:
+    """SIGTERM and SIGHUP (and SIGINT, as Python does) unwind the program
+    instead of killing it, so that cleanup code and :func:`reap` run.  They
+    raise SystemExit, or KeyboardInterrupt when ``interrupt`` (pytest ends a
+    session on that, with its fixtures' teardown; a SystemExit would only
+    fail the test that was running)."""
+    global _INTERRUPT
+    _INTERRUPT = interrupt
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on)
+
+
+def portable_venv(dest: Path, venv: Path = GLANCE_VENV) -> Path:
+    """A copy of ``venv`` at ``dest`` that runs wherever the checkout lives.
+
+    The Glance venv holds convd as an editable install (a finder pointing
+    into the checkout) and scripts whose ``#!`` names the venv's path; a user
+    who cannot enter the checkout (root's home is mode 700) can run neither.
+    The copy hard-links the venv's files where it can (fast, no new bytes),
+    rewrites the scripts in new files, and replaces the editable finder by a
+    copy of the ``convd`` package.  ``dest``'s parent must be reachable by
+    the users who run it.
+    """
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(venv, dest, symlinks=True, copy_function=link_or_copy)
+    # the venv's path as pip wrote it into the scripts: as given, or through symlinks
+    olds = sorted({str(venv.absolute()).encode(), str(venv.resolve()).encode()}, key=len, reverse=True)
+    for script in (dest / "bin").iterdir():
+        if script.is_symlink() or not script.is_file():
+            continue
+        data = script.read_bytes()
+        old = next((o for o in olds if data.startswith(b"#!" + o + b"/")), None)
+        if old is not None:
+            mode = script.stat().st_mode
+            script.unlink()  # a new file: the original is hard-linked
+            script.write_bytes(data.replace(old, str(dest.absolute()).encode()))
+            script.chmod(mode)
+    site = next((dest / "lib").glob("python3*/site-packages"))
+    for editable in site.glob("__editable__*convd*"):
+        editable.unlink()
+    shutil.copytree(REPO / "convd", site / "convd", ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
 
 
 def free_port() -> int:
@@ -80,17 +206,132 @@ paste.filter_factory = glance.api.middleware.context:ContextMiddleware.factory
 """
 
 
+_SBIN_PATH = f"{os.environ.get('PATH', '/usr/bin:/bin')}:/usr/local/sbin:/usr/sbin:/sbin"
+_DB_NAMES = itertools.count()
+
+
+class MariaDB:
+    """A private ``mariadbd`` (Debian's ``mariadb-server``) with its data directory
+    in ``directory`` and a unix socket only (``--skip-networking``).
+
+    Run as the calling user (``--user`` names it, so root works too).  Glance
+    connects as the SQL user ``glance`` with a password, as a deployer sets it
+    up, through :meth:`url` (one database per Glance).
+    """
+
+    SQL_USER, SQL_PASSWORD = "glance", "glance-test"
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.data = directory / "data"
+        self._scratch: list[Path] = []
+        sock = directory / "mysqld.sock"
+        if len(str(sock)) > 100:  # sun_path holds 108 bytes; pytest's temp paths can be longer
+            short = Path(tempfile.mkdtemp(prefix="convd-mariadb-"))
+            short.chmod(0o755)  # Glance may run as another user
+            self._scratch.append(short)
+            sock = short / "mysqld.sock"
+        self.socket = sock
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> MariaDB:
+        problem = mariadb_problem()
+        if problem:
+            raise RuntimeError(problem)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        user = pwd.getpwuid(os.geteuid()).pw_name
+        tool = shutil.which("mariadb-install-db", path=_SBIN_PATH)
+        done = subprocess.run([str(tool), "--no-defaults", f"--datadir={self.data}", f"--user={user}",
+                               "--auth-root-authentication-method=socket", "--skip-test-db"],
+                              capture_output=True, cwd=self.dir)
+        if done.returncode != 0:
+            raise RuntimeError(f"mariadb-install-db failed: {done.stdout[-2000:]!r} {done.stderr[-2000:]!r}")
+        out = open(self.dir / "mariadbd.out", "wb")  # noqa: SIM115 - the child holds it
+        self.proc = subprocess.Popen(
+            [str(shutil.which("mariadbd", path=_SBIN_PATH)), "--no-defaults", f"--datadir={self.data}",
+             f"--user={user}", f"--socket={self.socket}", "--skip-networking",
+             f"--pid-file={self.dir / 'mariadbd.pid'}", f"--log-error={self.dir / 'mariadbd.err'}",
+             f"--tmpdir={self.dir}", "--skip-name-resolve",
+             # READ COMMITTED: at MySQL's default REPEATABLE READ,
+             # Glance 33's image_set_property_atomic (db/sqlalchemy/api.py: an
+             # UPDATE of a missing row, then an INSERT, not retried) takes gap
+             # locks, and imports started at the same moment deadlock each other
+             # (InnoDB error 1213, HTTP 500 on POST /import) before any plugin runs.
+             "--transaction-isolation=READ-COMMITTED",
+             # a test database: small, and no fsync per commit
+             "--innodb-buffer-pool-size=64M", "--innodb-log-file-size=32M",
+             "--innodb-flush-log-at-trx-commit=2", "--max-connections=200"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.dir,
+            start_new_session=True)
+        out.close()
+        track(self.proc, *self._scratch)
+        deadline = time.monotonic() + timeout
+        while self.sql("SELECT 1", check=False).returncode != 0:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                err = self.log()[-3000:]
+                self.stop()
+                raise RuntimeError(f"mariadbd did not come up:\n{err}")
+            time.sleep(0.1)
+        self.sql(f"CREATE USER '{self.SQL_USER}'@'localhost' IDENTIFIED BY '{self.SQL_PASSWORD}'; "
+                 f"GRANT ALL PRIVILEGES ON *.* TO '{self.SQL_USER}'@'localhost'")
+        return self
+
+    def sql(self, statements: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+        """Run ``statements`` as the server's root account (socket authentication)."""
+        tool = shutil.which("mariadb", path=_SBIN_PATH)
+        done = subprocess.run([str(tool), "--no-defaults", f"--socket={self.socket}", "-u",
+                               pwd.getpwuid(os.geteuid()).pw_name, "-e", statements],
+                              capture_output=True, stdin=subprocess.DEVNULL)
+        if check and done.returncode != 0:
+            raise RuntimeError(f"mariadb: {statements}: {done.stderr.decode(errors='replace')}")
+        return done
+
+    def new_database(self, prefix: str = "glance") -> str:
+        """A new empty database; its SQLAlchemy URL for Glance (PyMySQL, the socket)."""
+        name = f"{prefix}_{os.getpid()}_{next(_DB_NAMES)}"
+        self.sql(f"CREATE DATABASE {name} CHARACTER SET utf8mb4")
+        return (f"mysql+pymysql://{self.SQL_USER}:{self.SQL_PASSWORD}@localhost/{name}"
+                f"?unix_socket={self.socket}&charset=utf8mb4")
+
+    def log(self) -> str:
+        try:
+            return (self.dir / "mariadbd.err").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # a clean InnoDB shutdown
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        untrack(self.proc)
+        for d in self._scratch:
+            shutil.rmtree(d, ignore_errors=True)
+        self.proc = None
+
+
 class GlanceServer:
     """glance-api in ``directory`` on a free loopback port; stopped by its master's pid.
 
     ``plugins`` is ``image_import_plugins``; ``import_conf`` adds sections to
     glance-image-import.conf (e.g. ``{"convd": {"spool": ..., "timeout": 5}}``);
-    ``user`` runs it as that user (the directory must be theirs).
+    ``user`` runs it as that user (the directory must be theirs).  Its database
+    is a new one on ``db``, or on a MariaDB of its own in ``directory/mariadb``
+    (started and stopped with it) when ``db`` is None.
     """
 
     def __init__(self, directory: Path, *, plugins: list[str], import_conf: dict[str, dict[str, Any]] | None = None,
-                 web_port: int | None = None, user: str | None = None, venv: Path = GLANCE_VENV) -> None:
+                 web_port: int | None = None, user: str | None = None, venv: Path = GLANCE_VENV,
+                 db: MariaDB | None = None) -> None:
         self.dir = directory
+        self.db = db
+        self._own_db: MariaDB | None = None
+        self.db_url = ""
         self.venv = venv
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -117,10 +358,7 @@ enabled_backends = local:file
 enabled_import_methods = [glance-direct,web-download]
 
 [database]
-# SQLite stands in for MySQL.  Not in WAL mode: Glance reads, then writes in
-# one transaction, which WAL fails at once (SQLITE_BUSY_SNAPSHOT) whenever
-# another thread committed in between; the rollback journal waits instead.
-connection = sqlite:///{d}/glance.sqlite
+connection = {self.db_url}
 
 [glance_store]
 default_backend = local
@@ -176,6 +414,8 @@ pidfile = {d}/uwsgi.pid
 
     def _chown(self) -> None:
         for dirpath, dirnames, filenames in os.walk(self.dir):
+            if self._own_db is not None:  # the database server's files stay its own
+                dirnames[:] = [n for n in dirnames if Path(dirpath, n) != self._own_db.dir]
             for n in [*dirnames, *filenames]:
                 shutil.chown(os.path.join(dirpath, n), self.user, self.user)
 
@@ -185,6 +425,17 @@ pidfile = {d}/uwsgi.pid
         return ["setpriv", f"--reuid={self.user}", f"--regid={self.user}", "--init-groups", "--", *argv]
 
     def start(self, timeout: float = 60.0) -> GlanceServer:
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float) -> GlanceServer:
+        db = self.db
+        if db is None:
+            db = self._own_db = MariaDB(self.dir / "mariadb").start()
+        self.db_url = db.new_database()
         self._write_config()
         if self.user is not None:
             self._chown()
@@ -194,15 +445,19 @@ pidfile = {d}/uwsgi.pid
         if self.user is not None:
             env["HOME"] = str(self.dir)
             env["PATH"] = f"{self.venv}/bin:/usr/local/bin:/usr/bin:/bin"
-        subprocess.run(self._as_user([str(self.venv / "bin" / "glance-manage"), "--config-file",
-                                      str(self.dir / "etc" / "glance-api.conf"), "db_sync"]),
-                       check=True, capture_output=True, env=env, cwd=self.dir)
+        # as a deployer runs it, against the empty database
+        sync = subprocess.run(self._as_user([str(self.venv / "bin" / "glance-manage"), "--config-file",
+                                             str(self.dir / "etc" / "glance-api.conf"), "db_sync"]),
+                              capture_output=True, env=env, cwd=self.dir)
+        if sync.returncode != 0:
+            raise RuntimeError(f"glance-manage db_sync failed: {sync.stderr[-3000:].decode(errors='replace')}")
         out = open(self.dir / "uwsgi.log", "wb")  # noqa: SIM115 - the child holds it
         self.proc = subprocess.Popen(self._as_user([str(self.venv / "bin" / "uwsgi"), "--ini",
                                                     str(self.dir / "etc" / "uwsgi.ini")]),
                                      stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=env, cwd=self.dir, start_new_session=True)
         out.close()
+        track(self.proc)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -213,21 +468,23 @@ pidfile = {d}/uwsgi.pid
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 log = (self.dir / "uwsgi.log").read_text(errors="replace")[-3000:]
-                self.stop()
                 raise RuntimeError(f"glance-api did not come up:\n{log}")
             time.sleep(0.2)
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # die-on-term: master and worker exit
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.proc = None
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)  # die-on-term: master and worker exit
+                try:
+                    self.proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait()
+            untrack(self.proc)
+            self.proc = None
+        if self._own_db is not None:
+            self._own_db.stop()
+            self._own_db = None
 
     def log(self) -> str:
         try:
@@ -246,24 +503,17 @@ class GlanceClient:
         self.url = url
 
     def request(self, method: str, path: str, body: bytes | None = None,
-                content_type: str | None = None, expect: tuple[int, ...] = (200, 201, 202, 204)) -> Any:
+                content_type: str | None = None, expect: tuple[int, ...] = (200, 201, 202, 204),
+                timeout: float = 30.0) -> Any:
         headers = dict(AUTH)
         if content_type:
             headers["Content-Type"] = content_type
         req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
-        for attempt in range(3):
-            try:
-                with urllib.request.urlopen(req, timeout=30) as r:
-                    status, data = r.status, r.read()
-                break
-            except urllib.error.HTTPError as exc:
-                status, data = exc.code, exc.read()
-                break
-            except TimeoutError:
-                # glance-api under SQLite has been seen to stall a request while
-                # its import threads contend for the database; reads are safe to repeat.
-                if method != "GET" or attempt == 2:
-                    raise
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                status, data = r.status, r.read()
+        except urllib.error.HTTPError as exc:
+            status, data = exc.code, exc.read()
         if status not in expect:
             raise AssertionError(f"{method} {path}: HTTP {status}: {data[:500]!r}")
         return json.loads(data) if data else None
@@ -273,8 +523,11 @@ class GlanceClient:
         return str(self.request("POST", "/v2/images", body.encode(), "application/json")["id"])
 
     def stage(self, image_id: str, path: Path) -> None:
+        # Glance answers once it has written the whole upload to staging: for the
+        # bench's GiB-sized images on a busy disk that can take minutes.
         with open(path, "rb") as fh:
-            self.request("PUT", f"/v2/images/{image_id}/stage", fh.read(), "application/octet-stream")
+            self.request("PUT", f"/v2/images/{image_id}/stage", fh.read(), "application/octet-stream",
+                         timeout=600)
 
     def import_(self, image_id: str, method: str = "glance-direct", uri: str | None = None) -> None:
         m: dict[str, Any] = {"name": method}

@@ -26,6 +26,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from glance_server import track, untrack
+
 __all__ = ["CephCluster", "CephUnavailable", "UmlDisks", "UmlNfs", "ceph_missing", "uml_disks_missing",
            "uml_missing"]
 
@@ -98,6 +100,7 @@ class CephCluster:
                                  stdin=subprocess.DEVNULL, cwd=self.dir, start_new_session=True)
         finally:
             log.close()
+        track(p)
         self._daemons.append(p)
         return p
 
@@ -194,6 +197,7 @@ mgr data = {d}/mgr
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
             finally:
                 log.close()
+            track(p)
             self._fuse.append(p)
         self._wait("the ceph-fuse mounts", lambda: all(_is_mount(m) for m in self.mounts), timeout=60.0)
         # Without a mgr statvfs() reports 0 bytes: wait until the mounts see space.
@@ -233,6 +237,7 @@ mgr data = {d}/mgr
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
+                untrack(p)
         self._fuse.clear()
         self._daemons.clear()
 
@@ -337,6 +342,7 @@ class UmlNfs:
                 ["linux.uml", f"mem={mem}", "rootfstype=hostfs", "rootflags=/", "rw", f"init={d / 'init.sh'}",
                  f"ubd0={img}", "con=null", "con0=null"],
                 stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT, start_new_session=True)
+            track(p)
             try:
                 p.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -347,6 +353,7 @@ class UmlNfs:
                 except ProcessLookupError:
                     pass
                 p.wait()
+                untrack(p)
                 img.unlink(missing_ok=True)
         log = (d / "guest.log").read_text(errors="replace") if (d / "guest.log").exists() else ""
         if "NFS-UP" not in log:
@@ -491,6 +498,7 @@ class UmlDisks:
                 ["linux.uml", f"mem={mem}", "rootfstype=hostfs", "rootflags=/", "rw", f"init={d / 'init.sh'}",
                  *ubds, "con=null", "con0=null"],
                 stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT, start_new_session=True)
+            track(p)
             try:
                 if until is not None:
                     until(p)
@@ -508,6 +516,7 @@ class UmlDisks:
                 # sharing memory, not a thread): the next boot must not start
                 # while it could still be writing.
                 _wait_group_gone(p.pid)
+                untrack(p)
         return (d / "guest.log").read_text(errors="replace") if (d / "guest.log").exists() else ""
 
     def fsck(self, log: str) -> dict[int, tuple[int | None, str]]:

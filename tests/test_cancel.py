@@ -20,7 +20,11 @@ from convd.config import SpoolConfig
 from convd.pipeline.spool import Spool as SpoolOf
 
 # qemu-img convert -r: a conversion of a few seconds, long enough to cancel in.
-SLOW = {"convert.qemu_args": {"qcow2": ["-r", "8M"]}}
+# qemu-img's own rate limit keeps a convert running while a test cancels it.
+# The window must outlast a `convd cancel` process's start under load (over
+# 4 s at a load average of 12 on 2 cores, which 8 MiB/s did not): at 1 MiB/s
+# a 32 MiB convert takes 32 s, and each test cancels it long before that.
+SLOW = {"convert.qemu_args": {"qcow2": ["-r", "1M"]}}
 
 
 def data_qcow2(path: Path, virtual: int = 64 * MiB, data: int = 48 * MiB) -> Path:
@@ -249,7 +253,7 @@ def test_cancel_of_a_stopped_instance_item_while_another_daemon_runs_handles_eac
     names = [f"orphan{i}" for i in range(4)]
     originals = {}
     for name in names:
-        src = data_qcow2(tmp_path / f"{name}.qcow2", data=32 * MiB)  # about 4 s to convert under -r 8M
+        src = data_qcow2(tmp_path / f"{name}.qcow2", data=32 * MiB)  # about 32 s to convert under SLOW
         originals[name] = src.read_bytes()
         staged = spool.work / "alpha" / f".{name}.new"  # a dot-name: no one's item until renamed
         staged.mkdir()
