@@ -493,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     check_space(workdir, args)
     results: dict[str, Any] = {
-        "started_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "started_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": {"size": args.size, "reps": args.reps, "formats": list(args.formats),
                      "targets": list(args.targets), "small_count": args.small_count,
@@ -591,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
                 (workdir / "images").rmdir()
         shutil.rmtree(workdir / "bare", ignore_errors=True)
         shutil.rmtree(spools, ignore_errors=True)
-    results["finished_at"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    results["finished_at"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     results["elapsed"] = time.monotonic() - _t_start
     results["machine"]["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     (workdir / "results.json").write_text(json.dumps(results, indent=1, default=str))

@@ -646,7 +646,7 @@ def _variants(res: dict[str, Any]) -> list[str]:
         ]
         for fmt, row in rows.items():
             base = med(row["as Glance"]["sync"])
-            best = min(labels, key=lambda lbl: med(row[lbl]["sync"]))  # noqa: B023 - used at once
+            best = min(labels, key=lambda lbl: med(row[lbl]["sync"]))
             cells = []
             for lbl in labels:
                 v = med(row[lbl]["sync"])

@@ -28,10 +28,10 @@ from convd.errors import ConfigError
 __all__ = [
     "ALLOWED_SOURCE_FORMATS",
     "CONTAINER_KINDS",
-    "Config",
     "DEFAULT_CONFIG_PATH",
-    "DetectConfig",
     "TARGET_FORMATS",
+    "Config",
+    "DetectConfig",
     "TargetConfig",
     "default_config",
     "dump",

@@ -27,7 +27,7 @@ class Metrics:
         )
         self.throughput = Histogram(
             "convd_convert_throughput_bytes_per_second", "Virtual bytes converted per second", registry=r,
-            buckets=tuple(2**i * 2**20 for i in range(0, 13)),
+            buckets=tuple(2**i * 2**20 for i in range(13)),
         )
         self.queued = Gauge("convd_queue_depth", "Files waiting in incoming/", registry=r)
         self.in_flight = Gauge("convd_in_flight", "Claimed items not yet finished", ["stage"], registry=r)

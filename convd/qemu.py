@@ -38,8 +38,9 @@ from convd.config import DetectConfig, TargetConfig
 from convd.errors import CorruptImage, StartupError, Timeout, TransientError
 
 __all__ = [
-    "QemuResult",
+    "SOURCE_FILENAME",
     "TARGET_OPTIONS",
+    "QemuResult",
     "check",
     "check_tools",
     "convert",
@@ -50,7 +51,6 @@ __all__ = [
     "measure",
     "phase_timings",
     "qemu_img",
-    "SOURCE_FILENAME",
     "reason",
     "source_args",
     "terminate",

@@ -97,7 +97,7 @@ class CephCluster:
         self._daemons.append(p)
         return p
 
-    def _wait(self, what: str, pred, timeout: float = 90.0) -> None:  # noqa: ANN001
+    def _wait(self, what: str, pred, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for p in self._daemons:

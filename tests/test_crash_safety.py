@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import (CORPUS, MiB, Spool, images_equal, make_image, run, sha256_file, wait_for,
-                      write_config)
 
 from convd import durable
 from convd.config import load as load_config
 from convd.pipeline.spool import Spool as ConvdSpool
+
+from conftest import CORPUS, MiB, Spool, images_equal, make_image, run, sha256_file, wait_for, write_config
 
 INSTANCE = "test"  # write_config's [spool] instance
 

@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CORPUS, MiB, Daemon, Spool, convd_bin, images_equal, make_image, run, wait_for, write_config
-from glance_server import GLANCE_VENV, GlanceClient, GlanceServer, glance_venv_problem
 
 from convd import protocol
+
+from conftest import CORPUS, Daemon, MiB, Spool, convd_bin, images_equal, make_image, run, wait_for, write_config
+from glance_server import GLANCE_VENV, GlanceClient, GlanceServer, glance_venv_problem
 
 pytestmark = pytest.mark.skipif(glance_venv_problem() is not None, reason=str(glance_venv_problem()))
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from conftest import MiB, convd_bin, images_equal, make_image, qemu_io, run, sha256_file, wait_for, write_config
-
 from convd.errors import FormatMismatch
 from convd.stages.detect import check_qemu_info
+
+from conftest import MiB, convd_bin, images_equal, make_image, qemu_io, run, sha256_file, wait_for, write_config
 
 _spec = importlib.util.spec_from_file_location(
     "make_cases", Path(__file__).resolve().parent / "data" / "field" / "make_cases.py")

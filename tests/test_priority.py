@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MiB, make_image, wait_for, write_config
 from convd import protocol
+
+from conftest import MiB, make_image, wait_for, write_config
 
 
 @pytest.fixture(scope="module")

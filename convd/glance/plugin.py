@@ -19,13 +19,12 @@ and it imports nothing Glance's environment lacks.
 import os
 import time
 
+from glance.common import exception
+from glance.common.scripts import utils as script_utils
 from oslo_config import cfg
 from oslo_log import log as logging
 from taskflow import task
 from taskflow.patterns import linear_flow as lf
-
-from glance.common import exception
-from glance.common.scripts import utils as script_utils
 
 from convd import protocol
 
