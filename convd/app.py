@@ -377,7 +377,7 @@ class Daemon:
             new = load(path)
             if new.spool != self.cfg.spool:
                 raise ConfigError("[spool] changes need a restart")
-        except Exception as exc:  # whatever a bad file raises, the old configuration stays
+        except Exception as exc:  # noqa: BLE001 - whatever a bad file raises, the old configuration stays
             log.error("reload refused; keeping the old configuration", error=str(exc))
         else:
             for key, old_v, new_v in (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from wsgiref.simple_server import WSGIServer
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from convd import __version__
@@ -48,7 +50,7 @@ class Metrics:
         self.adopted = Counter("convd_adopted_total", "Items taken over from stopped instances", registry=r)
         info = Gauge("convd_build_info", "Build information", ["version", "spool_instance"], registry=r)
         info.labels(version=__version__, spool_instance=spool_instance).set(1)
-        self._server = None
+        self._server: WSGIServer | None = None
 
     def serve(self, host: str, port: int) -> None:
         self._server, _thread = start_http_server(port, addr=host, registry=self.registry)

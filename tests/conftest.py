@@ -175,7 +175,7 @@ class Daemon:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill_group()
-                raise AssertionError(f"daemon did not stop within {timeout}s:\n{self.log()[-3000:]}")
+                raise AssertionError(f"daemon did not stop within {timeout}s:\n{self.log()[-3000:]}") from None
         self._log.close()
         return self.proc.returncode
 

@@ -38,7 +38,8 @@ def ceph_missing() -> str | None:
         return "needs root (ceph daemons and FUSE mounts)"
     missing = [t for t in CEPH_TOOLS if shutil.which(t) is None]
     if missing:
-        return f"missing {', '.join(missing)}: run `make sharedfs-deps` (apt-get install ceph-mon ceph-osd ceph-mds ceph-mgr ceph-fuse)"
+        return (f"missing {', '.join(missing)}: run `make sharedfs-deps` "
+                "(apt-get install ceph-mon ceph-osd ceph-mds ceph-mgr ceph-fuse)")
     if not os.path.exists("/dev/fuse"):
         return "no /dev/fuse"
     return None
@@ -88,12 +89,9 @@ class CephCluster:
 
     def _spawn(self, *argv: str) -> subprocess.Popen[bytes]:
         # -f: foreground, so the process we hold is the daemon and we can kill it by pid.
-        log = open(self.dir / "log" / f"{os.path.basename(argv[0])}.{len(self._daemons)}.out", "wb")
-        try:
+        with open(self.dir / "log" / f"{os.path.basename(argv[0])}.{len(self._daemons)}.out", "wb") as log:
             p = subprocess.Popen([*argv, "-c", str(self.conf), "-f"], stdout=log, stderr=subprocess.STDOUT,
                                  stdin=subprocess.DEVNULL, cwd=self.dir, start_new_session=True)
-        finally:
-            log.close()
         self._daemons.append(p)
         return p
 
@@ -180,14 +178,11 @@ mgr data = {d}/mgr
         self._wait("the MDS to become active", lambda: "up:active" in self.ceph("mds", "stat"))
         for n, mnt in enumerate(self.mounts, start=1):
             mnt.mkdir(parents=True, exist_ok=True)
-            log = open(d / "log" / f"fuse{n}.out", "wb")
-            try:
+            with open(d / "log" / f"fuse{n}.out", "wb") as log:
                 p = subprocess.Popen(
                     ["ceph-fuse", "-c", str(self.conf), "-n", f"client.node{n}", "-f",
                      f"--admin-socket={d}/run/fuse{n}.asok", str(mnt)],
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-            finally:
-                log.close()
             self._fuse.append(p)
         self._wait("the ceph-fuse mounts", lambda: all(_is_mount(m) for m in self.mounts), timeout=60.0)
         # Without a mgr statvfs() reports 0 bytes: wait until the mounts see space.

@@ -629,7 +629,8 @@ def test_second_daemon_with_the_same_instance_name_exits_1_with_a_clear_message(
     assert first.stop() == 0
 
 
-def test_items_of_a_stopped_instance_are_adopted_not_stranded(tmp_path: Path, daemon_factory: Any, spool: Spool) -> None:
+def test_items_of_a_stopped_instance_are_adopted_not_stranded(tmp_path: Path, daemon_factory: Any,
+                                                              spool: Spool) -> None:
     # A crashed daemon under another host name left a claim behind.
     src = make_image(tmp_path / "orphan.qcow2", "qcow2", 4 * MiB)
     old = spool.work / "old-host" / "orphan.qcow2"

@@ -577,6 +577,7 @@ class Spool:
                 self.stage_handoff(claim, "failed", self.free_failed_name(claim.name),
                                    p["payload"], p["record"])
                 p = claim.pending
+                assert p is not None  # stage_handoff has just set it
         final = dest_dir / p["final_name"]
         rec_path = dest_dir / f"{p['final_name']}.json"
         ours = self._is_staged_payload(final, p)
