@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= conf/convd.toml
 
-.PHONY: all setup system-deps sharedfs-deps glance-deps glance-venv demo test test-fast bench bench-shared clean
+.PHONY: all setup system-deps sharedfs-deps glance-deps glance-venv demo lint test test-fast bench bench-shared clean
 
 all: test
 
@@ -102,10 +102,16 @@ demo: setup
 	@echo "            Ctrl-C stops the daemon."
 	$(BIN)/convd run -c $(CONFIG)
 
-test: setup sharedfs-deps glance-venv
+# ruff and mypy as pyproject.toml configures them; a finding fails the build
+# before any test runs.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: setup sharedfs-deps glance-venv lint
 	$(BIN)/python -m pytest tests
 
-test-fast: setup glance-venv
+test-fast: setup glance-venv lint
 	$(BIN)/python -m pytest tests -m "not slow"
 
 bench: setup glance-venv sharedfs-deps
@@ -117,4 +123,4 @@ bench-shared: setup sharedfs-deps
 	$(BIN)/python -m bench --shared
 
 clean:
-	rm -rf $(VENV) $(GLANCE_VENV) var .pytest_cache
+	rm -rf $(VENV) $(GLANCE_VENV) var .pytest_cache .ruff_cache .mypy_cache

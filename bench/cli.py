@@ -488,9 +488,8 @@ def write_report(results: dict[str, Any], out: Path) -> None:
     print(md)
     if str(out) != "-":
         out.parent.mkdir(parents=True, exist_ok=True)
-        from bench.shared import shared_block  # `bench --shared` figures live on the same page
-
         from bench.rbd import rbd_block  # and `bench --rbd` figures
+        from bench.shared import shared_block  # `bench --shared` figures live on the same page
 
         kept = (shared_block(out.read_text()) + rbd_block(out.read_text())) if out.exists() else ""
         out.write_text(report.page(md) + ("\n" + kept if kept else ""))
@@ -524,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     check_space(workdir, args)
     results: dict[str, Any] = {
-        "started_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "started_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": {"size": args.size, "reps": args.reps, "formats": list(args.formats),
                      "targets": list(args.targets), "small_count": args.small_count,
@@ -632,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
                 (workdir / "images").rmdir()
         shutil.rmtree(workdir / "bare", ignore_errors=True)
         shutil.rmtree(spools, ignore_errors=True)
-    results["finished_at"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    results["finished_at"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     results["elapsed"] = time.monotonic() - _t_start
     results["machine"]["load average at end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     (workdir / "results.json").write_text(json.dumps(results, indent=1, default=str))

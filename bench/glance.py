@@ -22,8 +22,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -233,7 +233,8 @@ def run_glance(src: Path, workdir: Path, reps: int, log: Callable[[str], None], 
                            spool.root if m == "convd" else None, burst_src, burst, f"burst-{m}-{rep}")
                 bursts[m].append(b)
                 log(f"glance burst {m} #{rep + 1}: {burst} imports at once, all active in {b['wall']:.1f} s, "
-                    f"peak memory {b['peak_mem'] / 2**20:.0f} MiB, peak staging+spool {b['peak_bytes'] / 2**30:.2f} GiB")
+                    f"peak memory {b['peak_mem'] / 2**20:.0f} MiB, "
+                    f"peak staging+spool {b['peak_bytes'] / 2**30:.2f} GiB")
     finally:
         for s in servers.values():
             s.stop()

@@ -67,8 +67,8 @@ def main() -> int:
         fd = os.open(path, os.O_RDONLY)
         try:
             size = os.fstat(fd).st_size
-            verify = _median_time(lambda: integrity.verify(fd, fmt, size), args.reps)
-            inspect = _median_time(lambda: (os.lseek(fd, 0, os.SEEK_SET), inspect_fd(fd)), args.reps)
+            verify = _median_time(lambda fd=fd, fmt=fmt, size=size: integrity.verify(fd, fmt, size), args.reps)
+            inspect = _median_time(lambda fd=fd: (os.lseek(fd, 0, os.SEEK_SET), inspect_fd(fd)), args.reps)
         finally:
             os.close(fd)
         info = _spawn_time(["qemu-img", "info", "-f", fmt, "--output=json", str(path)], args.reps)

@@ -52,14 +52,16 @@ Options: `--size` (virtual size of the large images, default 2 GiB),
 against `xz -dc`/`gzip -dc` + fsync; compressing it takes several minutes
 the first time, then is reused with `--keep-images`), `--skip-glance`,
 `--glance-reps` (default 3), `--glance-burst` (imports started at once, default 8; 0 for none),
-`--glance-burst-size` (default 1 GiB), `--glance-burst-reps` (default 2), `--variants` (also time bare qemu-img flag variants:
+`--glance-burst-size` (default 1 GiB), `--glance-burst-reps` (default 2),
+`--variants` (also time bare qemu-img flag variants:
 `-W`, `-m 16`, `-t none`, `-n --target-is-zero` on a pre-created sparse
 target; about 4 more minutes), `--qsd` (also time the design not taken:
 one `qemu-storage-daemon` driven over QMP, per small image, against convd's
 qemu-img processes; needs `qemu-system-common`), `--small-count`, `--small-size`,
 `--latency-samples`, `--passthrough-reps`, `--backlog-files`,
 `--backlog-size`, `--workdir DIR` (default `bench/out/`, gitignored; needs
-room for about 6 × `--size` + 2 GiB with every format; each run logs what it needs), `--out FILE` (default this file; `-` for
+room for about 6 × `--size` + 2 GiB with every format; each run logs what it
+needs), `--out FILE` (default this file; `-` for
 none), `--keep-images` (reuse the image set on the next run),
 `--report-from RESULTS_JSON` (measure nothing, re-render saved samples).  Raw
 samples of the last run go to `WORKDIR/results.json`.  `make bench` is not
@@ -438,7 +440,7 @@ def _large(res: dict[str, Any], summary: dict[str, Any]) -> list[str]:
         extra.append(f"| {label} | {best_off:.2f} | {best_sha:.2f} | {per_rep} |")
     summary["large_off"] = (worst_off[0], f"worst: {worst_off[1]}; {n_off} of {len(rows)} rows pass")
     summary["large_sha"] = (worst_sha[0], f"worst: {worst_sha[1]}; {n_sha} of {len(rows)} rows pass")
-    out += extra + [""]
+    out += [*extra, ""]
     if "raw_digests_agree" in res:
         out.append("sha256 of every raw output (bare and convd, every source format): "
                    + ("identical, as they must be." if res["raw_digests_agree"] else "**DIFFERENT — a bug**."))
@@ -586,7 +588,8 @@ def _latency(res: dict[str, Any], summary: dict[str, Any]) -> list[str]:
         "",
         "| | p50 | p99 | max |",
         "| --- | ---: | ---: | ---: |",
-        f"| rename → claimed (log) | {pct(c, 50) * 1000:.1f} ms | {pct(c, 99) * 1000:.1f} ms | {max(c, default=float('nan')) * 1000:.1f} ms |",
+        f"| rename → claimed (log) | {pct(c, 50) * 1000:.1f} ms | {pct(c, 99) * 1000:.1f} ms "
+        f"| {max(c, default=float('nan')) * 1000:.1f} ms |",
         f"| rename → record (passthrough, inotify) | {pct(r, 50) * 1000:.1f} ms | {pct(r, 99) * 1000:.1f} ms "
         f"| {max(r, default=float('nan')) * 1000:.1f} ms |",
     ]
@@ -624,7 +627,8 @@ def _probes(res: dict[str, Any]) -> list[str]:
         "true": "spawn of `true` (fork + exec floor from Python)",
         "qemu_img_info": "`qemu-img info -f qcow2 --output=json` (small image)",
         "qemu_img_info_raw": "`qemu-img info -f raw --output=json` (tiny raw)",
-        "qemu_img_info_wrapped": "the same under `setpriv --pdeathsig --inh-caps=-all` + `prlimit` (convd before issue 12)",
+        "qemu_img_info_wrapped": "the same under `setpriv --pdeathsig --inh-caps=-all` + `prlimit` "
+                                 "(convd before issue 12)",
         "qemu_img_info_launcher": "the same through convd's launcher, with its limits (convd now)",
         "qemu_img_info_launcher_cpu": "CPU of that, per run: caller + launcher + qemu-img",
         "qemu_img_map_small": "`qemu-img map --output=json` (small qcow2)",
@@ -655,7 +659,7 @@ def _variants(res: dict[str, Any]) -> list[str]:
         ]
         for fmt, row in rows.items():
             base = med(row["as Glance"]["sync"])
-            best = min(labels, key=lambda lbl: med(row[lbl]["sync"]))  # noqa: B023 - used at once
+            best = min(labels, key=lambda lbl: med(row[lbl]["sync"]))
             cells = []
             for lbl in labels:
                 v = med(row[lbl]["sync"])
@@ -735,7 +739,8 @@ def _rate(res: dict[str, Any]) -> list[str]:
     return [
         "### Bandwidth cap",
         "",
-        f"`[convert] rate_limit = \"{cap // MiB}MiB\"`: {res['items']} qcow2 → raw at once, {_size(res['data'])} of data each, checksums off, max_workers = "
+        f"`[convert] rate_limit = \"{cap // MiB}MiB\"`: {res['items']} qcow2 → raw at once, "
+        f"{_size(res['data'])} of data each, checksums off, max_workers = "
         f"{res['items']}; all the data over the time from the drop to the last record.",
         "",
         "| cap | measured total | target | |",

@@ -187,7 +187,8 @@ def render(res: dict[str, Any]) -> str:
         "",
         f"Measured {res['started_at']} with `{res['command']}` on {m.get('CPU', '?')}, "
         f"{m.get('cores', '?')}, {m.get('memory', '?')}, {m.get('qemu-img', '?')}, convd {m.get('convd', '?')}; "
-        f"load average {res['load'][0]:.2f} at the start and {res['load'][1]:.2f} at the end. **One run on a shared, noisy machine**: other test suites ran at "
+        f"load average {res['load'][0]:.2f} at the start and {res['load'][1]:.2f} at the end. "
+        "**One run on a shared, noisy machine**: other test suites ran at "
         "the same time, so treat the figures as rough.",
         "",
         f"CephFS: a one-node Ceph {res['ceph']} cluster on loopback (mon, mgr, one memstore OSD, one MDS), "
@@ -236,7 +237,8 @@ def run_shared(count: int, size: int, workdir: Path, out: Path | None) -> int:
     base = workdir / "ceph"
     shutil.rmtree(base, ignore_errors=True)
     # Tuning experiments: BENCH_CEPH_CLIENT / BENCH_CEPH_MDS = "option=value,option=value".
-    opts, mds = ({k.strip(): v.strip() for k, _, v in (o.partition("=") for o in os.environ.get(var, "").split(",")) if v}
+    opts, mds = ({k.strip(): v.strip()
+                  for k, _, v in (o.partition("=") for o in os.environ.get(var, "").split(",")) if v}
                  for var in ("BENCH_CEPH_CLIENT", "BENCH_CEPH_MDS"))
     res["client_options"], res["mds_options"] = opts, mds
     cluster = CephCluster(base, clients=4, memstore_bytes=10 << 30, client_options=opts, mds_options=mds)

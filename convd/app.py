@@ -395,7 +395,7 @@ class Daemon:
                 raise ConfigError("[spool] changes need a restart")
             if new.publish != self.cfg.publish:
                 raise ConfigError("[publish] changes need a restart")
-        except Exception as exc:  # whatever a bad file raises, the old configuration stays
+        except Exception as exc:  # noqa: BLE001 - whatever a bad file raises, the old configuration stays
             log.error("reload refused; keeping the old configuration", error=str(exc))
         else:
             for key, old_v, new_v in (

@@ -14,27 +14,23 @@ import os
 import re
 import socket
 import sys
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 from convd.errors import ConfigError
 
 __all__ = [
     "ALLOWED_SOURCE_FORMATS",
     "CONTAINER_KINDS",
-    "Config",
     "DEFAULT_CONFIG_PATH",
-    "DetectConfig",
     "PUBLISH_TO",
+    "TARGET_FORMATS",
+    "Config",
+    "DetectConfig",
     "PublishConfig",
     "RbdConfig",
-    "TARGET_FORMATS",
     "TargetConfig",
     "default_config",
     "dump",

@@ -25,7 +25,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import IO, Any
+from typing import IO, Any, Self
 
 import zstandard
 from defusedxml import ElementTree as SafeXML
@@ -837,7 +837,7 @@ def _from_archive(fileobj: Any, seekable: bool, p: Plan, out: int, budget: Budge
             name = _norm(member.name)
             members.append(name)
             if i == 0 and name.lower().endswith(".ovf"):
-                kinds[-1], archive, what = "ova", "OVA", describe(kinds[:-1] + ["ova"])
+                kinds[-1], archive, what = "ova", "OVA", describe([*kinds[:-1], "ova"])
                 if member.size > _OVF_LIMIT:
                     raise UnsupportedFormat(f"the OVF descriptor {name!r} is {format_size(member.size)}; "
                                             "convd reads descriptors up to 4 MiB")
@@ -976,11 +976,11 @@ class _Header(tarfile.TarInfo):
                                 detected=_TAR)
 
     @classmethod
-    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> Self:
         try:
             return super().fromtarfile(tarfile_)
         except tarfile.HeaderError as exc:
-            tarfile_.convd_end = exc  # type: ignore[attr-defined]
+            tarfile_.convd_end = exc  # type: ignore[attr-defined]  # convd's own mark, read by _members
             raise
 
 
@@ -998,9 +998,10 @@ def _members(tf: tarfile.TarFile, what: str) -> Iterator[tarfile.TarInfo]:
             yield member
             continue
         end = getattr(tf, "convd_end", None)
-        if isinstance(end, tarfile.EOFHeaderError):
+        # tarfile's own header errors, undocumented and so absent from typeshed's stub.
+        if isinstance(end, tarfile.EOFHeaderError):  # type: ignore[attr-defined]
             return
-        if isinstance(end, (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError)):
+        if isinstance(end, (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError)):  # type: ignore[attr-defined]
             raise CorruptImage(f"{what} is a truncated archive: it ends at byte {tf.offset} without the "
                                "end-of-archive blocks (the upload was probably cut short)", detected=_TAR)
         raise CorruptImage(f"{what} is a damaged archive: no valid tar header at byte {tf.offset}",
@@ -1074,7 +1075,7 @@ def unpack(fd: int, p: Plan, dest: str, budget: Budget, *, stop: threading.Event
         head = os.pread(out, HEAD, 0)
         inner = sniff(head)
         if inner is not None:
-            raise UnsupportedFormat(f"{describe(result.kinds + [inner])}: convd unpacks one layer of "
+            raise UnsupportedFormat(f"{describe([*result.kinds, inner])}: convd unpacks one layer of "
                                     "compression and one archive, not more")
         if (other := foreign(head)) is not None:
             raise UnsupportedFormat(f"{other[1]} inside {describe(result.kinds)}, not a disk image; convd "

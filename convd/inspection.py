@@ -288,7 +288,7 @@ def inspect_fd(fd: int, *, stop: threading.Event | None = None, limit: int | Non
     else:
         try:
             result.virtual_size = int(insp.virtual_size) if insp is not None else 0
-        except Exception as exc:  # the inspector's parsers raise what they raise
+        except Exception as exc:  # noqa: BLE001 - the inspector's parsers raise what they raise
             raise CorruptImage(f"{fmt} virtual size cannot be read: {exc}", detected=fmt) from None
         if qemu_size is not None:
             # The size qemu-img will convert (integrity documents each rule):

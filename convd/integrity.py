@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import os
 import struct
 import sys
@@ -713,7 +714,7 @@ def _vpc(f: _File) -> int:
             elif len(starts) < _OVERLAP_CAP:
                 starts.append(start)
     ordered = sorted(starts)
-    for a, b in zip(ordered, ordered[1:]):
+    for a, b in itertools.pairwise(ordered):
         if b < a + bitmap + block_size:
             raise f.corrupt(f"two BAT entries share the file's bytes at {b:#x} (blocks overlap)")
     if tail is not None:

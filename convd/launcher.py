@@ -63,7 +63,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 __all__ = ["Child", "Launcher", "get", "shutdown"]
@@ -154,7 +154,7 @@ def _spawn_limited(argv: list[str], fds: list[int], limits: dict[str, int]) -> i
             which = getattr(resource, _LIMITS[key])
             saved[which] = resource.getrlimit(which)
             resource.setrlimit(which, (int(value), saved[which][1]))
-        env = os.environ
+        env: Mapping[str, str] = os.environ
         if "address_space" in limits:
             # glibc reserves 64 MiB of address space per malloc arena, one per
             # thread up to 8 × cores: under the address-space limit, qemu-img's

@@ -6,13 +6,14 @@ import logging
 import sys
 
 import structlog
+from structlog.typing import Processor
 
 __all__ = ["setup"]
 
 
 def setup(fmt: str = "json", level: str = "info") -> None:
     lvl = getattr(logging, level.upper(), logging.INFO)
-    shared = [
+    shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,

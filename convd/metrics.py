@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from wsgiref.simple_server import WSGIServer
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from convd import __version__
@@ -27,7 +29,7 @@ class Metrics:
         )
         self.throughput = Histogram(
             "convd_convert_throughput_bytes_per_second", "Virtual bytes converted per second", registry=r,
-            buckets=tuple(2**i * 2**20 for i in range(0, 13)),
+            buckets=tuple(2**i * 2**20 for i in range(13)),
         )
         self.queued = Gauge("convd_queue_depth", "Files waiting in incoming/", registry=r)
         self.in_flight = Gauge("convd_in_flight", "Claimed items not yet finished", ["stage"], registry=r)
@@ -53,7 +55,7 @@ class Metrics:
         self.adopted = Counter("convd_adopted_total", "Items taken over from stopped instances", registry=r)
         info = Gauge("convd_build_info", "Build information", ["version", "spool_instance"], registry=r)
         info.labels(version=__version__, spool_instance=spool_instance).set(1)
-        self._server = None
+        self._server: WSGIServer | None = None
 
     def serve(self, host: str, port: int) -> None:
         self._server, _thread = start_http_server(port, addr=host, registry=self.registry)

@@ -38,8 +38,9 @@ from convd.config import DetectConfig, TargetConfig
 from convd.errors import CorruptImage, StartupError, Timeout, TransientError
 
 __all__ = [
-    "QemuResult",
+    "SOURCE_FILENAME",
     "TARGET_OPTIONS",
+    "QemuResult",
     "check",
     "check_tools",
     "convert",
@@ -50,7 +51,6 @@ __all__ = [
     "measure",
     "phase_timings",
     "qemu_img",
-    "SOURCE_FILENAME",
     "reason",
     "source_args",
     "terminate",
@@ -415,14 +415,14 @@ async def convert(
                 on_progress(float(found[-1]) / 100.0)
 
     async with _supervised(proc, timeout, "convert"):
-        _, err, _ = await asyncio.gather(proc.read_stdout(progress), proc.read_stderr(), proc.wait())
+        _, err, returncode = await asyncio.gather(proc.read_stdout(progress), proc.read_stderr(), proc.wait())
     _ran(proc, "convert")
-    if proc.returncode != 0:
+    if returncode != 0:
         label = name or os.path.basename(src)
-        why = reason(err, proc.returncode, {source[-1]: label, SOURCE_FILENAME: label, src: label,
-                                            dst: "the output"})
-        if proc.returncode < 0:
-            raise TransientError(f"qemu-img convert killed by signal {-proc.returncode}")
+        why = reason(err, returncode, {source[-1]: label, SOURCE_FILENAME: label, src: label,
+                                       dst: "the output"})
+        if returncode < 0:
+            raise TransientError(f"qemu-img convert killed by signal {-returncode}")
         if _SOURCE_UNREADABLE.search(err):
             raise CorruptImage(f"qemu-img convert cannot read the source: {why}")
-        raise TransientError(f"qemu-img convert exited {proc.returncode}: {why}")
+        raise TransientError(f"qemu-img convert exited {returncode}: {why}")

@@ -81,9 +81,8 @@ class CephError(Exception):
         self.what = what
         self.errno = 0
         self.returncode = returncode
-        m = None
-        for m in _ERRNO.finditer(stderr):
-            pass  # the last one: the innermost cause
+        found = list(_ERRNO.finditer(stderr))
+        m = found[-1] if found else None  # the last one: the innermost cause
         lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
         if m is not None:
             if m.group(5):

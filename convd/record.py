@@ -33,6 +33,6 @@ def build(item: Item, status: str, *, target: dict[str, Any] | None = None,
         rec["target"] = target
     rec["timings"] = timings
     rec["attempts"] = max(1, item.claim.attempts)
-    rec["finished_at"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    rec["finished_at"] = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     rec["convd_version"] = __version__
     return rec

@@ -63,7 +63,8 @@ class Notifier:
 
     def send_raw(self, text: str) -> bool:
         """Send ``text`` verbatim as one datagram; True if it was sent."""
-        if self._sock is None or not text:
+        # The socket exists only for an address, so the address check never differs.
+        if self._sock is None or self._address is None or not text:
             return False
         try:
             self._sock.sendto(text.encode(), self._address)

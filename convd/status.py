@@ -93,7 +93,7 @@ def _age(seconds: float) -> str:
 
 
 def _bar(frac: float, width: int = 20) -> str:
-    n = int(round(frac * width))
+    n = round(frac * width)
     return "[" + "#" * n + "." * (width - n) + "]"
 
 

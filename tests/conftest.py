@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import structlog
+
 from glance_server import stop_on_signals, track, untrack
 
 REPO = Path(__file__).resolve().parent.parent
@@ -184,7 +185,7 @@ class Daemon:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill_group()
-                raise AssertionError(f"daemon did not stop within {timeout}s:\n{self.log()[-3000:]}")
+                raise AssertionError(f"daemon did not stop within {timeout}s:\n{self.log()[-3000:]}") from None
         untrack(self.proc)
         self._log.close()
         return self.proc.returncode

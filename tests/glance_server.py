@@ -551,9 +551,9 @@ class GlanceClient:
         deadline = time.monotonic() + timeout
         while True:
             tasks = sorted(self.tasks(image_id), key=lambda t: t["created_at"])
-            if len(tasks) >= ntasks and tasks[ntasks - 1]["status"] in ("success", "failure"):
-                if not self.image(image_id).get("os_glance_import_task"):
-                    return tasks[ntasks - 1]
+            if (len(tasks) >= ntasks and tasks[ntasks - 1]["status"] in ("success", "failure")
+                    and not self.image(image_id).get("os_glance_import_task")):
+                return tasks[ntasks - 1]
             if time.monotonic() > deadline:
                 raise AssertionError(f"import of {image_id} did not finish in {timeout}s: {tasks}")
             time.sleep(0.2)

@@ -70,7 +70,8 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=1.0)
     ap.add_argument("--kill", action="store_true", help="kill -9 node1's daemon while it holds claims")
     ap.add_argument("--cut", action="store_true",
-                    help="with --kill: first cut node1 off the network (its node dies; the server's lease on its lock must expire)")
+                    help="with --kill: first cut node1 off the network "
+                         "(its node dies; the server's lease on its lock must expire)")
     args = ap.parse_args()
     roots = [m / "spool" for m in args.mounts]
     for d in ("incoming", "work", "outgoing", "failed"):

@@ -230,8 +230,8 @@ def main() -> int:
         deadline = time.monotonic() + 900  # a safety net only: a busy machine is slow
 
         def settled(label: str, root: Path) -> bool:
-            if not all(os.path.lexists(root / "outgoing" / f"{n}.json") or os.path.lexists(root / "failed" / f"{n}.json")
-                       for n in args.final):
+            if not all(os.path.lexists(root / "outgoing" / f"{n}.json")
+                       or os.path.lexists(root / "failed" / f"{n}.json") for n in args.final):
                 return False
             items = [n for n in os.listdir(root / "work" / label) if not n.startswith(".")]
             snap = read_json(root / "work" / label / ".status.json")

@@ -44,7 +44,8 @@ def ceph_missing() -> str | None:
         return "needs root (ceph daemons and FUSE mounts)"
     missing = [t for t in CEPH_TOOLS if shutil.which(t) is None]
     if missing:
-        return f"missing {', '.join(missing)}: run `make sharedfs-deps` (apt-get install ceph-mon ceph-osd ceph-mds ceph-mgr ceph-fuse)"
+        return (f"missing {', '.join(missing)}: run `make sharedfs-deps` "
+                "(apt-get install ceph-mon ceph-osd ceph-mds ceph-mgr ceph-fuse)")
     if not os.path.exists("/dev/fuse"):
         return "no /dev/fuse"
     return None
@@ -94,17 +95,14 @@ class CephCluster:
 
     def _spawn(self, *argv: str) -> subprocess.Popen[bytes]:
         # -f: foreground, so the process we hold is the daemon and we can kill it by pid.
-        log = open(self.dir / "log" / f"{os.path.basename(argv[0])}.{len(self._daemons)}.out", "wb")
-        try:
+        with open(self.dir / "log" / f"{os.path.basename(argv[0])}.{len(self._daemons)}.out", "wb") as log:
             p = subprocess.Popen([*argv, "-c", str(self.conf), "-f"], stdout=log, stderr=subprocess.STDOUT,
                                  stdin=subprocess.DEVNULL, cwd=self.dir, start_new_session=True)
-        finally:
-            log.close()
         track(p)
         self._daemons.append(p)
         return p
 
-    def _wait(self, what: str, pred, timeout: float = 90.0) -> None:  # noqa: ANN001
+    def _wait(self, what: str, pred, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for p in self._daemons:
@@ -189,14 +187,11 @@ mgr data = {d}/mgr
         self._wait("the MDS to become active", lambda: "up:active" in self.ceph("mds", "stat"))
         for n, mnt in enumerate(self.mounts, start=1):
             mnt.mkdir(parents=True, exist_ok=True)
-            log = open(d / "log" / f"fuse{n}.out", "wb")
-            try:
+            with open(d / "log" / f"fuse{n}.out", "wb") as log:
                 p = subprocess.Popen(
                     ["ceph-fuse", "-c", str(self.conf), "-n", f"client.node{n}", "-f",
                      f"--admin-socket={d}/run/fuse{n}.asok", str(mnt)],
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-            finally:
-                log.close()
             track(p)
             self._fuse.append(p)
         self._wait("the ceph-fuse mounts", lambda: all(_is_mount(m) for m in self.mounts), timeout=60.0)

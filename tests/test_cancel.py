@@ -13,11 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import MiB, Daemon, Spool, convd_bin, make_image, run, wait_for, write_config
 
 from convd import protocol
 from convd.config import SpoolConfig
 from convd.pipeline.spool import Spool as SpoolOf
+
+from conftest import Daemon, MiB, Spool, convd_bin, make_image, run, wait_for, write_config
 
 # qemu-img convert -r: a conversion of a few seconds, long enough to cancel in.
 # qemu-img's own rate limit keeps a convert running while a test cancels it.

@@ -24,12 +24,12 @@ from typing import Any
 
 import pytest
 import zstandard
-from conftest import (REPO, MiB, Spool, convd_bin, images_equal, make_image, run, sha256_file, wait_for,
-                      write_config)
 
 from convd import containers
 from convd.errors import CorruptImage, UnsafeImage, UnsupportedFormat
 from convd.pipeline.spool import UNPACKED
+
+from conftest import REPO, MiB, Spool, convd_bin, images_equal, make_image, run, sha256_file, wait_for, write_config
 
 INSTANCE = "test"
 
@@ -517,7 +517,7 @@ def test_sigkill_during_unpacking_ten_times_publishes_once_and_identical(
         d = daemon_factory(cfg, ready=kills == 0)
         if kills == 0:
             drop_bytes(spool, "big", data)
-        wait_for(lambda: unpacked.exists() or spool.record("big") or d.proc.poll() is not None, 60,
+        wait_for(lambda d=d: unpacked.exists() or spool.record("big") or d.proc.poll() is not None, 60,
                  interval=0.01, what="unpacking to start")
         if spool.record("big"):
             break

@@ -55,7 +55,8 @@ def test_corpus_usable_images_publish_and_unusable_ones_fail_intact(tmp_path, sp
             assert rec["error"]["code"] == expected, rec
             assert rec["error"]["message"]
             assert "target" not in rec
-            assert sha256_file(spool.failed / name) == sha256_file(CORPUS / name), "failed/ must keep the original bytes"
+            assert sha256_file(spool.failed / name) == sha256_file(CORPUS / name), \
+                "failed/ must keep the original bytes"
             assert not (spool.outgoing / name).exists()
     assert d.stop() == 0
     assert spool.work_files() == []

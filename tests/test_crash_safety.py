@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import (CORPUS, MiB, Spool, images_equal, make_image, run, sha256_file, wait_for,
-                      write_config)
 
 from convd import durable
 from convd.config import load as load_config
 from convd.pipeline.spool import Spool as ConvdSpool
+
+from conftest import CORPUS, MiB, Spool, images_equal, make_image, run, sha256_file, wait_for, write_config
 
 INSTANCE = "test"  # write_config's [spool] instance
 
@@ -629,7 +629,8 @@ def test_second_daemon_with_the_same_instance_name_exits_1_with_a_clear_message(
     assert first.stop() == 0
 
 
-def test_items_of_a_stopped_instance_are_adopted_not_stranded(tmp_path: Path, daemon_factory: Any, spool: Spool) -> None:
+def test_items_of_a_stopped_instance_are_adopted_not_stranded(tmp_path: Path, daemon_factory: Any,
+                                                              spool: Spool) -> None:
     # A crashed daemon under another host name left a claim behind.
     src = make_image(tmp_path / "orphan.qcow2", "qcow2", 4 * MiB)
     old = spool.work / "old-host" / "orphan.qcow2"

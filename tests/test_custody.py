@@ -27,12 +27,13 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import MiB, convd_bin, images_equal, make_image, run, wait_for
-from glance_server import GLANCE_VENV
 
 from convd import custody, qemu
 from convd.config import DetectConfig
 from convd.errors import UnsafeImage
+
+from conftest import MiB, convd_bin, images_equal, make_image, run, wait_for
+from glance_server import GLANCE_VENV
 
 # Names of this module's own: another suite (tests/test_glance.py) makes and
 # removes its users and group, and may run at the same time.

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from conftest import Daemon, MiB, Spool, make_image, write_config
 
 NAME = "img"

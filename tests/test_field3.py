@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MiB, convd_bin, images_equal, make_image, run
 
 from convd import targets
 from convd.errors import TooLarge
+
+from conftest import MiB, convd_bin, images_equal, make_image, run
 
 HERE = Path(__file__).resolve().parent
 MAKE_CASES = HERE / "data" / "field3" / "make_cases.py"

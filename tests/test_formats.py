@@ -32,7 +32,7 @@ def test_every_input_format_converts_and_compares_identical(tmp_path, spool, dae
     for i, (name, fmt, create_fmt, opts, compress) in enumerate(INPUTS):
         made[name] = (make_image(pristine / name, create_fmt, 16 * MiB, opts=opts, seed=i, compress=compress), fmt)
     d = daemon_factory(cfg)
-    for name, (path, _fmt) in made.items():
+    for path, _fmt in made.values():
         spool.drop(path)
     for name, (path, fmt) in made.items():
         rec = spool.wait_record(name)

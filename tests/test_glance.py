@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CORPUS, MiB, Daemon, Spool, convd_bin, images_equal, make_image, run, wait_for, write_config
-from glance_server import GlanceClient, GlanceServer, MariaDB, glance_venv_problem, mariadb_problem, portable_venv
 
 from convd import protocol
+
+from conftest import CORPUS, Daemon, MiB, Spool, convd_bin, images_equal, make_image, run, wait_for, write_config
+from glance_server import GlanceClient, GlanceServer, MariaDB, glance_venv_problem, mariadb_problem, portable_venv
 
 pytestmark = [pytest.mark.skipif(glance_venv_problem() is not None, reason=str(glance_venv_problem())),
               pytest.mark.skipif(mariadb_problem() is not None, reason=str(mariadb_problem()))]

@@ -90,7 +90,7 @@ def quarantine(sp: Spool, claim: Claim) -> None:
 def finish_as_survivor(sp: Spool) -> list[Claim]:
     """The survivor's take-over, then what its runner does with each adopted item:
     finish a staged handoff (runner.finish_handoff), or return it to be converted again."""
-    adopted, stopped = sp.take_over()
+    adopted, _stopped = sp.take_over()
     rerun = []
     for claim in adopted:
         if claim.pending is not None:

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from conftest import Daemon, MiB, Spool, make_image, wait_for, write_config
 
 from convd import protocol
+
+from conftest import Daemon, MiB, Spool, make_image, wait_for, write_config
 
 # What the daemon may hold while it reads one hostile upload: its own
 # interpreter (~60 MiB) and buffers, far below the gigabyte the headers state.

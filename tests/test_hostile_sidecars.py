@@ -16,10 +16,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import MiB, convd_bin, make_image, run, wait_for, write_config
-from glance_server import GLANCE_VENV
 
 from convd.pipeline.sidecars import MAX_CANCEL_REQUESTS
+
+from conftest import MiB, convd_bin, make_image, run, wait_for, write_config
+from glance_server import GLANCE_VENV
 
 CONVD_USER = "convdtest-convd"
 SECRET = "outside-the-spool-secret-reason"

@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from conftest import MiB, convd_bin, images_equal, make_image, qemu_io, run, sha256_file, wait_for, write_config
-
 from convd.errors import FormatMismatch
 from convd.stages.detect import check_qemu_info
+
+from conftest import MiB, convd_bin, images_equal, make_image, qemu_io, run, sha256_file, wait_for, write_config
 
 _spec = importlib.util.spec_from_file_location(
     "make_cases", Path(__file__).resolve().parent / "data" / "field" / "make_cases.py")
@@ -60,7 +60,7 @@ def test_source_truncated_at_a_data_extent_is_corrupt_in_every_format(tmp_path, 
     assert rc == 1
     assert err.startswith("convd: corrupt_image: "), err
     assert "past the end of the file" in err
-    rc, rec, err = convert(whole, tmp_path / "whole.out")  # the whole image is fine
+    rc, _rec, err = convert(whole, tmp_path / "whole.out")  # the whole image is fine
     assert rc == 0, err
     assert images_equal(whole, fmt, tmp_path / "whole.out", "raw")
 
@@ -267,7 +267,7 @@ def test_documented_self_contained_qcow2_features_convert(tmp_path, opts):
 def test_qcow2_header_that_is_no_valid_qcow2_is_corrupt_not_unsafe(tmp_path, edit, words):
     img = make_image(tmp_path / "g.qcow2", "qcow2", 4 * MiB)
     _qcow2_edit(img, *edit)
-    rc, _, err = convert(img, tmp_path / "out")
+    _rc, _, err = convert(img, tmp_path / "out")
     assert err.startswith("convd: corrupt_image: "), err
     assert words in err
 
@@ -286,7 +286,7 @@ def test_qcow2_clusters_shared_by_two_l2_entries_are_corrupt_per_qemu_img_check(
     assert len(used) >= 2
     # The second allocated guest cluster now reads the first one's data.
     _qcow2_edit(img, l2_off + 8 * used[1], ">Q", entries[used[0]])
-    rc, _, err = convert(img, tmp_path / "out")
+    _rc, _, err = convert(img, tmp_path / "out")
     assert err.startswith("convd: corrupt_image: qemu-img check: "), err
     assert "corruptions" in err
 
@@ -355,14 +355,14 @@ def test_guest_data_with_a_broken_qcow2_header_is_a_hidden_format_not_a_corrupt_
     guest.write_bytes((b"QFI\xfb" + bytes(range(256)) * 16).ljust(1 * MiB, b"\0"))
     src = tmp_path / "wrapper.qcow2"
     run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", guest, src)
-    rc, _, err = convert(src, tmp_path / "out")
+    _rc, _, err = convert(src, tmp_path / "out")
     assert err.startswith("convd: unsafe_image: the raw output inspects as qcow2"), err
 
 
 def test_encrypted_qcow2_is_unsupported_not_corrupt(tmp_path):
     img = make_image(tmp_path / "e.qcow2", "qcow2", 4 * MiB)
     _qcow2_edit(img, 32, ">I", 2)  # crypt_method = LUKS
-    rc, _, err = convert(img, tmp_path / "out")
+    _rc, _, err = convert(img, tmp_path / "out")
     assert err.startswith("convd: unsupported_format: qcow2 is encrypted"), err
 
 
@@ -371,7 +371,7 @@ def test_image_header_cut_short_is_corrupt_not_a_tiny_raw_disk(tmp_path, fmt):
     whole = make_image(tmp_path / f"whole.{fmt}", fmt, 4 * MiB)
     cut = tmp_path / f"cut.{fmt}"
     cut.write_bytes(whole.read_bytes()[:300])
-    rc, _, err = convert(cut, tmp_path / "out")
+    _rc, _, err = convert(cut, tmp_path / "out")
     assert err.startswith("convd: corrupt_image: "), err
 
 
@@ -437,7 +437,7 @@ def test_converted_output_that_starts_with_a_vmdk_descriptor_is_unsafe(tmp_path)
     guest.write_bytes(_DESCRIPTOR.ljust(1 * MiB, b"\0"))
     src = tmp_path / "wrapper.qcow2"
     run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", guest, src)
-    rc, _, err = convert(src, tmp_path / "out")
+    _rc, _, err = convert(src, tmp_path / "out")
     assert err.startswith("convd: unsafe_image: a raw disk whose first sector qemu probes as vmdk"), err
     assert not (tmp_path / "out").exists()
 
@@ -447,7 +447,7 @@ def test_raw_disk_with_a_version_line_past_qemus_probe_window_converts(tmp_path)
     src = tmp_path / "disk.img"
     src.write_bytes((b"#" * 600 + b"\nversion=1\n").ljust(1 * MiB, b"\0"))
     assert _probed_format(src) == "raw"
-    rc, rec, err = convert(src, tmp_path / "out")
+    rc, _rec, err = convert(src, tmp_path / "out")
     assert rc == 0, err
 
 
@@ -511,7 +511,7 @@ def test_dirty_qcow2_with_data_over_its_own_metadata_is_corrupt(tmp_path, target
     incompat = struct.unpack(">Q", h[72:80])[0]
     _qcow2_edit(img, 72, ">Q", incompat | 1)  # dirty: qemu-img check is not asked
     before = sha256_file(img)
-    rc, _, err = convert(img, tmp_path / "out")
+    _rc, _, err = convert(img, tmp_path / "out")
     assert err.startswith("convd: corrupt_image: qcow2: L2 entry"), err
     assert f"over the {target}" in err
     assert sha256_file(img) == before
@@ -546,7 +546,7 @@ def test_vdi_data_over_its_own_header_or_block_map_is_corrupt(tmp_path, over):
     img = make_image(tmp_path / "v.vdi", "vdi", 4 * MiB)
     off_bmap = struct.unpack("<I", make_cases.read_at(str(img), 0x154, 4))[0]
     make_cases.write_at(str(img), 0x158, struct.pack("<I", 0 if over == "header" else off_bmap))
-    rc, _, err = convert(img, tmp_path / "out")
+    _rc, _, err = convert(img, tmp_path / "out")
     assert err.startswith("convd: corrupt_image: vdi: block map entry"), err
     assert f"over the {over}" in err
 
@@ -556,7 +556,7 @@ def test_dynamic_vhd_block_running_into_the_footer_at_the_end_is_corrupt(tmp_pat
     data = img.read_bytes()
     cut = tmp_path / "cut.vhd"
     cut.write_bytes(data[:-1024] + data[-512:])  # last block's tail gone, footer put back
-    rc, _, err = convert(cut, tmp_path / "out")
+    _rc, _, err = convert(cut, tmp_path / "out")
     assert err.startswith("convd: corrupt_image: vpc: BAT entry"), err
     assert "over the footer at the end" in err
 
@@ -578,7 +578,7 @@ def _zero_sized(fmt: str) -> Any:
 def test_disk_with_no_virtual_size_is_corrupt(tmp_path, make):
     src = tmp_path / "empty.img"
     make(src)
-    rc, _, err = convert(src, tmp_path / "out")
+    _rc, _, err = convert(src, tmp_path / "out")
     assert err.startswith("convd: corrupt_image: "), err
     assert "empty disk" in err
     assert not (tmp_path / "out").exists()
@@ -608,7 +608,7 @@ def test_sparse_source_estimate_for_vmdk_vpc_vhdx_vdi_counts_data_not_virtual_si
     cfg = write_config(tmp_path, limits={"workspace": "1GiB"})
     for target in ("vmdk", "vpc", "vhdx", "vdi"):
         out = tmp_path / f"out.{target}"
-        rc, rec, err = convert(src, out, "--to", target, "-c", str(cfg))
+        rc, _rec, err = convert(src, out, "--to", target, "-c", str(cfg))
         assert rc == 0, (target, err)
         assert images_equal(src, "qcow2", out, target)
         out.unlink()

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MiB, Spool, make_image, wait_for, write_config
 from test_crash_safety import spool_processes
 
 from convd import launcher, qemu
 from convd.errors import CorruptImage
+
+from conftest import MiB, Spool, make_image, wait_for, write_config
 
 
 def _pids_under(root: Path) -> list[int]:

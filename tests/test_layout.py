@@ -28,7 +28,8 @@ WORKSPACE = "400MiB"
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 256 MiB VDI (a format no case here targets: never a passthrough) with 40 MiB of random (incompressible) data, 1 MiB of a pattern, written zeros and holes."""
+    """A 256 MiB VDI (a format no case here targets: never a passthrough) with 40 MiB of random
+    (incompressible) data, 1 MiB of a pattern, written zeros and holes."""
     d = tmp_path_factory.mktemp("layout-src")
     raw = d / "src.raw"
     run("qemu-img", "create", "-f", "raw", raw, str(VSIZE))

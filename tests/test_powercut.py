@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from conftest import CORPUS, REPO, MiB, make_image, sha256_file
 from sharedfs import UmlDisks, uml_disks_missing, uml_has_filesystem
 
@@ -112,7 +113,7 @@ class Stages:
     def __init__(self, label: str, carried: dict[str, str]) -> None:
         self.label = label
         # Items in flight at the last cut: recovered (or still in incoming/) at this start.
-        self.items = {n: "recovery" for n in carried}
+        self.items = dict.fromkeys(carried, "recovery")
         self.watching = self.started = False
         self.recovered_handoffs: list[str] = []
         self.starting: dict[str, Any] = {}
@@ -334,12 +335,14 @@ def assert_nothing_lost(res: dict[str, Any]) -> None:
 
 
 def summary(res: dict[str, Any]) -> str:
-    lines = [f"{len(res['cuts'])} power cuts in {res['seconds']:.0f} s ({res['cpu_seconds']:.0f} s of CPU in the guests)"]
+    lines = [f"{len(res['cuts'])} power cuts in {res['seconds']:.0f} s "
+             f"({res['cpu_seconds']:.0f} s of CPU in the guests)"]
     for label in res["labels"]:
         hits = Counter(s for c in res["cuts"] for s in c["landed"][label])
         handoffs = sum(len(c["recovered_handoffs"][label]) for c in res["cuts"])
         recovered = sum(c["recovered"][label] or 0 for c in res["cuts"])
-        lines.append(f"{label}: cuts landed in " + ", ".join(f"{s} {hits[s]}" for s in (*STAGES, "detect", "reserve", "idle"))
+        landed = ", ".join(f"{s} {hits[s]}" for s in (*STAGES, "detect", "reserve", "idle"))
+        lines.append(f"{label}: cuts landed in {landed}"
                      + f"; {recovered} items recovered at start-up, {handoffs} staged handoffs finished; "
                      f"fsck clean {sum(1 for f in res['fsck'] if f[label] == 0)}/{len(res['fsck'])}")
     return "\n".join(lines)

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MiB, make_image, wait_for, write_config
 from convd import protocol
+
+from conftest import MiB, make_image, wait_for, write_config
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +45,11 @@ def test_glance_hand_in_overtakes_a_backlog_of_50_dropped_files(tmp_path, spool,
     wait_for(lambda: len(claim_order(d)) >= 3, 60, what="the backlog to start")
     glance_hand_in(spool, small, "image-2", tmp_path)
     done_at_hand_in = sum(1 for n in os.listdir(spool.outgoing) if n.endswith(".json"))
-    for name in backlog + ["image-1", "image-2"]:
+    for name in [*backlog, "image-1", "image-2"]:
         assert spool.wait_record(name, timeout=120)["status"] == "converted"
     d.stop()
     order = claim_order(d)
-    assert sorted(order) == sorted(backlog + ["image-1", "image-2"])
+    assert sorted(order) == sorted([*backlog, "image-1", "image-2"])
     # Waiting at start-up with the whole backlog: taken first.
     assert order[0] == "image-1"
     # Arriving later: taken at the next free claim; before it, only what was

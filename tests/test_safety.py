@@ -8,7 +8,6 @@ import struct
 from conftest import MiB, images_equal, make_image, run, sha256_file, wait_for, write_config
 
 
-
 def test_output_hiding_a_qcow2_inside_is_rejected_and_source_kept(tmp_path, spool, daemon_factory):
     # A qcow2 whose *guest content* is itself a qcow2 image: converted to raw,
     # the output would be a qcow2 file that a later consumer might open.

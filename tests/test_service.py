@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, Spool, convd_bin, images_equal, make_image, run, wait_for, write_config
 from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import Daemon, Spool, convd_bin, images_equal, make_image, run, wait_for, write_config
 
 MiB = 1 << 20
 

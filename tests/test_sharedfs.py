@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from conftest import MiB, Daemon, convd_bin, images_equal, make_image, run, wait_for, write_config
+from conftest import Daemon, MiB, convd_bin, images_equal, make_image, run, wait_for, write_config
 from sharedfs import CephCluster, ceph_missing
 
 pytestmark = pytest.mark.slow

@@ -11,14 +11,15 @@ from pathlib import Path
 
 import anyio
 import pytest
+from test_ledger import FakeSpace  # one filesystem's free space, seen by both daemons
 
 from convd.config import format_size
-from convd.filesystem import classify, detect_type
 from convd.filesystem import _mount_fstype as mount_fstype
+from convd.filesystem import classify, detect_type
 from convd.pipeline.ledger import SHARED_STALE, Ledger, SharedLedger
 from convd.pipeline.queue import Intake, Writer, writer_state
+
 from conftest import wait_for
-from test_ledger import FakeSpace  # one filesystem's free space, seen by both daemons
 
 MOUNTINFO = """\
 22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw

@@ -9,11 +9,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, MiB, Spool, make_image, write_config
 
 from convd.config import SpoolConfig
 from convd.pipeline.spool import MAX_NAME_BYTES
 from convd.pipeline.spool import Spool as SpoolOf
+
+from conftest import Daemon, MiB, Spool, make_image, write_config
 
 
 def test_the_name_limit_is_the_documented_241_bytes() -> None:

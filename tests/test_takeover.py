@@ -17,12 +17,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import MiB, images_equal, make_image, wait_for, write_config
 
 from convd.config import Config, SpoolConfig
 from convd.errors import ConfigError
 from convd.pipeline.spool import Spool, instance_lock_state
 from convd.status import HEARTBEAT_STALE, instances, locate
+
+from conftest import MiB, images_equal, make_image, wait_for, write_config
 
 ITEMS = 12
 

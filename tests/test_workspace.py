@@ -97,7 +97,7 @@ def test_free_space_not_budget_is_the_limit_items_wait_and_all_convert(tmp_path,
     d = daemon_factory(cfg)
     for comp, _ in names:
         spool.drop(comp)
-    pending = dict((comp.name, src) for comp, src in names)
+    pending = {comp.name: src for comp, src in names}
 
     def consume() -> bool:
         # A consumer takes each result away as it appears, freeing its space.

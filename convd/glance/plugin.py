@@ -19,13 +19,12 @@ and it imports nothing Glance's environment lacks.
 import os
 import time
 
+from glance.common import exception
+from glance.common.scripts import utils as script_utils
 from oslo_config import cfg
 from oslo_log import log as logging
 from taskflow import task
 from taskflow.patterns import linear_flow as lf
-
-from glance.common import exception
-from glance.common.scripts import utils as script_utils
 
 from convd import protocol
 
@@ -83,7 +82,8 @@ CONF.register_opts(convd_opts, group='convd')
 
 # qemu-img's format names (convd's records) as Glance's disk_format; a raw
 # disk with a partition table is raw to Glance too.
-DISK_FORMATS = {
+# Looked up with a record's source format too, which may be absent (None).
+DISK_FORMATS: dict[str | None, str] = {
     'raw': 'raw', 'gpt': 'raw', 'iso': 'iso', 'qcow2': 'qcow2', 'vmdk': 'vmdk',
     'vdi': 'vdi', 'vpc': 'vhd', 'vhdx': 'vhdx',
 }
@@ -150,7 +150,9 @@ class _ConvdConvert(task.Task):
         # What Glance knows of the staged data, for convd to check the bytes
         # it takes against (contract section 8): the size its staging upload
         # counted (glance-direct).  Glance holds no digest of staged data.
-        expect = {'size': staged_size} if isinstance(staged_size, int) and staged_size > 0 else None
+        expect: dict[str, int | str] | None = None
+        if isinstance(staged_size, int) and staged_size > 0:
+            expect = {'size': staged_size}
         # A result under this image's ID that nobody took (an earlier import
         # whose glance-api died) is not this upload's: it would be mistaken
         # for it, and it would make this one a name_conflict.
@@ -159,13 +161,13 @@ class _ConvdConvert(task.Task):
             self._discard_result(paths, name)
         try:
             self.handed_in = protocol.hand_in(src, paths, name, priority=conf.priority, expect=expect)
-        except FileExistsError:
+        except FileExistsError as exc:
             raise exception.UploadException(
-                'convd: an image with this ID is already in the spool (incoming/%s)' % name)
+                'convd: an image with this ID is already in the spool (incoming/%s)' % name) from exc
         except OSError as exc:
             LOG.error('Cannot hand image %s to convd at %s: %s', name, conf.spool, exc)
             raise exception.UploadException(
-                'convd: cannot hand the image to the spool: %s' % (exc.strerror or exc))
+                'convd: cannot hand the image to the spool: %s' % (exc.strerror or exc)) from exc
         LOG.info('Image %(id)s handed to convd (spool %(spool)s)', {'id': name, 'spool': conf.spool})
 
         found = self._wait(paths, name, conf)
@@ -216,13 +218,13 @@ class _ConvdConvert(task.Task):
                 if now >= next_beat:
                     try:
                         self._heartbeat(_progress_message(protocol.item_progress(paths, name)))
-                    except exception.NotFound:
+                    except exception.NotFound as exc:
                         # The image was deleted while convd worked on it: its
                         # conversion is of no use to anyone now.
                         self._withdraw(paths, name, 'image deleted during its import (Glance import task %s)'
                                        % self.task_id)
                         raise exception.UploadException(
-                            'convd: cancelled: the image was deleted during its import')
+                            'convd: cancelled: the image was deleted during its import') from exc
                     next_beat = now + conf.heartbeat_interval
                 watch.wait(min(conf.poll_interval, next_beat - now, deadline - now))
 
@@ -239,7 +241,7 @@ class _ConvdConvert(task.Task):
             self.task_repo.save(t)
         except (exception.TaskNotFound, exception.TaskAbortedError):
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a failed save costs one beat, not the import
             # A busy database (e.g. SQLite locked) costs one beat, not the import.
             LOG.warning('Import task %s: heartbeat not saved: %s', self.task_id, exc)
 

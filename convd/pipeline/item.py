@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 __all__ = ["CANCELLABLE", "Item", "Stage"]
 
 
-class Stage(str, enum.Enum):
+class Stage(str, enum.Enum):  # noqa: UP042 - StrEnum would change str() and format() of a stage
     UNPACK = "unpack"
     DETECT = "detect"
     RESERVE = "reserve"

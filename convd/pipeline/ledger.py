@@ -117,7 +117,7 @@ class SharedLedger:
         self.others_workspace = sum(e.workspace for k, e in live.items() if k != self.instance)
         return _Txn(fd, live, dropped=len(live) != len(raw))
 
-    def end(self, txn: _Txn, outstanding: int | None | _Keep = KEEP) -> None:
+    def end(self, txn: _Txn, outstanding: int | _Keep | None = KEEP) -> None:
         """Write this instance's ``outstanding`` bytes (None: remove the entry;
         ``KEEP``: leave it, writing only if stale entries were dropped) and
         release the lock.  Blocking; raises OSError (the lock is released)."""

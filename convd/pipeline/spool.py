@@ -385,11 +385,11 @@ class Spool:
             raise got
         return got
 
-    def claim_all(self, names: list[str]) -> dict[str, Claim | None | OSError]:
+    def claim_all(self, names: list[str]) -> dict[str, Claim | OSError | None]:
         """``claim`` for several names at once, with one ``fsync`` of ``work/<instance>/``
         and of ``incoming/`` for all of them: each claim is durable when this returns,
         as ``claim``'s is.  Per name: the claim, None (lost the race), or the error."""
-        out: dict[str, Claim | None | OSError] = {}
+        out: dict[str, Claim | OSError | None] = {}
         taken: list[Claim] = []
         for name in names:
             # The guard: take-over must not adopt a same-named item between our mkdir and rename.
@@ -426,7 +426,7 @@ class Spool:
         durable.write_json(d / EXPECT, state, sync=False, compact=True)
         return path
 
-    def _claim(self, name: str) -> Claim | None | OSError:
+    def _claim(self, name: str) -> Claim | OSError | None:
         d = self.claims / name
         try:
             os.mkdir(d, 0o750)
@@ -577,6 +577,7 @@ class Spool:
                 self.stage_handoff(claim, "failed", self.free_failed_name(claim.name),
                                    p["payload"], p["record"])
                 p = claim.pending
+                assert p is not None  # stage_handoff has just set it
         final = dest_dir / p["final_name"]
         rec_path = dest_dir / f"{p['final_name']}.json"
         ours = self._is_staged_payload(final, p)

@@ -87,7 +87,7 @@ def _ceph(exc: rbd.CephError) -> ItemError | TransientError:
 
 def _target(ctx: Context) -> RbdTarget:
     assert ctx.rbd is not None
-    return ctx.rbd  # type: ignore[no-any-return]
+    return ctx.rbd
 
 
 async def reserve(item: Item, ctx: Context) -> Stage:
