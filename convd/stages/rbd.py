@@ -169,9 +169,12 @@ async def convert(item: Item, ctx: Context) -> Stage:
         args = qemu.convert_args(src_fmt, "raw", cfg.qemu_args_for(item.inspection.format), direct_io=True)
         ok = False
         try:
-            await qemu.convert(str(item.claim.source), src_fmt, rbd.qemu_target(tgt.cfg, tmp), "raw",
-                               extra_args=args, timeout=cfg.convert.timeout, on_progress=progress,
-                               on_start=started, name=item.label)
+            # [convert] rate_limit and the source driver's options hold here as for a file target.
+            async with ctx.bandwidth.share() as rate:
+                await qemu.convert(str(item.claim.source), src_fmt, rbd.qemu_target(tgt.cfg, tmp), "raw",
+                                   extra_args=[*args, "-r", str(rate)] if rate else args,
+                                   timeout=cfg.convert.timeout, on_progress=progress, on_start=started,
+                                   name=item.label, options=item.inspection.driver_options)
             ok = True
         finally:
             item.proc = None
