@@ -97,9 +97,11 @@ def test_cancel_stops_qemu_img_convert_and_keeps_the_original(
 
 def test_cancel_of_an_item_waiting_for_space_leaves_the_others_running(
         tmp_path: Path, spool: Spool, daemon_factory: Callable[..., Daemon]) -> None:
-    # Room for one 64 MiB output at a time: the second waits in reserve.
+    # Room for one 64 MiB output at a time: the second waits in reserve while
+    # the first converts, 16 s at 2 MiB/s: longer than a `convd cancel`
+    # takes to start under load (see SLOW), short enough to wait for after.
     cfg = write_config(tmp_path, convert={"max_workers": 2}, limits={"workspace": "100MiB"},
-                       **{"convert.qemu_args": {"qcow2": ["-r", "16M"]}})
+                       **{"convert.qemu_args": {"qcow2": ["-r", "2M"]}})
     d = daemon_factory(cfg)
     first = data_qcow2(tmp_path / "first.qcow2", data=32 * MiB)
     second = data_qcow2(tmp_path / "second.qcow2", data=32 * MiB)
@@ -110,7 +112,7 @@ def test_cancel_of_an_item_waiting_for_space_leaves_the_others_running(
     rc, out = cancel(d.config, "second")
     assert rc == 0, out
     assert_cancelled(spool, "second", second.read_bytes())
-    assert spool.wait_record("first")["status"] == "converted"
+    assert spool.wait_record("first", timeout=120)["status"] == "converted"
 
 
 def test_cancel_of_a_published_item_is_refused_and_the_result_stands(

@@ -337,8 +337,12 @@ def _converting(image_dir: str) -> list[int]:
 
 @pytest.fixture
 def slow_convert(glance_env: Env) -> Iterator[None]:
-    """qcow2 converts limited to 8 MiB/s (qemu-img convert -r): long enough to watch and cancel."""
-    glance_env.reload(**{"convert.qemu_args": {"qcow2": ["-r", "8M"]}})
+    """qcow2 converts limited to 2 MiB/s (qemu-img convert -r): long enough to watch and cancel.
+
+    The window must outlast Glance's next heartbeat and a `convd cancel`
+    process's start under load (over 4 s at a load average of 12 on 2 cores).
+    """
+    glance_env.reload(**{"convert.qemu_args": {"qcow2": ["-r", "2M"]}})
     yield
     glance_env.reload(**{"convert.qemu_args": {}})
 
@@ -347,7 +351,7 @@ def test_cancel_during_convert_stops_qemu_img_and_fails_the_import(
         glance_env: Env, tmp_path: Path, slow_convert: None) -> None:
     src = tmp_path / "big.qcow2"
     run("qemu-img", "create", "-f", "qcow2", src, str(256 * MiB))
-    run("qemu-io", "-f", "qcow2", "-c", f"write -P 7 0 {96 * MiB}", src)  # 12 s at 8 MiB/s
+    run("qemu-io", "-f", "qcow2", "-c", f"write -P 7 0 {96 * MiB}", src)  # 48 s at 2 MiB/s
     client = glance_env.client
     image_id = client.create("big", "qcow2")
     client.stage(image_id, src)
