@@ -510,7 +510,7 @@ def test_deleting_an_image_while_it_converts_cancels_the_conversion(
         glance_env: Env, tmp_path: Path, slow_convert: None) -> None:
     src = tmp_path / "doomed.qcow2"
     run("qemu-img", "create", "-f", "qcow2", src, str(256 * MiB))
-    run("qemu-io", "-f", "qcow2", "-c", f"write -P 5 0 {96 * MiB}", src)  # 12 s at 8 MiB/s
+    run("qemu-io", "-f", "qcow2", "-c", f"write -P 5 0 {96 * MiB}", src)  # 48 s at 2 MiB/s
     # Its own Glance, beating every 0.5 s: the plugin notices the deletion at its next heartbeat.
     watched = GlanceServer(tmp_path / "glance", plugins=["convd"],
                            import_conf={"convd": {"spool": glance_env.spool.root, "timeout": 120,
