@@ -597,7 +597,17 @@ class Budget:
             # Ahead by doubling, so a stream of unknown size asks the ledger
             # a few dozen times, not once a chunk.
             want = min(self.cap, max(total, 2 * self.reserved))
-            self.grow(want)
+            while True:
+                try:
+                    self.grow(want)
+                    break
+                except TooLarge:
+                    # The look-ahead could never fit, what is written so
+                    # far may: look less far ahead, and refuse only when
+                    # the bytes really written (``total``) cannot fit.
+                    if want <= total:
+                        raise
+                    want = total + (want - total) // 4
             self.reserved = want
 
 

@@ -85,6 +85,11 @@ def open_regular(path: str | os.PathLike[str]) -> int:
         if exc.errno in (errno.EACCES, errno.EPERM):
             raise CorruptImage(f"cannot be read: {exc.strerror} (owner uid {st.st_uid}, "
                                f"mode {stat.S_IMODE(st.st_mode):04o})") from None
+        if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+            # A non-blocking open meets a write lease (F_SETLEASE F_WRLCK):
+            # another process keeps the right to change the file under us.
+            raise UnsafeImage("another process holds a write lease on the file: its bytes could "
+                              "change after the safety checks") from None
         raise
     st2 = os.fstat(fd)
     if not stat.S_ISREG(st2.st_mode) or (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino):

@@ -75,6 +75,7 @@ __all__ = [
     "read_cancel_request",
     "read_cancel_requests",
     "read_priority",
+    "read_record",
     "read_sidecar",
     "request_cancel",
     "set_aside",
@@ -204,9 +205,16 @@ def read_priority(incoming: Path, name: str) -> str:
 
 
 def clear_priority(incoming: Path, name: str) -> None:
-    """Remove ``NAME``'s priority sidecar (once ``NAME`` is claimed)."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(incoming / f"{PRIORITY_PREFIX}{name}")
+    """Take ``NAME``'s priority sidecar away once ``NAME`` is claimed; never raises.
+
+    A producer's file: a directory there is set aside like any sidecar
+    convd will not act on, and a name too long for the prefix
+    (ENAMETOOLONG) has no sidecar at all.
+    """
+    try:
+        set_aside(incoming / f"{PRIORITY_PREFIX}{name}")
+    except OSError:
+        pass
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -237,7 +245,7 @@ def find_record(paths: SpoolPaths, name: str, inode: int | None = None) -> tuple
     record = f"{name}.json"
     with contextlib.suppress(FileNotFoundError):
         if record in os.listdir(paths.outgoing):
-            rec = _read_json(paths.outgoing / record)
+            rec = read_record(paths.outgoing / record)
             if rec is not None:
                 return "outgoing", rec
     try:
@@ -248,7 +256,7 @@ def find_record(paths: SpoolPaths, name: str, inode: int | None = None) -> tuple
         if not (entry == record or (entry.startswith(f"{name}.") and entry.endswith(".json")
                                     and entry[len(name) + 1:-5].isdigit())):
             continue
-        rec = _read_json(paths.failed / entry)
+        rec = read_record(paths.failed / entry)
         if rec is None or rec.get("name") != name:
             continue
         if inode is not None:
@@ -261,12 +269,38 @@ def find_record(paths: SpoolPaths, name: str, inode: int | None = None) -> tuple
     return None
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+# A record convd writes is a few KiB; anything larger is not one of its.
+_RECORD_MAX = 1 << 20
+
+
+def read_record(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The JSON object in the record at ``path``, or None (absent, not a regular file, over 1 MiB, not JSON).
+
+    ``outgoing/`` and ``failed/`` are shared with the consumers: whatever
+    sits under a record's name is opened without following a link or
+    blocking on a FIFO, and read bounded.
+    """
     try:
-        obj = json.loads(path.read_bytes())
-    except (FileNotFoundError, ValueError):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = os.read(fd, _RECORD_MAX + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(data) > _RECORD_MAX:
+        return None
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError):
         return None
     return obj if isinstance(obj, dict) else None
+
+
 
 
 # -- sidecars: bounded, link-free reading ---------------------------------------

@@ -92,20 +92,29 @@ def _start(h: bytes) -> Recognised | None:
     return None
 
 
+# A zip's end-of-central-directory record (22 bytes) may be followed by a
+# comment of up to 65535 bytes: unzip looks that far back (APPNOTE 4.3.16).
+_ZIP_TAIL = 22 + 0xFFFF
+
+
 def _end(tail: bytes, size: int) -> Recognised | None:
-    """``tail``: the file's last 512 bytes (or all of a smaller file)."""
-    if len(tail) == _SECTOR and tail[:4] == b"koly" and tail[4:12] == b"\0\0\0\4\0\0\2\0":
+    """``tail``: the file's last ``_ZIP_TAIL`` bytes (or all of a smaller file)."""
+    koly = tail[-_SECTOR:]
+    if len(koly) == _SECTOR and koly[:4] == b"koly" and koly[4:12] == b"\0\0\0\4\0\0\2\0":
         # UDIF's trailer: "koly", version 4, header size 512.
         return Recognised("dmg", "a macOS disk image (UDIF .dmg, its koly trailer at the end)",
                           "convert it to raw first (hdiutil convert -format UDTO, or qemu-img convert "
                           "-f dmg -O raw) and upload the result")
-    eocd = tail[-22:]
-    if len(eocd) == 22 and eocd[:4] == b"PK\5\6" and eocd[20:22] == b"\0\0":
-        cd_size, cd_off = struct.unpack("<II", eocd[12:20])
-        if cd_off + cd_size <= size - 22:
-            return Recognised("zip", "a zip archive (its directory at the end)",
-                              "unpack it and upload the disk inside (convd unpacks gzip, xz, zstd, bzip2, "
-                              "tar and OVA)")
+    at = len(tail)
+    while (at := tail.rfind(b"PK\5\6", 0, at)) >= 0:
+        eocd = tail[at:at + 22]
+        if len(eocd) == 22 and struct.unpack("<H", eocd[20:22])[0] == len(tail) - at - 22:
+            # The comment length reaches exactly to the end of the file.
+            cd_size, cd_off = struct.unpack("<II", eocd[12:20])
+            if cd_off + cd_size <= size - (len(tail) - at):
+                return Recognised("zip", "a zip archive (its directory at the end)",
+                                  "unpack it and upload the disk inside (convd unpacks gzip, xz, zstd, bzip2, "
+                                  "tar and OVA)")
     return None
 
 
@@ -118,5 +127,5 @@ def recognise(fd: int, size: int) -> Recognised | None:
     """What a file is, if its first or last bytes say it is a format convd refuses; else None."""
     found = _start(os.pread(fd, _SECTOR, 0) + bytes(64))  # padded: a tiny file still compares
     if found is None and size > 0:
-        found = _end(os.pread(fd, _SECTOR, max(0, size - _SECTOR)), size)
+        found = _end(os.pread(fd, _ZIP_TAIL, max(0, size - _ZIP_TAIL)), size)
     return found

@@ -32,7 +32,7 @@ from types import FrameType
 from typing import Any
 
 __all__ = ["GLANCE_VENV", "GlanceClient", "GlanceServer", "MariaDB", "free_port", "glance_venv_problem",
-           "mariadb_problem", "portable_venv", "reap", "stop_on_signals", "track", "untrack"]
+           "mariadb_problem", "portable_venv", "reachable_convd", "reap", "stop_on_signals", "track", "untrack"]
 
 REPO = Path(__file__).resolve().parent.parent
 GLANCE_VENV = Path(os.environ.get("CONVD_GLANCE_VENV", REPO / ".glance-venv"))
@@ -164,6 +164,25 @@ def portable_venv(dest: Path, venv: Path = GLANCE_VENV) -> Path:
         editable.unlink()
     shutil.copytree(REPO / "convd", site / "convd", ignore=shutil.ignore_patterns("__pycache__"))
     return dest
+
+
+_REACHABLE: Path | None = None
+
+
+def reachable_convd() -> Path:
+    """A ``convd`` that another user can run wherever the checkout lives.
+
+    One :func:`portable_venv` of the Glance venv per test session, under a
+    mode-755 directory in /tmp, removed at exit.  Tests that run the daemon
+    or a producer as another user take it from here.
+    """
+    global _REACHABLE
+    if _REACHABLE is None:
+        base = Path(tempfile.mkdtemp(prefix="convd-venv-", dir="/tmp"))
+        base.chmod(0o755)
+        atexit.register(shutil.rmtree, base, ignore_errors=True)
+        _REACHABLE = portable_venv(base / "venv") / "bin" / "convd"
+    return _REACHABLE
 
 
 def free_port() -> int:

@@ -33,7 +33,7 @@ from convd.config import DetectConfig
 from convd.errors import UnsafeImage
 
 from conftest import MiB, convd_bin, images_equal, make_image, run, wait_for
-from glance_server import GLANCE_VENV
+from glance_server import GLANCE_VENV, reachable_convd
 
 # Names of this module's own: another suite (tests/test_glance.py) makes and
 # removes its users and group, and may run at the same time.
@@ -285,7 +285,7 @@ def _daemon_argv(daemon: str, conf: Path) -> list[str]:
     caps = "+lease,+chown" if daemon == "unit" else "+lease"
     return ["setpriv", f"--reuid={CONVD_USER}", f"--regid={CONVD_USER}", "--init-groups",
             f"--inh-caps={caps}", f"--ambient-caps={caps}", "--",
-            "sh", "-c", f'umask 0027; exec "{GLANCE_VENV}/bin/convd" run -c "{conf}"']
+            "sh", "-c", f'umask 0027; exec "{reachable_convd()}" run -c "{conf}"']
 
 
 def _spool(base: Path, owner: str) -> Path:
@@ -315,7 +315,7 @@ def _files(*dirs: Path) -> Iterator[Path]:
 def test_a_producer_rewriting_what_it_dropped_gets_nothing_outside_the_spool(
         tmp_path: Path, users: None, daemon: str, attack: str, target: str) -> None:
     if daemon != "root" and not (GLANCE_VENV / "bin" / "convd").exists():
-        pytest.skip(f"convd for another user needs a venv outside /root: make glance-venv ({GLANCE_VENV})")
+        pytest.skip(f"convd for another user is copied from the Glance venv: make glance-venv ({GLANCE_VENV})")
     base = Path(tempfile.mkdtemp(prefix="convd-custody-", dir="/tmp"))
     base.chmod(0o755)
     try:

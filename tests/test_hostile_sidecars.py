@@ -20,7 +20,7 @@ import pytest
 from convd.pipeline.sidecars import MAX_CANCEL_REQUESTS
 
 from conftest import MiB, convd_bin, make_image, run, wait_for, write_config
-from glance_server import GLANCE_VENV
+from glance_server import GLANCE_VENV, reachable_convd
 
 CONVD_USER = "convdtest-convd"
 SECRET = "outside-the-spool-secret-reason"
@@ -34,11 +34,11 @@ class Hosted:
         self.base = base
         self.root = base / "spool"
         self.incoming, self.outgoing, self.failed = (self.root / d for d in ("incoming", "outgoing", "failed"))
-        # The test's venv lives under /root: another user runs the Glance venv's
-        # convd (the same source tree, installed editable), where it was made.
+        # The checkout may be where another user cannot enter (root's home):
+        # that user runs a copy of the Glance venv's convd made reachable.
         self.as_user = (os.geteuid() == 0 and shutil.which("setpriv") is not None
                         and (GLANCE_VENV / "bin" / "convd").exists())
-        self.convd = str(GLANCE_VENV / "bin" / "convd") if self.as_user else convd_bin()
+        self.convd = str(reachable_convd()) if self.as_user else convd_bin()
         for d, mode in ((self.root, 0o755), (self.incoming, 0o2777), (self.root / "work", 0o750),
                         (self.outgoing, 0o755), (self.failed, 0o755)):
             d.mkdir()

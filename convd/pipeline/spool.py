@@ -221,12 +221,19 @@ class Spool:
                 if not (entry.name.startswith(".") and entry.name.endswith(durable.TEMP_SUFFIX)):
                     continue
                 try:
+                    if entry.is_dir(follow_symlinks=False):
+                        # Not a temp convd writes (those are files): a group
+                        # member's directory, which must not stop a start.
+                        continue
                     if (d != self.claims and not own.search(entry.name)
                             and now - entry.stat(follow_symlinks=False).st_mtime < STALE_TEMP_AGE):
                         continue
                     os.unlink(entry.path)
                 except FileNotFoundError:
                     continue  # another instance swept it first
+                except OSError as exc:
+                    log.warning("cannot remove a stale temporary file", path=entry.name, error=exc.strerror)
+                    continue
                 n += 1
         return n
 
@@ -590,8 +597,10 @@ class Spool:
         try:
             durable.write_json(rec_path, p["record"], owner=self.cfg.instance)
         except FileExistsError:
-            # Written before a crash that hit before the clean-up.
-            if json.loads(rec_path.read_bytes()) != p["record"]:
+            # Written before a crash that hit before the clean-up, or planted
+            # meanwhile by whoever may write there: read without following a
+            # link or blocking on a FIFO, bounded, never trusted.
+            if protocol.read_record(rec_path) != p["record"]:
                 log.error("a foreign record sits beside the published image", item=claim.name,
                           record=str(rec_path))
 

@@ -125,4 +125,10 @@ async def detect(item: Item, ctx: Context) -> Stage:
     item.timings["detect"] += time.monotonic() - t0
     target = item.target_format
     item.passthrough = insp.qemu_format == target or (target == "raw" and insp.format in RAW_FAMILY)
+    if item.passthrough and insp.size_rule == "current_size":
+        # A VHD sized by its Current Size that qemu 7.2 reads by geometry
+        # (VirtualBox, Azure, most creators): published as it is, a consumer's
+        # qemu would drop its tail.  Converted, it carries qemu's own creator
+        # (force_size: 'qem2'), which every qemu reads at Current Size.
+        item.passthrough = False
     return Stage.RESERVE

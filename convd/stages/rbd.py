@@ -23,7 +23,6 @@ whose id the record names.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import time
@@ -32,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import structlog
 
-from convd import durable, qemu, rbd, record
+from convd import durable, protocol, qemu, rbd, record
 from convd.config import RbdConfig
 from convd.errors import (
     ConvertFailed,
@@ -304,7 +303,7 @@ async def _complete(spool: Spool, claim: Claim, *, fresh: bool = False) -> None:
         try:
             durable.write_json(rec_path, p["record"], owner=spool.cfg.instance)
         except FileExistsError:
-            if json.loads(rec_path.read_bytes()) != p["record"]:
+            if protocol.read_record(rec_path) != p["record"]:
                 log.error("a foreign record sits in outgoing/ for the published image", item=claim.name,
                           record=str(rec_path))
 

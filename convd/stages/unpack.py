@@ -126,6 +126,10 @@ async def _unpack(item: Item, ctx: Context, verifier: verify.Verifier | None) ->
         if not plan.exact:  # a hint (gzip's ISIZE) may be anything: no more than deflate can give
             first = min(first, _DEFLATE_MAX_RATIO * plan.size)
         first = min(cap, max(first, 1 << 20))
+        if plan.stated is None and not ctx.ledger.could_ever_fit(first):
+            # Only a guess (a stream that states no size): start from the
+            # dropped file's own size and grow; refuse only bytes really written.
+            first = min(first, max(plan.size, 1 << 20))
         if not ctx.ledger.could_ever_fit(first):
             raise TooLarge(f"{plan.description} needs about {format_size(first)} unpacked; the workspace "
                            f"({format_size(ctx.ledger.workspace)}) or the filesystem could never hold it")
