@@ -239,6 +239,7 @@ def step(s):
             own = os.path.join(scratch, name + ".own")
             with open(own, "wb") as fh:
                 fh.write(data("good.raw"))
+            os.chown(own, -1, os.stat(incoming).st_gid)  # readable by convd, as a file of another's may be
             os.link(own, tmp)
         else:
             os.mkfifo(tmp, 0o640)
@@ -486,6 +487,10 @@ def _fuzz(base: Path, tmp_path: Path, seed: int, daemon: str) -> None:
                 src = payloads / "good.qcow2"
             assert images_equal(src, GOOD[src.name], spool / "outgoing" / name, target), name
 
+        # A file of the producer's outside the spool (hard-linked in) is still its own:
+        # convd took no inode that has another name.
+        for p in _regular_files(scratch):
+            assert p.stat().st_uid == pwd.getpwnam(PRODUCER).pw_uid, f"convd took {p} (producer's steps:\n{report})"
         # Nothing of the canaries anywhere in the spool, nor in the log.
         needle = marker.encode()
         for p in [*_regular_files(spool), log_path]:
