@@ -491,11 +491,6 @@ def _fuzz(base: Path, tmp_path: Path, seed: int, daemon: str) -> None:
         # convd took no inode that has another name.
         for p in _regular_files(scratch):
             assert p.stat().st_uid == pwd.getpwnam(PRODUCER).pw_uid, f"convd took {p} (producer's steps:\n{report})"
-        # Nothing of the canaries anywhere in the spool, nor in the log.
-        needle = marker.encode()
-        for p in [*_regular_files(spool), log_path]:
-            assert needle not in p.read_bytes(), f"the canary's bytes reached {p} (producer's steps:\n{report})"
-        assert "Traceback" not in log_path.read_text(), log_path.read_text()[-4000:]
         alive()
     finally:
         if proc.poll() is None:
@@ -508,3 +503,9 @@ def _fuzz(base: Path, tmp_path: Path, seed: int, daemon: str) -> None:
                 raise AssertionError(f"convd did not stop within 10 s of SIGTERM:\n{log_path.read_text()[-3000:]}"
                                      ) from None
     assert proc.returncode == 0, log_path.read_text()[-3000:]
+    # Nothing of the canaries anywhere in the spool, nor in the log (read once the
+    # daemon has stopped: nothing changes under the scan).
+    needle = marker.encode()
+    for p in [*_regular_files(spool), log_path]:
+        assert needle not in p.read_bytes(), f"the canary's bytes reached {p} (producer's steps:\n{report})"
+    assert "Traceback" not in log_path.read_text(), log_path.read_text()[-4000:]
