@@ -40,8 +40,8 @@ from glance_server import GLANCE_VENV
 PRODUCER, CONVD_USER, GROUP = "convdfuzz-producer", "convdfuzz-convd", "convdfuzz-spool"
 SEEDS = [int(s) for s in os.environ.get("CONVD_HOSTILE_SEEDS", "1,2,3").split(",")]
 STEPS = 36
-# name -> (qemu-img format, a valid image): what the producer drops whole
-GOOD = {"good.qcow2": "qcow2", "good.vmdk": "vmdk", "good.raw": "raw", "good.tar": "raw"}
+# Valid drops, by payload: the qemu-img format of the disk each holds (the tar's is good.qcow2)
+GOOD = {"good.qcow2": "qcow2", "good.vmdk": "vmdk", "good.raw": "raw", "good.tar": "qcow2"}
 # Headers (or whole files) naming the canary: what a reopen writes at offset 0
 EVIL = ("evil-backing.qcow2", "evil-json.qcow2", "evil-datafile.qcow2", "evil-extent.vmdk")
 ARCHIVES = ("link.tar", "hardlink.tar", "link.tar.gz")
@@ -482,10 +482,8 @@ def _fuzz(base: Path, tmp_path: Path, seed: int, daemon: str) -> None:
             rec = records[spool / "outgoing" / f"{name}.json"] if (spool / "outgoing" / f"{name}.json").exists() \
                 else records[spool / "failed" / f"{name}.json"]
             assert rec["status"] in ("converted", "passthrough"), (rec, report)
-            src = payloads / s["payload"]
-            if s["payload"] == "good.tar":
-                src = payloads / "good.qcow2"
-            assert images_equal(src, GOOD[src.name], spool / "outgoing" / name, target), name
+            src = payloads / ("good.qcow2" if s["payload"] == "good.tar" else s["payload"])
+            assert images_equal(src, GOOD[s["payload"]], spool / "outgoing" / name, target), name
 
         # A file of the producer's outside the spool (hard-linked in) is still its own:
         # convd took no inode that has another name.
