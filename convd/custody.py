@@ -83,13 +83,21 @@ def take(fd: int, *, shared: bool, group: int | None = None) -> Custody:
     inode cannot be taken or leases prove nothing, ``copy``: the caller then
     reads a private copy (:func:`copy_private`).  Raises ``UnsafeImage`` when
     another process still holds the file open for writing or mapped shared
-    and writable.
+    and writable, or when the file has another name (a hard link), before
+    changing anything about it.
     """
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         return Custody("copy")  # not a file: detect refuses it, nothing to hold
     if shared:
         return Custody("copy")
+    if st.st_nlink != 1:
+        # Another name may be outside the spool (a file of another user the
+        # producer may link, or any file where fs.protected_hardlinks is 0):
+        # taking the inode would give that file to convd and its group.  Refused
+        # untouched, as detect refuses any file with another name.
+        raise UnsafeImage(f"the file has {st.st_nlink} hard links; another name could change it after the "
+                          "safety checks")
     gid = os.getegid() if group is None else group
     try:
         if (st.st_uid, st.st_gid) != (os.geteuid(), gid):

@@ -126,6 +126,26 @@ def test_a_later_open_for_writing_breaks_the_lease_and_is_seen(tmp_path: Path, i
         os.close(fd)
 
 
+def test_a_source_with_another_name_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    # The other name may be outside the spool (a file of another user the producer
+    # may link): taking the inode would hand that file to convd and its group.
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"x" * 4096)
+    outside.chmod(0o600)
+    if os.geteuid() == 0:
+        os.chown(outside, 65534, 65534)
+    before = outside.stat()
+    os.link(outside, tmp_path / "dropped")
+    fd = os.open(tmp_path / "dropped", os.O_RDONLY)
+    try:
+        with pytest.raises(UnsafeImage, match="2 hard links"):
+            custody.take(fd, shared=False)
+    finally:
+        os.close(fd)
+    after = outside.stat()
+    assert (after.st_uid, after.st_gid, after.st_mode) == (before.st_uid, before.st_gid, before.st_mode)
+
+
 def test_a_shared_filesystem_source_is_read_from_a_private_copy(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.write_bytes(os.urandom(3 * MiB + 17))
