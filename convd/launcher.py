@@ -179,7 +179,7 @@ def _spawn_limited(argv: list[str], fds: list[int], limits: dict[str, int]) -> i
     return pid
 
 
-def serve(ctl: socket.socket, daemon: int) -> None:
+def serve(ctl: socket.socket, daemon: int, *, network: bool = False) -> None:
     """The launcher's loop: one request in, one child out, each reaped and reported."""
     children: dict[int, tuple[int, socket.socket]] = {}  # pidfd -> (pid, reply socket)
 
@@ -198,7 +198,8 @@ def serve(ctl: socket.socket, daemon: int) -> None:
     _check(libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0), "PR_SET_PDEATHSIG")
     if os.getppid() != daemon:
         return
-    _leave_network(libc)
+    if not network:  # the launcher for Ceph's tools (convd.rbd) keeps the daemon's network
+        _leave_network(libc)
     _drop_inheritable_caps(libc)
     poller = select.poll()
     poller.register(ctl, select.POLLIN)
@@ -254,7 +255,7 @@ def serve(ctl: socket.socket, daemon: int) -> None:
 def main(argv: list[str]) -> int:
     daemon, fd = int(argv[0]), int(argv[1])
     os.set_inheritable(fd, False)  # pass_fds made it inheritable: children must not get it
-    serve(socket.socket(fileno=fd), daemon)
+    serve(socket.socket(fileno=fd), daemon, network=argv[2:3] == ["net"])
     return 0
 
 
@@ -369,12 +370,13 @@ class Launcher:
     """The daemon's handle on its launcher process (start it from the main thread:
     the launcher's parent-death signal follows the thread that forked it)."""
 
-    def __init__(self, env: dict[str, str] | None = None) -> None:
+    def __init__(self, env: dict[str, str] | None = None, *, network: bool = False) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._sock = ours
         self._lock = threading.Lock()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "convd.launcher", str(os.getpid()), str(theirs.fileno())],
+            [sys.executable, "-m", "convd.launcher", str(os.getpid()), str(theirs.fileno()),
+             *(["net"] if network else [])],
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, start_new_session=True, env=env,
         )
         theirs.close()
@@ -442,28 +444,31 @@ class Launcher:
             self.proc.wait()
 
 
-_instance: Launcher | None = None
+_instances: dict[bool, Launcher] = {}
 
 
-def get(env: Callable[[], dict[str, str]] | None = None) -> Launcher:
+def get(env: Callable[[], dict[str, str]] | None = None, *, network: bool = False) -> Launcher:
     """This process's launcher, started on first use (or again if it died) with
-    the environment ``env()`` gives (which its children inherit)."""
-    global _instance
-    if _instance is None or not _instance.alive():
+    the environment ``env()`` gives (which its children inherit).
+
+    ``network``: the launcher whose children keep the daemon's network (Ceph's
+    tools and a conversion into RBD); the other, for every qemu-img run on an
+    unvetted source, takes an empty network namespace where it may.
+    """
+    current = _instances.get(network)
+    if current is None or not current.alive():
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("the qemu-img launcher must be started from the main thread")
-        if _instance is not None:
-            _instance.close()
-        _instance = Launcher(env() if env else None)
+        if current is not None:
+            current.close()
+        current = _instances[network] = Launcher(env() if env else None, network=network)
         atexit.register(shutdown)
-    return _instance
+    return current
 
 
 def shutdown() -> None:
-    global _instance
-    if _instance is not None:
-        _instance.close()
-        _instance = None
+    for key in list(_instances):
+        _instances.pop(key).close()
 
 
 if __name__ == "__main__":

@@ -153,7 +153,8 @@ def _child_env() -> dict[str, str]:
     # systemd's notify/watchdog variables are the daemon's alone.  (The
     # launcher adds MALLOC_ARENA_MAX for children under a memory limit.)
     return {k: v for k, v in os.environ.items()
-            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")}
+            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
+                         "CEPH_ARGS")}
 
 
 async def terminate(proc: launcher.Child, grace: float = _KILL_GRACE) -> None:
@@ -184,7 +185,8 @@ def _open_source(path: str) -> int:
 
 
 async def _spawn(argv: list[str], cpu_time: float | None = None,
-                 address_space: int | None = None, source: str | None = None) -> launcher.Child:
+                 address_space: int | None = None, source: str | None = None,
+                 network: bool = False) -> launcher.Child:
     limits: dict[str, int] = {}
     if cpu_time:
         limits["cpu_time"] = max(1, int(cpu_time))
@@ -193,7 +195,7 @@ async def _spawn(argv: list[str], cpu_time: float | None = None,
     fd = _open_source(source) if source is not None else None
     try:
         # OSError (qemu-img not startable): an internal error, as a failed exec always was.
-        proc = await launcher.get(_child_env).spawn(argv, limits, pass_fd=fd)
+        proc = await launcher.get(_child_env, network=network).spawn(argv, limits, pass_fd=fd)
     finally:
         if fd is not None:
             os.close(fd)
@@ -392,8 +394,13 @@ async def convert(
     on_start: Callable[[launcher.Child], None] | None = None,
     name: str | None = None,
     options: Mapping[str, str] = _NO_OPTIONS,
+    network: bool = False,
 ) -> None:
     """Run one ``qemu-img convert``.
+
+    ``network``: the output is on the network (``rbd:``), so the child keeps
+    the daemon's; the source is still opened by :func:`source_args` (the file
+    protocol only), whatever its header names.
 
     Raises ``CorruptImage`` when qemu-img cannot read the source (a damaged
     compressed grain, say: it fails the same way every time) and
@@ -404,7 +411,7 @@ async def convert(
     source = source_args(SOURCE_FILENAME, src_fmt, options)
     argv = [qemu_img(), "convert", "-p", "-O", dst_fmt, *extra_args,
             *TARGET_OPTIONS.get(dst_fmt, ()), *source, dst]
-    proc = await _spawn(argv, source=src)
+    proc = await _spawn(argv, source=src, network=network)
     if on_start:
         on_start(proc)
 

@@ -162,7 +162,7 @@ async def _run(tool: str, cfg: RbdConfig, *args: str, timeout: float = _TIMEOUT)
     """``tool`` (rbd or ceph) with the cluster arguments; stdout, or CephError."""
     argv = [_tool(tool), *_common(cfg), *args]
     what = f"{tool} {args[0]}"
-    proc = await launcher.get(_env).spawn(argv, {})
+    proc = await launcher.get(_env, network=True).spawn(argv, {})
     try:
         with anyio.fail_after(timeout):
             out, err = await proc.communicate()
@@ -394,7 +394,7 @@ async def readback(cfg: RbdConfig, name: str, algorithms: Sequence[str], *, head
     The bytes are the ones a consumer of ``POOL/NAME`` reads, holes as zeros.
     """
     argv = [_tool("rbd"), *_common(cfg), "export", "--no-progress", f"{cfg.pool}/{name}", "-"]
-    proc = await launcher.get(_env).spawn(argv, {})
+    proc = await launcher.get(_env, network=True).spawn(argv, {})
     fd = proc._take("_stdout")  # read in a worker thread: hashing must not hold the event loop
     try:
         with anyio.fail_after(timeout):

@@ -122,7 +122,7 @@ def test_kill_mid_write_never_publishes_the_temporary_image_and_restart_finishes
         tmp_path: Path, ceph: CephCluster, spool: Spool, daemon_factory: Callable[..., Daemon]) -> None:
     src = make_image(tmp_path / "big.qcow2", "qcow2", 64 * MiB)
     # qemu-img's own rate limit keeps the write going long enough to be cut.
-    slow = config(tmp_path, ceph, convert={"qemu_args": {"qcow2": ["-r", "4M"]}, "retry_backoff": 0.2})
+    slow = config(tmp_path, ceph, convert={"retry_backoff": 0.2}, **{"convert.qemu_args": {"qcow2": ["-r", "4M"]}})
     d = daemon_factory(slow)
     spool.drop(src, "killed")
 

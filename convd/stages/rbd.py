@@ -173,7 +173,8 @@ async def convert(item: Item, ctx: Context) -> Stage:
                 await qemu.convert(str(item.claim.source), src_fmt, rbd.qemu_target(tgt.cfg, tmp), "raw",
                                    extra_args=[*args, "-r", str(rate)] if rate else args,
                                    timeout=cfg.convert.timeout, on_progress=progress, on_start=started,
-                                   name=item.label, options=item.inspection.driver_options)
+                                   name=item.label, options=item.inspection.driver_options,
+                                   network=True)
             ok = True
         finally:
             item.proc = None
