@@ -81,6 +81,21 @@ MAX_NAME_BYTES = 255 - len(".json") - len(f".{FAILED_NUMBER_MAX}")  # 241
 _FAILED_NEXT_KEPT = 4096
 
 
+_BOOT_ID: str | None = None
+
+
+def boot_id() -> str:
+    """This machine's boot, as the kernel names it (``/proc/sys/kernel/random/boot_id``)."""
+    global _BOOT_ID
+    if _BOOT_ID is None:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                _BOOT_ID = f.read().strip()
+        except OSError:
+            _BOOT_ID = ""
+    return _BOOT_ID
+
+
 def is_candidate_name(name: str) -> bool:
     """Producers write under a dot-name or ``*.part``/``*.tmp`` and rename in."""
     return bool(name) and not name.startswith(".") and not name.endswith(IGNORED_SUFFIXES)
@@ -357,6 +372,11 @@ class Spool:
             state = json.loads((d / ITEM).read_bytes())
             claim.attempts = int(state.get("attempts", 0))
             claim.reads_unfinished = int(state.get("reads_unfinished", 0))
+            if claim.reads_unfinished and state.get("reading_boot") != boot_id():
+                # The last unpack ended with the machine (a power cut, a
+                # reboot, another node's), not with the daemon: not the
+                # input's doing, so it does not count towards quarantine.
+                claim.reads_unfinished -= 1
         except (FileNotFoundError, ValueError, AttributeError, TypeError):
             pass
         try:
@@ -479,6 +499,7 @@ class Spool:
     def _write_item(self, claim: Claim, *, sync: bool) -> None:
         durable.write_json(claim.dir / ITEM, {"name": claim.name, "attempts": claim.attempts,
                                               "reads_unfinished": claim.reads_unfinished,
+                                              "reading_boot": boot_id(),
                                               "updated_at": time.time()}, replace=True, sync=sync,
                            compact=True)
 
