@@ -218,7 +218,6 @@ def test_a_running_daemon_finishes_a_killed_peer_claims_without_a_restart(tmp_pa
     root = tmp_path / "spool"
     configs = peer_configs(tmp_path, root, convert={"max_workers": 1})
     alpha = daemon_factory(configs["alpha"])
-    beta = daemon_factory(configs["beta"])
     pristine = tmp_path / "pristine"
     pristine.mkdir()
     images = {f"img{i}": make_image(pristine / f"{i}.qcow2", "qcow2", (4 + i) * MiB, seed=i + 1) for i in range(4)}
@@ -228,6 +227,8 @@ def test_a_running_daemon_finishes_a_killed_peer_claims_without_a_restart(tmp_pa
         os.rename(tmp, root / "incoming" / name)
     held = wait_for(lambda: [n for n in os.listdir(root / "work" / "alpha") if not n.startswith(".")], timeout=30,
                     what="alpha to claim")
+    # beta starts once alpha holds claims (started first, under load it took them all).
+    beta = daemon_factory(configs["beta"])
     alpha.kill_group()
     for name in images:
         wait_for(lambda n=name: (root / "outgoing" / f"{n}.json").exists(), timeout=60, what=f"record of {name}")
