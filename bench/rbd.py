@@ -7,7 +7,7 @@ times each, every method on a freshly staged private copy of the same
 written zeros, the rest holes):
 
 - **convd**: ``[publish] to = "rbd"`` with the default sha256 checksum (read
-  back from RBD) and snapshot; from the rename into ``incoming/`` until
+  back from RBD: the data extents, holes hashed as zeros) and snapshot; from the rename into ``incoming/`` until
   ``outgoing/NAME.json`` exists (the image renamed into place, protected
   snapshot, record durable);
 - **by hand**: ``qemu-img convert -f qcow2 -O raw -t none -W`` to a file,
@@ -135,7 +135,8 @@ def render(res: dict[str, Any]) -> str:
         "",
         f"One qcow2 of {res['size'] / 2**30:g} GiB virtual ({res['layout']}), {res['reps']} runs of each "
         "method, alternating, each on a freshly staged copy. **convd**: `[publish] to = \"rbd\"`, sha256 "
-        "read back from RBD, protected snapshot, from the rename into `incoming/` to `outgoing/NAME.json`. "
+        "of the whole image read back from RBD (`rbd export-diff`: the data extents read, the holes hashed as "
+        "zeros), protected snapshot, from the rename into `incoming/` to `outgoing/NAME.json`. "
         "**By hand**: `qemu-img convert -O raw -t none -W` to a file + `sync`, then `rbd import`.",
         "",
         "Reproduce: `python -m bench --rbd` (as root, with `make sharedfs-deps`; `make bench` runs it after "

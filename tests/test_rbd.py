@@ -118,6 +118,37 @@ def test_every_format_lands_in_the_pool_identical_and_thin(tmp_path: Path, ceph:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("algorithms", [["md5", "sha512", "sha256"], []])
+def test_checksums_are_each_configured_algorithm_of_the_whole_image_and_the_head_is_inspected_always(
+        tmp_path: Path, ceph: CephCluster, spool: Spool, daemon: Callable[..., Daemon],
+        algorithms: list[str]) -> None:
+    # 96 MiB with data, written zeros and holes after the first 16 MiB and a
+    # random tail: only the data crosses the network, the holes are hashed as zeros.
+    src = make_image(tmp_path / "sums.qcow2", "qcow2", 96 * MiB, seed=7)
+    inner = make_image(tmp_path / "inner.qcow2", "qcow2", 4 * MiB)
+    nested = tmp_path / "nested.qcow2"
+    run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", inner, nested)  # guest content: a qcow2
+    name, bad = f"sums{len(algorithms)}", f"nested{len(algorithms)}"  # one pool for the module
+    d = daemon(checksum={"algorithms": algorithms})
+    spool.drop(src, name)
+    spool.drop(nested, bad)
+    rec = spool.wait_record(name, timeout=120)
+    assert rec["status"] == "converted", rec
+    assert rec["target"]["size"] == rec["target"]["virtual_size"] == 96 * MiB
+    assert sorted(rec["target"]["checksums"]) == sorted(algorithms)
+    for algo, digest in rec["target"]["checksums"].items():
+        exported = run("sh", "-c", f"rbd --conf {ceph.conf} --id admin export --no-progress {POOL}/{name} - "
+                                   f"| openssl dgst -{algo} -r").stdout.split()[0]
+        assert digest == exported, algo
+    # With or without a checksum, the output's first bytes are still inspected.
+    rec = spool.wait_record(bad, timeout=120)
+    assert rec["error"]["code"] == "unsafe_image" and "inspects as qcow2" in rec["error"]["message"], rec
+    assert bad not in images(ceph)
+    assert not [n for n in images(ceph) if n.startswith(".convd-tmp.")]
+    assert d.stop() == 0
+
+
+@pytest.mark.slow
 def test_kill_mid_write_never_publishes_the_temporary_image_and_restart_finishes_once(
         tmp_path: Path, ceph: CephCluster, spool: Spool, daemon_factory: Callable[..., Daemon]) -> None:
     src = make_image(tmp_path / "big.qcow2", "qcow2", 64 * MiB)
