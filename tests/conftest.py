@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -122,6 +124,35 @@ def write_config(tmp_path: Path, **sections: dict[str, Any]) -> Path:
     path = tmp_path / "convd.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@contextlib.contextmanager
+def system_users(group: str, *users: str) -> Iterator[None]:
+    """System ``users`` in ``group`` (each also in a group of its own name), for the
+    tests that run convd, a producer or Glance as other users; removed again if
+    made here."""
+    made_group = run("getent", "group", group, check=False).returncode != 0
+    run("groupadd", "-f", "--system", group)
+    made = []
+    for user in users:
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            run("useradd", "--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin", user)
+            made.append(user)
+        run("usermod", "-a", "-G", group, user)
+    try:
+        yield
+    finally:
+        for user in made:
+            run("userdel", user, check=False)
+        if made_group:
+            run("groupdel", group, check=False)
+
+
+def as_user(user: str, *argv: str) -> list[str]:
+    """``argv`` run as ``user`` with its groups (``setpriv``)."""
+    return ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--", *argv]
 
 
 def wait_for(pred: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> Any:

@@ -32,7 +32,7 @@ from convd import custody, qemu
 from convd.config import DetectConfig
 from convd.errors import UnsafeImage
 
-from conftest import MiB, convd_bin, images_equal, make_image, run, wait_for
+from conftest import MiB, as_user, convd_bin, images_equal, make_image, run, system_users, wait_for
 from glance_server import GLANCE_VENV, reachable_convd
 
 # Names of this module's own: another suite (tests/test_glance.py) makes and
@@ -54,25 +54,9 @@ def ignore_sigio() -> Iterator[None]:
 @pytest.fixture
 def users() -> Iterator[None]:
     """The producer, convd's user and the spool group; removed again if this test made them."""
-    made_group = run("getent", "group", GROUP, check=False).returncode != 0
-    run("groupadd", "-f", "--system", GROUP)
-    made = []
-    for user in (CONVD_USER, PRODUCER):
-        try:
-            pwd.getpwnam(user)
-        except KeyError:
-            run("useradd", "--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin", user)
-            made.append(user)
-        run("usermod", "-a", "-G", GROUP, user)
-    yield
-    for user in made:
-        run("userdel", user, check=False)
-    if made_group:
-        run("groupdel", GROUP, check=False)
+    with system_users(GROUP, CONVD_USER, PRODUCER):
+        yield
 
-
-def as_user(user: str, *argv: str) -> list[str]:
-    return ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--", *argv]
 
 
 # -- custody: the mechanism, on real files --------------------------------------------

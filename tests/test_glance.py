@@ -29,7 +29,19 @@ import pytest
 
 from convd import protocol
 
-from conftest import CORPUS, Daemon, MiB, Spool, convd_bin, images_equal, make_image, run, wait_for, write_config
+from conftest import (
+    CORPUS,
+    Daemon,
+    MiB,
+    Spool,
+    convd_bin,
+    images_equal,
+    make_image,
+    run,
+    system_users,
+    wait_for,
+    write_config,
+)
 from glance_server import GlanceClient, GlanceServer, MariaDB, glance_venv_problem, mariadb_problem, portable_venv
 
 pytestmark = [pytest.mark.skipif(glance_venv_problem() is not None, reason=str(glance_venv_problem())),
@@ -415,21 +427,8 @@ GLANCE_USER, CONVD_USER, GROUP = "convdtest-glance", "convdtest-convd", "convdte
 @pytest.fixture
 def two_users() -> Iterator[None]:
     """The two service users and their shared group; removed again if this test made them."""
-    made_group = run("getent", "group", GROUP, check=False).returncode != 0
-    run("groupadd", "-f", "--system", GROUP)
-    made = []
-    for user in (CONVD_USER, GLANCE_USER):
-        try:
-            pwd.getpwnam(user)
-        except KeyError:
-            run("useradd", "--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin", user)
-            made.append(user)
-        run("usermod", "-a", "-G", GROUP, user)
-    yield
-    for user in made:
-        run("userdel", user, check=False)
-    if made_group:
-        run("groupdel", GROUP, check=False)
+    with system_users(GROUP, CONVD_USER, GLANCE_USER):
+        yield
 
 
 @pytest.mark.slow

@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from conftest import MiB, convd_bin, images_equal, make_image, run, wait_for
+from conftest import MiB, as_user, convd_bin, images_equal, make_image, run, system_users, wait_for
 from glance_server import GLANCE_VENV, reachable_convd
 
 # This module's own users and group: test_custody and test_hostile_sidecars make
@@ -58,25 +58,9 @@ pytestmark = [
 @pytest.fixture
 def users() -> Iterator[None]:
     """The producer, convd's unprivileged user and the spool group; removed again if made here."""
-    made_group = run("getent", "group", GROUP, check=False).returncode != 0
-    run("groupadd", "-f", "--system", GROUP)
-    made = []
-    for user in (CONVD_USER, PRODUCER):
-        try:
-            pwd.getpwnam(user)
-        except KeyError:
-            run("useradd", "--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin", user)
-            made.append(user)
-        run("usermod", "-a", "-G", GROUP, user)
-    yield
-    for user in made:
-        run("userdel", user, check=False)
-    if made_group:
-        run("groupdel", GROUP, check=False)
+    with system_users(GROUP, CONVD_USER, PRODUCER):
+        yield
 
-
-def as_user(user: str, *argv: str) -> list[str]:
-    return ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--", *argv]
 
 
 def schedule(seed: int) -> list[dict[str, Any]]:
