@@ -520,6 +520,10 @@ class GlanceClient:
 
     def __init__(self, url: str) -> None:
         self.url = url
+        # Each image's import tasks in the order this client started them.  Not
+        # by created_at: MySQL keeps it to the second, and a quick failed
+        # import and the next one often share a second.
+        self._imports: dict[str, list[str]] = {}
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 content_type: str | None = None, expect: tuple[int, ...] = (200, 201, 202, 204),
@@ -552,8 +556,13 @@ class GlanceClient:
         m: dict[str, Any] = {"name": method}
         if uri:
             m["uri"] = uri
+        before = {t["id"] for t in self.tasks(image_id)}
         self.request("POST", f"/v2/images/{image_id}/import", json.dumps({"method": m}).encode(),
                      "application/json")
+        # Glance creates the task before it answers 202
+        new = [t["id"] for t in self.tasks(image_id) if t["id"] not in before]
+        assert len(new) == 1, f"POST /v2/images/{image_id}/import made {len(new)} tasks"
+        self._imports.setdefault(image_id, []).append(new[0])
 
     def image(self, image_id: str) -> dict[str, Any]:
         return dict(self.request("GET", f"/v2/images/{image_id}"))
@@ -566,13 +575,15 @@ class GlanceClient:
                                  "application/openstack-images-v2.1-json-patch"))
 
     def wait_import(self, image_id: str, ntasks: int = 1, timeout: float = 120.0) -> dict[str, Any]:
-        """The ``ntasks``-th import task of the image once it has finished (and its lock is gone)."""
+        """The ``ntasks``-th import task this client started on the image, once it has
+        finished (and its lock is gone)."""
+        task_id = self._imports[image_id][ntasks - 1]
         deadline = time.monotonic() + timeout
         while True:
-            tasks = sorted(self.tasks(image_id), key=lambda t: t["created_at"])
-            if (len(tasks) >= ntasks and tasks[ntasks - 1]["status"] in ("success", "failure")
-                    and not self.image(image_id).get("os_glance_import_task")):
-                return tasks[ntasks - 1]
+            tasks = self.tasks(image_id)
+            task = next(t for t in tasks if t["id"] == task_id)
+            if task["status"] in ("success", "failure") and not self.image(image_id).get("os_glance_import_task"):
+                return task
             if time.monotonic() > deadline:
                 raise AssertionError(f"import of {image_id} did not finish in {timeout}s: {tasks}")
             time.sleep(0.2)
