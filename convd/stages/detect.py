@@ -126,9 +126,14 @@ async def detect(item: Item, ctx: Context) -> Stage:
     target = item.target_format
     item.passthrough = insp.qemu_format == target or (target == "raw" and insp.format in RAW_FAMILY)
     if item.passthrough and insp.size_rule == "current_size":
-        # A VHD sized by its Current Size that qemu 7.2 reads by geometry
-        # (VirtualBox, Azure, most creators): published as it is, a consumer's
-        # qemu would drop its tail.  Converted, it carries qemu's own creator
-        # (force_size: 'qem2'), which every qemu reads at Current Size.
-        item.passthrough = False
+        # A VHD sized by its Current Size that this qemu, told nothing, reads
+        # by geometry (VirtualBox, Azure, most creators in qemu 7.2):
+        # published as it is, a consumer's qemu would drop its tail.
+        # Converted, it carries qemu's own creator (force_size: 'qem2'),
+        # which every qemu reads at Current Size.  Newer qemu only moved
+        # towards Current Size, so agreement here holds for them too.
+        plain = await qemu.info(path, insp.qemu_format, cpu_time=cfg.detect.cpu_time,
+                                address_space=cfg.detect.address_space, name=item.label)
+        if plain.get("virtual-size") != insp.virtual_size:
+            item.passthrough = False
     return Stage.RESERVE
