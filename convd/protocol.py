@@ -178,16 +178,7 @@ def mark_priority(paths: SpoolPaths, name: str) -> Path:
 
     Written before ``NAME`` is renamed in; the daemon removes it when it claims ``NAME``.
     """
-    path = paths.incoming / f"{PRIORITY_PREFIX}{name}"
-    tmp = paths.incoming / f".convd-priority-{secrets.token_hex(6)}.tmp"
-    durable.write_json(tmp, {"priority": "high"})
-    try:
-        durable.move(tmp, path, replace=True)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    return _write_sidecar(paths, PRIORITY_PREFIX, name, {"priority": "high"})
 
 
 def read_priority(incoming: Path, name: str) -> str:
@@ -530,9 +521,14 @@ def expectation(body: dict[str, Any]) -> dict[str, int | str]:
 def write_expectation(paths: SpoolPaths, name: str, expect: dict[str, int | str]) -> Path:
     """Write ``incoming/.convd-expect.NAME`` (through a dot-temp and a rename), before
     ``NAME`` itself is renamed in; it replaces an earlier one."""
-    path = paths.incoming / f"{EXPECT_PREFIX}{name}"
-    tmp = paths.incoming / f".convd-expect-{secrets.token_hex(6)}.tmp"
-    durable.write_json(tmp, dict(expect))
+    return _write_sidecar(paths, EXPECT_PREFIX, name, dict(expect))
+
+
+def _write_sidecar(paths: SpoolPaths, prefix: str, name: str, body: dict[str, Any]) -> Path:
+    """``incoming/PREFIXNAME`` holding ``body``, through a dot-temp and a rename that replaces."""
+    path = paths.incoming / f"{prefix}{name}"
+    tmp = paths.incoming / f"{prefix.rstrip('.')}-{secrets.token_hex(6)}.tmp"
+    durable.write_json(tmp, body)
     try:
         with contextlib.suppress(OSError):
             os.chmod(tmp, 0o640)  # the daemon reads it through the spool's group
