@@ -150,6 +150,18 @@ def system_users(group: str, *users: str) -> Iterator[None]:
             run("groupdel", group, check=False)
 
 
+def unit_spool(base: Path, owner: str, group: str) -> Path:
+    """``base/spool`` with the directories and modes systemd/convd.tmpfiles makes,
+    owned by ``owner`` and ``group`` (the tests' users)."""
+    spool = base / "spool"
+    for d, mode in ((spool, 0o750), (spool / "incoming", 0o2770), (spool / "work", 0o2750),
+                    (spool / "outgoing", 0o2770), (spool / "failed", 0o2770)):
+        d.mkdir()
+        shutil.chown(d, owner, group)
+        d.chmod(mode)
+    return spool
+
+
 def as_user(user: str, *argv: str) -> list[str]:
     """``argv`` run as ``user`` with its groups (``setpriv``)."""
     return ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--", *argv]

@@ -32,7 +32,7 @@ from convd import custody, qemu
 from convd.config import DetectConfig
 from convd.errors import UnsafeImage
 
-from conftest import MiB, as_user, convd_bin, images_equal, make_image, run, system_users, wait_for
+from conftest import MiB, as_user, convd_bin, images_equal, make_image, run, system_users, unit_spool, wait_for
 from glance_server import GLANCE_VENV, reachable_convd
 
 # Names of this module's own: another suite (tests/test_glance.py) makes and
@@ -292,15 +292,6 @@ def _daemon_argv(daemon: str, conf: Path) -> list[str]:
             "sh", "-c", f'umask 0027; exec "{reachable_convd()}" run -c "{conf}"']
 
 
-def _spool(base: Path, owner: str) -> Path:
-    spool = base / "spool"
-    # What convd.tmpfiles makes, with the test's users.
-    for d, mode in ((spool, 0o750), (spool / "incoming", 0o2770), (spool / "work", 0o2750),
-                    (spool / "outgoing", 0o2770), (spool / "failed", 0o2770)):
-        d.mkdir()
-        shutil.chown(d, owner, GROUP)
-        d.chmod(mode)
-    return spool
 
 
 def _files(*dirs: Path) -> Iterator[Path]:
@@ -330,7 +321,7 @@ def test_a_producer_rewriting_what_it_dropped_gets_nothing_outside_the_spool(
 
 def _hostile_producer(base: Path, tmp_path: Path, daemon: str, attack: str, target: str) -> None:
     daemon_user = "root" if daemon == "root" else CONVD_USER
-    spool = _spool(base, daemon_user)
+    spool = unit_spool(base, daemon_user, GROUP)
     # The canary: a file outside the spool the daemon can read and the producer cannot.
     canary = base / "canary.raw"
     marker = hashlib.sha256(os.urandom(16)).hexdigest().encode()

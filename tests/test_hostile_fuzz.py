@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from conftest import MiB, as_user, convd_bin, images_equal, make_image, run, system_users, wait_for
+from conftest import MiB, as_user, convd_bin, images_equal, make_image, run, system_users, unit_spool, wait_for
 from glance_server import GLANCE_VENV, reachable_convd
 
 # This module's own users and group: test_custody and test_hostile_sidecars make
@@ -321,15 +321,6 @@ def _payloads(d: Path, tmp: Path, canary: Path) -> None:
         p.chmod(0o644)
 
 
-def _spool(base: Path, owner: str) -> Path:
-    spool = base / "spool"
-    # What convd.tmpfiles makes, with this test's users.
-    for d, mode in ((spool, 0o750), (spool / "incoming", 0o2770), (spool / "work", 0o2750),
-                    (spool / "outgoing", 0o2770), (spool / "failed", 0o2770)):
-        d.mkdir()
-        shutil.chown(d, owner, GROUP)
-        d.chmod(mode)
-    return spool
 
 
 def _as_unit(exe: str, *args: str) -> list[str]:
@@ -379,7 +370,7 @@ def test_a_fuzzed_hostile_producer_gets_nothing_outside_the_spool_and_the_daemon
 
 def _fuzz(base: Path, tmp_path: Path, seed: int, daemon: str) -> None:
     daemon_user = "root" if daemon == "root" else CONVD_USER
-    spool = _spool(base, daemon_user)
+    spool = unit_spool(base, daemon_user, GROUP)
     # The canaries: outside the spool, readable by the daemon only.  The marker
     # is never given to the producer, so it can reach the spool only through convd.
     marker = hashlib.sha256(os.urandom(16)).hexdigest()
