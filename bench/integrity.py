@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 from bench import images
-from convd import integrity
 from convd.config import parse_size
-from convd.inspection import inspect_fd
+from convd.image import integrity
+from convd.image.inspection import inspect_fd
 
 FORMATS = ("qcow2", "vmdk", "vmdk-stream", "vdi", "vpc", "vhdx")
 

@@ -83,7 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from convd.inspection import inspect_path
+    from convd.image.inspection import inspect_path
 
     out: dict[str, Any] = {"file": args.file}
     rc = 0

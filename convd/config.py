@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from convd.errors import ConfigError
+from convd.units import format_size
 
 __all__ = [
     "ALLOWED_SOURCE_FORMATS",
@@ -45,7 +46,7 @@ DEFAULT_CONFIG_PATH = "/etc/convd/convd.toml"
 TARGET_FORMATS = ("raw", "qcow2", "vmdk", "vdi", "vpc", "vhdx")
 # QED is not listed: the inspector bans it whatever the configuration says.
 ALLOWED_SOURCE_FORMATS = ("raw", "gpt", "iso", "qcow2", "vmdk", "vdi", "vpc", "vhdx")
-# Containers convd unpacks (an extension key, [convert] containers; see convd/containers.py).
+# Containers convd unpacks (an extension key, [convert] containers; see convd/image/containers/).
 CONTAINER_KINDS = ("gzip", "xz", "zstd", "bzip2", "tar", "ova")
 
 _SIZE_UNITS = {
@@ -74,15 +75,6 @@ def parse_size(value: Any, key: str = "size") -> int:
                 raise ConfigError(f"{key}: {value!r} is too large")
             return int(n)
     raise ConfigError(f"{key}: expected a size (bytes or a string like '2GiB'), got {value!r}")
-
-
-def format_size(n: float) -> str:
-    """Bytes for people: ``1.5 GiB`` (the inverse of :func:`parse_size`, rounded)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover - the loop always returns
 
 
 def parse_duration(value: Any, key: str = "duration") -> float:

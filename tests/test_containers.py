@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 import zstandard
 
-from convd import containers
 from convd.errors import CorruptImage, UnsafeImage, UnsupportedFormat
+from convd.image import containers
 from convd.pipeline.spool import UNPACKED
 
 from conftest import REPO, MiB, Spool, convd_bin, images_equal, make_image, run, sha256_file, wait_for, write_config

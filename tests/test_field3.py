@@ -26,8 +26,8 @@ from typing import Any
 
 import pytest
 
-from convd import targets
 from convd.errors import TooLarge
+from convd.image import targets
 
 from conftest import MiB, convd_bin, images_equal, make_image, run
 

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
     from convd.config import Config
     from convd.custody import Custody
-    from convd.inspection import Inspection
+    from convd.image.inspection import Inspection
     from convd.pipeline.ledger import Reservation
     from convd.pipeline.spool import Claim
 

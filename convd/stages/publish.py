@@ -20,7 +20,7 @@ from convd.errors import (
     UnsafeImage,
     UnsupportedFormat,
 )
-from convd.inspection import RAW_FAMILY, inspect_fd
+from convd.image.inspection import RAW_FAMILY, inspect_fd
 from convd.pipeline.item import Item, Stage
 from convd.pipeline.spool import OUTPUT
 

@@ -42,7 +42,7 @@ from convd.errors import (
     TransientError,
     UnsafeImage,
 )
-from convd.inspection import RAW_FAMILY, inspect_fd
+from convd.image.inspection import RAW_FAMILY, inspect_fd
 from convd.pipeline.item import Item, Stage
 from convd.pipeline.ledger import Ledger
 from convd.pipeline.spool import RECORD

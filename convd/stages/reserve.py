@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from convd import qemu, targets
+from convd import qemu
 from convd.errors import TooLarge, UnsupportedFormat
+from convd.image import targets
 from convd.pipeline.item import Item, Stage
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ import anyio
 import anyio.from_thread
 import structlog
 
-from convd import containers, custody
+from convd import custody
 from convd.bandwidth import Throttle
 from convd.config import format_size
 from convd.errors import (
@@ -25,7 +25,8 @@ from convd.errors import (
     UnsafeImage,
     UnsupportedFormat,
 )
-from convd.inspection import open_regular
+from convd.image import containers
+from convd.image.inspection import open_regular
 from convd.pipeline.item import Item, Stage
 from convd.pipeline.spool import PRIVATE, UNPACKED
 from convd.stages import verify

@@ -20,7 +20,7 @@ import anyio
 
 from convd.checksum import digest_file
 from convd.errors import Cancelled, CorruptImage
-from convd.inspection import open_regular
+from convd.image.inspection import open_regular
 from convd.pipeline.item import Item
 from convd.pipeline.spool import EXPECT
 from convd.protocol import EXPECT_PREFIX

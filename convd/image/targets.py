@@ -9,11 +9,12 @@ with 64 KiB clusters).  A subformat with other limits gets its own row.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Protocol
 
-from convd.config import TargetConfig, format_size
 from convd.errors import TooLarge
+from convd.units import format_size
 
-__all__ = ["LIMITS", "Limit", "check_file_size", "check_virtual_size", "limit_for", "limit_for_layout"]
+__all__ = ["LIMITS", "Layout", "Limit", "check_file_size", "check_virtual_size", "limit_for", "limit_for_layout"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,18 @@ class Limit:
     max_file_size: int | None
     name: str  # how the message names the limit
     source: str  # where qemu computes it
+
+
+class _Qcow2Layout(Protocol):
+    @property
+    def cluster_size(self) -> int: ...
+
+
+class Layout(Protocol):
+    """A ``[target.FMT]`` layout as :class:`convd.config.TargetConfig` holds it (only what is read here)."""
+
+    @property
+    def qcow2(self) -> _Qcow2Layout: ...
 
 
 LIMITS: dict[tuple[str, str | None], Limit] = {
@@ -54,7 +67,7 @@ def limit_for(target: str, subformat: str | None = None) -> Limit | None:
     return LIMITS.get((target, subformat)) or LIMITS.get((target, None))
 
 
-def limit_for_layout(target: str, layout: TargetConfig | None = None) -> Limit | None:
+def limit_for_layout(target: str, layout: Layout | None = None) -> Limit | None:
     """The limits of a ``target`` output made with ``layout`` (``[target.FMT]``; None: the defaults).
 
     A qcow2's limit follows its cluster size ``c``: at most QCOW_MAX_L1_SIZE
@@ -73,7 +86,7 @@ def limit_for_layout(target: str, layout: TargetConfig | None = None) -> Limit |
 
 
 def check_virtual_size(target: str, virtual_size: int, subformat: str | None = None, *,
-                       layout: TargetConfig | None = None) -> None:
+                       layout: Layout | None = None) -> None:
     """Raise ``TooLarge`` naming the limit when a ``target`` image cannot hold ``virtual_size`` bytes."""
     limit = limit_for_layout(target, layout) if layout is not None else limit_for(target, subformat)
     if limit is not None and limit.max_virtual_size is not None and virtual_size > limit.max_virtual_size:
@@ -82,7 +95,7 @@ def check_virtual_size(target: str, virtual_size: int, subformat: str | None = N
 
 
 def check_file_size(target: str, estimate: int, subformat: str | None = None, *,
-                    layout: TargetConfig | None = None) -> None:
+                    layout: Layout | None = None) -> None:
     """Raise ``TooLarge`` when a ``target`` output estimated at ``estimate`` bytes cannot be written."""
     limit = limit_for_layout(target, layout) if layout is not None else limit_for(target, subformat)
     if limit is not None and limit.max_file_size is not None and estimate > limit.max_file_size:

@@ -21,8 +21,8 @@ from typing import Any
 
 from oslo_utils.imageutils import format_inspector as fi
 
-from convd import containers, integrity, signatures
 from convd.errors import CorruptImage, NotRegularFile, Stopped, UnsafeImage, UnsupportedFormat
+from convd.image import containers, integrity, signatures
 
 __all__ = ["RAW_FAMILY", "Inspection", "inspect_fd", "inspect_path", "open_regular", "qemu_probe"]
 

@@ -31,9 +31,9 @@ import zstandard
 from defusedxml import ElementTree as SafeXML
 from defusedxml.common import DefusedXmlException
 
-from convd import signatures
-from convd.config import CONTAINER_KINDS, format_size
 from convd.errors import CorruptImage, Stopped, TooLarge, UnsafeImage, UnsupportedFormat
+from convd.image import signatures
+from convd.units import format_size
 
 __all__ = [
     "COMPRESSIONS",
@@ -51,8 +51,7 @@ __all__ = [
 
 COMPRESSIONS = ("gzip", "xz", "zstd", "bzip2")
 ARCHIVES = ("tar", "ova")
-KINDS = CONTAINER_KINDS  # what [convert] containers may list
-assert set(KINDS) == set(COMPRESSIONS + ARCHIVES)
+KINDS = COMPRESSIONS + ARCHIVES  # what [convert] containers may list (convd.config.CONTAINER_KINDS)
 _DESCRIPTION = {
     "gzip": "a gzip-compressed stream",
     "xz": "an xz-compressed stream",

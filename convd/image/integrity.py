@@ -30,9 +30,9 @@ from collections.abc import Iterator
 
 import zstandard
 
-from convd.config import format_size
 from convd.errors import CorruptImage, Stopped, UnsafeImage, UnsupportedFormat
-from convd.signatures import DELTA
+from convd.image.signatures import DELTA
+from convd.units import format_size
 
 __all__ = ["MAGICS", "SIZE_RULE_CHS", "SIZE_RULE_CURRENT", "cut_short_header", "verify", "vmdk_descriptor",
            "vpc_footer", "vpc_size_rule", "vpc_virtual_size"]
