@@ -22,7 +22,7 @@ from typing import Any
 from oslo_utils.imageutils import format_inspector as fi
 
 from convd.errors import CorruptImage, NotRegularFile, Stopped, UnsafeImage, UnsupportedFormat
-from convd.image import containers, integrity, signatures
+from convd.image import containers, integrity, signatures, vmdk, vpc
 
 __all__ = ["RAW_FAMILY", "Inspection", "inspect_fd", "inspect_path", "open_regular", "qemu_probe"]
 
@@ -47,7 +47,7 @@ class Inspection:
     vhd_fixed: bool = False
     # How qemu-img must be told to read the disk (driver options, passed on
     # every qemu-img call on the source), and which rule sized it, for the
-    # record: VHD's "current_size" or "chs" (convd.integrity.vpc_size_rule).
+    # record: VHD's "current_size" or "chs" (convd.image.vpc.size_rule).
     driver_options: dict[str, str] = field(default_factory=dict)
     size_rule: str | None = None
 
@@ -176,7 +176,7 @@ def qemu_probe(buf: bytes) -> str | None:
 
 def _vmdk_extents(fd: int, size: int) -> str:
     """What a VMDK descriptor says about where its data lives, for the message."""
-    text = integrity.vmdk_descriptor(fd, size)
+    text = vmdk.descriptor(fd, size)
     ctype, files = "?", []
     for line in text.splitlines():
         line = line.strip()
@@ -300,7 +300,7 @@ def inspect_fd(fd: int, *, stop: threading.Event | None = None, limit: int | Non
             # VHD by creator (CHS or current size), VDI rounded up to 512, …
             result.virtual_size = qemu_size
     if result.format == "vpc":
-        rule = integrity.vpc_size_rule(integrity.vpc_footer(fd, size))
+        rule = vpc.size_rule(vpc.footer(fd, size))
         result.size_rule = rule
         result.driver_options = {"force_size_calc": rule}
     if result.virtual_size <= 0:
