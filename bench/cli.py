@@ -380,7 +380,7 @@ def _launcher_probe(argv: list[str], n: int = 30) -> dict[str, float]:
     """``qemu-img info`` through convd's own launcher, with the limits convd sets:
     wall per run (median), and CPU per run of this process, the launcher and qemu-img."""
     try:
-        from convd import launcher
+        from convd.qemu import launcher
     except ImportError:
         return {}
 
@@ -443,7 +443,7 @@ def run_variants(args: argparse.Namespace, imgset: images.ImageSet, workdir: Pat
 def _convd_defaults(formats: tuple[str, ...], targets: tuple[str, ...]) -> dict[str, str]:
     """The flags this convd passes by default, to mark them in the tables (informational)."""
     try:
-        from convd.qemu import convert_args
+        from convd.qemu.img import convert_args
     except ImportError:
         return {}
     out = {}

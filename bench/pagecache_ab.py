@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from bench.daemon import convd_bin, stage_private, write_config
-from convd import qemu
+from convd.qemu import img as qemu
 
 
 def main(argv: list[str]) -> int:

@@ -135,7 +135,8 @@ def _run_qsd(sources: Sequence[Path], outdir: Path) -> dict[str, float]:
 
 
 def _run_processes(sources: Sequence[Path], outdir: Path) -> dict[str, float]:
-    from convd import launcher, qemu
+    from convd.qemu import img as qemu
+    from convd.qemu import launcher
 
     async def go() -> dict[str, float]:
         outs = [outdir / f"proc-{i:04d}.raw" for i in range(len(sources))]

@@ -211,7 +211,7 @@ the 14 sha256 rows.
 wrappers, `setpriv --pdeathsig KILL --inh-caps=-all` and `prlimit --cpu
 --as`.  CPU per `qemu-img info` of a small qcow2, caller + everything below
 it, 100 runs × 3: bare 5.0–5.6 ms, behind the wrappers 7.3–7.8 ms.  convd
-now starts qemu-img from `convd.launcher`, one single-threaded process
+now starts qemu-img from `convd.qemu.launcher`, one single-threaded process
 started with the daemon: it holds the child's limits as its own soft limits
 for the instant of a `posix_spawn` (vfork: the child runs under them from
 `execve`), makes them hard with `prlimit(2)` on the new pid, dropped its

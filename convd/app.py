@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import structlog
 
-from convd import __version__, cancel, durable, launcher, logs, protocol, qemu, rbd
+from convd import __version__, cancel, durable, logs, protocol, rbd
 from convd.bandwidth import Bandwidth
 from convd.config import Config, load
 from convd.errors import ConfigError, StartupError
@@ -31,6 +31,8 @@ from convd.pipeline.runner import finish_handoff, run_item
 from convd.pipeline.sidecars import CancelBook
 from convd.pipeline.spool import Claim, Spool, name_refused
 from convd.pipeline.watch import Watcher
+from convd.qemu import img as qemu
+from convd.qemu import launcher
 from convd.sdnotify import Notifier
 from convd.stages import rbd as rbd_stages
 

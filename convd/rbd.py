@@ -1,6 +1,6 @@
 """The one way convd talks to Ceph: the ``rbd`` and ``ceph`` command-line tools.
 
-Every call is a child started by ``convd.launcher`` (its own session, dies
+Every call is a child started by ``convd.qemu.launcher`` (its own session, dies
 with the daemon), bounded by a timeout, with ``--conf``/``--id``/``--keyring``
 from ``[publish.rbd]``.  A failure raises :class:`CephError` carrying the
 errno Ceph printed (``rbd: error opening pool 'images': (2) No such file or
@@ -36,9 +36,9 @@ from typing import Any
 import anyio
 import structlog
 
-from convd import launcher
 from convd.config import RbdConfig
 from convd.errors import ConvertFailed, ItemError, Stopped, TransientError
+from convd.qemu import launcher
 
 __all__ = [
     "TMP_PREFIX",
@@ -155,7 +155,7 @@ def _env() -> dict[str, str]:
 
 
 async def _terminate(proc: launcher.Child) -> None:
-    from convd.qemu import (
+    from convd.qemu.img import (
         terminate,  # the same SIGTERM, grace, SIGKILL as every qemu-img child
     )
     await terminate(proc)

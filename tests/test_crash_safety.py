@@ -50,7 +50,7 @@ def spool_processes(root: Path) -> list[str]:
         except OSError:
             continue
         try:
-            # qemu-img gets its source as descriptor 3 (convd.qemu.SOURCE_FILENAME), not by name.
+            # qemu-img gets its source as descriptor 3 (convd.qemu.img.SOURCE_FILENAME), not by name.
             source = os.fsencode(os.readlink(f"/proc/{pid}/fd/3")) if b"qemu-img" in cmd else b""
         except OSError:
             source = b""

@@ -28,9 +28,10 @@ from typing import Any
 import anyio
 import pytest
 
-from convd import custody, qemu
+from convd import custody
 from convd.config import DetectConfig
 from convd.errors import UnsafeImage
+from convd.qemu import img as qemu
 
 from conftest import MiB, as_user, convd_bin, images_equal, make_image, run, system_users, unit_spool, wait_for
 from glance_server import GLANCE_VENV, reachable_convd

@@ -615,6 +615,6 @@ def test_sparse_source_estimate_for_vmdk_vpc_vhdx_vdi_counts_data_not_virtual_si
 
 
 def test_qemu_reason_says_could_not_open_once():
-    from convd.qemu import reason
+    from convd.qemu.img import reason
     err = b"qemu-img: Could not open 'X.vhdx': Could not open 'X.vhdx': Invalid argument\n"
     assert reason(err, 1, {}) == "Could not open 'X.vhdx': Invalid argument"

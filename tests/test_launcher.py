@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 from test_crash_safety import spool_processes
 
-from convd import launcher, qemu
 from convd.errors import CorruptImage
+from convd.qemu import img as qemu
+from convd.qemu import launcher
 
 from conftest import MiB, Spool, make_image, wait_for, write_config
 
@@ -102,7 +103,7 @@ def test_qemu_img_info_works_at_the_smallest_allowed_address_space(tmp_path: Pat
 def _launcher_of(pid: int) -> int:
     for tid in os.listdir(f"/proc/{pid}/task"):
         for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split():
-            if b"convd.launcher" in Path(f"/proc/{child}/cmdline").read_bytes():
+            if b"convd.qemu.launcher_process" in Path(f"/proc/{child}/cmdline").read_bytes():
                 return int(child)
     raise AssertionError("no launcher below the daemon")
 

@@ -10,10 +10,10 @@ from collections.abc import Awaitable, Callable, Iterator
 import anyio
 import structlog
 
-from convd import qemu
 from convd.errors import Cancelled, ConvertFailed, ItemError, NameConflict, Stopped, TransientError
 from convd.pipeline.context import Context
 from convd.pipeline.item import CANCELLABLE, Item, Stage
+from convd.qemu import img as qemu
 from convd.stages import cleanup, convert, detect, publish, quarantine, reserve, unpack
 from convd.stages import rbd as rbd_stages
 

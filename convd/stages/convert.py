@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from convd import qemu
 from convd.errors import UnsafeImage
 from convd.pipeline.item import Item, Stage
+from convd.qemu import img as qemu
 
 # Stages of an item that will convert soon: they count when the budget is split.
 _CONVERTING_SOON = frozenset({Stage.UNPACK, Stage.DETECT, Stage.RESERVE, Stage.CONVERT})

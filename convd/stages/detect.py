@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from convd import qemu
 from convd.config import format_size
 from convd.errors import CorruptImage, FormatMismatch, ItemError, TooLarge, UnsafeImage, UnsupportedFormat
 from convd.image import targets
 from convd.image.inspection import RAW_FAMILY, inspect_fd, open_regular
 from convd.image.signatures import DELTA
 from convd.pipeline.item import Item, Stage
+from convd.qemu import img as qemu
 
 if TYPE_CHECKING:
     from convd.pipeline.context import Context

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import structlog
 
-from convd import durable, protocol, qemu, rbd, record
+from convd import durable, protocol, rbd, record
 from convd.config import RbdConfig
 from convd.errors import (
     ConvertFailed,
@@ -46,6 +46,7 @@ from convd.image.inspection import RAW_FAMILY, inspect_fd
 from convd.pipeline.item import Item, Stage
 from convd.pipeline.ledger import Ledger
 from convd.pipeline.spool import RECORD
+from convd.qemu import img as qemu
 from convd.stages.reserve import MARGIN_BYTES, MARGIN_FRACTION
 
 if TYPE_CHECKING:

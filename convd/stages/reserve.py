@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from convd import qemu
 from convd.errors import TooLarge, UnsupportedFormat
 from convd.image import targets
 from convd.pipeline.item import Item, Stage
+from convd.qemu import img as qemu
 
 if TYPE_CHECKING:
     from convd.pipeline.context import Context

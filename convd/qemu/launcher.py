@@ -20,9 +20,9 @@ What each child gets:
   it takes an empty one at start, holding only a loopback that is down, so
   no qemu-img it starts can reach an NBD, HTTP or SSH server whatever an
   image names (under the unit, ``RestrictNamespaces=yes`` refuses it, and
-  :func:`convd.qemu.source_args` alone keeps qemu-img to its file);
+  :func:`convd.qemu.img.source_args` alone keeps qemu-img to its file);
 - as descriptor 3, when the daemon sends one, the file it is to read
-  (``convd.qemu`` names it ``/proc/self/fd/3``, never by path);
+  (``convd.qemu.img`` names it ``/proc/self/fd/3``, never by path);
 - ``RLIMIT_CPU`` and ``RLIMIT_AS`` when asked: inherited as soft limits at
   ``execve``, then made hard too (``prlimit`` on the new pid, so it cannot
   raise them again);
@@ -47,219 +47,24 @@ child has exec'd (or ``{"error": "..."}``), then ``{"returncode": N}``
 
 from __future__ import annotations
 
-import array
 import asyncio
 import atexit
-import contextlib
-import ctypes
-import ctypes.util
 import json
 import os
-import resource
-import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any
+
+from convd.qemu.wire import recv_fds
 
 __all__ = ["Child", "Launcher", "get", "shutdown"]
 
-_PR_SET_PDEATHSIG = 1
-_PR_CAP_AMBIENT = 47
-_PR_CAP_AMBIENT_CLEAR_ALL = 4
-_CAP_VERSION_3 = 0x20080522
-_LIMITS = {"cpu_time": "RLIMIT_CPU", "address_space": "RLIMIT_AS"}
-_MAX_MSG = 64 << 10
 _CHUNK = 64 << 10
-
-
-# -- the launcher process ---------------------------------------------------
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]
-
-
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def _check(rc: int, what: str) -> None:
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
-_CLONE_NEWNET = 0x40000000
-
-
-def _leave_network(libc: ctypes.CDLL) -> bool:
-    """Move this process (and so every child it starts) into an empty network namespace.
-
-    Returns False where it may not (EPERM without ``CAP_SYS_ADMIN``, or a
-    seccomp filter): the children then share the daemon's network.
-    """
-    return libc.unshare(_CLONE_NEWNET) == 0
-
-
-def _drop_inheritable_caps(libc: ctypes.CDLL) -> None:
-    hdr = _CapHeader(_CAP_VERSION_3, 0)
-    data = (_CapData * 2)()
-    _check(libc.capget(ctypes.byref(hdr), data), "capget")
-    for d in data:
-        d.inheritable = 0
-    _check(libc.capset(ctypes.byref(hdr), data), "capset")
-    # Ambient capabilities must be inheritable too; clear them explicitly
-    # (EINVAL: a kernel without ambient capabilities has none to clear).
-    if libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0 and ctypes.get_errno() != 22:
-        _check(-1, "PR_CAP_AMBIENT_CLEAR_ALL")
-
-
-def _recv_fds(sock: socket.socket, maxfds: int, flags: int = 0) -> tuple[bytes, list[int]]:
-    """One datagram and its descriptors, close-on-exec (``socket.recv_fds`` of
-    Python 3.11 drops its ``flags``)."""
-    fds = array.array("i")
-    data, ancdata, _, _ = sock.recvmsg(_MAX_MSG, socket.CMSG_LEN(maxfds * fds.itemsize),
-                                       socket.MSG_CMSG_CLOEXEC | flags)
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
-    return data, list(fds)
-
-
-def _send(sock: socket.socket, msg: dict[str, Any], fds: Sequence[int] = ()) -> None:
-    try:
-        socket.send_fds(sock, [json.dumps(msg).encode()], list(fds))
-    except OSError:
-        pass  # the daemon dropped the request; the child is reaped all the same
-
-
-_RESET_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGXCPU, signal.SIGXFSZ)
-
-
-def _spawn_limited(argv: list[str], fds: list[int], limits: dict[str, int]) -> int:
-    """``posix_spawn`` with this process's soft limits set to ``limits`` for the instant."""
-    saved = {}
-    try:
-        for key, value in limits.items():
-            which = getattr(resource, _LIMITS[key])
-            saved[which] = resource.getrlimit(which)
-            resource.setrlimit(which, (int(value), saved[which][1]))
-        env: Mapping[str, str] = os.environ
-        if "address_space" in limits:
-            # glibc reserves 64 MiB of address space per malloc arena, one per
-            # thread up to 8 × cores: under the address-space limit, qemu-img's
-            # worker threads then fail to start now and then ("qemu_thread_create:
-            # Resource temporarily unavailable", abort), and a healthy image
-            # would be rejected.  One arena is plenty for info/check/map.
-            env = {**os.environ, "MALLOC_ARENA_MAX": "1"}
-        pid = os.posix_spawn(
-            argv[0], argv, env, setsid=True, setsigdef=_RESET_SIGNALS,
-            # 0-2, and 3 when given: the file the child reads (fds[3] is the reply socket).
-            file_actions=[(os.POSIX_SPAWN_DUP2, fd, target)
-                          for target, fd in enumerate([*fds[:3], *fds[4:5]])],
-        )
-    finally:
-        for which, old in saved.items():
-            resource.setrlimit(which, old)
-    for key, value in limits.items():
-        # Hard as well, so a child cannot raise them; it has run under the
-        # soft ones since execve.  ESRCH: it is already gone.
-        with contextlib.suppress(ProcessLookupError):
-            resource.prlimit(pid, getattr(resource, _LIMITS[key]), (int(value), int(value)))
-    return pid
-
-
-def serve(ctl: socket.socket, daemon: int, *, network: bool = False) -> None:
-    """The launcher's loop: one request in, one child out, each reaped and reported."""
-    children: dict[int, tuple[int, socket.socket]] = {}  # pidfd -> (pid, reply socket)
-
-    def end(*_: Any) -> None:
-        for pidfd in children:
-            with contextlib.suppress(OSError):
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        os._exit(0)
-
-    signal.signal(signal.SIGTERM, end)
-    signal.signal(signal.SIGHUP, end)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # A soft RLIMIT_CPU set for a child's sake may lie below our own usage.
-    signal.signal(signal.SIGXCPU, signal.SIG_IGN)
-    libc = _libc()
-    _check(libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0), "PR_SET_PDEATHSIG")
-    if os.getppid() != daemon:
-        return
-    if not network:  # the launcher for Ceph's tools (convd.rbd) keeps the daemon's network
-        _leave_network(libc)
-    _drop_inheritable_caps(libc)
-    poller = select.poll()
-    poller.register(ctl, select.POLLIN)
-    dropped: dict[int, int] = {}  # reply socket fd -> pidfd, while the daemon still holds the child
-    try:
-        while True:
-            for fd, _ in poller.poll():
-                if fd in dropped:
-                    # The daemon closed its end before the child ended (a cancelled
-                    # spawn, a lost handle): nobody will stop that child but us.
-                    poller.unregister(fd)
-                    with contextlib.suppress(OSError):
-                        signal.pidfd_send_signal(dropped.pop(fd), signal.SIGKILL)
-                    continue
-                if fd != ctl.fileno():
-                    pid, reply = children.pop(fd)
-                    poller.unregister(fd)
-                    if dropped.pop(reply.fileno(), None) is not None:
-                        poller.unregister(reply.fileno())
-                    os.close(fd)
-                    _, status = os.waitpid(pid, 0)
-                    _send(reply, {"returncode": os.waitstatus_to_exitcode(status)})
-                    reply.close()
-                    continue
-                data, fds = _recv_fds(ctl, 5)
-                if not data:
-                    return  # the daemon is gone
-                reply = socket.socket(fileno=fds[3])
-                pid = 0
-                try:
-                    req = json.loads(data)
-                    pid = _spawn_limited(req["argv"], fds, req.get("limits") or {})
-                    pidfd = os.pidfd_open(pid)
-                except Exception as exc:  # noqa: BLE001 - a bad request must not end the launcher
-                    if pid:  # started but not trackable: not left running unwatched
-                        os.kill(pid, signal.SIGKILL)
-                        os.waitpid(pid, 0)
-                    _send(reply, {"error": f"{type(exc).__name__}: {exc}"})
-                    reply.close()
-                    continue
-                finally:
-                    for f in [*fds[:3], *fds[4:]]:
-                        os.close(f)
-                _send(reply, {"pid": pid}, [pidfd])
-                children[pidfd] = (pid, reply)
-                poller.register(pidfd, select.POLLIN)
-                dropped[reply.fileno()] = pidfd
-                poller.register(reply, select.POLLHUP)  # the daemon sends nothing more on it
-    finally:
-        end()
-
-
-def main(argv: list[str]) -> int:
-    daemon, fd = int(argv[0]), int(argv[1])
-    os.set_inheritable(fd, False)  # pass_fds made it inheritable: children must not get it
-    serve(socket.socket(fileno=fd), daemon, network=argv[2:3] == ["net"])
-    return 0
-
-
-# -- the daemon's side ------------------------------------------------------
 
 
 class Child:
@@ -341,7 +146,7 @@ def _wait_readable(fd: int) -> asyncio.Future[None]:
 async def _recv(sock: socket.socket) -> tuple[bytes, list[int]]:
     while True:
         try:
-            return _recv_fds(sock, 1, socket.MSG_DONTWAIT)
+            return recv_fds(sock, 1, socket.MSG_DONTWAIT)
         except BlockingIOError:
             await _wait_readable(sock.fileno())
 
@@ -375,7 +180,7 @@ class Launcher:
         self._sock = ours
         self._lock = threading.Lock()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "convd.launcher", str(os.getpid()), str(theirs.fileno()),
+            [sys.executable, "-m", "convd.qemu.launcher_process", str(os.getpid()), str(theirs.fileno()),
              *(["net"] if network else [])],
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, start_new_session=True, env=env,
         )
@@ -469,7 +274,3 @@ def get(env: Callable[[], dict[str, str]] | None = None, *, network: bool = Fals
 def shutdown() -> None:
     for key in list(_instances):
         _instances.pop(key).close()
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

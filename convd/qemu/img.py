@@ -6,7 +6,7 @@ driver (never nbd, http, ssh, …) and no backing or data file, whatever the
 image's header says; the file itself is a descriptor the daemon opened
 (``/proc/self/fd/3`` in the child), so no name the producer chose reaches
 qemu.  Children are
-started by ``convd.launcher``: each runs in its own session, dies with the
+started by ``convd.qemu.launcher``: each runs in its own session, dies with the
 daemon (the launcher's ``PR_SET_PDEATHSIG``), and reads unvetted files under
 CPU and address-space limits in force from ``execve`` (no exec wrappers).
 
@@ -29,13 +29,15 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from convd import launcher
-from convd.config import DetectConfig, TargetConfig
 from convd.errors import CorruptImage, StartupError, Timeout, TransientError
+from convd.qemu import launcher
+
+if TYPE_CHECKING:  # annotations only: qemu/ does not import the daemon's configuration at run time
+    from convd.config import DetectConfig, TargetConfig
 
 __all__ = [
     "SOURCE_FILENAME",
