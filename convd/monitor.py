@@ -14,33 +14,40 @@ import anyio
 import structlog
 
 from convd import __version__, durable
+from convd.bandwidth import Bandwidth
 from convd.cluster import STATUS_FILE, instances
 from convd.config import Config
 from convd.metrics import Metrics
-from convd.pipeline.context import Context
 from convd.pipeline.item import Item, Stage
+from convd.pipeline.ledger import Ledger
 from convd.pipeline.queue import Intake
 from convd.pipeline.spool import Spool
 from convd.sdnotify import Notifier
 
 __all__ = ["Monitor"]
 
-log = structlog.get_logger("convd.daemon")
+log = structlog.get_logger(__name__)
 
 
 class Monitor:
     """Counts results, writes the status snapshot, refreshes metrics and systemd's status."""
 
-    def __init__(self, cfg: Callable[[], Config], spool: Spool, intake: Intake,
-                 metrics: Metrics, notifier: Notifier) -> None:
-        self._cfg = cfg  # the config in force (SIGHUP swaps it)
+    def __init__(self, cfg: Callable[[], Config], spool: Spool, intake: Intake, metrics: Metrics,
+                 notifier: Notifier, *, items: dict[str, Item], ledger: Ledger, bandwidth: Bandwidth,
+                 rbd: Any = None) -> None:
+        """``cfg``: the config in force (SIGHUP swaps it); ``items``: the daemon's items in flight
+        (``Context.items``, read only); ``rbd``: the Ceph pool of ``[publish] to = "rbd"``, else None."""
+        self._cfg = cfg
         self.spool = spool
         self.intake = intake
         self.metrics = metrics
         self.notifier = notifier
+        self.items = items
+        self.ledger = ledger
+        self.bandwidth = bandwidth
+        self.rbd = rbd
         self.counters: Counter[str] = Counter()
         self.stuck: set[str] = set()  # items kept in work/ by an internal error
-        self.ctx: Context | None = None
         self.started = time.time()
 
     # -- hooks from the runner -------------------------------------------
@@ -69,7 +76,7 @@ class Monitor:
 
     def summary(self) -> str:
         """One line for systemd's STATUS=."""
-        items = self.ctx.items.values() if self.ctx else []
+        items = self.items.values()
         converting = sum(1 for i in items if i.stage is Stage.CONVERT)
         return (f"{len(self.intake)} queued, {converting} converting, "
                 f"{self.counters['converted'] + self.counters['passthrough']} done, "
@@ -77,9 +84,8 @@ class Monitor:
 
     def snapshot(self) -> dict[str, Any]:
         """The status snapshot (the shape ``convd status --json`` shows as ``daemon``)."""
-        assert self.ctx is not None
         cfg = self._cfg()
-        ledger = self.ctx.ledger
+        ledger = self.ledger
         now = time.monotonic()
         return {
             "version": __version__,
@@ -97,12 +103,12 @@ class Monitor:
                  "source_format": i.source.get("format"), "virtual_size": i.source.get("virtual_size"),
                  "reserved": sum(r.size for r in (i.reservation, i.unpack_reservation) if r is not None),
                  "attempts": i.claim.attempts, "elapsed": round(now - i.started, 3)}
-                for i in self.ctx.items.values()
+                for i in self.items.values()
             ],
             "workspace": {"limit": ledger.workspace, "reserved": ledger.reserved,
                           "available": max(0, ledger.available()), "filesystem_free": ledger.space.free(),
                           "waiting": len(ledger.waiting)},
-            "bandwidth": {"limit": self.ctx.bandwidth.limit, "in_use": self.ctx.bandwidth.in_use},
+            "bandwidth": {"limit": self.bandwidth.limit, "in_use": self.bandwidth.in_use},
             "counters": {"converted": self.counters["converted"], "passthrough": self.counters["passthrough"],
                          "failed": self.counters["failed"]},
             "stuck": sorted(self.stuck),
@@ -111,7 +117,7 @@ class Monitor:
 
     def _rbd(self) -> dict[str, Any] | None:
         """The Ceph pool an RBD publish writes to, as last asked (``[publish] to = "rbd"``), else None."""
-        tgt = self.ctx.rbd if self.ctx else None
+        tgt = self.rbd
         if tgt is None:
             return None
         sp, ledger = tgt.space, tgt.ledger
@@ -122,9 +128,7 @@ class Monitor:
 
     def write_status(self) -> None:
         """Write the snapshot under ``work/<instance>/`` and refresh the gauges from it."""
-        snap = self.refresh()
-        if snap is not None:
-            self.save(snap)
+        self.save(self.refresh())
 
     def save(self, snap: dict[str, Any]) -> None:
         """Write ``snap`` to the status file; blocking (on a shared filesystem it can
@@ -134,10 +138,8 @@ class Monitor:
         except OSError as exc:
             log.warning("cannot write status snapshot", error=str(exc))
 
-    def refresh(self) -> dict[str, Any] | None:
+    def refresh(self) -> dict[str, Any]:
         """Take the snapshot (in the event loop, which owns the items) and refresh the gauges."""
-        if self.ctx is None:
-            return None
         snap = self.snapshot()
         m = self.metrics
         m.queued.set(snap["queued"])
@@ -187,6 +189,5 @@ class Monitor:
             if summary != last_status:
                 self.notifier.status(summary)
                 last_status = summary
-            if snap is not None:
-                await anyio.to_thread.run_sync(self.save, snap)
+            await anyio.to_thread.run_sync(self.save, snap)
             await anyio.sleep(min(interval, wd) if wd else interval)

@@ -16,7 +16,7 @@ from typing import Any
 
 import anyio
 
-from convd import durable
+from convd import durable, resolved
 from convd.bandwidth import Bandwidth
 from convd.config import Config
 from convd.filesystem import probe_filesystem
@@ -87,12 +87,11 @@ async def convert_one(cfg: Config, src: Path, dst: Path, target: str | None) -> 
 
     try:
         fs = probe_filesystem(workdir)
-        sparse = fs.sparse if cfg.limits.sparse == "auto" else cfg.limits.sparse == "true"
         spool = SingleFileSpool(dst)
         ctx = Context(
             spool=spool,  # type: ignore[arg-type]
             ledger=Ledger(cfg.limits.workspace, cfg.limits.min_free, StatvfsSpace(str(workdir))),
-            slots=anyio.CapacityLimiter(1), sparse=sparse, block_size=fs.block_size,
+            slots=anyio.CapacityLimiter(1), sparse=resolved.sparse(cfg.limits.sparse, fs), block_size=fs.block_size,
             direct_io=fs.direct_io,
             on_published=keep, on_failed=keep, bandwidth=Bandwidth(cfg.convert.rate_limit),
         )

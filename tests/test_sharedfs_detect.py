@@ -158,7 +158,7 @@ def two_daemons(tmp_path) -> tuple[Ledger, Ledger]:
     a = Ledger(100 * GiB, GiB, space, shared=SharedLedger(tmp_path, "a"))
     b = Ledger(100 * GiB, GiB, space, shared=SharedLedger(tmp_path, "b"))
     for ledger in (a, b, a):  # start-up and a refresh
-        ledger.publish(0)
+        ledger.announce(0)
     return a, b
 
 
@@ -248,7 +248,7 @@ async def test_on_a_roomy_filesystem_admission_touches_no_shared_file(tmp_path):
     a = Ledger(10 * GiB, GiB, space, shared=SharedLedger(tmp_path, "a"))
     b = Ledger(10 * GiB, GiB, space, shared=SharedLedger(tmp_path, "b"))
     for ledger in (a, b, a):
-        ledger.publish(0)
+        ledger.announce(0)
     before = (tmp_path / ".ledger").stat().st_mtime_ns
     await a.reserve("x", 6 * GiB)
     await b.reserve("y", 6 * GiB)

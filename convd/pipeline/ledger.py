@@ -246,7 +246,7 @@ class Ledger:
         disk = self.space.free() - self.min_free - self.outstanding() - others
         return min(budget, disk)
 
-    def publish(self, outstanding: int) -> None:
+    def announce(self, outstanding: int) -> None:
         """Refresh this daemon's entry in the shared ledger (every ``SHARED_REFRESH`` s).
 
         Blocking (a lock and a file on the spool): run it in a worker thread,
@@ -260,7 +260,7 @@ class Ledger:
         except OSError as exc:
             log.warning("cannot update the shared ledger", error=str(exc))
 
-    def withdraw(self) -> None:
+    def retract(self) -> None:
         """Remove this daemon's entry from the shared ledger (clean shutdown)."""
         if self.shared is None:
             return
