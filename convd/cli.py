@@ -65,7 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.setup(cfg.log.format, cfg.log.level)
     import structlog
 
-    log = structlog.get_logger("convd")
+    log = structlog.get_logger(__name__)
     # The intake probes for writers with a read lease; a writer opening the
     # file while it is held makes the kernel send SIGIO, whose default action
     # kills.  A handler, not SIG_IGN, so qemu-img children start with the default.
@@ -111,7 +111,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     import anyio
 
     from convd import logs
-    from convd.single import convert_one
+    from convd.convert import convert_one
 
     cfg = _config_or_none(args.config, optional=True)
     if cfg is None:

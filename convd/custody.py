@@ -42,7 +42,7 @@ from convd.errors import TransientError, UnsafeImage
 
 __all__ = ["MODE", "Custody", "copy_private", "group_of", "take"]
 
-log = structlog.get_logger("convd.custody")
+log = structlog.get_logger(__name__)
 
 # A taken source, and so a published passthrough and the bytes failed/
 # keeps: convd's, readable by its group (consumers), like converted outputs.

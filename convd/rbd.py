@@ -63,7 +63,7 @@ __all__ = [
     "together",
 ]
 
-log = structlog.get_logger("convd.rbd")
+log = structlog.get_logger(__name__)
 
 TMP_PREFIX = ".convd-tmp."
 _TIMEOUT = 120.0

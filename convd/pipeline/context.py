@@ -22,7 +22,7 @@ from convd.pipeline.spool import Spool
 
 __all__ = ["Context"]
 
-log = structlog.get_logger("convd.runner")
+log = structlog.get_logger(__name__)
 
 
 def _noop(*_: Any) -> None:

@@ -78,6 +78,7 @@ class Dispatcher:
         """Run an item; one kept in work/ by an error of convd's own is retried with backoff."""
         name, delay = item.name, STUCK_RETRY
         while True:
+            self.ctx.items[name] = item  # a retry's item is a new one
             try:
                 if item.claim.pending is not None:
                     try:
@@ -88,7 +89,7 @@ class Dispatcher:
                     await run_item(item, self.ctx)
             finally:
                 if self.ctx.items.get(name) is item:
-                    del self.ctx.items[name]  # finish_handoff does not unregister
+                    del self.ctx.items[name]
                 self._on_item_done(item)
                 self.kick()
             if not os.path.lexists(item.claim.dir):

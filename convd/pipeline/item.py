@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 if TYPE_CHECKING:
-    import asyncio
 
     from convd.config import Config
     from convd.custody import Custody
@@ -60,7 +59,6 @@ class Item:
     timings: dict[str, float] = field(
         default_factory=lambda: {"detect": 0.0, "wait_space": 0.0, "convert": 0.0, "publish": 0.0}
     )
-    proc: asyncio.subprocess.Process | None = None
     # (inode, size, mtime, ctime) of the source when detect vetted it: any
     # change afterwards (an old writer's fd) voids the checks.
     vetted: tuple[int, int, int, int] | None = None

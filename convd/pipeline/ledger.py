@@ -32,7 +32,7 @@ from convd import durable
 
 __all__ = ["Entry", "Ledger", "Reservation", "SharedLedger", "StatvfsSpace"]
 
-log = structlog.get_logger("convd.ledger")
+log = structlog.get_logger(__name__)
 
 LEDGER, LEDGER_LOCK = ".ledger", ".ledger.lock"
 # Live daemons rewrite their entry at least this often (seconds) ...

@@ -35,9 +35,9 @@ import structlog
 
 from convd.protocol import read_priority
 
-__all__ = ["Candidate", "Intake", "Writer", "has_writer", "writer_state"]
+__all__ = ["Candidate", "Intake", "Writer", "writer_state"]
 
-log = structlog.get_logger("convd.intake")
+log = structlog.get_logger(__name__)
 
 
 def _proc_writers(path: Path) -> bool:
@@ -100,11 +100,6 @@ def writer_state(path: Path, *, shared: bool = False) -> Writer:
         return Writer.NONE
     finally:
         os.close(fd)
-
-
-def has_writer(path: Path) -> bool:
-    """True while some process holds ``path`` open for writing (local filesystems)."""
-    return writer_state(path) is Writer.OPEN
 
 
 @dataclass

@@ -19,7 +19,7 @@ from convd.stages import rbd as rbd_stages
 
 __all__ = ["finish_handoff", "run_item"]
 
-log = structlog.get_logger("convd.runner")
+log = structlog.get_logger(__name__)
 
 STAGES: dict[Stage, Callable[[Item, Context], Awaitable[Stage]]] = {
     Stage.UNPACK: unpack,
@@ -55,10 +55,13 @@ def _cancellable(item: Item) -> Iterator[anyio.CancelScope]:
 
 
 async def run_item(item: Item, ctx: Context) -> None:
-    """Drive ``item`` to ``outgoing/`` or ``failed/``; never loses its source."""
+    """Drive ``item`` to ``outgoing/`` or ``failed/``; never loses its source.
+
+    The caller registers the item in ``ctx.items`` for as long as it runs
+    (``convd.pipeline.dispatch`` in the daemon, ``convd.convert`` for one file).
+    """
     structlog.contextvars.bind_contextvars(item=item.name)
     qemu.phase_timings.set(item.timings)  # this task's qemu-img runs add their times
-    ctx.items[item.name] = item
     try:
         while item.stage is not Stage.DONE:
             stage = item.stage
@@ -112,7 +115,6 @@ async def run_item(item: Item, ctx: Context) -> None:
     finally:
         if item.custody is not None:
             item.custody.close()  # the read lease ends with the item
-        ctx.items.pop(item.name, None)
         structlog.contextvars.unbind_contextvars("item", "stage")
 
 

@@ -58,7 +58,7 @@ __all__ = [
     "name_refused",
 ]
 
-log = structlog.get_logger("convd.spool")
+log = structlog.get_logger(__name__)
 
 IGNORED_SUFFIXES = (".part", ".tmp")
 SOURCE, OUTPUT, ITEM, RECORD = "source", "output", "item.json", "record.json"

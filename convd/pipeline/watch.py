@@ -22,7 +22,7 @@ from convd.protocol import is_cancel_request
 
 __all__ = ["Watcher"]
 
-log = structlog.get_logger("convd.watch")
+log = structlog.get_logger(__name__)
 
 
 class Watcher:

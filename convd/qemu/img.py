@@ -393,7 +393,6 @@ async def convert(
     src: str, src_fmt: str, dst: str, dst_fmt: str, *,
     extra_args: Sequence[str], timeout: float,
     on_progress: Callable[[float], None] | None = None,
-    on_start: Callable[[launcher.Child], None] | None = None,
     name: str | None = None,
     options: Mapping[str, str] = _NO_OPTIONS,
     network: bool = False,
@@ -414,8 +413,6 @@ async def convert(
     argv = [qemu_img(), "convert", "-p", "-O", dst_fmt, *extra_args,
             *TARGET_OPTIONS.get(dst_fmt, ()), *source, dst]
     proc = await _spawn(argv, source=src, network=network)
-    if on_start:
-        on_start(proc)
 
     def progress(chunk: bytes) -> None:
         if on_progress:

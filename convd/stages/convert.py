@@ -29,9 +29,6 @@ async def convert(item: Item, ctx: Context) -> Stage:
         item.progress = 0.0
         item.convert_started = t0 = time.monotonic()
 
-        def started(proc: object) -> None:
-            item.proc = proc  # type: ignore[assignment]
-
         def progress(frac: float) -> None:
             item.progress = frac
 
@@ -51,11 +48,10 @@ async def convert(item: Item, ctx: Context) -> Stage:
                 await qemu.convert(
                     str(item.claim.source), src_fmt, str(item.claim.output), item.target_format,
                     extra_args=[*args, "-r", str(rate)] if rate else args, timeout=cfg.convert.timeout,
-                    on_progress=progress, on_start=started, name=item.label,
+                    on_progress=progress, name=item.label,
                     options=item.inspection.driver_options,
                 )
         finally:
-            item.proc = None
             item.timings["convert"] += time.monotonic() - t0
     item.progress = 1.0
     return Stage.PUBLISH

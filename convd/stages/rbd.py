@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
 __all__ = ["RbdTarget", "convert", "finish_handoff", "publish", "reserve"]
 
-log = structlog.get_logger("convd.rbd")
+log = structlog.get_logger(__name__)
 
 # As for a file output (convd/stages/publish.py): every inspector decides
 # within a few MiB on a plain output.
@@ -156,9 +156,6 @@ async def convert(item: Item, ctx: Context) -> Stage:
         item.progress = 0.0
         item.convert_started = t0 = time.monotonic()
 
-        def started(proc: object) -> None:
-            item.proc = proc  # type: ignore[assignment]
-
         def progress(frac: float) -> None:
             item.progress = frac
 
@@ -173,12 +170,11 @@ async def convert(item: Item, ctx: Context) -> Stage:
             async with ctx.bandwidth.share() as rate:
                 await qemu.convert(str(item.claim.source), src_fmt, rbd.qemu_target(tgt.cfg, tmp), "raw",
                                    extra_args=[*args, "-r", str(rate)] if rate else args,
-                                   timeout=cfg.convert.timeout, on_progress=progress, on_start=started,
+                                   timeout=cfg.convert.timeout, on_progress=progress,
                                    name=item.label, options=item.inspection.driver_options,
                                    network=True)
             ok = True
         finally:
-            item.proc = None
             item.timings["convert"] += time.monotonic() - t0
             if not ok and not ctx.stop.is_set():
                 await _discard_tmp(tgt.cfg, tmp)

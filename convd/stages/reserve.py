@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 __all__ = ["MARGIN_BYTES", "estimate", "reserve"]
 
-log = structlog.get_logger("convd.reserve")
+log = structlog.get_logger(__name__)
 
 # Added to every estimate: a filesystem's metadata for the file, rounding.
 MARGIN_BYTES = 1 << 20

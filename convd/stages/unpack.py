@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = ["GROW_PATIENCE", "MAX_UNFINISHED_READS", "unpack", "unpack_limit"]
 
-log = structlog.get_logger("convd.unpack")
+log = structlog.get_logger(__name__)
 
 # A stream of unknown size starts with this much reserved (or its own size
 # times _RATIO, if more), and grows by doubling.

@@ -96,7 +96,9 @@ async def convert_one(cfg: Config, src: Path, dst: Path, target: str | None) -> 
             on_published=keep, on_failed=keep, bandwidth=Bandwidth(cfg.convert.rate_limit),
         )
         claim = Claim(name=dst.name, dir=workdir, source_path=src.absolute())
-        await run_item(Item(claim=claim, cfg=cfg), ctx)
+        item = Item(claim=claim, cfg=cfg)
+        ctx.items[item.name] = item  # the convert stage counts the items converting soon
+        await run_item(item, ctx)
     finally:
         durable.remove_tree(workdir)
     if not result:
