@@ -33,6 +33,7 @@ from convd.pipeline.item import Item
 from convd.pipeline.ledger import SHARED_REFRESH, Ledger, SharedLedger, StatvfsSpace
 from convd.pipeline.queue import Intake
 from convd.pipeline.spool import Spool
+from convd.pipeline.takeover import TakeOver
 from convd.pipeline.watch import Watcher
 from convd.qemu import img as qemu
 from convd.qemu import launcher
@@ -75,7 +76,8 @@ class Daemon:
         resolved = resolve(cfg, spool.incoming, spool.claims)
         shared_ledger = SharedLedger(spool.work, cfg.spool.instance)
         recovered = spool.recover()
-        adopted, stopped = spool.take_over()
+        takeover = TakeOver(spool)
+        adopted, stopped = takeover.run()
         shared_ledger.forget(stopped)
         swept = spool.sweep_temp()
         ledger = Ledger(cfg.limits.workspace, cfg.limits.min_free, StatvfsSpace(str(spool.work)),
@@ -87,7 +89,7 @@ class Daemon:
             # Listed before any item runs (each new attempt writes an image of
             # its own name), removed in the background: never published.
             stale = await rbd_stages.stale(target, [cfg.spool.instance, *stopped], recovered + adopted)
-        running = _Running(cfg, spool, self.metrics, self.notifier, resolved, ledger, target)
+        running = _Running(cfg, spool, self.metrics, self.notifier, resolved, ledger, target, takeover)
         # A broken read lease (convd.custody) signals its holder with SIGIO,
         # whose default action ends the process; the stages ask the lease instead.
         signal.signal(signal.SIGIO, signal.SIG_IGN)
@@ -108,9 +110,10 @@ class _Running:
     """The daemon once assembled: every part built with its final values, and what runs them."""
 
     def __init__(self, cfg: Config, spool: Spool, metrics: Metrics, notifier: Notifier, resolved: Resolved,
-                 ledger: Ledger, target: rbd_stages.RbdTarget | None) -> None:
+                 ledger: Ledger, target: rbd_stages.RbdTarget | None, takeover: TakeOver) -> None:
         self.cfg = cfg
         self.spool = spool
+        self.takeover = takeover
         self.metrics = metrics
         self.notifier = notifier
         self.resolved = resolved
@@ -214,7 +217,7 @@ class _Running:
             if now >= next_check:
                 next_check = now + self.cfg.spool.takeover_interval
                 try:
-                    adopted, stopped = await anyio.to_thread.run_sync(self.spool.take_over)
+                    adopted, stopped = await anyio.to_thread.run_sync(self.takeover.run)
                 except OSError as exc:
                     log.warning("cannot check the other instances", error=str(exc))
                     adopted, stopped = [], []

@@ -22,7 +22,8 @@ from convd import cluster, protocol
 from convd.config import Config
 from convd.errors import Cancelled
 from convd.pipeline.item import Item
-from convd.pipeline.spool import SOURCE, Spool, name_refused
+from convd.pipeline.layout import SOURCE, name_refused
+from convd.pipeline.spool import Spool
 from convd.stages.cleanup import reject
 
 __all__ = ["OPERATOR_REASON", "Where", "cancel", "locate", "message", "spool_paths"]
@@ -70,7 +71,7 @@ def locate(cfg: Config, name: str) -> Where:
 
 @contextlib.contextmanager
 def _instance(cfg: Config, instance: str) -> Iterator[Spool | None]:
-    """That instance's spool, held as :meth:`Spool.take_over` holds a peer (its
+    """That instance's spool, held as a take-over (:class:`convd.pipeline.takeover.TakeOver`) holds a peer (its
     ``.adopt`` door, then its ``.lock``), or None while its daemon runs or
     someone else is at the door (a daemon starting or adopting: ask again).
 

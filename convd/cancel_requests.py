@@ -18,9 +18,10 @@ import structlog
 from convd import cancel, protocol
 from convd.config import Config
 from convd.pipeline.item import Item
+from convd.pipeline.layout import Claim, name_refused
 from convd.pipeline.queue import Intake
 from convd.pipeline.sidecars import CancelBook
-from convd.pipeline.spool import Claim, Spool, name_refused
+from convd.pipeline.spool import Spool
 
 __all__ = ["STALE_CANCEL", "CancelRequests"]
 

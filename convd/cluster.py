@@ -77,7 +77,7 @@ def locked_instance(instance_dir: Path) -> Iterator[str | None]:
 
     Yields ``"held"`` (its daemon runs; only the door is held), ``"free"``
     (both held: no daemon, starting or surviving, can touch the instance's
-    items until the block ends, as :meth:`Spool.take_over` holds them), or
+    items until the block ends, as a take-over (:class:`convd.pipeline.takeover.TakeOver`) holds them), or
     None when the door is taken (a peer is looking or adopting, or the owner
     is starting: ask again).  Keep the block short: a starting owner waits
     at the door.

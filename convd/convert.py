@@ -22,9 +22,9 @@ from convd.config import Config
 from convd.filesystem import probe_filesystem
 from convd.pipeline.context import Context
 from convd.pipeline.item import Item
+from convd.pipeline.layout import OUTPUT, SOURCE, UNPACKED, Claim
 from convd.pipeline.ledger import Ledger, StatvfsSpace
 from convd.pipeline.runner import run_item
-from convd.pipeline.spool import OUTPUT, SOURCE, UNPACKED, Claim
 
 __all__ = ["convert_one"]
 

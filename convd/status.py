@@ -15,7 +15,7 @@ from typing import Any
 
 from convd.cluster import HEARTBEAT_STALE, STATUS_FILE, instances
 from convd.config import Config, format_size
-from convd.pipeline.spool import is_candidate_name
+from convd.pipeline.layout import is_candidate_name
 
 __all__ = ["HEARTBEAT_STALE", "instances", "locate", "read_status", "render"]
 

@@ -27,7 +27,7 @@ import zstandard
 
 from convd.errors import CorruptImage, UnsafeImage, UnsupportedFormat
 from convd.image import containers
-from convd.pipeline.spool import UNPACKED
+from convd.pipeline.layout import UNPACKED
 
 from conftest import REPO, MiB, Spool, convd_bin, images_equal, make_image, run, sha256_file, wait_for, write_config
 

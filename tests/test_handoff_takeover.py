@@ -29,7 +29,9 @@ import pytest
 
 from convd import durable
 from convd.config import SpoolConfig
-from convd.pipeline.spool import SOURCE, Claim, Spool
+from convd.pipeline.layout import SOURCE, Claim
+from convd.pipeline.spool import Spool
+from convd.pipeline.takeover import TakeOver
 
 NAME = "img"
 IMAGE = b"converted image bytes\n" * 1000
@@ -90,7 +92,7 @@ def quarantine(sp: Spool, claim: Claim) -> None:
 def finish_as_survivor(sp: Spool) -> list[Claim]:
     """The survivor's take-over, then what its runner does with each adopted item:
     finish a staged handoff (runner.finish_handoff), or return it to be converted again."""
-    adopted, _stopped = sp.take_over()
+    adopted, _stopped = TakeOver(sp).run()
     rerun = []
     for claim in adopted:
         if claim.pending is not None:

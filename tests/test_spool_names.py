@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from convd.config import SpoolConfig
-from convd.pipeline.spool import MAX_NAME_BYTES
+from convd.pipeline.layout import MAX_NAME_BYTES
 from convd.pipeline.spool import Spool as SpoolOf
 
 from conftest import Daemon, MiB, Spool, make_image, write_config

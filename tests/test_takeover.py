@@ -21,6 +21,7 @@ import pytest
 from convd.config import Config, SpoolConfig
 from convd.errors import ConfigError
 from convd.pipeline.spool import Spool, instance_lock_state
+from convd.pipeline.takeover import TakeOver
 from convd.status import HEARTBEAT_STALE, instances, locate
 
 from conftest import MiB, images_equal, make_image, wait_for, write_config
@@ -47,7 +48,7 @@ def _survivor(root: Path, instance: str, barrier: mp.synchronize.Barrier, out: m
     sp = Spool(spool_cfg(root, instance))
     sp.prepare()
     barrier.wait()
-    claims, stopped = sp.take_over()
+    claims, stopped = TakeOver(sp).run()
     out.put((instance, sorted(c.name for c in claims), stopped))
     sp.close()
 
@@ -85,7 +86,7 @@ def test_items_of_a_running_instance_are_not_taken_over(tmp_path):
     other = Spool(spool_cfg(tmp_path, "other"))
     other.prepare()
     try:
-        assert other.take_over() == ([], [])
+        assert TakeOver(other).run() == ([], [])
         assert instance_lock_state(tmp_path / "work" / "busy") == "held"
         assert (tmp_path / "work" / "busy" / "x" / "source").exists()
     finally:
@@ -100,7 +101,7 @@ def test_adopted_items_are_ready_to_run_again(tmp_path):
     sp = Spool(spool_cfg(tmp_path, "live"))
     sp.prepare()
     try:
-        claims, stopped = sp.take_over()
+        claims, stopped = TakeOver(sp).run()
     finally:
         sp.close()
     assert stopped == ["dead"]
@@ -117,7 +118,7 @@ def test_an_item_whose_name_is_in_flight_here_waits_for_the_next_check(tmp_path)
     try:
         (tmp_path / "incoming" / "same").write_bytes(b"mine")
         assert sp.claim("same") is not None
-        assert sp.take_over()[0] == []
+        assert TakeOver(sp).run()[0] == []
         assert (tmp_path / "work" / "dead" / "same" / "source").read_bytes() == b"same"
         assert (tmp_path / "work" / "live" / "same" / "source").read_bytes() == b"mine"
     finally:

@@ -20,9 +20,10 @@ from convd import protocol
 from convd.config import Config
 from convd.pipeline.context import Context
 from convd.pipeline.item import Item
+from convd.pipeline.layout import Claim
 from convd.pipeline.queue import Intake
 from convd.pipeline.runner import finish_handoff, run_item
-from convd.pipeline.spool import Claim, Spool
+from convd.pipeline.spool import Spool
 
 __all__ = ["STUCK_RETRY", "STUCK_RETRY_MAX", "Dispatcher"]
 

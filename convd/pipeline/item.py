@@ -15,8 +15,8 @@ if TYPE_CHECKING:
     from convd.config import Config
     from convd.custody import Custody
     from convd.image.inspection import Inspection
+    from convd.pipeline.layout import Claim
     from convd.pipeline.ledger import Reservation
-    from convd.pipeline.spool import Claim
 
 __all__ = ["CANCELLABLE", "Item", "Stage"]
 

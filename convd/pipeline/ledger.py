@@ -29,12 +29,12 @@ import anyio
 import structlog
 
 from convd import durable
+from convd.pipeline.layout import LEDGER, LEDGER_LOCK
 
 __all__ = ["Entry", "Ledger", "Reservation", "SharedLedger", "StatvfsSpace"]
 
 log = structlog.get_logger(__name__)
 
-LEDGER, LEDGER_LOCK = ".ledger", ".ledger.lock"
 # Live daemons rewrite their entry at least this often (seconds) ...
 SHARED_REFRESH = 5.0
 # ... and an entry not rewritten for this long is a dead daemon's: dropped.

@@ -1,31 +1,10 @@
 """The spool: directories, claim by rename, atomic handoff, recovery.
 
-Layout under ``work/``: one claim directory per daemon instance
-(``work/<instance>/``, held with an ``flock`` so two daemons never share
-one), and in it one directory per item (``work/<instance>/<NAME>/``) holding
+The layout itself (which file is where) is :mod:`convd.pipeline.layout`'s.
 
-* ``source``       the original bytes, until the result is durable;
-* ``unpacked``     the disk unpacked from a container (gzip, xz, tar, OVA, …),
-                   when ``source`` is one; rewritten from ``source`` after a crash;
-* ``private``      a copy of ``source`` read instead of it where convd cannot
-                   take the inode itself (``convd.custody``); made again after a crash;
-* ``output``       qemu-img's output while it is being written;
-* ``item.json``    attempts so far, and unpacks begun but never finished: the
-                   daemon died in them (see ``note_reading``);
-* ``record.json``  the final record and destination, written durably just
-                   before the handoff, so recovery can finish it.
-
-An item's stage can be read off its files: no ``record.json`` means it is
-converted (again) from ``source``; with one, only the handoff remains.
-
-Take-over: each ``work/<instance>/`` has two lock files.  ``.lock`` is held
-(``flock``, exclusive) by its daemon for as long as it runs.  ``.adopt`` is
-the door to it: whoever wants to look at ``.lock`` (a survivor checking
-whether the instance is alive, ``convd status``, or the owner itself at
-start-up) takes ``.adopt`` first.  A survivor that finds ``.lock`` free
-keeps both while it moves the items into its own directory, so exactly one
-survivor adopts them, and an owner starting meanwhile waits at the door
-(``ADOPT_WAIT``) instead of taking a prober's brief hold for a running twin.
+Each ``work/<instance>/`` is held by its daemon (``.lock``) behind a door
+(``.adopt``) that a starting owner waits at (``ADOPT_WAIT``) while a peer
+looks; adopting a stopped instance's items is :mod:`convd.pipeline.takeover`'s.
 """
 
 from __future__ import annotations
@@ -37,7 +16,6 @@ import re
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,26 +25,24 @@ from convd import durable, protocol
 from convd.cluster import ADOPT, LOCK, instance_lock_state, try_flock
 from convd.config import SpoolConfig
 from convd.errors import ConfigError
+from convd.pipeline.layout import (
+    EXPECT,
+    FAILED_NUMBER_MAX,
+    ITEM,
+    OUTPUT,
+    PRIVATE,
+    RECORD,
+    SOURCE,
+    UNPACKED,
+    Claim,
+    is_candidate_name,
+    is_item,
+)
 
-__all__ = [
-    "IGNORED_SUFFIXES",
-    "Claim",
-    "Spool",
-    "instance_lock_state",
-    "is_candidate_name",
-    "name_fits",
-    "name_refused",
-]
+__all__ = ["Spool", "instance_lock_state"]
 
 log = structlog.get_logger(__name__)
 
-IGNORED_SUFFIXES = (".part", ".tmp")
-SOURCE, OUTPUT, ITEM, RECORD = "source", "output", "item.json", "record.json"
-# The producer's expectation (contract section 8) as convd read it at claim:
-# {"expect": {...}} or {"unreadable": "why"}; written by convd, never the producer's file.
-EXPECT = "expect.json"
-UNPACKED = "unpacked"
-PRIVATE = "private"
 # Another instance's temp in outgoing/ or failed/ older than this is abandoned.
 STALE_TEMP_AGE = 3600.0
 
@@ -74,9 +50,6 @@ STALE_TEMP_AGE = 3600.0
 # probe takes milliseconds; adopting many items on a slow filesystem, longer).
 ADOPT_WAIT = 60.0
 
-# NAME.json and failed/NAME.N.json (N up to 8 digits) must fit in NAME_MAX (255 bytes).
-FAILED_NUMBER_MAX = 99_999_999
-MAX_NAME_BYTES = 255 - len(".json") - len(f".{FAILED_NUMBER_MAX}")  # 241
 # Names whose next free number in failed/ is remembered (so numbering is O(1) when warm).
 _FAILED_NEXT_KEPT = 4096
 
@@ -96,69 +69,6 @@ def boot_id() -> str:
     return _BOOT_ID
 
 
-def is_candidate_name(name: str) -> bool:
-    """Producers write under a dot-name or ``*.part``/``*.tmp`` and rename in."""
-    return bool(name) and not name.startswith(".") and not name.endswith(IGNORED_SUFFIXES)
-
-
-def _is_item(entry: os.DirEntry[str]) -> bool:
-    return not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False)
-
-
-def name_fits(name: str) -> bool:
-    """Whether a record can be written beside this name (longer ones wait, logged)."""
-    return len(os.fsencode(name)) <= MAX_NAME_BYTES
-
-
-def name_refused(name: str) -> str | None:
-    """Why a name dropped in ``incoming/`` can never be an input (it waits there, logged), or None.
-
-    ``NAME.json`` is refused: published or rejected, its bytes would take the
-    name of the record of an input called ``NAME`` (in ``outgoing/`` or
-    ``failed/``), and a consumer waiting for that record could read an
-    image as it.  No rename into ``failed/`` avoids that, so it stays put.
-    """
-    if not name_fits(name):
-        return f"longer than {MAX_NAME_BYTES} bytes: no record name would fit"
-    if name.endswith(".json"):
-        return "NAME.json would take the name of another input's record (rename it, e.g. to NAME.json.img)"
-    return None
-
-
-@dataclass
-class Claim:
-    """An item this instance owns: its directory under ``work/<instance>/``."""
-
-    name: str
-    dir: Path
-    attempts: int = 0
-    reads_unfinished: int = 0  # unpacks of it the daemon never came back from (it died in them)
-    pending: dict[str, Any] | None = None  # record.json, when only the handoff is left
-    source_path: Path | None = None  # `convd convert`: the user's file, left where it is
-    unpacked: Path | None = None  # the disk unpacked from a container source, once written
-    private: Path | None = None  # the private copy of a source convd could not take (convd.custody)
-
-    @property
-    def dropped(self) -> Path:
-        """The file as it was dropped (the bytes ``failed/`` keeps)."""
-        return self.source_path or self.dir / SOURCE
-
-    @property
-    def source(self) -> Path:
-        """The disk the stages read: the unpacked one when the drop was a container,
-        the private copy when convd could not take the dropped inode."""
-        return self.unpacked or self.private or self.dropped
-
-    @property
-    def source_payload(self) -> str:
-        """The file a passthrough publishes."""
-        return UNPACKED if self.unpacked else PRIVATE if self.private else SOURCE
-
-    @property
-    def output(self) -> Path:
-        return self.dir / OUTPUT
-
-
 class Spool:
     def __init__(self, cfg: SpoolConfig) -> None:
         self.cfg = cfg
@@ -166,11 +76,10 @@ class Spool:
         self.work = cfg.work
         self.claims = cfg.work / cfg.instance
         self._lock_fd: int | None = None
-        # claim() and take_over() both make entries in claims/: never at once
+        # claim() and a take-over (convd.pipeline.takeover) both make entries in claims/: never at once
         # (they run in worker threads), so an adopted item never lands on the
         # directory of a claim being made.
-        self._claims_guard = threading.Lock()
-        self._unrecovered: list[str] = []  # adopted, but not yet readable (take_over retries them)
+        self.claims_guard = threading.Lock()
         self._failed_next: dict[str, int] = {}  # NAME -> the number to try next in failed/
 
     # -- start-up --------------------------------------------------------
@@ -252,101 +161,12 @@ class Spool:
                 n += 1
         return n
 
-    def peers(self) -> list[str]:
-        """The other instances that have a directory under ``work/``."""
-        return sorted(e.name for e in os.scandir(self.work)
-                      if e.name != self.cfg.instance and not e.name.startswith(".")
-                      and e.is_dir(follow_symlinks=False))
-
-    def take_over(self) -> tuple[list[Claim], list[str]]:
-        """Adopt the items of every other instance whose daemon no longer runs.
-
-        Called at start-up and then every ``[spool] takeover_interval``: a
-        peer whose ``.lock`` is free (its process died, or its node's lease
-        on the lock expired) has its items moved into this instance's
-        directory and returned, ready to run (as :meth:`recover` leaves
-        them).  Also returns the instances found stopped.  Exactly one
-        survivor adopts a given item: it holds the peer's ``.adopt`` and
-        ``.lock`` while it moves them, and a rename has one winner anyway.
-        An instance directory without items is not probed at all.
-        """
-        names: list[str] = []
-        stopped: list[str] = []
-        for peer in self.peers():
-            pdir = self.work / peer
-            try:
-                with os.scandir(pdir) as it:
-                    if not any(_is_item(e) for e in it):
-                        continue
-                door = try_flock(pdir / ADOPT)
-            except OSError:
-                continue  # vanished or unreadable: nothing of ours
-            if door is None:
-                continue  # another survivor is looking (it adopts), or the owner is starting
-            try:
-                fd = try_flock(pdir / LOCK)
-                if fd is None:
-                    continue  # that instance is running
-                try:
-                    stopped.append(peer)
-                    names += self._adopt_from(pdir, peer)
-                finally:
-                    os.close(fd)
-            except OSError as exc:
-                log.error("cannot take over a stopped instance", instance=peer, error=exc.strerror)
-            finally:
-                os.close(door)
-        if names:
-            durable.fsync_dir(self.claims)
-        # Adopted items already sit in our directory: one that cannot be read
-        # now (a stalled shared filesystem) is tried again at the next check,
-        # and never keeps the others from running.
-        names += self._unrecovered
-        self._unrecovered = []
-        claims = []
-        for n in sorted(set(names)):
-            try:
-                claim = self._recover_claim(n)
-            except OSError as exc:
-                log.error("cannot recover an adopted item; trying again at the next check", item=n,
-                          error=exc.strerror)
-                self._unrecovered.append(n)
-                continue
-            if claim is not None:
-                claims.append(claim)
-        return claims, stopped
-
-    def _adopt_from(self, pdir: Path, peer: str) -> list[str]:
-        adopted = []
-        for item in os.scandir(pdir):
-            if not _is_item(item):
-                continue
-            with self._claims_guard:
-                if os.path.lexists(self.claims / item.name):
-                    # Same name in flight here: it waits for the next check.
-                    log.info("not adopting yet: an item of that name is in flight here", item=item.name,
-                             instance=peer)
-                    continue
-                try:
-                    os.rename(item.path, self.claims / item.name)
-                except FileNotFoundError:
-                    continue  # gone (its owner cleaned it up before it died)
-                except OSError as exc:
-                    log.error("cannot adopt an item of a stopped instance", item=item.name,
-                              instance=peer, error=exc.strerror)
-                    continue
-            adopted.append(item.name)
-            log.warning("adopted an item of a stopped instance", item=item.name, instance=peer)
-        if adopted:
-            durable.fsync_dir(pdir)
-        return adopted
-
     def recover(self) -> list[Claim]:
         """This instance's unfinished items, from what ``work/<instance>/`` holds."""
-        names = sorted(e.name for e in os.scandir(self.claims) if _is_item(e))
-        return [c for c in (self._recover_claim(n) for n in names) if c is not None]
+        names = sorted(e.name for e in os.scandir(self.claims) if is_item(e))
+        return [c for c in (self.recover_claim(n) for n in names) if c is not None]
 
-    def _recover_claim(self, name: str) -> Claim | None:
+    def recover_claim(self, name: str) -> Claim | None:
         """A claim left by a crash, made ready to run again (None: nothing left of it)."""
         claim = self.load_claim(name)
         for leftover in os.listdir(claim.dir):
@@ -420,7 +240,7 @@ class Spool:
         taken: list[Claim] = []
         for name in names:
             # The guard: take-over must not adopt a same-named item between our mkdir and rename.
-            with self._claims_guard:
+            with self.claims_guard:
                 out[name] = got = self._claim(name)
             if isinstance(got, Claim):
                 taken.append(got)

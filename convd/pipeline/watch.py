@@ -15,9 +15,10 @@ import anyio
 import structlog
 import watchfiles
 
+from convd.pipeline.layout import is_candidate_name, name_refused
 from convd.pipeline.queue import Intake
 from convd.pipeline.renames import RenameWatch
-from convd.pipeline.spool import Spool, is_candidate_name, name_refused
+from convd.pipeline.spool import Spool
 from convd.protocol import is_cancel_request
 
 __all__ = ["Watcher"]

@@ -10,7 +10,8 @@ import anyio
 from convd import record
 from convd.errors import ItemError
 from convd.pipeline.item import Item, Stage
-from convd.pipeline.spool import SOURCE, Spool
+from convd.pipeline.layout import SOURCE
+from convd.pipeline.spool import Spool
 
 if TYPE_CHECKING:
     from convd.pipeline.context import Context

@@ -22,7 +22,7 @@ from convd.errors import (
 )
 from convd.image.inspection import RAW_FAMILY, inspect_fd
 from convd.pipeline.item import Item, Stage
-from convd.pipeline.spool import OUTPUT
+from convd.pipeline.layout import OUTPUT
 
 if TYPE_CHECKING:
     from convd.pipeline.context import Context

@@ -44,14 +44,15 @@ from convd.errors import (
 )
 from convd.image.inspection import RAW_FAMILY, inspect_fd
 from convd.pipeline.item import Item, Stage
+from convd.pipeline.layout import RECORD
 from convd.pipeline.ledger import Ledger
-from convd.pipeline.spool import RECORD
 from convd.qemu import img as qemu
 from convd.stages.reserve import MARGIN_BYTES, MARGIN_FRACTION
 
 if TYPE_CHECKING:
     from convd.pipeline.context import Context
-    from convd.pipeline.spool import Claim, Spool
+    from convd.pipeline.layout import Claim
+    from convd.pipeline.spool import Spool
 
 __all__ = ["RbdTarget", "convert", "finish_handoff", "publish", "reserve"]
 

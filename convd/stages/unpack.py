@@ -28,7 +28,7 @@ from convd.errors import (
 from convd.image import containers
 from convd.image.inspection import open_regular
 from convd.pipeline.item import Item, Stage
-from convd.pipeline.spool import PRIVATE, UNPACKED
+from convd.pipeline.layout import PRIVATE, UNPACKED
 from convd.stages import verify
 
 if TYPE_CHECKING:

@@ -22,7 +22,7 @@ from convd.checksum import digest_file
 from convd.errors import Cancelled, CorruptImage
 from convd.image.inspection import open_regular
 from convd.pipeline.item import Item
-from convd.pipeline.spool import EXPECT
+from convd.pipeline.layout import EXPECT
 from convd.protocol import EXPECT_PREFIX
 
 if TYPE_CHECKING:
