@@ -21,8 +21,9 @@ from types import FrameType
 from typing import Any
 
 from bench import images, qsd, report, scenarios
-from bench.daemon import Daemon, Spool, write_config
+from bench.daemon import bench_daemon, write_config
 from bench.machine import describe
+from convd_testing.daemon import Daemon, Spool
 
 __all__ = ["main"]
 
@@ -153,7 +154,7 @@ def daemons_stopped(ds: dict[Any, Daemon]) -> Iterator[dict[Any, Daemon]]:
         yield ds
     finally:
         for d in ds.values():
-            d.stop()
+            d.stop(15.0, strict=False)
 
 
 def start_daemon(root: Path, label: str, *, target: str, algorithms: list[str]) -> Daemon:
@@ -162,8 +163,8 @@ def start_daemon(root: Path, label: str, *, target: str, algorithms: list[str]) 
     spool = Spool(root)
     spool.create()
     cfg = write_config(root, target=target, algorithms=algorithms)
-    d = Daemon(cfg, spool, label)
-    d.wait_ready()
+    d = bench_daemon(cfg, spool, label)
+    d.wait_ready(timeout=30.0)
     return d
 
 

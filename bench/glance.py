@@ -24,18 +24,17 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.daemon import Daemon, Spool, write_config
+from bench.daemon import bench_daemon, write_config
+from convd_testing.daemon import Daemon, Spool
+from convd_testing.glance_server import GlanceClient, GlanceServer, MariaDB, glance_venv_problem, mariadb_problem
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-from glance_server import GlanceClient, GlanceServer, MariaDB, glance_venv_problem, mariadb_problem  # noqa: E402
 
 __all__ = ["run_glance"]
 
@@ -201,7 +200,7 @@ def run_glance(src: Path, workdir: Path, reps: int, log: Callable[[str], None], 
     spool = Spool(root / "spool")
     spool.create()
     # Glance hashes what it stores itself: the record's checksum would be a second read.
-    daemon = Daemon(write_config(root / "spool", target="raw", algorithms=[], max_workers=2), spool, "glance")
+    daemon = bench_daemon(write_config(root / "spool", target="raw", algorithms=[], max_workers=2), spool, "glance")
     db = MariaDB(root / "mariadb")
     servers = {
         "image_conversion": GlanceServer(root / "builtin", plugins=["image_conversion"], db=db,
@@ -212,7 +211,7 @@ def run_glance(src: Path, workdir: Path, reps: int, log: Callable[[str], None], 
     runs: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS}
     bursts: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
     try:
-        daemon.wait_ready()
+        daemon.wait_ready(timeout=30.0)
         db.start()
         for s in servers.values():
             s.start()
@@ -239,7 +238,7 @@ def run_glance(src: Path, workdir: Path, reps: int, log: Callable[[str], None], 
         for s in servers.values():
             s.stop()
         db.stop()
-        daemon.stop()
+        daemon.stop(15.0, strict=False)
         shutil.rmtree(root, ignore_errors=True)
     med = {m: {k: statistics.median(r[k] for r in runs[m]) for k in ("stage", "import", "total")}
            for m in METHODS}

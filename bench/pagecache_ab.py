@@ -23,8 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.daemon import convd_bin, stage_private, write_config
+from bench.daemon import write_config
 from convd.qemu import img as qemu
+from convd_testing.daemon import convd_bin, stage_private
 
 
 def main(argv: list[str]) -> int:

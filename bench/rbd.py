@@ -1,6 +1,6 @@
 """``python -m bench --rbd``: a qcow2 into a Ceph RBD pool, convd against converting and importing by hand.
 
-A one-node Ceph cluster on loopback (tests/sharedfs.py, no file system: mon,
+A one-node Ceph cluster on loopback (convd_testing/sharedfs.py, no file system: mon,
 mgr, one memstore OSD) with an ``images`` pool.  Alternating, ``--reps``
 times each, every method on a freshly staged private copy of the same
 ``--size``-virtual qcow2 (bench.images' layout: 40 % random data, 15 %
@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from bench import images
-from bench.daemon import Daemon, Spool, stage_private, write_config
+from bench.daemon import bench_daemon, write_config
 from bench.machine import describe
+from convd_testing.daemon import Daemon, Spool, stage_private
 
 __all__ = ["RBD_BEGIN", "RBD_END", "rbd_block", "run_rbd"]
 
@@ -160,8 +161,7 @@ def render(res: dict[str, Any]) -> str:
 
 
 def run_rbd(size: int, reps: int, workdir: Path, out: Path | None) -> int:
-    sys.path.insert(0, str(REPO / "tests"))
-    from sharedfs import CephCluster, ceph_missing  # the test suite's cluster, not a second copy
+    from convd_testing.sharedfs import CephCluster, ceph_missing  # the test suite's cluster, not a second copy
 
     why = ceph_missing()
     if why:
@@ -190,7 +190,7 @@ def run_rbd(size: int, reps: int, workdir: Path, out: Path | None) -> int:
         cfg = write_config(root, target="raw", algorithms=["sha256"], publish={"to": "rbd"},
                            **{"publish.rbd": {"pool": POOL, "ceph_conf": str(conf), "user": "admin"}})
         spool = Spool(root)
-        d = Daemon(cfg, spool, "rbd")
+        d = bench_daemon(cfg, spool, "rbd")
         d.wait_ready(timeout=60)
         hand = workdir / "rbd-hand"
         hand.mkdir(parents=True, exist_ok=True)
@@ -211,7 +211,7 @@ def run_rbd(size: int, reps: int, workdir: Path, out: Path | None) -> int:
                 _log(f"{method} run {i + 1}: {r['total']:.2f} s")
     finally:
         if d is not None:
-            d.stop()
+            d.stop(15.0, strict=False)
         cluster.stop()
         imgset.remove()
     res["load"].append(os.getloadavg()[0])

@@ -15,9 +15,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.daemon import Daemon, Spool, parse_ts, stage_private, write_config
+from bench.daemon import bench_daemon, parse_ts, write_config
 from bench.images import tiny_raw
 from bench.inotify import DirWatch, QueueOverflow
+from convd_testing.daemon import Daemon, Spool, stage_private
 
 __all__ = [
     "backlog",
@@ -277,7 +278,7 @@ def backlog(root: Path, config: Path, files: int, size: int, log: Log) -> dict[s
     watching_wall: float | None = None
     with DirWatch([spool.outgoing, spool.failed]) as watch:
         mono_to_wall = time.time() - time.monotonic()
-        daemon = Daemon(config, spool, "backlog")
+        daemon = bench_daemon(config, spool, "backlog")
         try:
             next_sample = 0.0
             next_note = time.monotonic() + 10
@@ -311,7 +312,7 @@ def backlog(root: Path, config: Path, files: int, size: int, log: Log) -> dict[s
                     next_note = now + 10
             hwm = daemon.status("VmHWM")
         finally:
-            rc = daemon.stop()
+            rc = daemon.stop(15.0, strict=False)
     if watching_wall is None:
         for ev in daemon.new_events():
             if ev.get("event") == "watching":
@@ -354,12 +355,12 @@ def rate_limited(root: Path, sources: Sequence[Path], data: int, cap: int, log: 
     spool.create()
     cfg = write_config(root, target="raw", algorithms=[], max_workers=len(sources),
                        convert={"rate_limit": cap})
-    daemon = Daemon(cfg, spool, "rate_limit")
+    daemon = bench_daemon(cfg, spool, "rate_limit")
     try:
-        daemon.wait_ready()
+        daemon.wait_ready(timeout=30.0)
         res = drain(daemon, sources, "rate")
     finally:
-        daemon.stop()
+        daemon.stop(15.0, strict=False)
     moved = data * len(sources)
     rate = moved / res["total"]
     log(f"rate_limit {cap / 2**20:.0f} MiB/s, {len(sources)} at once: {rate / 2**20:.1f} MiB/s in total")

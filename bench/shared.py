@@ -1,6 +1,6 @@
 """``python -m bench --shared``: 1, 2 and 3 daemons on one CephFS spool, and the take-over time.
 
-A one-node Ceph cluster on loopback (tests/sharedfs.py) with one ceph-fuse
+A one-node Ceph cluster on loopback (convd_testing/sharedfs.py) with one ceph-fuse
 client per daemon, as separate API nodes would mount it, and one more for
 the producer and consumer.  Each run stages
 ``--shared-count`` qcow2 images beside the spool, renames them all into
@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.daemon import Daemon, Spool, parse_ts, write_config
+from bench.daemon import bench_daemon, parse_ts, write_config
 from bench.machine import describe
+from convd_testing.daemon import Daemon, Spool
 
 __all__ = ["SHARED_BEGIN", "SHARED_END", "run_shared", "shared_block", "splice"]
 
@@ -89,7 +90,7 @@ def _start(cluster: Any, root: Path, n: int, conf: Path) -> list[Daemon]:
                            spool={"root": str(node_root), "instance": f"node{k + 1}"},
                            limits={"workspace": "2GiB", "min_free": "256MiB"},
                            watch={"settle": 2.0, "rescan_interval": "10s"})
-        d = Daemon(cfg, Spool(node_root), f"node{k + 1}")
+        d = bench_daemon(cfg, Spool(node_root), f"node{k + 1}")
         d.wait_ready(timeout=60)
         daemons.append(d)
     return daemons
@@ -134,7 +135,7 @@ def _throughput(cluster: Any, imgs: list[Path], size: int, n: int, work: Path) -
         _wait(lambda: _records(spool) >= set(names), 1800, f"{len(names)} records with {n} daemon(s)")
         elapsed = time.monotonic() - t0
     finally:
-        rcs = [d.stop() for d in daemons]
+        rcs = [d.stop(15.0, strict=False) for d in daemons]
     failed = os.listdir(spool.failed)
     per_daemon = {d.label: sum(1 for line in d.log_path.read_text().splitlines() if '"event": "claimed"' in line)
                   for d in daemons}
@@ -174,7 +175,7 @@ def _takeover(cluster: Any, imgs: list[Path], work: Path) -> dict[str, Any]:
         _wait(lambda: _records(spool) >= set(names), 1800, "all records after the kill")
     finally:
         for d in daemons:
-            d.stop()
+            d.stop(15.0, strict=False)
     shutil.rmtree(root, ignore_errors=True)
     return {"orphans": len(orphans), "first_adoption_s": None if first_adopt is None else round(first_adopt, 1),
             "all_orphans_published_s": round(done, 1), "takeover_interval": TAKEOVER_INTERVAL}
@@ -218,8 +219,7 @@ def render(res: dict[str, Any]) -> str:
 
 
 def run_shared(count: int, size: int, workdir: Path, out: Path | None) -> int:
-    sys.path.insert(0, str(REPO / "tests"))
-    from sharedfs import CephCluster, ceph_missing  # the test suite's cluster, not a second copy
+    from convd_testing.sharedfs import CephCluster, ceph_missing  # the test suite's cluster, not a second copy
 
     why = ceph_missing()
     if why:

@@ -8,10 +8,7 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +16,8 @@ from typing import Any
 import pytest
 import structlog
 
-from glance_server import stop_on_signals, track, untrack
+from convd_testing.daemon import Daemon, Spool
+from convd_testing.glance_server import stop_on_signals
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = Path(__file__).resolve().parent / "data" / "os-test-images"
@@ -30,11 +28,6 @@ def pytest_configure(config: pytest.Config) -> None:
     # A SIGTERM (CI's cancel, a timeout) ends the run as Ctrl-C does: fixtures
     # tear down, and every tracked process group is reaped at exit.
     stop_on_signals(interrupt=True)
-
-
-def convd_bin() -> str:
-    exe = Path(sys.executable).with_name("convd")
-    return str(exe) if exe.exists() else shutil.which("convd") or "convd"
 
 
 @pytest.fixture(autouse=True)
@@ -167,73 +160,6 @@ def as_user(user: str, *argv: str) -> list[str]:
     return ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--", *argv]
 
 
-def wait_for(pred: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or pred}")
-        time.sleep(interval)
-
-
-class Daemon:
-    """A real ``convd run`` subprocess in its own process group."""
-
-    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
-        self.config = config
-        self.log_path = config.with_name(f"daemon-{time.monotonic_ns()}.log")
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [convd_bin(), "run", "-c", str(config)],
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, **(env or {})},
-        )
-        track(self.proc)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def events(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-        return out
-
-    def wait_ready(self, timeout: float = 20.0) -> None:
-        wait_for(lambda: any(e.get("event") == "watching" for e in self.events()) or self.proc.poll() is not None,
-                 timeout, what="daemon to start watching")
-        assert self.proc.poll() is None, f"daemon exited {self.proc.returncode}:\n{self.log()}"
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def kill_group(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-        untrack(self.proc)
-        self._log.close()
-
-    def stop(self, timeout: float = 10.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill_group()
-                raise AssertionError(f"daemon did not stop within {timeout}s:\n{self.log()[-3000:]}") from None
-        untrack(self.proc)
-        self._log.close()
-        return self.proc.returncode
-
-
 @pytest.fixture
 def daemon_factory() -> Iterator[Callable[..., Daemon]]:
     made: list[Daemon] = []
@@ -251,48 +177,6 @@ def daemon_factory() -> Iterator[Callable[..., Daemon]]:
             d.kill_group()
         else:
             d._log.close()
-
-
-class Spool:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.incoming, self.work = root / "incoming", root / "work"
-        self.outgoing, self.failed = root / "outgoing", root / "failed"
-
-    def drop(self, src: Path, name: str | None = None) -> str:
-        """Producer protocol: write elsewhere, rename into incoming/."""
-        name = name or src.name
-        tmp = self.incoming / f".{name}.part"
-        shutil.copyfile(src, tmp)
-        os.rename(tmp, self.incoming / name)
-        return name
-
-    def record(self, name: str) -> dict[str, Any] | None:
-        for d in (self.outgoing, self.failed):
-            p = d / f"{name}.json"
-            if p.exists():
-                return json.loads(p.read_text())
-        return None
-
-    def wait_record(self, name: str, timeout: float = 60.0) -> dict[str, Any]:
-        return wait_for(lambda: self.record(name), timeout, what=f"record of {name}")
-
-    def wait_work_empty(self, timeout: float = 10.0) -> None:
-        """Wait until no item files are left under ``work/``.
-
-        A claim directory is removed after its record is durable (the record
-        is the commit point), so a test that has just read a record waits
-        for that removal rather than racing it.
-        """
-        wait_for(lambda: self.work_files() == [], timeout=timeout, what="work/ to be emptied")
-
-    def work_files(self) -> list[str]:
-        out = []
-        for dirpath, _dirs, files in os.walk(self.work):
-            for f in files:
-                if not f.startswith("."):
-                    out.append(os.path.relpath(os.path.join(dirpath, f), self.work))
-        return out
 
 
 @pytest.fixture

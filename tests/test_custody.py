@@ -32,9 +32,9 @@ from convd import custody
 from convd.config import DetectConfig
 from convd.errors import UnsafeImage
 from convd.qemu import img as qemu
+from convd_testing.glance_server import GLANCE_VENV, reachable_convd
 
 from conftest import MiB, as_user, convd_bin, images_equal, make_image, run, system_users, unit_spool, wait_for
-from glance_server import GLANCE_VENV, reachable_convd
 
 # Names of this module's own: another suite (tests/test_glance.py) makes and
 # removes its users and group, and may run at the same time.

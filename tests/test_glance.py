@@ -28,6 +28,14 @@ from typing import Any
 import pytest
 
 from convd import protocol
+from convd_testing.glance_server import (
+    GlanceClient,
+    GlanceServer,
+    MariaDB,
+    glance_venv_problem,
+    mariadb_problem,
+    portable_venv,
+)
 
 from conftest import (
     CORPUS,
@@ -42,7 +50,6 @@ from conftest import (
     wait_for,
     write_config,
 )
-from glance_server import GlanceClient, GlanceServer, MariaDB, glance_venv_problem, mariadb_problem, portable_venv
 
 pytestmark = [pytest.mark.skipif(glance_venv_problem() is not None, reason=str(glance_venv_problem())),
               pytest.mark.skipif(mariadb_problem() is not None, reason=str(mariadb_problem()))]

@@ -32,8 +32,9 @@ from typing import Any
 
 import pytest
 
+from convd_testing.glance_server import GLANCE_VENV, reachable_convd
+
 from conftest import MiB, as_user, convd_bin, images_equal, make_image, run, system_users, unit_spool, wait_for
-from glance_server import GLANCE_VENV, reachable_convd
 
 # This module's own users and group: test_custody and test_hostile_sidecars make
 # and remove theirs, and may run at the same time.

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from convd.pipeline.sidecars import MAX_CANCEL_REQUESTS
+from convd_testing.glance_server import GLANCE_VENV, reachable_convd
 
 from conftest import MiB, convd_bin, make_image, run, wait_for, write_config
-from glance_server import GLANCE_VENV, reachable_convd
 
 CONVD_USER = "convdtest-convd"
 SECRET = "outside-the-spool-secret-reason"

@@ -33,8 +33,9 @@ from typing import Any
 
 import pytest
 
+from convd_testing.sharedfs import UmlDisks, uml_disks_missing, uml_has_filesystem
+
 from conftest import CORPUS, REPO, MiB, make_image, sha256_file
-from sharedfs import UmlDisks, uml_disks_missing, uml_has_filesystem
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,6 @@
 """Publishing straight into Ceph RBD (``[publish] to = "rbd"``) against a real one-node cluster.
 
-The cluster is tests/sharedfs.py's (mon, mgr, one memstore OSD on
+The cluster is convd_testing/sharedfs.py's (mon, mgr, one memstore OSD on
 127.0.0.1) without a file system, one per module: it takes about half a
 minute before ``ceph df`` reports a new pool.  Needs root, the Ceph
 packages and qemu's rbd driver (``make sharedfs-deps`` installs them).
@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
+from convd_testing.sharedfs import CephCluster, ceph_missing
+
 from conftest import Daemon, MiB, Spool, convd_bin, make_image, run, wait_for, write_config
-from sharedfs import CephCluster, ceph_missing
 
 POOL = "images"
 

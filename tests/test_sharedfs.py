@@ -3,7 +3,7 @@
 A one-node Ceph cluster (mon, mgr, a memstore OSD, an MDS) on 127.0.0.1
 with three ceph-fuse mounts, one per daemon, as three API nodes would mount
 it (each mount is its own CephFS client: own session, caps and locks).
-The host kernel has no CephFS or NFS client (tests/sharedfs.py says more),
+The host kernel has no CephFS or NFS client (convd_testing/sharedfs.py says more),
 so this is the real shared filesystem the machine can have.  Needs root;
 `make setup` installs the Ceph packages.
 """
@@ -21,8 +21,9 @@ from typing import Any
 
 import pytest
 
+from convd_testing.sharedfs import CephCluster, ceph_missing
+
 from conftest import Daemon, MiB, convd_bin, images_equal, make_image, run, wait_for, write_config
-from sharedfs import CephCluster, ceph_missing
 
 pytestmark = pytest.mark.slow
 

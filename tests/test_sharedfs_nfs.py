@@ -2,7 +2,7 @@
 
 The host kernel has no NFS client or server (no network filesystems, no
 modules), so the real Linux nfsd and NFS client run inside a User-Mode Linux
-guest (tests/sharedfs.py: each node a network namespace with its own NFSv4
+guest (convd_testing/sharedfs.py: each node a network namespace with its own NFSv4
 client identity; addresses only inside the guest).  tests/nfs_job.py drives
 the daemons in the guest and reports; the asserts are here.
 """
@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from convd_testing.sharedfs import UmlNfs, uml_missing
+
 from conftest import REPO, MiB, make_image
-from sharedfs import UmlNfs, uml_missing
 
 pytestmark = pytest.mark.slow
 

@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from glance_server import track, untrack
+from convd_testing.glance_server import track, untrack
 
 __all__ = ["CephCluster", "CephUnavailable", "UmlDisks", "UmlNfs", "ceph_missing", "uml_disks_missing",
            "uml_missing"]
