@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import structlog
 
-from convd_testing.daemon import Daemon, Spool
+# The harness lives in convd_testing (shared with bench/); the tests import it from here too.
+from convd_testing.daemon import Daemon, Spool, convd_bin, wait_for  # noqa: F401 - re-exported to the tests
 from convd_testing.glance_server import stop_on_signals
 
 REPO = Path(__file__).resolve().parent.parent
