@@ -30,6 +30,7 @@ from convd.monitor import Monitor
 from convd.pipeline.context import Context
 from convd.pipeline.dispatch import Dispatcher
 from convd.pipeline.item import Item
+from convd.pipeline.layout import Claim
 from convd.pipeline.ledger import SHARED_REFRESH, Ledger, SharedLedger, StatvfsSpace
 from convd.pipeline.queue import Intake
 from convd.pipeline.spool import Spool
@@ -164,7 +165,7 @@ class _Running:
 
     # -- main ------------------------------------------------------------------
 
-    async def serve(self, resumed: list[Any], stale: list[str]) -> None:
+    async def serve(self, resumed: list[Claim], stale: list[str]) -> None:
         """Run until SIGTERM or SIGINT: ``resumed`` claims (recovered, adopted) first, then what arrives."""
         cfg, ctx, ledger = self.cfg, self.ctx, self.ctx.ledger
         # Known to the others before the first admission (see SharedLedger).
