@@ -177,7 +177,7 @@ async def test_two_daemons_on_one_filesystem_never_spend_the_same_free_bytes(tmp
         await anyio.sleep(1.5)  # b looked at least twice
         assert got == [], f"b admitted 6 GiB with {format_size(b.available())} available"
         a.release("x")
-        a.publish(a.outstanding())  # the daemon's refresh, every SHARED_REFRESH seconds
+        a.announce(a.outstanding())  # the daemon's refresh, every SHARED_REFRESH seconds
     assert got == ["y"]
 
 
