@@ -11,6 +11,7 @@ import select
 import shutil
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -53,7 +54,7 @@ ACCEPTED_GAPS = {
     "PrivateUsers=",
     # char-rtc:r comes with ProtectClock=yes itself.
     "DeviceAllow=",
-    # Results must be readable by consumers in group convd.
+    # Results must be readable by producers and consumers in group convd.
     "UMask=",
     # A read lease tells whether a producer still writes a file in incoming/;
     # on a file convd does not own it needs CAP_LEASE, which a User= service
@@ -222,14 +223,43 @@ def test_sysusers_and_tmpfiles_create_the_spool_for_convd(tmp_path: Path) -> Non
     assert home == "/var/lib/convd"
     assert shell.endswith("nologin")
 
-    # In --root mode this systemd resolves convd from root/etc/passwd.
-    _run([tmpfiles, "--create", f"--root={root}", str(TMPFILES)])
-    expected = {"": 0o750, "incoming": 0o2770, "work": 0o2750, "outgoing": 0o2770, "failed": 0o2770}
+    # In --root mode this systemd resolves convd from root/etc/passwd, but an
+    # ACL's group names from the host's: the snippet names convd-consumers by
+    # the number sysusers gave it there.
+    consumers = int(groups["convd-consumers"][2])
+    snippet = tmp_path / "convd.tmpfiles"
+    snippet.write_text(TMPFILES.read_text().replace("group:convd-consumers:", f"group:{consumers}:"))
+    _run([tmpfiles, "--create", f"--root={root}", str(snippet)])
+    # (With an ACL, the group bits shown are its mask.)
+    expected = {"": 0o750, "incoming": 0o3770, "work": 0o2750, "outgoing": 0o2770, "failed": 0o2750}
     for name, mode in expected.items():
         st = (root / "var/lib/convd" / name).stat()
         assert stat.S_ISDIR(st.st_mode)
         assert oct(stat.S_IMODE(st.st_mode)) == oct(mode), name or "spool root"
         assert (st.st_uid, st.st_gid) == (int(uid), int(gid)), name or "spool root"
+    # Producers (group convd) never reach into work/, nor write outgoing/; consumers
+    # (group convd-consumers) read work/ and take results from outgoing/.
+    acls = {name: _acl(root / "var/lib/convd" / name) for name in expected}
+    assert acls["work"] == {"user::": 7, "group::": 0, f"group:{consumers}": 5, "mask::": 5, "other::": 0}
+    assert acls["outgoing"] == {"user::": 7, "group::": 5, f"group:{consumers}": 7, "mask::": 7, "other::": 0}
+    for name in ("", "incoming", "failed"):
+        assert acls[name] == {}, name or "spool root"
+
+
+def _acl(path: Path) -> dict[str, int]:
+    """``path``'s POSIX access ACL as ``{"user::": perms, "group:GID": perms, …}`` ({} for none),
+    from the ``system.posix_acl_access`` xattr (linux/posix_acl_xattr.h: a version, then
+    little-endian ``(tag u16, perm u16, id u32)`` entries)."""
+    try:
+        blob = os.getxattr(path, "system.posix_acl_access")
+    except OSError:
+        return {}
+    tags = {0x01: "user::", 0x02: "user:", 0x04: "group::", 0x08: "group:", 0x10: "mask::", 0x20: "other::"}
+    out = {}
+    for off in range(4, len(blob), 8):
+        tag, perm, ident = struct.unpack_from("<HHI", blob, off)
+        out[tags[tag] + (str(ident) if tag in (0x02, 0x08) else "")] = perm
+    return out
 
 
 # --- Notifier ------------------------------------------------------------
