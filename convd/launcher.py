@@ -15,12 +15,13 @@ would replace: measured in docs/benchmarks.md.)
 What each child gets:
 
 - its own session (a terminal's Ctrl-C is the daemon's to handle);
-- no network, where the launcher may have a network namespace of its own
-  (``unshare(CLONE_NEWNET)``, which needs ``CAP_SYS_ADMIN``: a root daemon):
-  it takes an empty one at start, holding only a loopback that is down, so
-  no qemu-img it starts can reach an NBD, HTTP or SSH server whatever an
-  image names (under the unit, ``RestrictNamespaces=yes`` refuses it, and
-  :func:`convd.qemu.source_args` alone keeps qemu-img to its file);
+- no network: the launcher takes an empty network namespace at start,
+  holding only a loopback that is down (``unshare(CLONE_NEWNET)``; without
+  ``CAP_SYS_ADMIN``, as under the unit, inside a user namespace of its own,
+  which the unit's ``RestrictNamespaces=user net`` allows), so no qemu-img
+  it starts can reach an NBD, HTTP or SSH server whatever an image names.
+  Where no namespace may be made (user namespaces turned off)
+  :func:`convd.qemu.source_args` alone keeps qemu-img to its file;
 - as descriptor 3, when the daemon sends one, the file it is to read
   (``convd.qemu`` names it ``/proc/self/fd/3``, never by path);
 - ``RLIMIT_CPU`` and ``RLIMIT_AS`` when asked: inherited as soft limits at
@@ -100,15 +101,35 @@ def _check(rc: int, what: str) -> None:
 
 
 _CLONE_NEWNET = 0x40000000
+_CLONE_NEWUSER = 0x10000000
 
 
 def _leave_network(libc: ctypes.CDLL) -> bool:
     """Move this process (and so every child it starts) into an empty network namespace.
 
-    Returns False where it may not (EPERM without ``CAP_SYS_ADMIN``, or a
-    seccomp filter): the children then share the daemon's network.
+    With ``CAP_SYS_ADMIN`` (a root daemon) a network namespace alone;
+    without it (the unit's convd user) in a user namespace of its own as
+    well, which owns the new network namespace and nothing else.  Its
+    user and group map this process's own ids onto themselves, so files and
+    ``stat()`` look the same from inside; its capabilities there reach only
+    that empty network namespace, and a qemu-img it starts (not root there)
+    has none.  Returns False where neither is allowed (unprivileged user
+    namespaces turned off, ``RestrictNamespaces=`` without ``user net``):
+    the children then share the daemon's network.
     """
-    return libc.unshare(_CLONE_NEWNET) == 0
+    if libc.unshare(_CLONE_NEWNET) == 0:
+        return True
+    uid, gid = os.geteuid(), os.getegid()
+    if libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) != 0:
+        return False
+    # An unprivileged process may map only its own ids, and its group only
+    # once setgroups(2) is denied (user_namespaces(7)); the supplementary
+    # groups it has keep their effect on file access.
+    with contextlib.suppress(OSError):
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as fh:
+                fh.write(text)
+    return True
 
 
 def _drop_inheritable_caps(libc: ctypes.CDLL) -> None:
