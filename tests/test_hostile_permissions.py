@@ -153,6 +153,10 @@ def test_a_producer_reads_results_and_changes_nothing_but_its_own_drops_and_a_co
             assert (st.st_uid, st.st_mode & 0o777) == (pwd.getpwnam(CONVD_USER).pw_uid, 0o640), p
         assert (failed / "bad").read_bytes() == bad.read_bytes()
 
+        # `convd cancel` as a producer, who cannot see into work/: answered from the records.
+        done = run(*as_user(PRODUCER, str(reachable_convd()), "cancel", "good", "-c", str(conf), "--wait", "5"),
+                   check=False)
+        assert done.returncode == 1 and "already published" in done.stdout + done.stderr, done
         # The consumer reads where an item is, takes the result away, and leaves
         # rejects for the operator.
         taken = base / "taken"
