@@ -2,7 +2,7 @@
 
 usage: python -m bench.integrity [--dir DIR] [--size 2GiB] [--reps 5]
 
-For each format: the pure-Python metadata check (``convd.integrity.verify``,
+For each format: the pure-Python metadata check (``convd.image.integrity.verify``,
 wall and CPU), the whole safe inspection it is part of (``inspect_fd``), and
 for comparison the ``qemu-img info`` that detect already ran and the
 ``qemu-img check`` it now adds for qcow2.  Medians of ``--reps`` runs after

@@ -53,18 +53,25 @@ class Where:
 
 
 def locate(cfg: Config, name: str) -> Where:
+    """Where ``NAME`` is.  A producer may not look into ``work/`` (docs/operations.md,
+    "Who may do what in the spool"): for it, an item not in ``incoming/`` may be
+    there, ``Where("work")`` with no instance, which only a daemon can act on."""
     sp = cfg.spool
     with contextlib.suppress(FileNotFoundError):
         return Where("incoming", inode=os.lstat(sp.incoming / name).st_ino)
     with contextlib.suppress(FileNotFoundError):
-        for inst in sorted(os.listdir(sp.work)):
+        try:
+            instances = sorted(os.listdir(sp.work))
+        except PermissionError:
+            return Where("work")
+        for inst in instances:
             d = sp.work / inst / name
             if inst.startswith(".") or not d.is_dir():
                 continue
             try:
                 inode: int | None = os.lstat(d / SOURCE).st_ino
-            except FileNotFoundError:
-                inode = None  # only the hand-off is left, or an empty claim
+            except (FileNotFoundError, PermissionError):
+                inode = None  # only the hand-off is left, an empty claim, or a consumer looking
             return Where("work", inst, inode)
     return Where(None)
 
@@ -126,7 +133,9 @@ def cancel(cfg: Config, name: str, *, wait: float = 30.0, reason: str = OPERATOR
         # would put its bytes in failed/ under a record's name.
         return 1, f"{name}: not an item: {refused}"
     where = locate(cfg, name)
-    if where.place is None:
+    # A producer cannot see into work/: there, only a record tells it more.
+    unseen = where == Where("work")
+    if where.place is None or (unseen and protocol.find_record(paths, name) is not None):
         found = protocol.find_record(paths, name)
         if found is None:
             return 1, f"{name}: no such item"
@@ -142,7 +151,7 @@ def cancel(cfg: Config, name: str, *, wait: float = 30.0, reason: str = OPERATOR
             if found is not None and found[0] == "failed":
                 code = found[1].get("error", {}).get("code")
                 return 0, f"{name}: {'cancelled' if code == 'cancelled' else code}; its bytes and record are in failed/"
-            if found is not None and now.place is None:
+            if found is not None and (now.place is None or now == Where("work")):
                 return 1, f"{name}: already published (outgoing/{name}.json); the result stands"
             if now.place is not None and (where.inode is None or now.inode in (None, where.inode)):
                 _withdraw_here(cfg, name, now, reason)

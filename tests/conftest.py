@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import pwd
+import re
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -121,38 +122,51 @@ def write_config(tmp_path: Path, **sections: dict[str, Any]) -> Path:
 
 
 @contextlib.contextmanager
-def system_users(group: str, *users: str) -> Iterator[None]:
+def system_users(group: str, *users: str, consumers: str | None = None,
+                 consuming: tuple[str, ...] = ()) -> Iterator[None]:
     """System ``users`` in ``group`` (each also in a group of its own name), for the
     tests that run convd, a producer or Glance as other users; removed again if
-    made here."""
-    made_group = run("getent", "group", group, check=False).returncode != 0
-    run("groupadd", "-f", "--system", group)
+    made here.  ``consumers``: a second group (systemd/convd.tmpfiles' convd-consumers),
+    with the ``consuming`` users (made if need be, and also in ``group``) in it."""
+    made_groups = [g for g in (group, consumers) if g and run("getent", "group", g, check=False).returncode != 0]
+    for g in made_groups:
+        run("groupadd", "-f", "--system", g)
     made = []
-    for user in users:
+    for user in (*users, *consuming):
         try:
             pwd.getpwnam(user)
         except KeyError:
             run("useradd", "--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin", user)
             made.append(user)
         run("usermod", "-a", "-G", group, user)
+        if consumers and user in consuming:
+            run("usermod", "-a", "-G", consumers, user)
     try:
         yield
     finally:
         for user in made:
             run("userdel", user, check=False)
-        if made_group:
-            run("groupdel", group, check=False)
+        for g in made_groups:
+            run("groupdel", g, check=False)
 
 
-def unit_spool(base: Path, owner: str, group: str) -> Path:
-    """``base/spool`` with the directories and modes systemd/convd.tmpfiles makes,
-    owned by ``owner`` and ``group`` (the tests' users)."""
+TMPFILES = Path(__file__).resolve().parent.parent / "systemd" / "convd.tmpfiles"
+
+
+def unit_spool(base: Path, owner: str, group: str, consumers: str | None = None) -> Path:
+    """``base/spool`` as systemd/convd.tmpfiles makes it (systemd-tmpfiles itself runs
+    the snippet), owned by ``owner`` and ``group`` (the tests' users), its
+    convd-consumers group ``consumers`` (none when None: its ACL entries are left out)."""
     spool = base / "spool"
-    for d, mode in ((spool, 0o750), (spool / "incoming", 0o2770), (spool / "work", 0o2750),
-                    (spool / "outgoing", 0o2770), (spool / "failed", 0o2770)):
-        d.mkdir()
-        shutil.chown(d, owner, group)
-        d.chmod(mode)
+    text = TMPFILES.read_text()
+    text = text.replace("group:convd-consumers:", f"group:{consumers}:") if consumers \
+        else re.sub(r"group:convd-consumers:[rwx-]+,", "", text)
+    text = text.replace("/var/lib/convd", str(spool))
+    text = re.sub(r"^(d\s+\S+\s+\d+)\s+convd\s+convd", rf"\1 {owner} {group}", text, flags=re.MULTILINE)
+    snippet = base / "convd-tmpfiles.conf"
+    snippet.write_text(text)
+    run("systemd-tmpfiles", "--create", snippet)
+    snippet.unlink()
     return spool
 
 

@@ -147,3 +147,26 @@ def test_an_expectation_that_is_a_symlink_or_a_fifo_or_a_directory_is_refused_ne
     shutil.copyfile(image, spool.incoming / ".after.part")
     os.rename(spool.incoming / ".after.part", spool.incoming / "after")
     assert spool.wait_record("after")["status"] == "converted"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a producer's file of another user needs chown (root)")
+@pytest.mark.parametrize("stated", [{"size": 1}, {"sha265": "00"}], ids=["wrong_size", "unusable"])
+def test_a_file_refused_for_its_expectation_is_taken_into_custody_first_and_its_size_recorded(
+        daemon: Daemon, spool: Spool, image: Path, stated: dict[str, object]) -> None:
+    # The expectation's checks read bytes no producer can change, as every
+    # later check does: the dropped inode itself is convd's (taken, not copied)
+    # by the time it lands in failed/.
+    expect(spool, NAME, stated)
+    part = spool.incoming / f".{NAME}.part"
+    shutil.copyfile(image, part)
+    nobody = 65534
+    os.chown(part, nobody, nobody)
+    part.chmod(0o644)
+    dropped = part.stat().st_ino
+    os.rename(part, spool.incoming / NAME)
+    rec = spool.wait_record(NAME)
+    assert rec["error"]["code"] == "corrupt_image", rec
+    assert rec["source"]["size"] == image.stat().st_size, rec
+    st = (spool.failed / NAME).stat()
+    assert (st.st_ino, st.st_uid, st.st_mode & 0o777) == (dropped, os.geteuid(), 0o640)
+    assert '"source in custody"' in daemon.log()

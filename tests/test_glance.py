@@ -47,6 +47,7 @@ from conftest import (
     make_image,
     run,
     system_users,
+    unit_spool,
     wait_for,
     write_config,
 )
@@ -429,12 +430,13 @@ def test_four_imports_at_once_with_one_worker_all_succeed_one_convert_at_a_time(
 # -- Glance and convd as different users ------------------------------------------
 
 GLANCE_USER, CONVD_USER, GROUP = "convdtest-glance", "convdtest-convd", "convdtest-spool"
+CONSUMERS = "convdtest-consumers"  # systemd/convd.tmpfiles' convd-consumers
 
 
 @pytest.fixture
 def two_users() -> Iterator[None]:
-    """The two service users and their shared group; removed again if this test made them."""
-    with system_users(GROUP, CONVD_USER, GLANCE_USER):
+    """The two service users, the spool's group and its consumers' (Glance's); removed again if made here."""
+    with system_users(GROUP, CONVD_USER, consumers=CONSUMERS, consuming=(GLANCE_USER,)):
         yield
 
 
@@ -453,13 +455,8 @@ def test_glance_and_convd_as_different_users_share_the_spool_and_no_one_else_get
 
 
 def _two_users(base: Path, tmp_path: Path) -> None:
-    spool = base / "spool"
-    # What convd.tmpfiles makes, with the test's user and group.
-    for d, mode in ((spool, 0o750), (spool / "incoming", 0o2770), (spool / "work", 0o2750),
-                    (spool / "outgoing", 0o2770), (spool / "failed", 0o2770)):
-        d.mkdir()
-        shutil.chown(d, CONVD_USER, GROUP)
-        d.chmod(mode)
+    # What convd.tmpfiles makes, with the test's users and groups.
+    spool = unit_spool(base, CONVD_USER, GROUP, CONSUMERS)
     conf = base / "convd.toml"
     conf.write_text(f'[spool]\nroot = "{spool}"\ninstance = "users"\n[log]\nformat = "json"\n'
                     '[metrics]\nlisten = ""\n[watch]\nsettle = 0.5\n')

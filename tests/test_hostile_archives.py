@@ -210,3 +210,45 @@ def test_an_input_the_daemon_keeps_dying_on_is_quarantined_after_three_tries_not
     spool.drop(make_image(tmp_path / "next.qcow2", "qcow2", 4 * MiB), "next")
     assert spool.wait_record("next")["status"] == "converted"
     assert d.stop() == 0
+
+
+def _zstd_bomb(path: Path, unpacked: int) -> Path:
+    """A zstd stream that states no size (as ``zstd -`` from a pipe writes it) and unpacks
+    to ``unpacked`` bytes of a repeating pattern, from a few KiB."""
+    cctx = zstandard.ZstdCompressor(level=3, write_content_size=False)
+    block = bytes(range(256)) * (MiB // 256)  # not zeros: the unpack writes every byte, no holes
+    with open(path, "wb") as fh, cctx.stream_writer(fh, size=-1) as w:
+        for _ in range(unpacked // MiB):
+            w.write(block)
+    return path
+
+
+def test_two_streamed_bombs_at_once_are_too_large_and_never_hold_back_another_item(
+        tmp_path: Path, spool: Spool, daemon_factory: Callable[..., Daemon]) -> None:
+    # Two size-less streams that each unpack past the workspace, dropped
+    # together: each grows into the space the other does not hold, until the
+    # workspace is full between them.  Neither may wait for the other while
+    # holding its share (they would hold every other item back too, and end
+    # as convert_failed after max_attempts such waits): a growth denied now
+    # gives the space back at once, and the retry asks for it up front, in
+    # the queue, where the item dropped with them goes first.
+    cfg = write_config(tmp_path, limits={"workspace": "160MiB", "min_free": 0},
+                       convert={"retry_backoff": 0.2, "max_attempts": 3})
+    bombs = [_zstd_bomb(tmp_path / f"bomb{i}.raw.zst", 512 * MiB) for i in (1, 2)]
+    good = make_image(tmp_path / "good.qcow2", "qcow2", 16 * MiB)
+    d = daemon_factory(cfg)
+    for b in bombs:
+        spool.drop(b)
+    spool.drop(good)
+    recs = {p.name: spool.wait_record(p.name, timeout=120) for p in (*bombs, good)}
+    assert recs["good.qcow2"]["status"] == "converted", recs["good.qcow2"]
+    for b in bombs:
+        rec = recs[b.name]
+        assert rec["error"]["code"] == "too_large", rec
+        assert "unpacks to more than" in rec["error"]["message"], rec
+        assert (spool.failed / b.name).read_bytes() == b.read_bytes()
+    # Whatever a bomb was denied, it gave back at once: no unpack ever waited
+    # for workspace while holding some (the old wait logged nothing until it
+    # gave up, "no workspace to unpack … further").
+    assert "no workspace to unpack" not in d.log()
+    d.stop()

@@ -428,7 +428,7 @@ def test_raw_disk_that_qemus_probe_reads_as_another_format_is_unsafe(tmp_path, h
         assert err.startswith("convd: unsafe_image: a raw disk whose first sector qemu probes as "), err
 
 
-# Signatures convd.signatures names before any hidden-header rule.
+# Signatures convd.image.signatures names before any hidden-header rule.
 _NAMED_FIRST = {"parallels": "a Parallels", "bochs": "a Bochs", "cloop": "a compressed loop (cloop)"}
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -20,7 +22,8 @@ from convd.errors import CorruptImage
 from convd.qemu import img as qemu
 from convd.qemu import launcher
 
-from conftest import MiB, Spool, make_image, wait_for, write_config
+from conftest import MiB, Spool, make_image, run, system_users, wait_for, write_config
+from glance_server import reachable_convd
 
 
 def _pids_under(root: Path) -> list[int]:
@@ -151,3 +154,46 @@ def test_qemu_img_children_of_a_root_daemon_have_no_network(tmp_path: Path) -> N
     ns, devices = asyncio.run(main())
     assert ns != os.readlink("/proc/self/ns/net")
     assert [line.split(":")[0].strip() for line in devices.splitlines()[2:]] == ["lo"]
+
+
+# Run as the unit's convd user would (another user, CAP_LEASE and CAP_CHOWN
+# only): what each launcher's children see of their namespaces and network.
+NETNS_PROBE = r"""
+import asyncio, json, os
+from convd.qemu import launcher
+
+async def look(network):
+    child = await launcher.get(network=network).spawn(
+        ["/bin/sh", "-c", "readlink /proc/self/ns/net; id -u; id -g; cat /proc/self/net/dev"])
+    out, _ = await child.communicate()
+    await child.wait()
+    ns, uid, gid, *dev = out.decode().splitlines()
+    return {"ns": ns, "uid": int(uid), "gid": int(gid), "devices": [l.split(":")[0].strip() for l in dev[2:]]}
+
+async def main():
+    print(json.dumps({"self": os.readlink("/proc/self/ns/net"), "uid": os.getuid(), "gid": os.getgid(),
+                      "qemu": await look(False), "rbd": await look(True)}))
+    launcher.shutdown()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="another user (useradd, setpriv) needs root")
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) switches users")
+def test_qemu_img_children_of_an_unprivileged_daemon_have_no_network_and_ceph_tools_keep_it() -> None:
+    # No CAP_SYS_ADMIN, as under the unit: the launcher for qemu-img takes its
+    # empty network namespace inside a user namespace of its own (mapping its
+    # own ids, so the children are still convd's user); the one for Ceph's
+    # tools keeps the daemon's network.
+    python = reachable_convd().parent / "python"
+    user = "convdtest-netns"
+    with system_users("convdtest-netns-spool", user):
+        out = run("setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--inh-caps=+lease,+chown",
+                  "--ambient-caps=+lease,+chown", "--", python, "-c", NETNS_PROBE, timeout=60)
+    seen = json.loads(out.stdout)
+    assert seen["qemu"]["ns"] != seen["self"]
+    assert seen["qemu"]["devices"] == ["lo"]
+    assert seen["rbd"]["ns"] == seen["self"]
+    for which in ("qemu", "rbd"):
+        assert (seen[which]["uid"], seen[which]["gid"]) == (seen["uid"], seen["gid"]), which

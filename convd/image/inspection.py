@@ -4,7 +4,7 @@ Built on oslo.utils' ``format_inspector`` (the inspector Glance, Nova and
 Cinder use).  We add only what it leaves to its callers: opening without
 following links or blocking, the ISO+GPT hybrid rule, the fixed-VHD footer
 (which the inspector reads as raw), the metadata checks of
-:mod:`convd.integrity` (tables inside the file, parents, virtual size as
+:mod:`convd.image.integrity` (tables inside the file, parents, virtual size as
 qemu-img reads it), and messages an operator can act on.
 """
 
@@ -188,7 +188,7 @@ def _vmdk_extents(fd: int, size: int) -> str:
     return f"VMDK createType {ctype} keeps its data in other files{where}"
 
 
-# Failures the inspector reports that convd.integrity judges itself, more
+# Failures the inspector reports that convd.image.integrity judges itself, more
 # finely: qcow2 feature bits (extended_l2 and zstd are documented,
 # self-contained features; an unknown version is corruption, not an attack).
 _REJUDGED = {"qcow2": {"unknown_features"}}
@@ -212,7 +212,7 @@ def inspect_fd(fd: int, *, stop: threading.Event | None = None, limit: int | Non
     """Detect and safety-check an open regular file.
 
     Raises ``UnsupportedFormat`` for a format convd recognises and refuses
-    (:mod:`convd.signatures`, checked first), ``UnsafeImage`` (a snapshot
+    (:mod:`convd.image.signatures`, checked first), ``UnsafeImage`` (a snapshot
     delta among them) or ``CorruptImage``; with
     ``limit``, ``UnsafeImage`` when a header still wants more than ``limit``
     bytes (only an image header does); ``Stopped`` once ``stop`` is set.

@@ -51,6 +51,9 @@ class Item:
     estimate: int = 0
     reservation: Reservation | None = None
     unpack_reservation: Reservation | None = None  # the unpacked disk's bytes, until the item ends
+    # What a size-less stream's unpack asked to grow to and was denied (other
+    # items held the space): its next attempt reserves that much up front.
+    unpack_floor: int = 0
     rbd_reservation: Reservation | None = None  # the output's bytes in the Ceph pool ([publish] to = "rbd")
     rbd_tmp: str | None = None  # the temporary RBD image the current attempt writes
     progress: float = 0.0

@@ -270,7 +270,12 @@ class Ledger:
             log.warning("cannot update the shared ledger", error=str(exc))
 
     def could_ever_fit(self, size: int) -> bool:
-        return size <= self.workspace and size <= self.space.total() - self.min_free
+        return size <= self.largest()
+
+    def largest(self) -> int:
+        """The most bytes one reservation could ever be given: the workspace, or the
+        filesystem's size less ``min_free`` if smaller."""
+        return min(self.workspace, self.space.total() - self.min_free)
 
     # -- reserve / release ------------------------------------------------
 

@@ -276,7 +276,9 @@ class Spool:
     def _claim(self, name: str) -> Claim | OSError | None:
         d = self.claims / name
         try:
-            os.mkdir(d, 0o750)
+            # convd's alone: a consumer may read work/<instance>/ (status
+            # snapshots, lock probes), never an item's bytes.
+            os.mkdir(d, 0o700)
         except OSError as exc:
             return exc
         try:

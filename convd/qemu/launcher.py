@@ -15,12 +15,13 @@ would replace: measured in docs/benchmarks.md.)
 What each child gets:
 
 - its own session (a terminal's Ctrl-C is the daemon's to handle);
-- no network, where the launcher may have a network namespace of its own
-  (``unshare(CLONE_NEWNET)``, which needs ``CAP_SYS_ADMIN``: a root daemon):
-  it takes an empty one at start, holding only a loopback that is down, so
-  no qemu-img it starts can reach an NBD, HTTP or SSH server whatever an
-  image names (under the unit, ``RestrictNamespaces=yes`` refuses it, and
-  :func:`convd.qemu.img.source_args` alone keeps qemu-img to its file);
+- no network: the launcher takes an empty network namespace at start,
+  holding only a loopback that is down (``unshare(CLONE_NEWNET)``; without
+  ``CAP_SYS_ADMIN``, as under the unit, inside a user namespace of its own,
+  which the unit's ``RestrictNamespaces=user net`` allows), so no qemu-img
+  it starts can reach an NBD, HTTP or SSH server whatever an image names.
+  Where no namespace may be made (user namespaces turned off)
+  :func:`convd.qemu.img.source_args` alone keeps qemu-img to its file;
 - as descriptor 3, when the daemon sends one, the file it is to read
   (``convd.qemu.img`` names it ``/proc/self/fd/3``, never by path);
 - ``RLIMIT_CPU`` and ``RLIMIT_AS`` when asked: inherited as soft limits at

@@ -51,15 +51,35 @@ def _check(rc: int, what: str) -> None:
 
 
 _CLONE_NEWNET = 0x40000000
+_CLONE_NEWUSER = 0x10000000
 
 
 def _leave_network(libc: ctypes.CDLL) -> bool:
     """Move this process (and so every child it starts) into an empty network namespace.
 
-    Returns False where it may not (EPERM without ``CAP_SYS_ADMIN``, or a
-    seccomp filter): the children then share the daemon's network.
+    With ``CAP_SYS_ADMIN`` (a root daemon) a network namespace alone;
+    without it (the unit's convd user) in a user namespace of its own as
+    well, which owns the new network namespace and nothing else.  Its
+    user and group map this process's own ids onto themselves, so files and
+    ``stat()`` look the same from inside; its capabilities there reach only
+    that empty network namespace, and a qemu-img it starts (not root there)
+    has none.  Returns False where neither is allowed (unprivileged user
+    namespaces turned off, ``RestrictNamespaces=`` without ``user net``):
+    the children then share the daemon's network.
     """
-    return libc.unshare(_CLONE_NEWNET) == 0
+    if libc.unshare(_CLONE_NEWNET) == 0:
+        return True
+    uid, gid = os.geteuid(), os.getegid()
+    if libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) != 0:
+        return False
+    # An unprivileged process may map only its own ids, and its group only
+    # once setgroups(2) is denied (user_namespaces(7)); the supplementary
+    # groups it has keep their effect on file access.
+    with contextlib.suppress(OSError):
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as fh:
+                fh.write(text)
+    return True
 
 
 def _drop_inheritable_caps(libc: ctypes.CDLL) -> None:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["CHECKED_FORMATS", "VMDK_CREATE_TYPES", "check_consistency", "check_qemu_info", "detect"]
 
 VMDK_CREATE_TYPES = ("monolithicSparse", "streamOptimized")
-# Formats whose consistency `qemu-img check` judges beyond convd.integrity's
+# Formats whose consistency `qemu-img check` judges beyond convd.image.integrity's
 # bounds checks: qcow2's refcounts reveal clusters that two L2 entries share
 # (one guest region reading another's data).  vdi, vmdk and vhdx checks add
 # nothing integrity does not already do, and vpc has none: no spawn for them.
@@ -50,7 +50,7 @@ def check_qemu_info(info: dict[str, Any], fmt: str, virtual_size: int, path: str
     """qemu-img's view must match the inspector's and hide nothing outside the file.
 
     ``virtual_size`` is the inspector's, corrected to the rule qemu-img
-    applies for the format (:func:`convd.integrity.verify`), so only a real
+    applies for the format (:func:`convd.image.integrity.verify`), so only a real
     disagreement is a mismatch.
     """
     if info.get("format") != fmt:

@@ -19,7 +19,6 @@ from convd.config import format_size
 from convd.errors import (
     Cancelled,
     ItemError,
-    Stopped,
     TooLarge,
     TransientError,
     UnsafeImage,
@@ -34,7 +33,7 @@ from convd.stages import verify
 if TYPE_CHECKING:
     from convd.pipeline.context import Context
 
-__all__ = ["GROW_PATIENCE", "MAX_UNFINISHED_READS", "unpack", "unpack_limit"]
+__all__ = ["MAX_UNFINISHED_READS", "unpack", "unpack_limit"]
 
 log = structlog.get_logger(__name__)
 
@@ -43,14 +42,14 @@ log = structlog.get_logger(__name__)
 _FIRST_GUESS = 64 << 20
 _RATIO = 4
 _DEFLATE_MAX_RATIO = 1032  # deflate's most output per input byte
-# How long an unpack waits for other items to free workspace before it
-# gives its reservation back and starts over later (two unpacks growing at
-# once must not wait for each other forever).
-GROW_PATIENCE = 60.0
-_GROW_POLL = 0.5
 # Times the daemon may die while unpacking one input before that input is quarantined
 # (never a crash loop: systemd restarts the daemon, recovery would unpack it again).
 MAX_UNFINISHED_READS = 3
+
+
+class _NoRoomNow(TooLarge):
+    """A growth denied for now: a TooLarge to :class:`containers.Budget` (which then
+    looks less far ahead), a TransientError once it leaves the unpack."""
 
 
 def unpack_limit(max_virtual_size: int) -> int:
@@ -60,6 +59,9 @@ def unpack_limit(max_virtual_size: int) -> int:
 
 
 async def unpack(item: Item, ctx: Context) -> Stage:
+    # Custody first: the expectation's checks and digests read bytes no
+    # producer can change, as everything after them does.
+    await anyio.to_thread.run_sync(_take_custody, item, ctx)
     # The producer's expectation and the dropped file's digests, before anything
     # is converted; for a container, taken while it is unpacked.
     verifier = await verify.begin(item, ctx)
@@ -86,10 +88,6 @@ async def _unpack(item: Item, ctx: Context, verifier: verify.Verifier | None) ->
         _remove(str(dest))  # a retry's leftovers
         fd = open_regular(claim.dropped)
         try:
-            if claim.source_path is None and item.custody is None:
-                # Before the first read: every check reads bytes no producer can change.
-                item.custody = custody.take(fd, shared=ctx.shared, group=custody.group_of(str(claim.dir)))
-                log.debug("source in custody", how=item.custody.how)
             plan = containers.plan(fd)
             if plan is None and item.custody is not None and item.custody.how == "copy" \
                     and claim.private is None:
@@ -131,6 +129,10 @@ async def _unpack(item: Item, ctx: Context, verifier: verify.Verifier | None) ->
             # Only a guess (a stream that states no size): start from the
             # dropped file's own size and grow; refuse only bytes really written.
             first = min(first, max(plan.size, 1 << 20))
+        if plan.stated is None and item.unpack_floor:
+            # An earlier attempt was denied growing to unpack_floor: ask for it
+            # up front, in the queue like any item, holding nothing meanwhile.
+            first = max(first, min(item.unpack_floor, cap, ctx.ledger.largest()))
         if not ctx.ledger.could_ever_fit(first):
             raise TooLarge(f"{plan.description} needs about {format_size(first)} unpacked; the workspace "
                            f"({format_size(ctx.ledger.workspace)}) or the filesystem could never hold it")
@@ -143,16 +145,19 @@ async def _unpack(item: Item, ctx: Context, verifier: verify.Verifier | None) ->
             if not anyio.from_thread.run_sync(ctx.ledger.could_ever_fit, total):
                 raise TooLarge(f"{plan.description} unpacks to more than {format_size(total)}; the "
                                "workspace or the filesystem could never hold it")
-            deadline = time.monotonic() + GROW_PATIENCE
-            while not anyio.from_thread.run_sync(ctx.ledger.resize, key, total):
-                if ctx.stop.is_set():
-                    raise Stopped("unpacking interrupted by shutdown")
-                if item.withdrawn is not None:
-                    raise Cancelled(item.withdrawn)
-                if time.monotonic() > deadline:
-                    raise TransientError(f"no workspace to unpack {plan.description} further "
-                                         f"(past {format_size(total)})")
-                time.sleep(_GROW_POLL)
+            if not anyio.from_thread.run_sync(ctx.ledger.resize, key, total):
+                # Other items hold the space.  Never wait for it while holding
+                # ours: two streams that never end (bombs) would hold the
+                # workspace between them, and every other item with it.  The
+                # budget first looks less far ahead (as for TooLarge); if even
+                # the bytes written cannot be had now, the unpack gives all it
+                # holds back (TransientError), and the retry asks for the
+                # look-ahead it was denied up front, in the queue: a stream that
+                # fits gets there, one that does not runs into the workspace's
+                # size (too_large) on its own.
+                item.unpack_floor = max(item.unpack_floor, total)
+                raise _NoRoomNow(f"no workspace free now to unpack {plan.description} past "
+                                 f"{format_size(total)}; retried with that much reserved first")
 
         read = 0
 
@@ -179,9 +184,12 @@ async def _unpack(item: Item, ctx: Context, verifier: verify.Verifier | None) ->
         try:
             async with ctx.bandwidth.share() as rate:
                 throttle = Throttle(rate, ctx.stop)
-                result = await anyio.to_thread.run_sync(functools.partial(
-                    containers.unpack, fd, plan, str(dest), budget, stop=ctx.stop, on_progress=progress,
-                    tap=verifier.feed if verifier is not None else None))
+                try:
+                    result = await anyio.to_thread.run_sync(functools.partial(
+                        containers.unpack, fd, plan, str(dest), budget, stop=ctx.stop, on_progress=progress,
+                        tap=verifier.feed if verifier is not None else None))
+                except _NoRoomNow as exc:
+                    raise TransientError(str(exc)) from None
         finally:
             with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
                 await anyio.to_thread.run_sync(ctx.spool.note_reading, claim, False)
@@ -193,6 +201,27 @@ async def _unpack(item: Item, ctx: Context, verifier: verify.Verifier | None) ->
     # Reserved as much as was written, no more: the convert stage reserves its own.
     ctx.ledger.resize(key, max(result.size, 1))
     return Stage.DETECT
+
+
+def _take_custody(item: Item, ctx: Context) -> None:
+    """Take the dropped file into custody (:func:`convd.custody.take`) before its first read;
+    once per item (a retry keeps it), never for ``convd convert``'s own file.
+
+    A file that is not regular raises detect's ``NotRegularFile`` (from
+    ``open_regular``); a refusal of the take (a writer, another name) is
+    ``UnsafeImage``, with the file's size in the record."""
+    claim = item.claim
+    if claim.source_path is not None or item.custody is not None:
+        return
+    fd = open_regular(claim.dropped)
+    try:
+        item.custody = custody.take(fd, shared=ctx.shared, group=custody.group_of(str(claim.dir)))
+    except ItemError:
+        item.source = {"format": None, "size": os.fstat(fd).st_size}
+        raise
+    finally:
+        os.close(fd)
+    log.debug("source in custody", how=item.custody.how)
 
 
 def _remove(path: str) -> None:

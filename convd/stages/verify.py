@@ -106,8 +106,13 @@ async def begin(item: Item, ctx: Context) -> Verifier | None:
         return None
 
     def look() -> tuple[dict[str, Any], int] | None:
-        expect = _expectation(item)
         st = os.lstat(item.claim.dropped)
+        try:
+            expect = _expectation(item)
+        except CorruptImage:
+            if stat.S_ISREG(st.st_mode):
+                item.source = {"format": None, "size": st.st_size}  # the record's, as for a mismatch
+            raise
         return (expect, st.st_size) if stat.S_ISREG(st.st_mode) else None
 
     got = await anyio.to_thread.run_sync(look)
