@@ -8,7 +8,6 @@ import json
 import os
 import pwd
 import re
-import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path

@@ -20,12 +20,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from glance_server import GLANCE_VENV, reachable_convd
 
 from convd.config import SpoolConfig
 from convd.pipeline.spool import Spool
 
 from conftest import CORPUS, MiB, as_user, make_image, run, system_users, unit_spool, wait_for
-from glance_server import GLANCE_VENV, reachable_convd
 
 # This module's own names: other suites make and remove theirs at the same time.
 CONVD_USER, PRODUCER, OTHER, CONSUMER = ("convdtest-permd", "convdtest-perm1", "convdtest-perm2",

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from glance_server import reachable_convd
 from test_crash_safety import spool_processes
 
 from convd.errors import CorruptImage
@@ -23,7 +24,6 @@ from convd.qemu import img as qemu
 from convd.qemu import launcher
 
 from conftest import MiB, Spool, make_image, run, system_users, wait_for, write_config
-from glance_server import reachable_convd
 
 
 def _pids_under(root: Path) -> list[int]:
