@@ -20,10 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from glance_server import GLANCE_VENV, reachable_convd
 
 from convd.config import SpoolConfig
 from convd.pipeline.spool import Spool
+from convd_testing.glance_server import GLANCE_VENV, reachable_convd
 
 from conftest import CORPUS, MiB, as_user, make_image, run, system_users, unit_spool, wait_for
 

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from glance_server import reachable_convd
 from test_crash_safety import spool_processes
 
 from convd.errors import CorruptImage
 from convd.qemu import img as qemu
 from convd.qemu import launcher
+from convd_testing.glance_server import reachable_convd
 
 from conftest import MiB, Spool, make_image, run, system_users, wait_for, write_config
 
