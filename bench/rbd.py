@@ -118,7 +118,10 @@ def _convd(d: Daemon, spool: Spool, src: Path, name: str) -> dict[str, float]:
     rec = json.loads(rec_path.read_text())
     spool.consume(name)
     t = rec["timings"]
-    return {"total": total, "convert": t.get("convert", 0.0), "hash": t.get("hash", 0.0)}
+    # Every stage's own time (the record's timings) and what lies outside them: from the drop until the
+    # item is claimed, and from the record's making until the bench sees outgoing/NAME.json.
+    return {"total": total, **{k: float(v) for k, v in t.items() if k != "total"}, "item": t.get("total", 0.0),
+            "outside": total - t.get("total", 0.0)}
 
 
 def render(res: dict[str, Any]) -> str:
