@@ -98,15 +98,20 @@ async def reserve(item: Item, ctx: Context) -> Stage:
         raise NameConflict(f"RBD cannot hold {item.name!r} as an image name: it {refused}")
     insp = item.inspection
     t0 = time.monotonic()
+    # This attempt's image, a name of its own (see rbd.tmp_name); a retry comes back here for a new one.
+    item.rbd_tmp = tmp = rbd.tmp_name(tgt.instance, item.name, secrets.token_hex(4))
     try:
-        # RBD images are thin whatever the source: only data extents are written.  The map and the
-        # pool's space (two runs of the ceph tool, most of a second each) side by side.
-        data, _ = await rbd.together(
+        # RBD images are thin whatever the source: only data extents are written.  The map, the
+        # pool's space (two runs of the ceph tool, most of a second each) and the look at the
+        # temporary name (is the pool there, may we read it?) side by side.
+        data, _, there = await rbd.together(
             qemu.data_bytes(str(item.claim.source), insp.qemu_format, 4096, limits=item.cfg.detect,
                             name=item.label),
-            tgt.space.refresh())
+            tgt.space.refresh(), rbd.image_id(tgt.cfg, tmp))
     except rbd.CephError as exc:
         raise _ceph(exc) from None
+    if there is not None:
+        raise TransientError(f"the image {tgt.cfg.pool}/{tmp} exists already")
     item.timings["rbd_space"] = time.monotonic() - t0
     need = data + int(data * MARGIN_FRACTION) + MARGIN_BYTES
     item.estimate = need
@@ -146,16 +151,12 @@ async def convert(item: Item, ctx: Context) -> Stage:
     assert item.inspection is not None
     tgt = _target(ctx)
     cfg = item.cfg
-    # A name of this attempt's own (see rbd.tmp_name); publish reads it back from here.
-    item.rbd_tmp = tmp = rbd.tmp_name(tgt.instance, item.name, secrets.token_hex(4))
+    # Named and looked at by reserve(); publish reads it back from here.
+    tmp = item.rbd_tmp
+    assert tmp is not None
     src_fmt = item.inspection.qemu_format
     async with ctx.slots:
         await anyio.to_thread.run_sync(ctx.spool.note_attempt, item.claim)
-        try:
-            if await rbd.image_id(tgt.cfg, tmp) is not None:  # also: is the pool there, may we read it?
-                raise TransientError(f"the image {tgt.cfg.pool}/{tmp} exists already")
-        except rbd.CephError as exc:
-            raise _ceph(exc) from None
         item.progress = 0.0
         item.convert_started = t0 = time.monotonic()
 
