@@ -34,7 +34,7 @@ from bench import images
 from bench.daemon import Daemon, Spool, stage_private, write_config
 from bench.machine import describe
 
-__all__ = ["RBD_BEGIN", "RBD_END", "rbd_block", "run_rbd"]
+__all__ = ["RBD_BEGIN", "RBD_END", "rbd_block", "report_rbd", "run_rbd"]
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -178,6 +178,15 @@ def render(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def report_rbd(res: dict[str, Any], out: Path | None) -> int:
+    """Render a saved ``rbd-results.json`` to stdout and (its section only) ``out``."""
+    text = render(res)
+    print(text)
+    if out is not None:
+        _splice(out, text)
+    return 0
+
+
 def run_rbd(size: int, reps: int, workdir: Path, out: Path | None) -> int:
     sys.path.insert(0, str(REPO / "tests"))
     from sharedfs import CephCluster, ceph_missing  # the test suite's cluster, not a second copy
@@ -235,8 +244,4 @@ def run_rbd(size: int, reps: int, workdir: Path, out: Path | None) -> int:
         imgset.remove()
     res["load"].append(os.getloadavg()[0])
     (workdir / "rbd-results.json").write_text(json.dumps(res, indent=2))
-    text = render(res)
-    print(text)
-    if out is not None:
-        _splice(out, text)
-    return 0
+    return report_rbd(res, out)
