@@ -226,9 +226,10 @@ def run_rbd(size: int, reps: int, workdir: Path, out: Path | None) -> int:
         root = workdir / "rbd-spool"
         shutil.rmtree(root, ignore_errors=True)
         # Debug log: each stage's "stage done" duration goes into the results.
-        cfg = write_config(root, target="raw", algorithms=["sha256"], publish={"to": "rbd"},
-                           log={"format": "json", "level": "debug"},
-                           **{"publish.rbd": {"pool": POOL, "ceph_conf": str(conf), "user": "admin"}})
+        sections: dict[str, dict[str, Any]] = {
+            "publish": {"to": "rbd"}, "log": {"format": "json", "level": "debug"},
+            "publish.rbd": {"pool": POOL, "ceph_conf": str(conf), "user": "admin"}}
+        cfg = write_config(root, target="raw", algorithms=["sha256"], max_workers=2, **sections)
         spool = Spool(root)
         d = Daemon(cfg, spool, "rbd")
         d.wait_ready(timeout=60)
