@@ -438,6 +438,8 @@ class _Hasher:
                     raise Stopped("read-back interrupted by shutdown")
                 if isinstance(item, int):
                     while item > 0:
+                        if self._stop.is_set():  # a long hole: seconds of hashing
+                            raise Stopped("read-back interrupted by shutdown")
                         n = min(item, len(_ZEROS))
                         for h in hashers:
                             h.update(_ZEROS[:n])
