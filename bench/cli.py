@@ -510,9 +510,12 @@ def main(argv: list[str] | None = None) -> int:
         out = None if str(args.shared_out) == "-" else args.shared_out
         return run_shared(args.shared_count, args.shared_size, args.workdir.resolve(), out)
     if args.rbd:
-        from bench.rbd import run_rbd
+        from bench.rbd import report_rbd, run_rbd
 
-        return run_rbd(args.size, args.reps, args.workdir.resolve(), args.out)
+        rbd_out = None if str(args.out) == "-" else args.out
+        if args.report_from:  # re-render a saved rbd-results.json, measuring nothing
+            return report_rbd(json.loads(args.report_from.read_text()), rbd_out)
+        return run_rbd(args.size, args.reps, args.workdir.resolve(), rbd_out)
     if args.report_from:
         write_report(json.loads(args.report_from.read_text()), args.out)
         return 0

@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import queue
 import re
 import shutil
 import threading
@@ -44,6 +45,7 @@ __all__ = [
     "TMP_PREFIX",
     "CephError",
     "PoolSpace",
+    "Readback",
     "check_tools",
     "fsid",
     "image_id",
@@ -403,6 +405,76 @@ _DIFF_HEADER = b"rbd diff v1\n"
 _ZEROS = memoryview(bytes(4 << 20))
 
 
+# Data read ahead of the hashing thread, at most (the holes between cost nothing to queue).
+_AHEAD_BYTES = 64 << 20
+
+
+class _Hasher:
+    """The digests computed in a thread of their own, beside the thread that reads the stream.
+
+    hashlib lets go of the GIL while it hashes, so reading the next extents
+    from ``rbd`` overlaps hashing the last ones and the holes: the read-back
+    takes about the longer of the two, not their sum.  ``update`` takes a
+    chunk (kept, not copied: the caller must not reuse it) or a count of
+    zeros; at most ``_AHEAD_BYTES`` of data wait at a time.
+    """
+
+    def __init__(self, algorithms: Sequence[str], stop: threading.Event) -> None:
+        self.algorithms = list(algorithms)
+        self._stop = stop
+        self._queue: queue.SimpleQueue[bytes | int | None] = queue.SimpleQueue()
+        self._room = threading.Semaphore(_AHEAD_BYTES >> 20)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="convd-rbd-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        hashers = [hashlib.new(a) for a in self.algorithms]
+        while (item := self._queue.get()) is not None:
+            try:
+                if self._error is not None:
+                    continue  # drained only: the reader is told at its next update
+                if self._stop.is_set():
+                    raise Stopped("read-back interrupted by shutdown")
+                if isinstance(item, int):
+                    while item > 0:
+                        if self._stop.is_set():  # a long hole: seconds of hashing
+                            raise Stopped("read-back interrupted by shutdown")
+                        n = min(item, len(_ZEROS))
+                        for h in hashers:
+                            h.update(_ZEROS[:n])
+                        item -= n
+                else:
+                    for h in hashers:
+                        h.update(item)
+            except Exception as exc:  # noqa: BLE001 - handed to the reader's thread by update(), finish()
+                self._error = exc
+            finally:
+                if isinstance(item, bytes) and item:
+                    self._room.release(-(-len(item) >> 20))
+        self.digests = {a: h.hexdigest() for a, h in zip(self.algorithms, hashers)}
+
+    def update(self, chunk: bytes | int) -> None:
+        if self._error is not None:
+            raise self._error
+        if not isinstance(chunk, int) and chunk:
+            for _ in range(-(-len(chunk) >> 20)):
+                self._room.acquire()
+        self._queue.put(chunk)
+
+    def finish(self) -> dict[str, str]:
+        """Wait for the hashing to end; the hex digests.  Raises what the thread raised."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self.digests
+
+    def abandon(self) -> None:
+        self._error = self._error or Stopped("read-back abandoned")
+        self._queue.put(None)
+
+
 def _hash_diff(fd: int, algorithms: Sequence[str], head_bytes: int, stop: threading.Event,
                on_bytes: Callable[[int], None] | None) -> tuple[int, dict[str, str], bytes, bool]:
     """Hash the image from an ``rbd export-diff IMAGE -`` stream (format v1, Ceph's doc/dev/rbd-diff.rst).
@@ -416,78 +488,88 @@ def _hash_diff(fd: int, algorithms: Sequence[str], head_bytes: int, stop: thread
     ``_Truncated`` for a stream cut short.
     """
     os.set_blocking(fd, True)
-    # A deeper pipe lets rbd run ahead with data while a long hole is hashed here.
+    # A deeper pipe lets rbd run ahead with data while a long hole is hashed.
     with contextlib.suppress(OSError):
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
-    hashers = [hashlib.new(a) for a in algorithms]
+    hasher = _Hasher(algorithms, stop) if algorithms else None
     head = bytearray()
     pos = 0
     size: int | None = None
-    buf = bytearray(4 << 20)
-    view = memoryview(buf)
+    chunk_bytes = len(_ZEROS)
 
-    def feed(chunk: memoryview) -> None:
+    def feed(chunk: bytes) -> None:
         nonlocal pos
         if stop.is_set():
             raise Stopped("read-back interrupted by shutdown")
-        for h in hashers:
-            h.update(chunk)
+        if hasher is not None:
+            hasher.update(chunk)
+            if on_bytes:
+                on_bytes(len(chunk))
         if len(head) < head_bytes:
             head.extend(chunk[: head_bytes - len(head)])
         pos += len(chunk)
-        if on_bytes and hashers:
-            on_bytes(len(chunk))
 
     def zeros_to(end: int) -> None:
         nonlocal pos
-        while pos < end:
-            if not hashers and len(head) >= head_bytes:
-                pos = end  # nothing to hash: holes need no CPU either
-                return
-            feed(_ZEROS[: min(end - pos, len(_ZEROS))])
+        if end <= pos:
+            return
+        if hasher is not None:
+            hasher.update(end - pos)
+            if on_bytes:
+                on_bytes(end - pos)
+        if len(head) < head_bytes:
+            head.extend(bytes(min(end - pos, head_bytes - len(head))))
+        pos = end
 
-    with io.FileIO(fd, "rb") as raw, io.BufferedReader(raw, 1 << 20) as f:
-        def exact(n: int) -> bytes:
-            b = f.read(n)
-            if len(b) != n:
+    try:
+        with io.FileIO(fd, "rb") as raw, io.BufferedReader(raw, 1 << 20) as f:
+            def exact(n: int) -> bytes:
+                b = f.read(n)
+                if len(b) != n:
+                    raise _Truncated()
+                return b
+
+            def u64() -> int:
+                return int.from_bytes(exact(8), "little")
+
+            if exact(len(_DIFF_HEADER)) != _DIFF_HEADER:
                 raise _Truncated()
-            return b
-
-        def u64() -> int:
-            return int.from_bytes(exact(8), "little")
-
-        if exact(len(_DIFF_HEADER)) != _DIFF_HEADER:
-            raise _Truncated()
-        while True:
-            if not hashers and size is not None and len(head) >= head_bytes:
-                return size, {}, bytes(head), False
-            tag = exact(1)
-            if tag in (b"f", b"t"):
-                exact(int.from_bytes(exact(4), "little"))
-            elif tag == b"s":
-                size = u64()
-            elif tag in (b"w", b"z"):
-                off, length = u64(), u64()
-                if size is None or off < pos or off + length > size:
-                    raise _Unordered(f"{tag.decode()} {off}+{length} at {pos} of {size}")
-                zeros_to(off)
-                if tag == b"z":
-                    zeros_to(off + length)
-                    continue
-                while length:
-                    n = f.readinto(view[: min(length, len(buf))])
-                    if not n:
-                        raise _Truncated()
-                    feed(view[:n])
-                    length -= n
-            elif tag == b"e":
-                break
-            else:
-                raise _Unordered(f"unknown record {tag!r}")
-        if size is None:
-            raise _Truncated()
-        zeros_to(size)
-    return size, {a: h.hexdigest() for a, h in zip(algorithms, hashers)}, bytes(head), True
+            while True:
+                if hasher is None and size is not None and len(head) >= head_bytes:
+                    return size, {}, bytes(head), False
+                tag = exact(1)
+                if tag in (b"f", b"t"):
+                    exact(int.from_bytes(exact(4), "little"))
+                elif tag == b"s":
+                    size = u64()
+                elif tag in (b"w", b"z"):
+                    off, length = u64(), u64()
+                    if size is None or off < pos or off + length > size:
+                        raise _Unordered(f"{tag.decode()} {off}+{length} at {pos} of {size}")
+                    zeros_to(off)
+                    if tag == b"z":
+                        zeros_to(off + length)
+                        continue
+                    while length:
+                        # A new buffer each time: the hashing thread keeps it until hashed.
+                        chunk = f.read(min(length, chunk_bytes))
+                        if not chunk:
+                            raise _Truncated()
+                        feed(chunk)
+                        length -= len(chunk)
+                elif tag == b"e":
+                    break
+                else:
+                    raise _Unordered(f"unknown record {tag!r}")
+            if size is None:
+                raise _Truncated()
+            zeros_to(size)
+        digests = hasher.finish() if hasher is not None else {}
+    except BaseException:
+        if hasher is not None:
+            hasher.abandon()
+        raise
+    return size, digests, bytes(head), True
 
 
 async def readback(cfg: RbdConfig, name: str, algorithms: Sequence[str], *, head_bytes: int,

@@ -10,6 +10,7 @@ import anyio
 from convd.errors import UnsafeImage
 from convd.pipeline.item import Item, Stage
 from convd.qemu import img as qemu
+from convd.stages.reserve import settle
 
 # Stages of an item that will convert soon: they count when the budget is split.
 _CONVERTING_SOON = frozenset({Stage.UNPACK, Stage.DETECT, Stage.RESERVE, Stage.CONVERT})
@@ -53,5 +54,6 @@ async def convert(item: Item, ctx: Context) -> Stage:
                 )
         finally:
             item.timings["convert"] += time.monotonic() - t0
+        settle(item, ctx)  # the ledger holds what the output takes now, not its estimate (docs/sizing.md)
     item.progress = 1.0
     return Stage.PUBLISH

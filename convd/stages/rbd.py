@@ -99,15 +99,24 @@ async def reserve(item: Item, ctx: Context) -> Stage:
     if refused:
         raise NameConflict(f"RBD cannot hold {item.name!r} as an image name: it {refused}")
     insp = item.inspection
-    # RBD images are thin whatever the source: only data extents are written.
-    data = await qemu.data_bytes(str(item.claim.source), insp.qemu_format, 4096,
-                                 limits=item.cfg.detect, name=item.label)
-    need = data + int(data * MARGIN_FRACTION) + MARGIN_BYTES
-    item.estimate = need
+    t0 = time.monotonic()
+    # This attempt's image, a name of its own (see rbd.tmp_name); a retry comes back here for a new one.
+    item.rbd_tmp = tmp = rbd.tmp_name(tgt.instance, item.name, secrets.token_hex(4))
     try:
-        await tgt.space.refresh()
+        # RBD images are thin whatever the source: only data extents are written.  The map, the
+        # pool's space (two runs of the ceph tool, most of a second each) and the look at the
+        # temporary name (is the pool there, may we read it?) side by side.
+        data, _, there = await rbd.together(
+            qemu.data_bytes(str(item.claim.source), insp.qemu_format, 4096, limits=item.cfg.detect,
+                            name=item.label),
+            tgt.space.refresh(), rbd.image_id(tgt.cfg, tmp))
     except rbd.CephError as exc:
         raise _ceph(exc) from None
+    if there is not None:
+        raise TransientError(f"the image {tgt.cfg.pool}/{tmp} exists already")
+    item.timings["rbd_space"] = time.monotonic() - t0
+    need = data + int(data * MARGIN_FRACTION) + MARGIN_BYTES
+    item.estimate = need
     if not tgt.ledger.could_ever_fit(need):
         raise TooLarge(f"the raw image needs about {need} bytes in the Ceph pool {tgt.cfg.pool!r}, which "
                        f"could never hold it ({'quota' if tgt.space.quota else 'size'} "
@@ -144,16 +153,12 @@ async def convert(item: Item, ctx: Context) -> Stage:
     assert item.inspection is not None
     tgt = _target(ctx)
     cfg = item.cfg
-    # A name of this attempt's own (see rbd.tmp_name); publish reads it back from here.
-    item.rbd_tmp = tmp = rbd.tmp_name(tgt.instance, item.name, secrets.token_hex(4))
+    # Named and looked at by reserve(); publish reads it back from here.
+    tmp = item.rbd_tmp
+    assert tmp is not None
     src_fmt = item.inspection.qemu_format
     async with ctx.slots:
         await anyio.to_thread.run_sync(ctx.spool.note_attempt, item.claim)
-        try:
-            if await rbd.image_id(tgt.cfg, tmp) is not None:  # also: is the pool there, may we read it?
-                raise TransientError(f"the image {tgt.cfg.pool}/{tmp} exists already")
-        except rbd.CephError as exc:
-            raise _ceph(exc) from None
         item.progress = 0.0
         item.convert_started = t0 = time.monotonic()
 
@@ -218,13 +223,25 @@ async def publish(item: Item, ctx: Context) -> Stage:
         if ctx.spool.output_taken(item.name) or (ctx.spool.outgoing / f"{item.name}.json").exists():
             raise NameConflict(f"outgoing/{item.name}.json already exists")
         try:
-            # The read-back is most of the time: the round trips that need not wait for it go beside it.
+            # The read-back is most of the time: the round trips that need not wait for it go beside it,
+            # the snapshot too (of the temporary image, whose content is final once qemu-img has
+            # exited: a failed check below discards the image with its snapshot).
             t1 = time.monotonic()
-            taken, image, fsid, back = await rbd.together(
-                rbd.image_id(cfg, item.name), rbd.image_id(cfg, tmp), tgt.fsid(),
-                rbd.readback(cfg, tmp, item.cfg.checksum.algorithms, head_bytes=_OUTPUT_INSPECT_LIMIT,
-                             stop=ctx.stop, timeout=item.cfg.convert.timeout, on_bytes=ctx.count_hashed))
-            item.timings["hash"] = time.monotonic() - t1
+
+            async def timed_readback() -> rbd.Readback:
+                back = await rbd.readback(cfg, tmp, item.cfg.checksum.algorithms,
+                                          head_bytes=_OUTPUT_INSPECT_LIMIT, stop=ctx.stop,
+                                          timeout=item.cfg.convert.timeout, on_bytes=ctx.count_hashed)
+                item.timings["hash"] = time.monotonic() - t1
+                return back
+
+            async def snap() -> None:
+                if cfg.snapshot:
+                    await rbd.snapshot(cfg, tmp, cfg.snapshot, fresh=True)
+
+            taken, image, fsid, back, _ = await rbd.together(
+                rbd.image_id(cfg, item.name), rbd.image_id(cfg, tmp), tgt.fsid(), timed_readback(), snap())
+            item.timings["rbd_calls"] = time.monotonic() - t1
             if taken is not None:
                 raise NameConflict(f"the image {cfg.pool}/{item.name} already exists in the Ceph pool")
             if image is None:
@@ -236,8 +253,6 @@ async def publish(item: Item, ctx: Context) -> Stage:
                                     f"{item.inspection.virtual_size}: the conversion changed the disk")
             if item.source_changed():
                 raise UnsafeImage("the source changed after its safety checks")
-            if cfg.snapshot:
-                await rbd.snapshot(cfg, tmp, cfg.snapshot, fresh=True)
             where = rbd.location(fsid, cfg.pool, item.name, cfg.snapshot)
         except rbd.CephError as exc:
             raise _ceph(exc) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -15,7 +16,7 @@ from convd.qemu import img as qemu
 if TYPE_CHECKING:
     from convd.pipeline.context import Context
 
-__all__ = ["MARGIN_BYTES", "estimate", "reserve"]
+__all__ = ["MARGIN_BYTES", "estimate", "reserve", "settle"]
 
 log = structlog.get_logger(__name__)
 
@@ -123,3 +124,30 @@ async def reserve(item: Item, ctx: Context) -> Stage:
     item.reservation = await ctx.ledger.reserve(item.name, item.estimate, str(item.claim.output))
     item.timings["wait_space"] += time.monotonic() - t0
     return Stage.CONVERT
+
+
+def settle(item: Item, ctx: Context) -> int | None:
+    """Trim the item's reservation to what its finished output takes on disk; the bytes now held, or None.
+
+    Called as soon as ``qemu-img convert`` has exited successfully: the
+    output is complete and no later step writes to it (publish only
+    flushes, inspects, hashes and renames it), so from here to its publish
+    the ledger holds exactly its allocated size (``st_blocks`` × 512, as
+    ``Reservation.written`` counts it), never less.  An estimate that was an
+    upper bound (a compressed qcow2, measured as if uncompressed; a
+    streamOptimized VMDK; a fixed VHD written sparse) gives its surplus back
+    to waiting items at once instead of when the item ends.  A reservation
+    is only ever shrunk here: an output larger than its estimate keeps the
+    estimate (the ledger's "outstanding" bytes already count it as written).
+    """
+    r = item.reservation
+    if r is None or not r.output:
+        return None
+    try:
+        # The file is qemu-img's and finished; lstat: a name in the item's own work directory.
+        on_disk = os.lstat(r.output).st_blocks * 512
+    except OSError:
+        return None
+    if on_disk < r.size and ctx.ledger.resize(r.key, max(on_disk, 1)):
+        log.debug("settled", bytes=r.size, estimated=item.estimate, target_format=item.target_format)
+    return r.size
