@@ -183,9 +183,9 @@ class Daemon:
         async for signum in signals:
             self._on_signal(signum)
 
-    def _start_item(self, items: anyio.abc.TaskGroup, claim: Claim) -> Item:
+    def _start_item(self, items: anyio.abc.TaskGroup, claim: Claim, *, read_soon: bool = False) -> Item:
         assert self.ctx is not None
-        item = Item(claim=claim, cfg=self.cfg)
+        item = Item(claim=claim, cfg=self.cfg, read_soon=read_soon)
         # Registered now so the claim limit counts it at once.
         self.ctx.items[claim.name] = item
         items.start_soon(self._process, item)
@@ -305,11 +305,12 @@ class Daemon:
                     log.error("cannot claim; left in incoming/", item=name, error=str(claim))
                     self.intake.forget(name)
                     continue
+                marked = name in self.intake.pending and self.intake.pending[name].priority
                 self.intake.taken(name)
                 self.intake.forget(name)
                 if claim is not None:
                     log.info("claimed", item=name)
-                    self._start_item(items, claim)
+                    self._start_item(items, claim, read_soon=marked)
             with anyio.move_on_after(wait if wait is not None else 5.0):
                 await self.wake.wait()
 

@@ -105,7 +105,7 @@ def parse_layout(spec):
     A value of digits only is a number (bytes, for the sizes); anything else
     stays text ("2MiB", "zstd").  Raises ``ValueError`` naming what is wrong.
     """
-    out = {}
+    out: dict[str, dict[str, int | str]] = {}
     for part in spec.split(';'):
         part = part.strip()
         if not part:
