@@ -40,6 +40,7 @@ __all__ = [
     "parse_duration",
     "parse_size",
     "resolve_config_path",
+    "target_with",
 ]
 
 DEFAULT_CONFIG_PATH = "/etc/convd/convd.toml"
@@ -515,6 +516,19 @@ def _target(raw: dict[str, Any]) -> TargetConfig:
     vmdk = VmdkLayout(subformat=_one_of("target.vmdk", "subformat", m.get("subformat", "monolithicSparse"),
                                         ("monolithicSparse", "streamOptimized")))
     return TargetConfig(raw=rawl, qcow2=qcow2, vpc=vpc, vmdk=vmdk)
+
+
+def target_with(base: TargetConfig, request: dict[str, dict[str, Any]]) -> TargetConfig:
+    """``base`` with a producer's layout request (``{FMT: {KEY: value}}``, as
+    ``[target.FMT]``) laid over it, key by key.
+
+    Judged as check-config judges ``[target.*]`` (the same rules, the same
+    messages naming the key); raises ``ConfigError``.
+    """
+    merged: dict[str, dict[str, Any]] = {}
+    for fmt in ("raw", "qcow2", "vpc", "vmdk"):
+        merged[fmt] = {**dataclasses.asdict(getattr(base, fmt)), **request.get(fmt, {})}
+    return _target(merged)
 
 
 # Ceph's own rules (src/tools/rbd, librados): no '/' or '@' in pool and image

@@ -25,6 +25,12 @@ Expectations (contract section 8): ``incoming/.convd-expect.NAME``, written
 before ``NAME`` is renamed in, states what the producer dropped
 (``{"size": 123, "sha256": "…"}``); convd takes it with the item at claim.
 
+Layouts (contract section 9): ``incoming/.convd-layout.NAME``, written before
+``NAME`` is renamed in, asks for the output's layout as ``[target.FMT]`` keys,
+by target format (``{"qcow2": {"compression": "zstd"}, "raw": {…}}``); convd
+takes it with the item at claim and applies the section of the format it
+makes over its own ``[target.FMT]``.
+
 Every sidecar is the producer's file: convd reads it with :func:`read_sidecar`
 (no link followed, never blocking, a few KiB at most, bounded JSON).
 """
@@ -55,6 +61,8 @@ from convd import cluster, durable
 __all__ = [
     "CANCEL_PREFIX",
     "EXPECT_PREFIX",
+    "LAYOUT_KEYS",
+    "LAYOUT_PREFIX",
     "PRIORITY_PREFIX",
     "SET_ASIDE_PREFIX",
     "SIDECAR_MAX",
@@ -70,6 +78,7 @@ __all__ = [
     "hand_in",
     "is_cancel_request",
     "item_progress",
+    "layout_request",
     "mark_priority",
     "parse_sidecar",
     "read_cancel_request",
@@ -80,6 +89,7 @@ __all__ = [
     "request_cancel",
     "set_aside",
     "write_expectation",
+    "write_layout",
 ]
 
 CANCEL_PREFIX = ".convd-cancel."
@@ -88,6 +98,7 @@ CANCEL_PREFIX = ".convd-cancel."
 PRIORITY_PREFIX = ".convd-priority."
 PRIORITIES = ("high", "normal")
 EXPECT_PREFIX = ".convd-expect."
+LAYOUT_PREFIX = ".convd-layout."
 # Where a sidecar convd will not act on goes when it cannot be removed (a directory).
 SET_ASIDE_PREFIX = ".convd-set-aside."
 _IGNORED_SUFFIXES = (".part", ".tmp")
@@ -112,7 +123,8 @@ class SpoolPaths:
 
 
 def hand_in(src: str | os.PathLike[str], paths: SpoolPaths, name: str, *, priority: str = "normal",
-            expect: dict[str, int | str] | None = None) -> int:
+            expect: dict[str, int | str] | None = None,
+            layout: dict[str, dict[str, int | str]] | None = None) -> int:
     """Put ``src`` into ``incoming/NAME``: a rename on the same filesystem, else a copy.
 
     ``priority="high"`` first marks ``NAME`` (:func:`mark_priority`) so the
@@ -120,6 +132,9 @@ def hand_in(src: str | os.PathLike[str], paths: SpoolPaths, name: str, *, priori
     ``expect`` (contract section 8: ``{"size": bytes, "sha256": hex, …}``) is
     written as ``incoming/.convd-expect.NAME`` first, so convd checks the
     bytes it takes against it; it is removed again if the hand-in fails.
+    ``layout`` (contract section 9: ``{"qcow2": {"compression": "zstd"}}``,
+    checked with :func:`layout_request`) is written as
+    ``incoming/.convd-layout.NAME`` likewise, and removed likewise.
 
     Either way the bytes pass through ``incoming/.NAME.part`` (fsynced, made
     group-readable with the spool's group) and reach ``NAME`` by a rename
@@ -132,10 +147,19 @@ def hand_in(src: str | os.PathLike[str], paths: SpoolPaths, name: str, *, priori
     if priority == "high":
         mark_priority(paths, name)  # before NAME appears: the daemon reads it when it first sees NAME
     part = paths.incoming / f".{name}.part"
-    if expect and os.path.lexists(paths.incoming / name):
-        # An earlier hand-in of that name waits: its expectation is not ours to replace.
+    if layout:
+        layout = layout_request(layout)  # a bad one is the caller's error (ValueError), before anything moves
+    if (expect or layout) and os.path.lexists(paths.incoming / name):
+        # An earlier hand-in of that name waits: its sidecars are not ours to replace.
         raise FileExistsError(errno.EEXIST, "already in the spool", str(paths.incoming / name))
     expect_path = write_expectation(paths, name, expect) if expect else None
+    try:
+        layout_path = write_layout(paths, name, layout) if layout else None
+    except BaseException:
+        if expect_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(expect_path)
+        raise
     renamed = True
     try:
         os.rename(src, part)
@@ -164,9 +188,10 @@ def hand_in(src: str | os.PathLike[str], paths: SpoolPaths, name: str, *, priori
                 os.rename(part, src)  # the caller's file stays where it was
             else:
                 os.unlink(part)
-        if expect_path is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(expect_path)
+        for sidecar in (expect_path, layout_path):
+            if sidecar is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(sidecar)
         raise
     if not renamed:
         os.unlink(src)
@@ -522,6 +547,66 @@ def write_expectation(paths: SpoolPaths, name: str, expect: dict[str, int | str]
     """Write ``incoming/.convd-expect.NAME`` (through a dot-temp and a rename), before
     ``NAME`` itself is renamed in; it replaces an earlier one."""
     return _write_sidecar(paths, EXPECT_PREFIX, name, dict(expect))
+
+
+# -- layouts (contract section 9) -----------------------------------------------------
+
+# The [target.FMT] keys a producer may ask for, and the JSON types of their
+# values (a size as bytes or as text such as "2MiB").  What the values may be
+# is the daemon's check-config rule (convd.config.target_with), not repeated here.
+LAYOUT_KEYS: dict[str, dict[str, tuple[type, ...]]] = {
+    "raw": {"preallocation": (str,)},
+    "qcow2": {"compat": (str,), "cluster_size": (int, str), "compression": (str,), "preallocation": (str,)},
+    "vpc": {"subformat": (str,), "size_multiple": (int, str)},
+    "vmdk": {"subformat": (str,)},
+}
+_LAYOUT_VALUE_MAX = 32  # characters: the longest real value is "monolithicSparse"
+
+
+def layout_request(body: dict[str, Any]) -> dict[str, dict[str, int | str]]:
+    """A producer's layout request, validated field by field: ``{FMT: {KEY: value}}``.
+
+    ``FMT`` is one of :data:`LAYOUT_KEYS` (the ``[target.*]`` sections), each
+    a JSON object of that section's keys; a value is printable text of at most
+    32 characters or a non-negative integer where the key is a size.  Whether
+    qemu-img can make it is judged by the daemon, as check-config judges
+    ``[target.*]``.  Raises ``SidecarError`` (a ``ValueError``).
+    """
+    out: dict[str, dict[str, int | str]] = {}
+    for fmt, section in body.items():
+        keys = LAYOUT_KEYS.get(fmt) if isinstance(fmt, str) else None
+        if keys is None:
+            raise SidecarError(f"it names {_printable(str(fmt))[:40]!r}, which is not a target format with a "
+                               f"layout ({', '.join(LAYOUT_KEYS)})")
+        if not isinstance(section, dict):
+            raise SidecarError(f'its "{fmt}" is not a JSON object')
+        got: dict[str, int | str] = {}
+        for key, value in section.items():
+            kinds = keys.get(key)
+            if kinds is None:
+                raise SidecarError(f"its \"{fmt}\" states {_printable(str(key))[:40]!r}, which is not a "
+                                   f"[target.{fmt}] key ({', '.join(keys)})")
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise SidecarError(f'its "{fmt}" "{key}" is not {" or ".join(k.__name__ for k in kinds)}')
+            if isinstance(value, int):
+                if value < 0:
+                    raise SidecarError(f'its "{fmt}" "{key}" is negative')
+                got[key] = value
+            elif isinstance(value, str):
+                if len(value) > _LAYOUT_VALUE_MAX or not value.isprintable():
+                    raise SidecarError(f'its "{fmt}" "{key}" is not printable text of at most '
+                                       f"{_LAYOUT_VALUE_MAX} characters")
+                got[key] = value
+        out[fmt] = got
+    if not any(out.values()):
+        raise SidecarError("it asks for nothing (no [target.FMT] key)")
+    return out
+
+
+def write_layout(paths: SpoolPaths, name: str, layout: dict[str, dict[str, int | str]]) -> Path:
+    """Write ``incoming/.convd-layout.NAME`` (through a dot-temp and a rename), before
+    ``NAME`` itself is renamed in; it replaces an earlier one."""
+    return _write_sidecar(paths, LAYOUT_PREFIX, name, layout_request(layout))
 
 
 def _write_sidecar(paths: SpoolPaths, prefix: str, name: str, body: dict[str, Any]) -> Path:

@@ -31,7 +31,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-__all__ = ["GLANCE_VENV", "GlanceClient", "GlanceServer", "MariaDB", "free_port", "glance_venv_problem",
+__all__ = ["GLANCE_VENV", "TOKEN", "GlanceClient", "GlanceServer", "MariaDB", "free_port", "glance_venv_problem",
            "mariadb_problem", "portable_venv", "reachable_convd", "reap", "stop_on_signals", "track", "untrack"]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -341,16 +341,26 @@ class GlanceServer:
     glance-image-import.conf (e.g. ``{"convd": {"spool": ..., "timeout": 5}}``);
     ``user`` runs it as that user (the directory must be theirs).  Its database
     is a new one on ``db``, or on a MariaDB of its own in ``directory/mariadb``
-    (started and stopped with it) when ``db`` is None.
+    (started and stopped with it) when ``db`` is None, or ``db_url``'s (another
+    GlanceServer's: two glance-api workers of one cloud).
+
+    ``self_reference`` sets ``worker_self_reference_url`` to this worker's URL, as
+    kolla-ansible does: Glance records the worker that staged an image and
+    forwards a glance-direct import arriving elsewhere to it, with the caller's
+    token.  Keystone cannot be had here, so the pipeline then starts with
+    :data:`TOKEN_FILTER`, a stand-in for keystonemiddleware that turns the one
+    token :data:`TOKEN` into the trusted identity headers and refuses the rest.
     """
 
     def __init__(self, directory: Path, *, plugins: list[str], import_conf: dict[str, dict[str, Any]] | None = None,
                  web_port: int | None = None, user: str | None = None, venv: Path = GLANCE_VENV,
-                 db: MariaDB | None = None) -> None:
+                 db: MariaDB | None = None, db_url: str | None = None, self_reference: bool = False) -> None:
         self.dir = directory
         self.db = db
         self._own_db: MariaDB | None = None
+        self._shared_db_url = db_url
         self.db_url = ""
+        self.self_reference = self_reference
         self.venv = venv
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -369,10 +379,13 @@ class GlanceServer:
         for sub in ("etc", "images", "staging", "tasks", "locks"):
             (d / sub).mkdir(parents=True, exist_ok=True)
         ports = sorted({80, 443} | ({self.web_port} if self.web_port else set()))
+        forwarding = ""
+        if self.self_reference:
+            forwarding = f"worker_self_reference_url = {self.url}\n"
         (etc / "glance-api.conf").write_text(f"""\
 [DEFAULT]
 debug = true
-log_file = {self.log_file}
+{forwarding}log_file = {self.log_file}
 enabled_backends = local:file
 enabled_import_methods = [glance-direct,web-download]
 
@@ -405,7 +418,18 @@ python_interpreter = {self.venv}/bin/python3
 allowed_hosts = [127.0.0.1]
 allowed_ports = [{",".join(str(p) for p in ports)}]
 """)
-        (etc / "glance-api-paste.ini").write_text(PASTE.format(d=d))
+        paste = PASTE.format(d=d)
+        if self.self_reference:
+            # Glance's forwarding asks keystoneauth for a session against
+            # [keystone_authtoken] auth_url; the URL it calls is the stage host's.
+            with open(etc / "glance-api.conf", "a") as fh:
+                fh.write("\n[keystone_authtoken]\nauth_url = http://127.0.0.1:9/identity\n")
+            (etc / "convd_test_token.py").write_text(TOKEN_FILTER)
+            paste = paste.replace("noauth = versionnegotiation context rootapp",
+                                  "noauth = versionnegotiation tokenidentity context rootapp")
+            paste += ("\n[filter:tokenidentity]\npaste.filter_factory = convd_test_token:filter_factory\n"
+                      f"token = {TOKEN}\n")
+        (etc / "glance-api-paste.ini").write_text(paste)
         lines = ["[image_import_opts]", f"image_import_plugins = {self.plugins!r}", ""]
         for section, body in self.import_conf.items():
             lines.append(f"[{section}]")
@@ -429,6 +453,7 @@ http-auto-chunked = true
 http-raw-body = true
 chunked-input-limit = 10485760
 pidfile = {d}/uwsgi.pid
+pythonpath = {etc}
 """)
 
     def _chown(self) -> None:
@@ -451,10 +476,13 @@ pidfile = {d}/uwsgi.pid
             raise
 
     def _start(self, timeout: float) -> GlanceServer:
-        db = self.db
-        if db is None:
-            db = self._own_db = MariaDB(self.dir / "mariadb").start()
-        self.db_url = db.new_database()
+        if self._shared_db_url is not None:
+            self.db_url = self._shared_db_url
+        else:
+            db = self.db
+            if db is None:
+                db = self._own_db = MariaDB(self.dir / "mariadb").start()
+            self.db_url = db.new_database()
         self._write_config()
         if self.user is not None:
             self._chown()
@@ -512,14 +540,51 @@ pidfile = {d}/uwsgi.pid
             return ""
 
     def client(self) -> GlanceClient:
-        return GlanceClient(self.url)
+        return GlanceClient(self.url, TOKEN if self.self_reference else None)
+
+
+TOKEN = "convd-test-token"
+
+# A paste filter in the glance-api's pythonpath (GlanceServer(self_reference=True)):
+# keystonemiddleware's part for one fixed token, since Keystone is not here.  It
+# drops the identity headers a caller sent and sets them from the token, as
+# auth_token does, so a forwarded import proves the token travelled.
+TOKEN_FILTER = f'''\
+"""keystonemiddleware's part for the one test token {TOKEN!r} (convd's tests)."""
+
+from oslo_config import cfg
+
+IDENTITY = {{k.upper().replace("-", "_"): v for k, v in {{
+    "X-Identity-Status": "Confirmed", "X-Roles": "admin,member,reader",
+    "X-Project-Id": "convd-tests", "X-User-Id": "tester"}}.items()}}
+
+
+def filter_factory(global_conf, token):
+    # glance.context reads it; keystonemiddleware's password plugin would register it
+    try:
+        cfg.CONF.register_opt(cfg.StrOpt("auth_url"), group="keystone_authtoken")
+    except cfg.DuplicateOptError:
+        pass
+
+    def factory(app):
+        def middleware(environ, start_response):
+            for key in IDENTITY:
+                environ.pop("HTTP_" + key, None)
+            if environ.get("HTTP_X_AUTH_TOKEN") == token:
+                environ.update({{"HTTP_" + k: v for k, v in IDENTITY.items()}})
+            return app(environ, start_response)
+        return middleware
+    return factory
+'''
 
 
 class GlanceClient:
-    """Glance's v2 REST API over urllib, with the trusted-header identity."""
+    """Glance's v2 REST API over urllib, with the trusted-header identity (and
+    ``token`` as X-Auth-Token, for a Glance that checks one)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, token: str | None = None) -> None:
         self.url = url
+        self.token = token
         # Each image's import tasks in the order this client started them.  Not
         # by created_at: MySQL keeps it to the second, and a quick failed
         # import and the next one often share a second.
@@ -529,6 +594,8 @@ class GlanceClient:
                 content_type: str | None = None, expect: tuple[int, ...] = (200, 201, 202, 204),
                 timeout: float = 30.0) -> Any:
         headers = dict(AUTH)
+        if self.token:
+            headers["X-Auth-Token"] = self.token
         if content_type:
             headers["Content-Type"] = content_type
         req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)

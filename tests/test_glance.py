@@ -535,3 +535,95 @@ def test_deleting_an_image_while_it_converts_cancels_the_conversion(
                  what="the import to fail saying why")
     finally:
         watched.stop()
+
+
+def test_import_called_on_another_worker_is_converted_by_the_node_that_staged_it(
+        glance_env: Env, tmp_path: Path) -> None:
+    """kolla-ansible's layout: staging per node, no shared staging directory.
+
+    Two glance-api workers of one cloud (one database), each with its own
+    staging directory and ``worker_self_reference_url``, and beside each a
+    convd with its own spool that only that worker's plugin points at.  The
+    image is staged on A and its import called on B: Glance forwards the
+    import to A, and A's convd converts it; B's staging and spool never see it.
+    """
+    nodes: dict[str, tuple[Path, Daemon, GlanceServer]] = {}
+    try:
+        db_url = None
+        for n in ("a", "b"):
+            root = tmp_path / n
+            root.mkdir()
+            daemon = Daemon(daemon_config(root))
+            glance = GlanceServer(root / "glance", plugins=["convd"], db=glance_env.db, db_url=db_url,
+                                  self_reference=True,
+                                  import_conf={"convd": {"spool": root / "spool", "timeout": 120,
+                                                         "poll_interval": 0.5, "heartbeat_interval": 0.5}})
+            nodes[n] = (root, daemon, glance)
+            daemon.wait_ready()
+            glance.start()
+            db_url = glance.db_url
+        (root_a, daemon_a, glance_a), (root_b, daemon_b, glance_b) = nodes["a"], nodes["b"]
+        src = make_image(tmp_path / "disk.qcow2", "qcow2", VIRTUAL)
+        on_a, on_b = glance_a.client(), glance_b.client()
+        image_id = on_a.create(src.name, "qcow2")
+        on_a.stage(image_id, src)
+        assert os.listdir(glance_a.staging) == [image_id] and os.listdir(glance_b.staging) == []
+
+        on_b.import_(image_id)
+        task = on_b.wait_import(image_id)
+
+        assert task["status"] == "success", task["message"]
+        img = on_b.image(image_id)
+        assert (img["status"], img["disk_format"], img["container_format"]) == ("active", "raw", "bare")
+        stored = glance_a.images / image_id  # A ran the import: A's file store has it
+        assert not (glance_b.images / image_id).exists()
+        assert img["size"] == img["virtual_size"] == VIRTUAL == stored.stat().st_size
+        assert images_equal(src, "qcow2", stored, "raw")
+        assert (img["os_hash_algo"], img["os_hash_value"]) == ("sha512", sha512(stored))
+        # B forwarded the request; A's convd converted, B's never saw the image
+        assert "Proxying POST request to host" in glance_b.log()
+        assert any(e.get("event") == "claimed" and e.get("item") == image_id for e in daemon_a.events())
+        assert not any(e.get("item") == image_id for e in daemon_b.events())
+        for leaf in ("incoming", "work", "outgoing", "failed"):
+            assert not any(image_id in n for n in os.listdir(root_b / "spool" / leaf)), leaf
+            assert not any(n.startswith(image_id) for n in os.listdir(root_a / "spool" / leaf)
+                           if leaf != "failed"), leaf
+        assert os.listdir(glance_a.staging) == os.listdir(glance_b.staging) == []
+    finally:
+        for _, daemon, glance in nodes.values():
+            glance.stop()
+            if daemon.proc.poll() is None:
+                daemon.stop()
+
+
+def test_an_import_to_a_store_with_a_configured_layout_gets_that_layout(glance_env: Env, tmp_path: Path) -> None:
+    """[convd] target_layout: the plugin asks for the layout the store wants
+    (incoming/.convd-layout.NAME), over the daemon's own [target.qcow2]."""
+    root = tmp_path / "node"
+    root.mkdir()
+    daemon = Daemon(daemon_config(root, convert={"target_format": "qcow2"}))
+    glance = GlanceServer(root / "glance", plugins=["convd"], db=glance_env.db,
+                          import_conf={"convd": {"spool": root / "spool", "timeout": 120, "poll_interval": 0.5,
+                                                 "target_layout": "local:qcow2.compression=zstd;"
+                                                                  "qcow2.cluster_size=128KiB"}})
+    try:
+        daemon.wait_ready()
+        glance.start()
+        client = glance.client()
+        src = make_image(tmp_path / "disk.vmdk", "vmdk", VIRTUAL, opts="subformat=monolithicSparse")
+        image_id = import_staged(client, src, "vmdk")
+        task = client.wait_import(image_id)
+        assert task["status"] == "success", task["message"]
+        img = client.image(image_id)
+        assert (img["status"], img["disk_format"]) == ("active", "qcow2")
+        stored = glance.images / image_id
+        info = json.loads(run("qemu-img", "info", "-f", "qcow2", "--output=json", stored).stdout)
+        assert info["cluster-size"] == 128 * 1024
+        assert info["format-specific"]["data"]["compression-type"] == "zstd"
+        assert img["virtual_size"] == info["virtual-size"] == VIRTUAL
+        assert images_equal(src, "vmdk", stored, "qcow2")
+        assert any(e.get("event") == "claimed" and e.get("item") == image_id for e in daemon.events())
+    finally:
+        glance.stop()
+        if daemon.proc.poll() is None:
+            daemon.stop()

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from convd import protocol
 
 from conftest import MiB, images_equal, qemu_io, run, write_config
 
@@ -310,3 +313,72 @@ def test_rate_limit_is_shown_and_a_reload_applies_to_children_started_after_it(t
     assert rec["status"] == "converted"
     assert images_equal(img, "qcow2", spool.outgoing / "slow.qcow2", "raw")
     assert wait_for(lambda: status().get("bandwidth", {}).get("in_use") == 0, 10, what="the share returned")
+
+
+# -- a producer's layout request (incoming/.convd-layout.NAME) ----------------------
+
+
+def test_a_producer_layout_request_is_laid_over_the_daemon_target_and_recorded(tmp_path, spool, daemon_factory):
+    src = tmp_path / "disk.vdi"
+    run("qemu-img", "create", "-f", "vdi", src, "8M")
+    qemu_io(src, "vdi", "write -P 7 0 1M", "write -P 9 4M 1M")
+    cfg = write_config(tmp_path, convert={"target_format": "qcow2"}, **{"target.qcow2": {"cluster_size": "128KiB"}})
+    daemon_factory(cfg)
+    paths = protocol.SpoolPaths.under(spool.root)
+    staged = tmp_path / "staged"
+    shutil.copyfile(src, staged)
+    # the raw section is for a raw target: not this daemon's, so it changes nothing here
+    protocol.hand_in(staged, paths, "asked",
+                     layout={"qcow2": {"compression": "zstd"}, "raw": {"preallocation": "full"}})
+    spool.drop(src, "plain")
+    asked, plain = spool.wait_record("asked"), spool.wait_record("plain")
+    assert asked["status"] == plain["status"] == "converted", (asked, plain)
+    # the request's key over the daemon's [target.qcow2], the rest the daemon's
+    assert asked["target"]["layout"] == {"compat": "1.1", "cluster_size": 131072, "compression": "zstd",
+                                         "preallocation": "off"}
+    out = info(spool.outgoing / "asked", "qcow2")
+    assert (out["cluster-size"], out["format-specific"]["data"]["compression-type"]) == (131072, "zstd")
+    assert images_equal(src, "vdi", spool.outgoing / "asked", "qcow2")
+    # the next item, without a request, gets the daemon's own layout
+    assert plain["target"]["layout"]["compression"] == "none"
+    assert info(spool.outgoing / "plain", "qcow2")["format-specific"]["data"]["compression-type"] == "zlib"
+    assert not any(n.startswith(protocol.LAYOUT_PREFIX) for n in os.listdir(spool.incoming))
+
+
+@pytest.mark.parametrize("body,words", [
+    ({"qcow2": {"compression": "zstd", "compat": "0.10"}}, "[target.qcow2] compression: 'zstd' needs compat"),
+    ({"qcow2": {"cluster_size": "3KiB"}}, "[target.qcow2] cluster_size: must be a power of two"),
+    ({"qcow2": {"qemu_args": "-o"}}, "which is not a [target.qcow2] key"),
+    ({"qcow2": {"preallocation": ["full"]}}, '"preallocation" is not str'),
+    ({"vdi": {"static": "on"}}, "'vdi', which is not a target format with a layout"),
+    ({"qcow2": {"cluster_size": -1}}, '"cluster_size" is negative'),
+    ({}, "it asks for nothing"),
+], ids=["zstd-0.10", "cluster-3k", "unknown-key", "list", "no-layout-format", "negative", "empty"])
+def test_a_layout_request_check_config_would_refuse_fails_the_item_naming_why_and_keeps_the_bytes(
+        tmp_path, spool, daemon_factory, body, words):
+    src = tmp_path / "disk.vdi"
+    run("qemu-img", "create", "-f", "vdi", src, "4M")
+    qemu_io(src, "vdi", "write -P 7 0 1M")
+    daemon_factory(write_config(tmp_path, convert={"target_format": "qcow2"}))
+    # written as a hostile producer would, past hand_in's own check
+    (spool.incoming / f"{protocol.LAYOUT_PREFIX}img").write_text(json.dumps(body))
+    spool.drop(src, "img")
+    rec = spool.wait_record("img")
+    assert rec["status"] == "failed" and rec["error"]["code"] == "unsupported_format", rec
+    assert words in rec["error"]["message"] and f"{protocol.LAYOUT_PREFIX}img" in rec["error"]["message"]
+    assert str(tmp_path) not in rec["error"]["message"]
+    assert (spool.failed / "img").read_bytes() == src.read_bytes()
+
+
+def test_a_layout_request_that_is_a_link_is_not_followed_and_the_item_fails_saying_so(tmp_path, spool, daemon_factory):
+    src = tmp_path / "disk.vdi"
+    run("qemu-img", "create", "-f", "vdi", src, "4M")
+    secret = tmp_path / "secret.json"
+    secret.write_text(json.dumps({"qcow2": {"compression": "zstd"}}))
+    daemon_factory(write_config(tmp_path, convert={"target_format": "qcow2"}))
+    os.symlink(secret, spool.incoming / f"{protocol.LAYOUT_PREFIX}img")
+    spool.drop(src, "img")
+    rec = spool.wait_record("img")
+    assert rec["status"] == "failed" and rec["error"]["code"] == "unsupported_format", rec
+    assert "it is a symbolic link" in rec["error"]["message"]
+    assert secret.exists() and (spool.failed / "img").read_bytes() == src.read_bytes()

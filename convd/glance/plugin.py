@@ -8,6 +8,8 @@ Enabled in ``glance-image-import.conf``::
     [convd]
     spool = /var/lib/convd
     timeout = 21600
+    # optional: the layout each store wants (convd's [target.FMT] keys)
+    target_layout = fast:qcow2.compression=zstd;qcow2.cluster_size=2MiB, thick:raw.preallocation=full
 
 The task hands the staged image to the spool under the image ID, waits for
 its record, and then hands the converted image on to the store upload (or
@@ -28,7 +30,7 @@ from taskflow.patterns import linear_flow as lf
 
 from convd import protocol
 
-__all__ = ["get_flow", "list_opts"]
+__all__ = ["get_flow", "list_opts", "parse_layout"]
 
 LOG = logging.getLogger(__name__)
 CONF = cfg.CONF
@@ -76,9 +78,47 @@ files dropped by hand, a user being the one who waits; convd still takes one
 waiting dropped file after every [convert] priority_burst imports in a row,
 so neither starves.
 """),
+    cfg.DictOpt('target_layout',
+                default={},
+                help="""
+The output layout each Glance store wants, where it wants one other than the
+daemon's own [target.FMT] settings: STORE:FMT.KEY=VALUE[;FMT.KEY=VALUE...],
+one entry per store, separated by commas. FMT.KEY is any key of convd's
+[target.FMT] sections (raw.preallocation, qcow2.compat, qcow2.cluster_size,
+qcow2.compression, qcow2.preallocation, vpc.subformat, vpc.size_multiple,
+vmdk.subformat); the daemon applies the keys of the format it converts to
+([convert] target_format) over its own and ignores the others. The store
+"*" stands for every store without an entry of its own (and for a Glance
+without enabled_backends). An import to several stores that want different
+layouts fails; a layout convd's check-config would refuse fails the import
+with "convd: unsupported_format: ..." naming the key. Example:
+fast:qcow2.compression=zstd;qcow2.cluster_size=2MiB, thick:raw.preallocation=full
+"""),
 ]
 
 CONF.register_opts(convd_opts, group='convd')
+
+
+def parse_layout(spec):
+    """``FMT.KEY=VALUE[;FMT.KEY=VALUE...]`` as a layout request (:func:`convd.protocol.layout_request`).
+
+    A value of digits only is a number (bytes, for the sizes); anything else
+    stays text ("2MiB", "zstd").  Raises ``ValueError`` naming what is wrong.
+    """
+    out: dict[str, dict[str, int | str]] = {}
+    for part in spec.split(';'):
+        part = part.strip()
+        if not part:
+            continue
+        lhs, eq, value = part.partition('=')
+        fmt, dot, key = lhs.strip().partition('.')
+        value = value.strip()
+        if not (eq and dot and fmt and key and value):
+            raise ValueError('%r is not FMT.KEY=VALUE' % part)
+        out.setdefault(fmt, {})[key.strip()] = int(value) if value.isdigit() else value
+    if not out:
+        raise ValueError('it states no FMT.KEY=VALUE')
+    return protocol.layout_request(out)
 
 # qemu-img's format names (convd's records) as Glance's disk_format; a raw
 # disk with a partition table is raw to Glance too.
@@ -153,6 +193,7 @@ class _ConvdConvert(task.Task):
         expect: dict[str, int | str] | None = None
         if isinstance(staged_size, int) and staged_size > 0:
             expect = {'size': staged_size}
+        layout = self._layout(conf)
         # A result under this image's ID that nobody took (an earlier import
         # whose glance-api died) is not this upload's: it would be mistaken
         # for it, and it would make this one a name_conflict.
@@ -160,7 +201,8 @@ class _ConvdConvert(task.Task):
             LOG.warning('Removing an unclaimed convd result of an earlier import of image %s', name)
             self._discard_result(paths, name)
         try:
-            self.handed_in = protocol.hand_in(src, paths, name, priority=conf.priority, expect=expect)
+            self.handed_in = protocol.hand_in(src, paths, name, priority=conf.priority, expect=expect,
+                                              layout=layout)
         except FileExistsError as exc:
             raise exception.UploadException(
                 'convd: an image with this ID is already in the spool (incoming/%s)' % name) from exc
@@ -201,6 +243,28 @@ class _ConvdConvert(task.Task):
                  {'id': name, 'src': detected, 'dst': target['format'],
                   'secs': (rec.get('timings') or {}).get('total', 0.0)})
         return 'file://%s' % self.staged
+
+    def _layout(self, conf):
+        """The layout request for the stores this import goes to ([convd] target_layout), or None."""
+        table = conf.target_layout or {}
+        if not table:
+            return None
+        specs = {store: table.get(store, table.get('*')) if store is not None else table.get('*')
+                 for store in (self.stores or [None])}
+        if len(set(specs.values())) > 1:
+            raise exception.UploadException(
+                'convd: the stores %s want different layouts ([convd] target_layout); import to one '
+                'at a time' % ', '.join(sorted(str(s) for s in specs)))
+        spec = next(iter(specs.values()))
+        if not spec:
+            return None
+        try:
+            return parse_layout(spec)
+        except ValueError as exc:
+            LOG.error('[convd] target_layout for %s: %s', ', '.join(str(s) for s in specs), exc)
+            raise exception.UploadException(
+                'convd: [convd] target_layout for store %s is not usable: %s'
+                % (', '.join(str(s) for s in specs), exc)) from exc
 
     def _wait(self, paths, name, conf):
         """The record, or None after ``timeout``; heartbeats the task meanwhile."""

@@ -59,10 +59,15 @@ class Dispatcher:
         """Look again now (a change in incoming/, a signal, an item that ended)."""
         self.wake.set()
 
-    def start_item(self, claim: Claim) -> Item:
-        """Run ``claim`` as an item in the items' task group."""
+    def start_item(self, claim: Claim, *, read_soon: bool = False) -> Item:
+        """Run ``claim`` as an item in the items' task group.
+
+        ``read_soon``: a consumer reads the output as soon as it is published
+        (a Glance hand-in, marked for priority), so it is written through the
+        page cache (:attr:`Item.read_soon`).
+        """
         assert self.items is not None, "start_item before run()"
-        item = Item(claim=claim, cfg=self._cfg())
+        item = Item(claim=claim, cfg=self._cfg(), read_soon=read_soon)
         # Registered now so the claim limit counts it at once.
         self.ctx.items[claim.name] = item
         self.items.start_soon(self._process, item)
@@ -142,11 +147,12 @@ class Dispatcher:
                     log.error("cannot claim; left in incoming/", item=name, error=str(claim))
                     self.intake.forget(name)
                     continue
+                marked = name in self.intake.pending and self.intake.pending[name].priority
                 self.intake.taken(name)
                 self.intake.forget(name)
                 if claim is not None:
                     log.info("claimed", item=name)
-                    self.start_item(claim)
+                    self.start_item(claim, read_soon=marked)
             with anyio.move_on_after(wait if wait is not None else 5.0):
                 await self.wake.wait()
 

@@ -39,6 +39,9 @@ CANCELLABLE = frozenset({Stage.UNPACK, Stage.DETECT, Stage.RESERVE, Stage.CONVER
 class Item:
     claim: Claim
     cfg: Config  # the config in force when it was claimed (SIGHUP applies to later items)
+    # Its producer reads the output whole as soon as it is published: a Glance
+    # import (a priority mark at claim), which Glance hashes and uploads at once.
+    read_soon: bool = False
     stage: Stage = Stage.UNPACK
     inspection: Inspection | None = None
     source: dict[str, Any] = field(default_factory=dict)

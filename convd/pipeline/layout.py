@@ -44,6 +44,7 @@ __all__ = [
     "FAILED_NUMBER_MAX",
     "IGNORED_SUFFIXES",
     "ITEM",
+    "LAYOUT",
     "LEDGER",
     "LEDGER_LOCK",
     "MAX_NAME_BYTES",
@@ -65,6 +66,8 @@ SOURCE, OUTPUT, ITEM, RECORD = "source", "output", "item.json", "record.json"
 # The producer's expectation (contract section 8) as convd read it at claim:
 # {"expect": {...}} or {"unreadable": "why"}; written by convd, never the producer's file.
 EXPECT = "expect.json"
+# The producer's layout request (contract section 9), likewise: {"layout": {...}} or {"unreadable": "why"}.
+LAYOUT = "layout.json"
 UNPACKED = "unpacked"
 PRIVATE = "private"
 

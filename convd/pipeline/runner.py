@@ -13,6 +13,7 @@ import structlog
 from convd.errors import Cancelled, ConvertFailed, ItemError, NameConflict, Stopped, TransientError
 from convd.pipeline.context import Context
 from convd.pipeline.item import CANCELLABLE, Item, Stage
+from convd.pipeline.sidecars import apply_layout
 from convd.qemu import img as qemu
 from convd.stages import cleanup, convert, detect, publish, quarantine, reserve, unpack
 from convd.stages import rbd as rbd_stages
@@ -63,6 +64,7 @@ async def run_item(item: Item, ctx: Context) -> None:
     structlog.contextvars.bind_contextvars(item=item.name)
     qemu.phase_timings.set(item.timings)  # this task's qemu-img runs add their times
     try:
+        apply_layout(item)  # the producer's [target.*] for this item, before anything reads it
         while item.stage is not Stage.DONE:
             stage = item.stage
             if item.withdrawn is not None and stage in CANCELLABLE:

@@ -1,5 +1,6 @@
 """The daemon's side of the spool's sidecars (``convd.protocol``): cancel requests,
-indexed and bounded, and the producer's expectation taken with the item at claim.
+indexed and bounded, the producer's expectation taken with the item at claim, and
+its layout request applied to the item's ``[target.*]``.
 
 A sidecar is the producer's file: read bounded and without following links
 (:func:`convd.protocol.read_sidecar`), and a bad one is logged once and set
@@ -8,14 +9,21 @@ aside.  Time is convd's own clock, never a date the file states.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from convd.config import target_with
+from convd.errors import ConfigError, UnsupportedFormat
+from convd.pipeline.item import Item
+from convd.pipeline.layout import LAYOUT
 from convd.protocol import (
     CANCEL_PREFIX,
+    LAYOUT_PREFIX,
     CancelRequest,
     SidecarError,
     is_cancel_request,
@@ -23,7 +31,7 @@ from convd.protocol import (
     set_aside,
 )
 
-__all__ = ["MAX_CANCEL_REQUESTS", "CancelBook"]
+__all__ = ["MAX_CANCEL_REQUESTS", "CancelBook", "apply_layout"]
 
 # Most cancel requests held at once; one more is refused (and removed).  A
 # real request is settled within seconds, so this only bounds a flood.
@@ -127,3 +135,29 @@ class CancelBook:
             os.unlink(self.incoming / f"{CANCEL_PREFIX}{name}")
         except FileNotFoundError:
             pass
+
+
+def apply_layout(item: Item) -> None:
+    """Lay the producer's layout request, taken at claim (``Spool._take_layout``), over
+    ``item.cfg.target``: the convert, the ledger's reservation and the record's
+    ``target.layout`` then follow it.  Nothing when there was none.
+
+    Raises ``UnsupportedFormat`` when the request could not be read or asks for
+    what check-config would refuse in ``[target.*]`` (its message, naming the key):
+    the output the producer wants cannot be made, and another would not do.
+    """
+    if item.claim.source_path is not None:
+        return  # `convd convert`: no spool, no request
+    try:
+        state = json.loads((item.claim.dir / LAYOUT).read_bytes())
+    except FileNotFoundError:
+        return
+    sidecar = f"{LAYOUT_PREFIX}{item.name}"
+    if "unreadable" in state:
+        raise UnsupportedFormat(f"the layout request {sidecar} cannot be used: {state['unreadable']}; "
+                                "the bytes are kept as dropped")
+    try:
+        target = target_with(item.cfg.target, dict(state.get("layout") or {}))
+    except ConfigError as exc:
+        raise UnsupportedFormat(f"the layout request {sidecar} asks for what qemu-img cannot make: {exc}") from None
+    item.cfg = dataclasses.replace(item.cfg, target=target)

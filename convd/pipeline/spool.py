@@ -29,6 +29,7 @@ from convd.pipeline.layout import (
     EXPECT,
     FAILED_NUMBER_MAX,
     ITEM,
+    LAYOUT,
     OUTPUT,
     PRIVATE,
     RECORD,
@@ -273,6 +274,21 @@ class Spool:
         durable.write_json(d / EXPECT, state, sync=False, compact=True)
         return path
 
+    def _take_layout(self, name: str, d: Path) -> Path | None:
+        """Read ``incoming/.convd-layout.NAME`` into ``d/layout.json``, as
+        :meth:`_take_expectation` does the expectation."""
+        path = self.incoming / f"{protocol.LAYOUT_PREFIX}{name}"
+        if not os.path.lexists(path):
+            return None
+        try:
+            state: dict[str, Any] = {"layout": protocol.layout_request(protocol.read_sidecar(path))}
+        except FileNotFoundError:
+            return None
+        except protocol.SidecarError as exc:
+            state = {"unreadable": str(exc)}
+        durable.write_json(d / LAYOUT, state, sync=False, compact=True)
+        return path
+
     def _claim(self, name: str) -> Claim | OSError | None:
         d = self.claims / name
         try:
@@ -283,8 +299,9 @@ class Spool:
             return exc
         try:
             expect = self._take_expectation(name, d)
+            layout = self._take_layout(name, d)
         except OSError as exc:
-            os.rmdir(d)
+            _unclaim(d)
             return exc
         try:
             # A plain rename: d was just made by us, so nothing can be at
@@ -298,8 +315,9 @@ class Spool:
         except OSError as exc:
             _unclaim(d)
             return exc
-        if expect is not None:
-            protocol.set_aside(expect)  # taken with the item: removed (a directory, renamed away)
+        for taken in (expect, layout):
+            if taken is not None:
+                protocol.set_aside(taken)  # taken with the item: removed (a directory, renamed away)
         return Claim(name=name, dir=d)
 
     # -- per-item state ---------------------------------------------------
@@ -462,7 +480,7 @@ class Spool:
         handoff; were it gone first, a surviving ``source`` would be converted
         a second time.
         """
-        for name in (SOURCE, UNPACKED, PRIVATE, OUTPUT, EXPECT, ITEM, RECORD):
+        for name in (SOURCE, UNPACKED, PRIVATE, OUTPUT, EXPECT, LAYOUT, ITEM, RECORD):
             try:
                 os.unlink(claim.dir / name)
             except FileNotFoundError:
@@ -471,9 +489,10 @@ class Spool:
 
 
 def _unclaim(d: Path) -> None:
-    """Undo a claim directory that got no source (its expectation copy, then itself)."""
-    try:
-        os.unlink(d / EXPECT)
-    except FileNotFoundError:
-        pass
+    """Undo a claim directory that got no source (its sidecar copies, then itself)."""
+    for name in (EXPECT, LAYOUT):
+        try:
+            os.unlink(d / name)
+        except FileNotFoundError:
+            pass
     os.rmdir(d)

@@ -39,8 +39,11 @@ async def convert(item: Item, ctx: Context) -> Stage:
         # would read every byte back from disk: with checksums, the output is
         # written through the cache (as durable as fast, measured: 0.66-0.74 s
         # against 0.60-0.70 s for 2 GiB qcow2 -> raw) and hashed from it.
+        # So is a Glance import's, which Glance reads whole at once: eight
+        # 1 GiB imports at once went active in 103 s written with O_DIRECT,
+        # 82 s through the cache (docs/benchmarks.md, issue 23's burst).
         args = qemu.convert_args(src_fmt, item.target_format, cfg.qemu_args_for(item.inspection.format),
-                                 direct_io=ctx.direct_io and not cfg.checksum.algorithms)
+                                 direct_io=ctx.direct_io and not cfg.checksum.algorithms and not item.read_soon)
         args += qemu.layout_args(item.target_format, cfg.target)
         soon = sum(1 for i in ctx.items.values() if i.stage in _CONVERTING_SOON and not i.passthrough)
         try:
