@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -30,6 +31,32 @@ def pytest_configure(config: pytest.Config) -> None:
     # A SIGTERM (CI's cancel, a timeout) ends the run as Ctrl-C does: fixtures
     # tear down, and every tracked process group is reaped at exit.
     stop_on_signals(interrupt=True)
+
+
+# `make test` runs the suite on several xdist workers with `--dist loadgroup`.
+# The tests of a module that starts one server for all its tests share a
+# group, so the server starts once, on one worker: Glance (glance-api and
+# MariaDB, a session fixture); the Ceph clusters of test_rbd and
+# test_sharedfs (3 and 4 GiB of memstore: one at a time on this machine).
+XDIST_GROUPS = {"test_glance": "glance", "test_rbd": "ceph", "test_sharedfs": "ceph"}
+# The longest first, one to a worker (xdist hands each worker its first unit
+# and then one more ahead: keep the 5th to 8th short), so that none starts
+# near the end: the 30 power cuts on each filesystem, then Glance's and
+# Ceph's groups.
+LONGEST_FIRST = ("tests/test_powercut.py::test_power_cuts_at_seeded_moments_lose_nothing_and_publish_nothing_"
+                 "half_written[30-cuts", "tests/test_glance.py::", "tests/test_rbd.py::", "tests/test_sharedfs.py::")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        group = XDIST_GROUPS.get(item.module.__name__ if item.module else "")
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+    def rank(item: pytest.Item) -> int:
+        return next((n for n, p in enumerate(LONGEST_FIRST) if item.nodeid.startswith(p)), len(LONGEST_FIRST))
+    items.sort(key=rank)  # stable: each module's own order is kept
 
 
 def convd_bin() -> str:
@@ -126,28 +153,84 @@ def write_config(tmp_path: Path, **sections: dict[str, Any]) -> Path:
     return path
 
 
+# Who holds each test user and group made here, shared by every pytest process on
+# the machine (xdist's workers, another checkout's run): root's, so in /run.
+_USERS_STATE = Path("/run/convd-test-users.json") if Path("/run").is_dir() else Path("/tmp/convd-test-users.json")
+
+
 @contextlib.contextmanager
-def system_users(group: str, *users: str) -> Iterator[None]:
-    """System ``users`` in ``group`` (each also in a group of its own name), for the
-    tests that run convd, a producer or Glance as other users; removed again if
-    made here."""
-    made_group = run("getent", "group", group, check=False).returncode != 0
-    run("groupadd", "-f", "--system", group)
-    made = []
-    for user in users:
+def _users_state() -> Iterator[dict[str, dict[str, Any]]]:
+    """The holders of the test users and groups, under an exclusive lock; written back on exit.
+    Holders whose process is gone (a run that was killed) are dropped."""
+    with open(_USERS_STATE.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            pwd.getpwnam(user)
-        except KeyError:
-            run("useradd", "--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin", user)
-            made.append(user)
-        run("usermod", "-a", "-G", group, user)
+            state: dict[str, dict[str, Any]] = json.loads(_USERS_STATE.read_text())
+        except (FileNotFoundError, ValueError):
+            state = {}
+        for entry in state.values():
+            entry["holders"] = [pid for pid in entry["holders"] if _alive(pid)]
+        yield state
+        tmp = _USERS_STATE.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, _USERS_STATE)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+@contextlib.contextmanager
+def system_users(group: str | None, *users: str) -> Iterator[None]:
+    """System ``users`` (each also in a group of its own name), all in ``group``
+    unless it is None, for the tests that run convd, a producer or Glance as other
+    users; removed again once no test holds them, if a test made them.
+
+    Tests on other xdist workers (or in another run) may use the same names at
+    the same moment: who holds what is kept in one locked file, and the last
+    holder of a name this suite made removes it.
+    """
+    names = [("group", group)] if group else []
+    names += [("user", u) for u in users]
+    me = os.getpid()
+    with _users_state() as state:
+        for kind, name in names:
+            entry = state.setdefault(f"{kind}:{name}", {"made": False, "holders": []})
+            if kind == "group":
+                if run("getent", "group", name, check=False).returncode != 0:
+                    run("groupadd", "-f", "--system", name)
+                    entry["made"] = True
+            else:
+                try:
+                    pwd.getpwnam(name)
+                except KeyError:
+                    run("useradd", "--system", "--user-group", "--no-create-home", "--shell",
+                        "/usr/sbin/nologin", name)
+                    entry["made"] = True
+                if group:
+                    run("usermod", "-a", "-G", group, name)
+            entry["holders"].append(me)
     try:
         yield
     finally:
-        for user in made:
-            run("userdel", user, check=False)
-        if made_group:
-            run("groupdel", group, check=False)
+        with _users_state() as state:
+            # users first: a group is removed once no user has it as its own
+            for kind, name in sorted(names, key=lambda n: n[0] != "user"):
+                entry = state.get(f"{kind}:{name}")
+                if entry is None:
+                    continue
+                if me in entry["holders"]:
+                    entry["holders"].remove(me)
+                if not entry["holders"]:
+                    if entry["made"]:
+                        run("userdel" if kind == "user" else "groupdel", name, check=False)
+                    del state[f"{kind}:{name}"]
 
 
 def unit_spool(base: Path, owner: str, group: str) -> Path:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import shutil
 import signal
 import subprocess
@@ -19,7 +18,7 @@ import pytest
 
 from convd.pipeline.sidecars import MAX_CANCEL_REQUESTS
 
-from conftest import MiB, convd_bin, make_image, run, wait_for, write_config
+from conftest import MiB, convd_bin, make_image, run, system_users, wait_for, write_config
 from glance_server import GLANCE_VENV, reachable_convd
 
 CONVD_USER = "convdtest-convd"
@@ -118,15 +117,8 @@ def convd_user() -> Iterator[None]:
     if os.geteuid() != 0:
         yield
         return
-    made = False
-    try:
-        pwd.getpwnam(CONVD_USER)
-    except KeyError:
-        run("useradd", "--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin", CONVD_USER)
-        made = True
-    yield
-    if made:
-        run("userdel", CONVD_USER, check=False)
+    with system_users(None, CONVD_USER):
+        yield
 
 
 @pytest.fixture
