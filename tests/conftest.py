@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import structlog
 
-from glance_server import stop_on_signals, track, untrack
+from glance_server import reap, stop_on_signals, track, untrack
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = Path(__file__).resolve().parent / "data" / "os-test-images"
@@ -31,13 +31,71 @@ def pytest_configure(config: pytest.Config) -> None:
     # A SIGTERM (CI's cancel, a timeout) ends the run as Ctrl-C does: fixtures
     # tear down, and every tracked process group is reaped at exit.
     stop_on_signals(interrupt=True)
+    if hasattr(config, "workerinput"):
+        # An xdist worker: the controller forwards its SIGTERM, and a terminal's
+        # Ctrl-C reaches the worker too; the first unwinds, the rest are ignored
+        # so that the teardown (MariaDB, Ceph, UML...) runs to its end.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _worker_stop)
+    elif config.getoption("numprocesses", None):
+        # xdist's controller: left alone, it stops the workers (execnet kills
+        # them after a few seconds) before their fixtures have stopped what they
+        # started.  It first lets each worker unwind.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _controller_stop)
 
 
-# `make test` runs the suite on several xdist workers with `--dist loadgroup`.
-# The tests of a module that starts one server for all its tests share a
-# group, so the server starts once, on one worker: Glance (glance-api and
-# MariaDB, a session fixture); the Ceph clusters of test_rbd and
-# test_sharedfs (3 and 4 GiB of memstore: one at a time on this machine).
+_STOPPING = False
+
+
+def _worker_stop(signum: int, frame: Any) -> None:
+    global _STOPPING
+    _STOPPING = True
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # A stopped worker has torn its fixtures down: it exits, which is what the
+    # controller waits for (left alone, it would wait for the controller).
+    if hasattr(config, "workerinput") and _STOPPING:
+        reap()
+        os._exit(130)
+
+
+def _controller_stop(signum: int, frame: Any) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    me = str(os.getpid())
+    workers = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if stat[stat.rindex(")") + 2:].split()[1] == me:
+            workers.append(int(pid))
+            try:
+                os.kill(int(pid), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    # Their teardown: a MariaDB's clean shutdown alone may take 30 s.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() and
+                                              b"zombie" not in Path(f"/proc/{pid}/status").read_bytes()
+                                              for pid in workers):
+        time.sleep(0.2)
+    raise KeyboardInterrupt
+
+
+# `make test` runs the suite on several xdist workers.  The tests of a module
+# that starts one server for all its tests form one unit of work, so the
+# server starts once, on one worker: Glance (glance-api and MariaDB, a session
+# fixture); the Ceph clusters of test_rbd and test_sharedfs (3 and 4 GiB of
+# memstore: one at a time on this machine).  (xdist's own `xdist_group` marks
+# do nothing with pytest 9.2: xdist renames the items through an attribute
+# pytest no longer reads; the scheduler below groups by module instead.)
 XDIST_GROUPS = {"test_glance": "glance", "test_rbd": "ceph", "test_sharedfs": "ceph"}
 # The longest first, one to a worker (xdist hands each worker its first unit
 # and then one more ahead: keep the 5th to 8th short), so that none starts
@@ -47,16 +105,24 @@ LONGEST_FIRST = ("tests/test_powercut.py::test_power_cuts_at_seeded_moments_lose
                  "half_written[30-cuts", "tests/test_glance.py::", "tests/test_rbd.py::", "tests/test_sharedfs.py::")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        group = XDIST_GROUPS.get(item.module.__name__ if item.module else "")
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
-
     def rank(item: pytest.Item) -> int:
         return next((n for n, p in enumerate(LONGEST_FIRST) if item.nodeid.startswith(p)), len(LONGEST_FIRST))
     items.sort(key=rank)  # stable: each module's own order is kept
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Each test its own unit of work, except the groups of :data:`XDIST_GROUPS`."""
+    if config.getoption("dist") not in ("load", "loadgroup"):
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Grouped(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+            return XDIST_GROUPS.get(module, nodeid)
+
+    return Grouped(config, log)
 
 
 def convd_bin() -> str:
