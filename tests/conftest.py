@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib.util
 import json
 import os
 import pwd
@@ -111,18 +112,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=rank)  # stable: each module's own order is kept
 
 
-def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """Each test its own unit of work, except the groups of :data:`XDIST_GROUPS`."""
-    if config.getoption("dist") not in ("load", "loadgroup"):
-        return None
-    from xdist.scheduler import LoadScopeScheduling
+# The hook exists only where pytest-xdist is installed (the test extras): an
+# older venv still runs the suite in one process.
+if importlib.util.find_spec("xdist") is not None:
+    def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+        """Each test its own unit of work, except the groups of :data:`XDIST_GROUPS`."""
+        if config.getoption("dist") not in ("load", "loadgroup"):
+            return None
+        from xdist.scheduler import LoadScopeScheduling
 
-    class Grouped(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
-            return XDIST_GROUPS.get(module, nodeid)
+        class Grouped(LoadScopeScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+                return XDIST_GROUPS.get(module, nodeid)
 
-    return Grouped(config, log)
+        return Grouped(config, log)
 
 
 def convd_bin() -> str:
