@@ -100,10 +100,9 @@ def _controller_stop(signum: int, frame: Any) -> None:
 XDIST_GROUPS = {"test_glance": "glance", "test_rbd": "ceph", "test_sharedfs": "ceph"}
 # The longest first, one to a worker (xdist hands each worker its first unit
 # and then one more ahead: keep the 5th to 8th short), so that none starts
-# near the end: the 30 power cuts on each filesystem, then Glance's and
-# Ceph's groups.
+# near the end: the 30 power cuts, then Glance's and Ceph's groups.
 LONGEST_FIRST = ("tests/test_powercut.py::test_power_cuts_at_seeded_moments_lose_nothing_and_publish_nothing_"
-                 "half_written[30-cuts", "tests/test_glance.py::", "tests/test_rbd.py::", "tests/test_sharedfs.py::")
+                 "half_written[30-cuts]", "tests/test_glance.py::", "tests/test_rbd.py::", "tests/test_sharedfs.py::")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
