@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import importlib.util
 import json
 import os
 import pwd
 import re
+import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,7 @@ import structlog
 
 # The harness lives in convd_testing (shared with bench/); the tests import it from here too.
 from convd_testing.daemon import Daemon, Spool, convd_bin, wait_for  # noqa: F401 - re-exported to the tests
-from convd_testing.glance_server import stop_on_signals
+from convd_testing.glance_server import reap, stop_on_signals
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = Path(__file__).resolve().parent / "data" / "os-test-images"
@@ -29,6 +33,100 @@ def pytest_configure(config: pytest.Config) -> None:
     # A SIGTERM (CI's cancel, a timeout) ends the run as Ctrl-C does: fixtures
     # tear down, and every tracked process group is reaped at exit.
     stop_on_signals(interrupt=True)
+    if hasattr(config, "workerinput"):
+        # An xdist worker: the controller forwards its SIGTERM, and a terminal's
+        # Ctrl-C reaches the worker too; the first unwinds, the rest are ignored
+        # so that the teardown (MariaDB, Ceph, UML...) runs to its end.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _worker_stop)
+    elif config.getoption("numprocesses", None):
+        # xdist's controller: left alone, it stops the workers (execnet kills
+        # them after a few seconds) before their fixtures have stopped what they
+        # started.  It first lets each worker unwind.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _controller_stop)
+
+
+_STOPPING = False
+
+
+def _worker_stop(signum: int, frame: Any) -> None:
+    global _STOPPING
+    _STOPPING = True
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # A stopped worker has torn its fixtures down: it exits, which is what the
+    # controller waits for (left alone, it would wait for the controller).
+    if hasattr(config, "workerinput") and _STOPPING:
+        reap()
+        os._exit(130)
+
+
+def _controller_stop(signum: int, frame: Any) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    me = str(os.getpid())
+    workers = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if stat[stat.rindex(")") + 2:].split()[1] == me:
+            workers.append(int(pid))
+            try:
+                os.kill(int(pid), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    # Their teardown: a MariaDB's clean shutdown alone may take 30 s.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() and
+                                              b"zombie" not in Path(f"/proc/{pid}/status").read_bytes()
+                                              for pid in workers):
+        time.sleep(0.2)
+    raise KeyboardInterrupt
+
+
+# `make test` runs the suite on several xdist workers.  The tests of a module
+# that starts one server for all its tests form one unit of work, so the
+# server starts once, on one worker: Glance (glance-api and MariaDB, a session
+# fixture); the Ceph clusters of test_rbd and test_sharedfs (3 and 4 GiB of
+# memstore: one at a time on this machine).  (xdist's own `xdist_group` marks
+# do nothing with pytest 9.2: xdist renames the items through an attribute
+# pytest no longer reads; the scheduler below groups by module instead.)
+XDIST_GROUPS = {"test_glance": "glance", "test_rbd": "ceph", "test_sharedfs": "ceph"}
+# The longest first, one to a worker (xdist hands each worker its first unit
+# and then one more ahead: keep the 5th to 8th short), so that none starts
+# near the end: the 30 power cuts, then Glance's and Ceph's groups.
+LONGEST_FIRST = ("tests/test_powercut.py::test_power_cuts_at_seeded_moments_lose_nothing_and_publish_nothing_"
+                 "half_written[30-cuts]", "tests/test_glance.py::", "tests/test_rbd.py::", "tests/test_sharedfs.py::")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        return next((n for n, p in enumerate(LONGEST_FIRST) if item.nodeid.startswith(p)), len(LONGEST_FIRST))
+    items.sort(key=rank)  # stable: each module's own order is kept
+
+
+# The hook exists only where pytest-xdist is installed (the test extras): an
+# older venv still runs the suite in one process.
+if importlib.util.find_spec("xdist") is not None:
+    def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+        """Each test its own unit of work, except the groups of :data:`XDIST_GROUPS`."""
+        if config.getoption("dist") not in ("load", "loadgroup"):
+            return None
+        from xdist.scheduler import LoadScopeScheduling
+
+        class Grouped(LoadScopeScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+                return XDIST_GROUPS.get(module, nodeid)
+
+        return Grouped(config, log)
 
 
 @pytest.fixture(autouse=True)
@@ -120,33 +218,89 @@ def write_config(tmp_path: Path, **sections: dict[str, Any]) -> Path:
     return path
 
 
+# Who holds each test user and group made here, shared by every pytest process on
+# the machine (xdist's workers, another checkout's run): root's, so in /run.
+_USERS_STATE = Path("/run/convd-test-users.json") if Path("/run").is_dir() else Path("/tmp/convd-test-users.json")
+
+
 @contextlib.contextmanager
-def system_users(group: str, *users: str, consumers: str | None = None,
-                 consuming: tuple[str, ...] = ()) -> Iterator[None]:
-    """System ``users`` in ``group`` (each also in a group of its own name), for the
-    tests that run convd, a producer or Glance as other users; removed again if
-    made here.  ``consumers``: a second group (systemd/convd.tmpfiles' convd-consumers),
-    with the ``consuming`` users (made if need be, and also in ``group``) in it."""
-    made_groups = [g for g in (group, consumers) if g and run("getent", "group", g, check=False).returncode != 0]
-    for g in made_groups:
-        run("groupadd", "-f", "--system", g)
-    made = []
-    for user in (*users, *consuming):
+def _users_state() -> Iterator[dict[str, dict[str, Any]]]:
+    """The holders of the test users and groups, under an exclusive lock; written back on exit.
+    Holders whose process is gone (a run that was killed) are dropped."""
+    with open(_USERS_STATE.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            pwd.getpwnam(user)
-        except KeyError:
-            run("useradd", "--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin", user)
-            made.append(user)
-        run("usermod", "-a", "-G", group, user)
-        if consumers and user in consuming:
-            run("usermod", "-a", "-G", consumers, user)
+            state: dict[str, dict[str, Any]] = json.loads(_USERS_STATE.read_text())
+        except (FileNotFoundError, ValueError):
+            state = {}
+        for entry in state.values():
+            entry["holders"] = [pid for pid in entry["holders"] if _alive(pid)]
+        yield state
+        tmp = _USERS_STATE.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, _USERS_STATE)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+@contextlib.contextmanager
+def system_users(group: str | None, *users: str, consumers: str | None = None,
+                 consuming: tuple[str, ...] = ()) -> Iterator[None]:
+    """System ``users`` (each also in a group of its own name), all in ``group``
+    unless it is None, for the tests that run convd, a producer or Glance as other
+    users; removed again once no test holds them, if a test made them.
+    ``consumers``: a second group (systemd/convd.tmpfiles' convd-consumers), with
+    the ``consuming`` users (made if need be, and also in ``group``) in it.
+
+    Tests on other xdist workers (or in another run) may use the same names at
+    the same moment: who holds what is kept in one locked file, and the last
+    holder of a name this suite made removes it.
+    """
+    names = [("group", g) for g in (group, consumers) if g]
+    names += [("user", u) for u in (*users, *consuming)]
+    me = os.getpid()
+    with _users_state() as state:
+        for kind, name in names:
+            entry = state.setdefault(f"{kind}:{name}", {"made": False, "holders": []})
+            if kind == "group":
+                if run("getent", "group", name, check=False).returncode != 0:
+                    run("groupadd", "-f", "--system", name)
+                    entry["made"] = True
+            else:
+                try:
+                    pwd.getpwnam(name)
+                except KeyError:
+                    run("useradd", "--system", "--user-group", "--no-create-home", "--shell",
+                        "/usr/sbin/nologin", name)
+                    entry["made"] = True
+                if group:
+                    run("usermod", "-a", "-G", group, name)
+                if consumers and name in consuming:
+                    run("usermod", "-a", "-G", consumers, name)
+            entry["holders"].append(me)
     try:
         yield
     finally:
-        for user in made:
-            run("userdel", user, check=False)
-        for g in made_groups:
-            run("groupdel", g, check=False)
+        with _users_state() as state:
+            # users first: a group is removed once no user has it as its own
+            for kind, name in sorted(names, key=lambda n: n[0] != "user"):
+                entry = state.get(f"{kind}:{name}")
+                if entry is None:
+                    continue
+                if me in entry["holders"]:
+                    entry["holders"].remove(me)
+                if not entry["holders"]:
+                    if entry["made"]:
+                        run("userdel" if kind == "user" else "groupdel", name, check=False)
+                    del state[f"{kind}:{name}"]
 
 
 TMPFILES = Path(__file__).resolve().parent.parent / "systemd" / "convd.tmpfiles"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import shutil
 import signal
 import subprocess
@@ -20,7 +19,7 @@ import pytest
 from convd.pipeline.sidecars import MAX_CANCEL_REQUESTS
 from convd_testing.glance_server import GLANCE_VENV, reachable_convd
 
-from conftest import MiB, convd_bin, make_image, run, wait_for, write_config
+from conftest import MiB, convd_bin, make_image, run, system_users, wait_for, write_config
 
 CONVD_USER = "convdtest-convd"
 SECRET = "outside-the-spool-secret-reason"
@@ -118,15 +117,8 @@ def convd_user() -> Iterator[None]:
     if os.geteuid() != 0:
         yield
         return
-    made = False
-    try:
-        pwd.getpwnam(CONVD_USER)
-    except KeyError:
-        run("useradd", "--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin", CONVD_USER)
-        made = True
-    yield
-    if made:
-        run("userdel", CONVD_USER, check=False)
+    with system_users(None, CONVD_USER):
+        yield
 
 
 @pytest.fixture
