@@ -138,7 +138,7 @@ class CancelBook:
 
 
 def apply_layout(item: Item) -> None:
-    """Lay the producer's layout request, taken at claim (``Spool._take_layout``), over
+    """Lay the producer's layout request, taken at claim (``Spool._take_sidecars``), over
     ``item.cfg.target``: the convert, the ledger's reservation and the record's
     ``target.layout`` then follow it.  Nothing when there was none.
 

@@ -15,7 +15,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -259,35 +259,29 @@ class Spool:
                 out[claim.name] = exc
         return out
 
-    def _take_expectation(self, name: str, d: Path) -> Path | None:
-        """Read ``incoming/.convd-expect.NAME`` into ``d/expect.json``; its path in
-        ``incoming/`` (to remove once the claim is won), or None when there is none."""
-        path = self.incoming / f"{protocol.EXPECT_PREFIX}{name}"
+    def _take_sidecar(self, name: str, d: Path, prefix: str, key: str,
+                      parse: Callable[[Any], Any], dest: str) -> Path | None:
+        """Read ``incoming/PREFIX+NAME`` (bounded, link-free: :func:`protocol.read_sidecar`)
+        into ``d/DEST`` as ``{KEY: parse(value)}``, or ``{"unreadable": why}``; its
+        path in ``incoming/`` (to remove once the claim is won), or None when there is none."""
+        path = self.incoming / f"{prefix}{name}"
         if not os.path.lexists(path):
             return None
         try:
-            state: dict[str, Any] = {"expect": protocol.expectation(protocol.read_sidecar(path))}
+            state: dict[str, Any] = {key: parse(protocol.read_sidecar(path))}
         except FileNotFoundError:
             return None
         except protocol.SidecarError as exc:
             state = {"unreadable": str(exc)}
-        durable.write_json(d / EXPECT, state, sync=False, compact=True)
+        durable.write_json(d / dest, state, sync=False, compact=True)
         return path
 
-    def _take_layout(self, name: str, d: Path) -> Path | None:
-        """Read ``incoming/.convd-layout.NAME`` into ``d/layout.json``, as
-        :meth:`_take_expectation` does the expectation."""
-        path = self.incoming / f"{protocol.LAYOUT_PREFIX}{name}"
-        if not os.path.lexists(path):
-            return None
-        try:
-            state: dict[str, Any] = {"layout": protocol.layout_request(protocol.read_sidecar(path))}
-        except FileNotFoundError:
-            return None
-        except protocol.SidecarError as exc:
-            state = {"unreadable": str(exc)}
-        durable.write_json(d / LAYOUT, state, sync=False, compact=True)
-        return path
+    def _take_sidecars(self, name: str, d: Path) -> list[Path]:
+        """The producer's expectation (contract section 8) into ``d/expect.json`` and
+        its layout request (section 9) into ``d/layout.json``: the paths taken."""
+        taken = (self._take_sidecar(name, d, protocol.EXPECT_PREFIX, "expect", protocol.expectation, EXPECT),
+                 self._take_sidecar(name, d, protocol.LAYOUT_PREFIX, "layout", protocol.layout_request, LAYOUT))
+        return [path for path in taken if path is not None]
 
     def _claim(self, name: str) -> Claim | OSError | None:
         d = self.claims / name
@@ -298,8 +292,7 @@ class Spool:
         except OSError as exc:
             return exc
         try:
-            expect = self._take_expectation(name, d)
-            layout = self._take_layout(name, d)
+            taken = self._take_sidecars(name, d)
         except OSError as exc:
             _unclaim(d)
             return exc
@@ -315,9 +308,8 @@ class Spool:
         except OSError as exc:
             _unclaim(d)
             return exc
-        for taken in (expect, layout):
-            if taken is not None:
-                protocol.set_aside(taken)  # taken with the item: removed (a directory, renamed away)
+        for path in taken:
+            protocol.set_aside(path)  # taken with the item: removed (a directory, renamed away)
         return Claim(name=name, dir=d)
 
     # -- per-item state ---------------------------------------------------

@@ -32,7 +32,7 @@ __all__ = ["Verifier", "begin"]
 
 
 def _expectation(item: Item) -> dict[str, Any]:
-    """What the claim took from ``incoming/.convd-expect.NAME`` (see ``Spool._take_expectation``)."""
+    """What the claim took from ``incoming/.convd-expect.NAME`` (see ``Spool._take_sidecars``)."""
     if item.claim.source_path is not None:
         return {}  # `convd convert`: no spool, no expectation
     try:
