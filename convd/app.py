@@ -208,6 +208,9 @@ class Daemon:
             if now >= next_check:
                 next_check = now + self.cfg.spool.takeover_interval
                 try:
+                    # Cut off longer than the lease: our claims may be adopted; take
+                    # the lock again (a new epoch) and rejoin, without a restart.
+                    await anyio.to_thread.run_sync(self.spool.keep_lock)
                     adopted, stopped = await anyio.to_thread.run_sync(self.spool.take_over)
                 except OSError as exc:
                     log.warning("cannot check the other instances", error=str(exc))
@@ -249,7 +252,10 @@ class Daemon:
                 if item.withdrawn is not None:
                     self.cancels_pending = True  # its request is settled now
                 self._kick()
-            if not os.path.lexists(item.claim.dir):
+            if not os.path.lexists(item.claim.dir) or (
+                    # Claimed before this daemon lost its lock (cut off): retried only if still ours.
+                    item.claim.epoch != self.spool.epoch
+                    and not await anyio.to_thread.run_sync(self._kept_after_loss, name)):
                 self.monitor.stuck.discard(name)
                 return
             self.monitor.stuck.add(name)
@@ -262,8 +268,20 @@ class Daemon:
                 except OSError as exc:  # e.g. a shared filesystem's EIO: later, and the daemon goes on
                     log.error("cannot read a kept item; will retry", item=name, error=str(exc))
                     await anyio.sleep(delay)
+            if not await anyio.to_thread.run_sync(self.spool.owns, claim):
+                log.warning("a kept item was adopted by another instance; left to it", item=name)
+                self.monitor.stuck.discard(name)
+                return
             delay = min(delay * 2, STUCK_RETRY_MAX)
             item = Item(claim=claim, cfg=self.cfg)
+
+    def _kept_after_loss(self, name: str) -> bool:
+        """Whether ``work/<instance>/NAME`` is still this daemon's to run again (blocking):
+        there, and not adopted by another instance while this one was cut off."""
+        try:
+            return self.spool.owns(self.spool.load_claim(name))
+        except OSError:
+            return False
 
     # -- intake ----------------------------------------------------------
 

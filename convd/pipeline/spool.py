@@ -26,6 +26,18 @@ start-up) takes ``.adopt`` first.  A survivor that finds ``.lock`` free
 keeps both while it moves the items into its own directory, so exactly one
 survivor adopts them, and an owner starting meanwhile waits at the door
 (``ADOPT_WAIT``) instead of taking a prober's brief hold for a running twin.
+
+Fencing: a daemon whose node was cut off the shared filesystem for longer
+than its lease (NFSv4's lease, CephFS's session autoclose) has lost
+``.lock`` without knowing it, and a survivor may have adopted its items.
+Before each step that makes a result visible or removes what an item holds
+(:meth:`Spool.fence`: staging a handoff, finishing one, quarantining,
+discarding an output), the daemon checks through the door that ``.lock`` is
+still its own.  When it is not, it takes it again and starts a new *epoch*:
+every claim of an earlier epoch raises :class:`ClaimLost` and is abandoned
+untouched.  A survivor writes its own name as the ``owner`` in ``item.json``
+of every item it adopts, so a path that still leads the returning node to
+an adopted item (an NFS client's cached lookup) says whose it is now.
 """
 
 from __future__ import annotations
@@ -51,6 +63,7 @@ from convd.errors import ConfigError
 __all__ = [
     "IGNORED_SUFFIXES",
     "Claim",
+    "ClaimLost",
     "Spool",
     "instance_lock_state",
     "is_candidate_name",
@@ -125,6 +138,12 @@ def name_refused(name: str) -> str | None:
     return None
 
 
+class ClaimLost(Exception):
+    """The claim is no longer this daemon's: it lost its instance lock (its node was cut off
+    longer than the filesystem's lease) or a survivor adopted the item.  Nothing of it may be
+    published, moved or removed by this daemon."""
+
+
 @dataclass
 class Claim:
     """An item this instance owns: its directory under ``work/<instance>/``."""
@@ -137,6 +156,8 @@ class Claim:
     source_path: Path | None = None  # `convd convert`: the user's file, left where it is
     unpacked: Path | None = None  # the disk unpacked from a container source, once written
     private: Path | None = None  # the private copy of a source convd could not take (convd.custody)
+    epoch: int = 0  # the Spool's lock epoch it was claimed or loaded in (see Spool.fence)
+    owner: str | None = None  # item.json's owner: the instance that last adopted it (None: its claimer)
 
     @property
     def dropped(self) -> Path:
@@ -172,6 +193,8 @@ class Spool:
         self._claims_guard = threading.Lock()
         self._unrecovered: list[str] = []  # adopted, but not yet readable (take_over retries them)
         self._failed_next: dict[str, int] = {}  # NAME -> the number to try next in failed/
+        # Bumped each time this daemon finds it lost .lock and takes it again.
+        self.epoch = 0
 
     # -- start-up --------------------------------------------------------
 
@@ -335,11 +358,87 @@ class Spool:
                     log.error("cannot adopt an item of a stopped instance", item=item.name,
                               instance=peer, error=exc.strerror)
                     continue
+            self._mark_owner(self.claims / item.name)
             adopted.append(item.name)
             log.warning("adopted an item of a stopped instance", item=item.name, instance=peer)
         if adopted:
             durable.fsync_dir(pdir)
         return adopted
+
+    def _mark_owner(self, d: Path) -> None:
+        """Write this instance as ``owner`` in an adopted item's ``item.json``: what the
+        instance it was adopted from reads before touching it (see :meth:`fence`)."""
+        try:
+            state = json.loads((d / ITEM).read_bytes())
+        except (FileNotFoundError, ValueError):
+            state = {"name": d.name}
+        if not isinstance(state, dict):
+            state = {"name": d.name}
+        state["owner"] = self.cfg.instance
+        durable.write_json(d / ITEM, state, replace=True, sync=False, compact=True)
+
+    # -- fencing ------------------------------------------------------------
+
+    def keep_lock(self, *, wait: float = 0.0) -> bool | None:
+        """Whether this daemon still holds ``work/<instance>/.lock`` (True), or had lost
+        it and has just taken it again, starting a new epoch (False); None when a peer
+        held the door for all of ``wait`` seconds (a probe, or a survivor adopting).
+
+        Behind the door only the owner's own hold keeps ``.lock``, so a second
+        ``flock`` of it on a new descriptor fails exactly while the old one
+        still holds: on NFSv4 a lock the server dropped when the client's
+        lease expired, on CephFS one the MDS dropped with an evicted session,
+        is granted again instead.
+        """
+        if self._lock_fd is None:
+            return True  # never prepared (a tool reading the spool): no lock to keep
+        deadline = time.monotonic() + wait
+        while (door := try_flock(self.claims / ADOPT)) is None:
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+        try:
+            fd = try_flock(self.claims / LOCK)
+        finally:
+            os.close(door)
+        if fd is None:
+            return True
+        old, self._lock_fd = self._lock_fd, fd
+        self.epoch += 1
+        if old is not None:
+            with contextlib.suppress(OSError):  # a lost lock's descriptor, perhaps on a dead mount
+                os.close(old)
+        log.error("this instance had lost its lock on the spool (cut off longer than the filesystem's lease?);"
+                  " took it again: items claimed before are abandoned to whoever adopted them",
+                  instance=self.cfg.instance, epoch=self.epoch)
+        return False
+
+    def owns(self, claim: Claim) -> bool:
+        """Whether ``claim`` is still this daemon's as far as it can tell without the lock:
+        claimed in the current epoch, its directory there, and no other owner in ``item.json``."""
+        if claim.source_path is not None:
+            return True  # `convd convert`: no spool, no peers
+        if claim.epoch != self.epoch or not os.path.lexists(claim.dir):
+            return False
+        try:
+            owner = json.loads((claim.dir / ITEM).read_bytes()).get("owner")
+        except (FileNotFoundError, ValueError, AttributeError):
+            owner = None
+        return owner in (None, self.cfg.instance)
+
+    def fence(self, claim: Claim) -> None:
+        """Raise :class:`ClaimLost` unless ``claim`` is still this daemon's to hand off.
+
+        Checks the instance lock through the door (waiting up to ``ADOPT_WAIT`` while a
+        peer holds it), then :meth:`owns`.  Called before each step that makes a
+        result visible or removes what an item holds.
+        """
+        if claim.source_path is not None:
+            return
+        if self.keep_lock(wait=ADOPT_WAIT) is None:
+            raise ClaimLost(f"{self.claims / ADOPT} held for {ADOPT_WAIT:.0f} s (a peer adopting?)")
+        if not self.owns(claim):
+            raise ClaimLost("adopted by another instance while this one was cut off")
 
     def recover(self) -> list[Claim]:
         """This instance's unfinished items, from what ``work/<instance>/`` holds."""
@@ -367,9 +466,10 @@ class Spool:
     def load_claim(self, name: str) -> Claim:
         """A claim as its directory describes it (attempts, a staged handoff)."""
         d = self.claims / name
-        claim = Claim(name=name, dir=d)
+        claim = Claim(name=name, dir=d, epoch=self.epoch)
         try:
             state = json.loads((d / ITEM).read_bytes())
+            claim.owner = state.get("owner")
             claim.attempts = int(state.get("attempts", 0))
             claim.reads_unfinished = int(state.get("reads_unfinished", 0))
             if claim.reads_unfinished and state.get("reading_boot") != boot_id():
@@ -478,7 +578,7 @@ class Spool:
             return exc
         if expect is not None:
             protocol.set_aside(expect)  # taken with the item: removed (a directory, renamed away)
-        return Claim(name=name, dir=d)
+        return Claim(name=name, dir=d, epoch=self.epoch)
 
     # -- per-item state ---------------------------------------------------
 
@@ -497,9 +597,11 @@ class Spool:
         self._write_item(claim, sync=reading)
 
     def _write_item(self, claim: Claim, *, sync: bool) -> None:
+        if not self.owns(claim):
+            return  # adopted meanwhile: its item.json (and owner) are the adopter's
         durable.write_json(claim.dir / ITEM, {"name": claim.name, "attempts": claim.attempts,
                                               "reads_unfinished": claim.reads_unfinished,
-                                              "reading_boot": boot_id(),
+                                              "reading_boot": boot_id(), "owner": self.cfg.instance,
                                               "updated_at": time.time()}, replace=True, sync=sync,
                            compact=True)
 
@@ -508,6 +610,10 @@ class Spool:
         staged (recovery owns it)."""
         if claim.pending is not None:
             return
+        try:
+            self.fence(claim)
+        except ClaimLost:
+            return  # the adopter's now, partial output and all
         for path in (claim.output, claim.dir / UNPACKED):
             try:
                 os.unlink(path)
