@@ -75,6 +75,8 @@ async def run_item(item: Item, ctx: Context) -> None:
                     raise Cancelled(item.withdrawn or "cancelled")
             except TransientError as exc:
                 await _discard(item, ctx)
+                # A failure on a node cut off past its lease: the item may be the adopter's now.
+                await anyio.to_thread.run_sync(ctx.spool.fence, item.claim)
                 attempts = item.claim.attempts
                 if attempts >= item.cfg.convert.max_attempts:
                     raise ConvertFailed(f"{exc} (after {attempts} attempts)") from None
