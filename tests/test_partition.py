@@ -146,7 +146,9 @@ def test_nfs_node_cut_off_within_the_lease_keeps_its_claims(tmp_path, nfs_images
 # The file system's session_timeout and session_autoclose (seconds; 60 and 300 by default):
 # the MDS evicts a client silent for session_autoclose, releasing its locks and caps and
 # blocklisting its address on the OSDs.
-CEPH_SESSION_TIMEOUT, CEPH_AUTOCLOSE = 10, 15
+# Ceph refuses a session_timeout under 30 s.
+CEPH_SESSION_TIMEOUT, CEPH_AUTOCLOSE = 30, 35
+CEPH_SHORT_CUT = 5.0
 TAKEOVER = 2.0
 
 
@@ -238,7 +240,7 @@ def run_ceph(ceph: CephCluster, tmp_path: Path, images: tuple[Path, Path], *, pa
                      timeout=120, interval=0.2, what="node2 to adopt node1's claims")
             time.sleep(2 * TAKEOVER)
         else:
-            time.sleep(CEPH_SESSION_TIMEOUT * 0.4)
+            time.sleep(CEPH_SHORT_CUT)
         ceph.resume(0)
         restored = time.time()
         # Evicted, a ceph-fuse client stays cut off (blocklisted); it is remounted, as
@@ -324,5 +326,5 @@ def test_cephfs_node_silent_within_the_session_timeout_keeps_its_claims(ceph, ce
     converted_by = {e[2]: e[0] for e in res["events"] if e[1] == "converted"}
     assert {n for n, who in converted_by.items() if who == "node2"} & {n for n, who in claimed_by.items()
                                                                        if who == "node1"} == set()
-    print(f"\nCephFS silent client {CEPH_SESSION_TIMEOUT * 0.4:.0f} s: nothing adopted; node1 finished its "
+    print(f"\nCephFS silent client {CEPH_SHORT_CUT:.0f} s: nothing adopted; node1 finished its "
           f"{len(res['cut']['held'])} claims itself")
