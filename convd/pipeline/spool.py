@@ -187,6 +187,7 @@ class Spool:
         self.work = cfg.work
         self.claims = cfg.work / cfg.instance
         self._lock_fd: int | None = None
+        self._locking = False  # prepare() took the lock: keep_lock() watches it
         # claim() and take_over() both make entries in claims/: never at once
         # (they run in worker threads), so an adopted item never lands on the
         # directory of a claim being made.
@@ -210,6 +211,7 @@ class Spool:
             listing = ", ".join(f"{d} (device {dev})" for d, dev in devs.items())
             raise ConfigError(f"[spool]: all spool directories must be on one filesystem; got {listing}")
         self._lock_fd = self._take_own_lock()
+        self._locking = True
 
     def _take_own_lock(self) -> int:
         """``work/<instance>/.lock``, entered through ``.adopt`` (see the module docstring).
@@ -239,6 +241,7 @@ class Spool:
         return fd
 
     def close(self) -> None:
+        self._locking = False
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -381,37 +384,46 @@ class Spool:
 
     def keep_lock(self, *, wait: float = 0.0) -> bool | None:
         """Whether this daemon still holds ``work/<instance>/.lock`` (True), or had lost
-        it and has just taken it again, starting a new epoch (False); None when a peer
-        held the door for all of ``wait`` seconds (a probe, or a survivor adopting).
+        it (False: a new epoch has begun, and the lock is taken again when it can be);
+        None when a peer held the door for all of ``wait`` seconds (a probe, or a
+        survivor adopting).
 
-        Behind the door only the owner's own hold keeps ``.lock``, so a second
-        ``flock`` of it on a new descriptor fails exactly while the old one
-        still holds: on NFSv4 a lock the server dropped when the client's
-        lease expired, on CephFS one the MDS dropped with an evicted session,
-        is granted again instead.
+        Two signs of a lost lock, behind the door: a write and fsync through the
+        held descriptor fails (NFSv4: I/O under a lock the client could not
+        reclaim after its lease expired fails with ``EIO``; an evicted
+        ``ceph-fuse`` mount answers nothing any more), or a second ``flock`` on
+        a new descriptor is granted (only the old hold could refuse it: the
+        server or the MDS dropped it).
         """
-        if self._lock_fd is None:
+        if not self._locking:
             return True  # never prepared (a tool reading the spool): no lock to keep
         deadline = time.monotonic() + wait
         while (door := try_flock(self.claims / ADOPT)) is None:
             if time.monotonic() >= deadline:
                 return None
             time.sleep(0.05)
+        lost = False
         try:
+            if self._lock_fd is not None and not _still_answers(self._lock_fd):
+                lost = True
+                with contextlib.suppress(OSError):  # a lost lock's descriptor, perhaps on a dead mount
+                    os.close(self._lock_fd)
+                self._lock_fd = None
             fd = try_flock(self.claims / LOCK)
         finally:
             os.close(door)
-        if fd is None:
-            return True
-        old, self._lock_fd = self._lock_fd, fd
-        self.epoch += 1
-        if old is not None:
-            with contextlib.suppress(OSError):  # a lost lock's descriptor, perhaps on a dead mount
-                os.close(old)
-        log.error("this instance had lost its lock on the spool (cut off longer than the filesystem's lease?);"
-                  " took it again: items claimed before are abandoned to whoever adopted them",
-                  instance=self.cfg.instance, epoch=self.epoch)
-        return False
+        if fd is not None:
+            if self._lock_fd is not None:
+                lost = True
+                with contextlib.suppress(OSError):
+                    os.close(self._lock_fd)
+            self._lock_fd = fd
+        if lost:
+            self.epoch += 1
+            log.error("this instance had lost its lock on the spool (cut off longer than the filesystem's lease?);"
+                      " took it again: items claimed before are abandoned to whoever adopted them",
+                      instance=self.cfg.instance, epoch=self.epoch, taken_again=fd is not None)
+        return not lost and self._lock_fd is not None
 
     def owns(self, claim: Claim) -> bool:
         """Whether ``claim`` is still this daemon's as far as it can tell without the lock:
@@ -437,6 +449,8 @@ class Spool:
             return
         if self.keep_lock(wait=ADOPT_WAIT) is None:
             raise ClaimLost(f"{self.claims / ADOPT} held for {ADOPT_WAIT:.0f} s (a peer adopting?)")
+        if self._locking and self._lock_fd is None:
+            raise ClaimLost("this instance's lock is lost and held elsewhere")
         if not self.owns(claim):
             raise ClaimLost("adopted by another instance while this one was cut off")
 
@@ -752,6 +766,17 @@ class Spool:
             except FileNotFoundError:
                 pass
         durable.remove_tree(claim.dir)
+
+
+def _still_answers(fd: int) -> bool:
+    """Whether I/O through the lock's descriptor still works (a byte written and fsynced;
+    nobody reads ``.lock``'s content)."""
+    try:
+        os.pwrite(fd, b"\0", 0)
+        os.fsync(fd)
+    except OSError:
+        return False
+    return True
 
 
 def _unclaim(d: Path) -> None:
