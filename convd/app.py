@@ -203,7 +203,10 @@ class Daemon:
         ledger = self.ctx.ledger
         next_check = anyio.current_time() + self.cfg.spool.takeover_interval
         while True:
-            await anyio.to_thread.run_sync(ledger.publish, ledger.outstanding())
+            try:
+                await anyio.to_thread.run_sync(ledger.publish, ledger.outstanding())
+            except OSError as exc:  # cut off the shared filesystem: the daemon waits it out
+                log.warning("cannot publish this daemon's ledger entry", error=str(exc))
             now = anyio.current_time()
             if now >= next_check:
                 next_check = now + self.cfg.spool.takeover_interval
@@ -228,9 +231,12 @@ class Daemon:
                     log.warning("took over the items of stopped instances", adopted=len(adopted),
                                 instances=stopped)
                     self._kick()
-                await anyio.to_thread.run_sync(self.monitor.count_peers)
-                # Work directories NFS kept busy (silly-renamed files) at clean-up.
-                await anyio.to_thread.run_sync(durable.sweep_parked, self.spool.claims)
+                try:
+                    await anyio.to_thread.run_sync(self.monitor.count_peers)
+                    # Work directories NFS kept busy (silly-renamed files) at clean-up.
+                    await anyio.to_thread.run_sync(durable.sweep_parked, self.spool.claims)
+                except OSError as exc:
+                    log.warning("cannot check the other instances", error=str(exc))
             await anyio.sleep(min(SHARED_REFRESH, max(0.0, next_check - anyio.current_time())))
 
     async def _process(self, item: Item) -> None:

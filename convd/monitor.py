@@ -182,7 +182,11 @@ class Monitor:
             # status write that a slow shared filesystem holds up.
             if wd:
                 self.notifier.watchdog()
-            snap = self.refresh()
+            try:
+                snap = self.refresh()
+            except OSError as exc:  # the spool's filesystem cut off (statvfs): the next round
+                log.warning("cannot take the status snapshot", error=str(exc))
+                snap = None
             summary = self.summary()
             if summary != last_status:
                 self.notifier.status(summary)

@@ -626,8 +626,8 @@ class Spool:
             return
         try:
             self.fence(claim)
-        except ClaimLost:
-            return  # the adopter's now, partial output and all
+        except (ClaimLost, OSError):
+            return  # the adopter's now, or the filesystem is cut off: recovery removes it
         for path in (claim.output, claim.dir / UNPACKED):
             try:
                 os.unlink(path)
