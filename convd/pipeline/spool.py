@@ -535,7 +535,11 @@ class Spool:
         for name in names:
             # The guard: take-over must not adopt a same-named item between our mkdir and rename.
             with self._claims_guard:
-                out[name] = got = self._claim(name)
+                try:
+                    got = self._claim(name)
+                except OSError as exc:  # e.g. undoing a lost race on an evicted ceph-fuse (ESHUTDOWN)
+                    got = exc
+                out[name] = got
             if isinstance(got, Claim):
                 taken.append(got)
         # Durable before any work: a filesystem that logs fsyncs per inode
