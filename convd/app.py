@@ -213,11 +213,17 @@ class _Running:
         ledger = self.ctx.ledger
         next_check = anyio.current_time() + self.cfg.spool.takeover_interval
         while True:
-            await anyio.to_thread.run_sync(ledger.announce, ledger.outstanding())
+            try:
+                await anyio.to_thread.run_sync(ledger.announce, ledger.outstanding())
+            except OSError as exc:  # cut off the shared filesystem: the daemon waits it out
+                log.warning("cannot publish this daemon's ledger entry", error=str(exc))
             now = anyio.current_time()
             if now >= next_check:
                 next_check = now + self.cfg.spool.takeover_interval
                 try:
+                    # Cut off longer than the lease: our claims may be adopted; take
+                    # the lock again (a new epoch) and rejoin, without a restart.
+                    await anyio.to_thread.run_sync(self.spool.keep_lock)
                     adopted, stopped = await anyio.to_thread.run_sync(self.takeover.run)
                 except OSError as exc:
                     log.warning("cannot check the other instances", error=str(exc))
@@ -236,9 +242,12 @@ class _Running:
                     log.warning("took over the items of stopped instances", adopted=len(adopted),
                                 instances=stopped)
                     self.dispatcher.kick()
-                await anyio.to_thread.run_sync(self.monitor.count_peers)
-                # Work directories NFS kept busy (silly-renamed files) at clean-up.
-                await anyio.to_thread.run_sync(durable.sweep_parked, self.spool.claims)
+                try:
+                    await anyio.to_thread.run_sync(self.monitor.count_peers)
+                    # Work directories NFS kept busy (silly-renamed files) at clean-up.
+                    await anyio.to_thread.run_sync(durable.sweep_parked, self.spool.claims)
+                except OSError as exc:
+                    log.warning("cannot check the other instances", error=str(exc))
             await anyio.sleep(min(SHARED_REFRESH, max(0.0, next_check - anyio.current_time())))
 
     # -- reload ----------------------------------------------------------------

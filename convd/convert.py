@@ -41,6 +41,9 @@ class SingleFileSpool:
     def note_reading(self, claim: Claim, reading: bool) -> None:
         pass  # one run of `convd convert`: nothing survives it to quarantine
 
+    def fence(self, claim: Claim) -> None:
+        pass  # one process, no spool: nobody else can hold the claim
+
     def discard_output(self, claim: Claim) -> None:
         try:
             os.unlink(claim.output)

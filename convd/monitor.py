@@ -184,10 +184,15 @@ class Monitor:
             # status write that a slow shared filesystem holds up.
             if wd:
                 self.notifier.watchdog()
-            snap = self.refresh()
+            try:
+                snap = self.refresh()
+            except OSError as exc:  # the spool's filesystem cut off (statvfs): the next round
+                log.warning("cannot take the status snapshot", error=str(exc))
+                snap = None
             summary = self.summary()
             if summary != last_status:
                 self.notifier.status(summary)
                 last_status = summary
-            await anyio.to_thread.run_sync(self.save, snap)
+            if snap is not None:
+                await anyio.to_thread.run_sync(self.save, snap)
             await anyio.sleep(min(interval, wd) if wd else interval)

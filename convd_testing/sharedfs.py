@@ -209,6 +209,35 @@ mgr data = {d}/mgr
         # Until the manager reports on the new pool, `ceph df` says it has no room.
         self._wait(f"ceph df to report pool {name}", reported, timeout=120.0)
 
+    def silence(self, n: int) -> None:
+        """Cut client ``n`` (0-based) off the cluster, its node alive: its ceph-fuse is stopped
+        (SIGSTOP), so it renews no MDS session and answers no cap revoke, as when the node's
+        network goes away; calls on its mount block meanwhile, as on a hard network mount."""
+        os.kill(self._fuse[n].pid, signal.SIGSTOP)
+
+    def resume(self, n: int) -> None:
+        """Let client ``n`` talk to the cluster again (SIGCONT)."""
+        os.kill(self._fuse[n].pid, signal.SIGCONT)
+
+    def remount(self, n: int) -> None:
+        """Client ``n``'s mount point served by a new ceph-fuse, as an operator (or a
+        mount unit) remounts an evicted client: the old mount is detached lazily and its
+        process killed, so calls still on it fail instead of hanging."""
+        mnt = self.mounts[n]
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+        old = self._fuse[n]
+        old.kill()
+        old.wait()
+        untrack(old)
+        with open(self.dir / "log" / f"fuse{n + 1}.remount.out", "ab") as log:
+            p = subprocess.Popen(
+                ["ceph-fuse", "-c", str(self.conf), "-n", f"client.node{n + 1}", "-f",
+                 f"--admin-socket={self.dir}/run/fuse{n + 1}.{time.monotonic_ns()}.asok", str(mnt)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        track(p)
+        self._fuse[n] = p
+        self._wait("the new ceph-fuse mount", lambda: _is_mount(mnt), timeout=60.0)
+
     def stop(self) -> None:
         """Unmount, then stop every process this cluster started; idempotent, never raises."""
         for mnt in self.mounts:

@@ -95,15 +95,17 @@ def _controller_stop(signum: int, frame: Any) -> None:
 # that starts one server for all its tests form one unit of work, so the
 # server starts once, on one worker: Glance (glance-api and MariaDB, a session
 # fixture); the Ceph clusters of test_rbd and test_sharedfs (3 and 4 GiB of
-# memstore: one at a time on this machine).  (xdist's own `xdist_group` marks
+# memstore: one at a time on this machine); test_partition's NFS and CephFS
+# cuts (its own 3 GiB cluster, beside them).  (xdist's own `xdist_group` marks
 # do nothing with pytest 9.2: xdist renames the items through an attribute
 # pytest no longer reads; the scheduler below groups by module instead.)
-XDIST_GROUPS = {"test_glance": "glance", "test_rbd": "ceph", "test_sharedfs": "ceph"}
+XDIST_GROUPS = {"test_glance": "glance", "test_rbd": "ceph", "test_sharedfs": "ceph", "test_partition": "partition"}
 # The longest first, one to a worker (xdist hands each worker its first unit
 # and then one more ahead: keep the 5th to 8th short), so that none starts
-# near the end: the 30 power cuts, then Glance's and Ceph's groups.
+# near the end: the 30 power cuts, then the partitions, Glance's and Ceph's groups.
 LONGEST_FIRST = ("tests/test_powercut.py::test_power_cuts_at_seeded_moments_lose_nothing_and_publish_nothing_"
-                 "half_written[30-cuts]", "tests/test_glance.py::", "tests/test_rbd.py::", "tests/test_sharedfs.py::")
+                 "half_written[30-cuts]", "tests/test_partition.py::", "tests/test_glance.py::",
+                 "tests/test_rbd.py::", "tests/test_sharedfs.py::")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -98,7 +98,10 @@ class Dispatcher:
                     del self.ctx.items[name]
                 self._on_item_done(item)
                 self.kick()
-            if not os.path.lexists(item.claim.dir):
+            if not os.path.lexists(item.claim.dir) or (
+                    # Claimed before this daemon lost its lock (cut off): retried only if still ours.
+                    item.claim.epoch != self.spool.epoch
+                    and not await anyio.to_thread.run_sync(self._kept_after_loss, name)):
                 self.stuck.discard(name)
                 return
             self.stuck.add(name)
@@ -111,8 +114,20 @@ class Dispatcher:
                 except OSError as exc:  # e.g. a shared filesystem's EIO: later, and the daemon goes on
                     log.error("cannot read a kept item; will retry", item=name, error=str(exc))
                     await anyio.sleep(delay)
+            if not await anyio.to_thread.run_sync(self.spool.owns, claim):
+                log.warning("a kept item was adopted by another instance; left to it", item=name)
+                self.stuck.discard(name)
+                return
             delay = min(delay * 2, STUCK_RETRY_MAX)
             item = Item(claim=claim, cfg=self._cfg())
+
+    def _kept_after_loss(self, name: str) -> bool:
+        """Whether ``work/<instance>/NAME`` is still this daemon's to run again (blocking):
+        there, and not adopted by another instance while this one was cut off."""
+        try:
+            return self.spool.owns(self.spool.load_claim(name))
+        except OSError:
+            return False
 
     def _claim_limit(self) -> int:
         # Claim a little ahead of the workers so detection overlaps conversion,

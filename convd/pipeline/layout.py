@@ -117,6 +117,8 @@ class Claim:
     source_path: Path | None = None  # `convd convert`: the user's file, left where it is
     unpacked: Path | None = None  # the disk unpacked from a container source, once written
     private: Path | None = None  # the private copy of a source convd could not take (convd.custody)
+    epoch: int = 0  # the Spool's lock epoch it was claimed or loaded in (see Spool.fence)
+    owner: str | None = None  # item.json's owner: the instance that last adopted it (None: its claimer)
 
     @property
     def dropped(self) -> Path:

@@ -14,6 +14,7 @@ from convd.errors import Cancelled, ConvertFailed, ItemError, NameConflict, Stop
 from convd.pipeline.context import Context
 from convd.pipeline.item import CANCELLABLE, Item, Stage
 from convd.pipeline.sidecars import apply_layout
+from convd.pipeline.spool import ClaimLost
 from convd.qemu import img as qemu
 from convd.stages import cleanup, convert, detect, publish, quarantine, reserve, unpack
 from convd.stages import rbd as rbd_stages
@@ -79,6 +80,8 @@ async def run_item(item: Item, ctx: Context) -> None:
                     raise Cancelled(item.withdrawn or "cancelled")
             except TransientError as exc:
                 await _discard(item, ctx)
+                # A failure on a node cut off past its lease: the item may be the adopter's now.
+                await anyio.to_thread.run_sync(ctx.spool.fence, item.claim)
                 attempts = item.claim.attempts
                 if attempts >= item.cfg.convert.max_attempts:
                     raise ConvertFailed(f"{exc} (after {attempts} attempts)") from None
@@ -98,11 +101,16 @@ async def run_item(item: Item, ctx: Context) -> None:
         with anyio.CancelScope(shield=True):
             try:
                 await quarantine(item, ctx, exc)
+            except ClaimLost as lost:
+                _abandoned(lost)
             except Exception:
                 # A full or failing disk: the source stays in work/ and the
                 # next start rejects it again; the daemon carries on.
                 log.exception("cannot quarantine; the source stays in work/ for the next start",
                               code=exc.code)
+    except ClaimLost as lost:
+        await _discard(item, ctx)
+        _abandoned(lost)
     except Stopped:
         await _discard(item, ctx)
         log.info("stopped; source left for the next start")
@@ -120,6 +128,11 @@ async def run_item(item: Item, ctx: Context) -> None:
         structlog.contextvars.unbind_contextvars("item", "stage")
 
 
+def _abandoned(lost: ClaimLost) -> None:
+    log.warning("claim lost to another instance; abandoned without publishing, moving or removing anything",
+                reason=str(lost))
+
+
 async def finish_handoff(item: Item, ctx: Context) -> None:
     """Recovery of an item that crashed after its record was staged: finish the move."""
     structlog.contextvars.bind_contextvars(item=item.name, stage="publish")
@@ -131,7 +144,11 @@ async def finish_handoff(item: Item, ctx: Context) -> None:
             structlog.contextvars.unbind_contextvars("item", "stage")
         return
     try:
+        await anyio.to_thread.run_sync(ctx.spool.fence, claim)
         await anyio.to_thread.run_sync(ctx.spool.complete_handoff, claim)
+    except ClaimLost as lost:
+        _abandoned(lost)
+        return
     except FileExistsError:
         # outgoing/NAME was taken between the crash and now: a conflict after all.
         item.source = (claim.pending or {}).get("record", {}).get("source", {})

@@ -5,6 +5,19 @@ The layout itself (which file is where) is :mod:`convd.pipeline.layout`'s.
 Each ``work/<instance>/`` is held by its daemon (``.lock``) behind a door
 (``.adopt``) that a starting owner waits at (``ADOPT_WAIT``) while a peer
 looks; adopting a stopped instance's items is :mod:`convd.pipeline.takeover`'s.
+
+Fencing: a daemon whose node was cut off the shared filesystem for longer
+than its lease (NFSv4's lease, CephFS's session autoclose) has lost
+``.lock`` without knowing it, and a survivor may have adopted its items.
+Before each step that makes a result visible or removes what an item holds
+(:meth:`Spool.fence`: staging a handoff, finishing one, quarantining,
+discarding an output), the daemon checks through the door that ``.lock`` is
+still its own.  When it is not, it takes it again and starts a new *epoch*:
+every claim of an earlier epoch raises :class:`ClaimLost` and is abandoned
+untouched.  A survivor writes its own name as the ``owner`` in ``item.json``
+of every item it adopts (:mod:`convd.pipeline.takeover`), so a path that
+still leads the returning node to an adopted item (an NFS client's cached
+lookup) says whose it is now.
 """
 
 from __future__ import annotations
@@ -40,7 +53,7 @@ from convd.pipeline.layout import (
     is_item,
 )
 
-__all__ = ["Spool", "instance_lock_state"]
+__all__ = ["ClaimLost", "Spool", "instance_lock_state"]
 
 log = structlog.get_logger(__name__)
 
@@ -56,6 +69,12 @@ _FAILED_NEXT_KEPT = 4096
 
 
 _BOOT_ID: str | None = None
+
+
+class ClaimLost(Exception):
+    """The claim is no longer this daemon's: it lost its instance lock (its node was cut off
+    longer than the filesystem's lease) or a survivor adopted the item.  Nothing of it may be
+    published, moved or removed by this daemon."""
 
 
 def boot_id() -> str:
@@ -77,11 +96,14 @@ class Spool:
         self.work = cfg.work
         self.claims = cfg.work / cfg.instance
         self._lock_fd: int | None = None
+        self._locking = False  # prepare() took the lock: keep_lock() watches it
         # claim() and a take-over (convd.pipeline.takeover) both make entries in claims/: never at once
         # (they run in worker threads), so an adopted item never lands on the
         # directory of a claim being made.
         self.claims_guard = threading.Lock()
         self._failed_next: dict[str, int] = {}  # NAME -> the number to try next in failed/
+        # Bumped each time this daemon finds it lost .lock and takes it again.
+        self.epoch = 0
 
     # -- start-up --------------------------------------------------------
 
@@ -97,6 +119,7 @@ class Spool:
             listing = ", ".join(f"{d} (device {dev})" for d, dev in devs.items())
             raise ConfigError(f"[spool]: all spool directories must be on one filesystem; got {listing}")
         self._lock_fd = self._take_own_lock()
+        self._locking = True
 
     def _take_own_lock(self) -> int:
         """``work/<instance>/.lock``, entered through ``.adopt`` (see the module docstring).
@@ -126,6 +149,7 @@ class Spool:
         return fd
 
     def close(self) -> None:
+        self._locking = False
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -162,6 +186,80 @@ class Spool:
                 n += 1
         return n
 
+    # -- fencing ------------------------------------------------------------
+
+    def keep_lock(self, *, wait: float = 0.0) -> bool | None:
+        """Whether this daemon still holds ``work/<instance>/.lock`` (True), or had lost
+        it (False: a new epoch has begun, and the lock is taken again when it can be);
+        None when a peer held the door for all of ``wait`` seconds (a probe, or a
+        survivor adopting).
+
+        Two signs of a lost lock, behind the door: a write and fsync through the
+        held descriptor fails (NFSv4: I/O under a lock the client could not
+        reclaim after its lease expired fails with ``EIO``; an evicted
+        ``ceph-fuse`` mount answers nothing any more), or a second ``flock`` on
+        a new descriptor is granted (only the old hold could refuse it: the
+        server or the MDS dropped it).
+        """
+        if not self._locking:
+            return True  # never prepared (a tool reading the spool): no lock to keep
+        deadline = time.monotonic() + wait
+        while (door := try_flock(self.claims / ADOPT)) is None:
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+        lost = False
+        try:
+            if self._lock_fd is not None and not _still_answers(self._lock_fd):
+                lost = True
+                with contextlib.suppress(OSError):  # a lost lock's descriptor, perhaps on a dead mount
+                    os.close(self._lock_fd)
+                self._lock_fd = None
+            fd = try_flock(self.claims / LOCK)
+        finally:
+            os.close(door)
+        if fd is not None:
+            if self._lock_fd is not None:
+                lost = True
+                with contextlib.suppress(OSError):
+                    os.close(self._lock_fd)
+            self._lock_fd = fd
+        if lost:
+            self.epoch += 1
+            log.error("this instance had lost its lock on the spool (cut off longer than the filesystem's lease?);"
+                      " took it again: items claimed before are abandoned to whoever adopted them",
+                      instance=self.cfg.instance, epoch=self.epoch, taken_again=fd is not None)
+        return not lost and self._lock_fd is not None
+
+    def owns(self, claim: Claim) -> bool:
+        """Whether ``claim`` is still this daemon's as far as it can tell without the lock:
+        claimed in the current epoch, its directory there, and no other owner in ``item.json``."""
+        if claim.source_path is not None:
+            return True  # `convd convert`: no spool, no peers
+        if claim.epoch != self.epoch or not os.path.lexists(claim.dir):
+            return False
+        try:
+            owner = json.loads((claim.dir / ITEM).read_bytes()).get("owner")
+        except (FileNotFoundError, ValueError, AttributeError):
+            owner = None
+        return owner in (None, self.cfg.instance)
+
+    def fence(self, claim: Claim) -> None:
+        """Raise :class:`ClaimLost` unless ``claim`` is still this daemon's to hand off.
+
+        Checks the instance lock through the door (waiting up to ``ADOPT_WAIT`` while a
+        peer holds it), then :meth:`owns`.  Called before each step that makes a
+        result visible or removes what an item holds.
+        """
+        if claim.source_path is not None:
+            return
+        if self.keep_lock(wait=ADOPT_WAIT) is None:
+            raise ClaimLost(f"{self.claims / ADOPT} held for {ADOPT_WAIT:.0f} s (a peer adopting?)")
+        if self._locking and self._lock_fd is None:
+            raise ClaimLost("this instance's lock is lost and held elsewhere")
+        if not self.owns(claim):
+            raise ClaimLost("adopted by another instance while this one was cut off")
+
     def recover(self) -> list[Claim]:
         """This instance's unfinished items, from what ``work/<instance>/`` holds."""
         names = sorted(e.name for e in os.scandir(self.claims) if is_item(e))
@@ -188,9 +286,10 @@ class Spool:
     def load_claim(self, name: str) -> Claim:
         """A claim as its directory describes it (attempts, a staged handoff)."""
         d = self.claims / name
-        claim = Claim(name=name, dir=d)
+        claim = Claim(name=name, dir=d, epoch=self.epoch)
         try:
             state = json.loads((d / ITEM).read_bytes())
+            claim.owner = state.get("owner")
             claim.attempts = int(state.get("attempts", 0))
             claim.reads_unfinished = int(state.get("reads_unfinished", 0))
             if claim.reads_unfinished and state.get("reading_boot") != boot_id():
@@ -242,7 +341,11 @@ class Spool:
         for name in names:
             # The guard: take-over must not adopt a same-named item between our mkdir and rename.
             with self.claims_guard:
-                out[name] = got = self._claim(name)
+                try:
+                    got = self._claim(name)
+                except OSError as exc:  # e.g. undoing a lost race on an evicted ceph-fuse (ESHUTDOWN)
+                    got = exc
+                out[name] = got
             if isinstance(got, Claim):
                 taken.append(got)
         # Durable before any work: a filesystem that logs fsyncs per inode
@@ -310,7 +413,7 @@ class Spool:
             return exc
         for path in taken:
             protocol.set_aside(path)  # taken with the item: removed (a directory, renamed away)
-        return Claim(name=name, dir=d)
+        return Claim(name=name, dir=d, epoch=self.epoch)
 
     # -- per-item state ---------------------------------------------------
 
@@ -329,9 +432,11 @@ class Spool:
         self._write_item(claim, sync=reading)
 
     def _write_item(self, claim: Claim, *, sync: bool) -> None:
+        if not self.owns(claim):
+            return  # adopted meanwhile: its item.json (and owner) are the adopter's
         durable.write_json(claim.dir / ITEM, {"name": claim.name, "attempts": claim.attempts,
                                               "reads_unfinished": claim.reads_unfinished,
-                                              "reading_boot": boot_id(),
+                                              "reading_boot": boot_id(), "owner": self.cfg.instance,
                                               "updated_at": time.time()}, replace=True, sync=sync,
                            compact=True)
 
@@ -340,6 +445,10 @@ class Spool:
         staged (recovery owns it)."""
         if claim.pending is not None:
             return
+        try:
+            self.fence(claim)
+        except (ClaimLost, OSError):
+            return  # the adopter's now, or the filesystem is cut off: recovery removes it
         for path in (claim.output, claim.dir / UNPACKED):
             try:
                 os.unlink(path)
@@ -478,6 +587,17 @@ class Spool:
             except FileNotFoundError:
                 pass
         durable.remove_tree(claim.dir)
+
+
+def _still_answers(fd: int) -> bool:
+    """Whether I/O through the lock's descriptor still works (a byte written and fsynced;
+    nobody reads ``.lock``'s content)."""
+    try:
+        os.pwrite(fd, b"\0", 0)
+        os.fsync(fd)
+    except OSError:
+        return False
+    return True
 
 
 def _unclaim(d: Path) -> None:

@@ -12,6 +12,7 @@ at the door (``convd.pipeline.spool.ADOPT_WAIT``).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import structlog
 
 from convd import durable
 from convd.cluster import ADOPT, LOCK, try_flock
-from convd.pipeline.layout import Claim, is_item
+from convd.pipeline.layout import ITEM, Claim, is_item
 from convd.pipeline.spool import Spool
 
 __all__ = ["TakeOver"]
@@ -118,8 +119,21 @@ class TakeOver:
                     log.error("cannot adopt an item of a stopped instance", item=item.name,
                               instance=peer, error=exc.strerror)
                     continue
+            self._mark_owner(self.spool.claims / item.name)
             adopted.append(item.name)
             log.warning("adopted an item of a stopped instance", item=item.name, instance=peer)
         if adopted:
             durable.fsync_dir(pdir)
         return adopted
+
+    def _mark_owner(self, d: Path) -> None:
+        """Write this instance as ``owner`` in an adopted item's ``item.json``: what the
+        instance it was adopted from reads before touching it (see :meth:`Spool.fence`)."""
+        try:
+            state = json.loads((d / ITEM).read_bytes())
+        except (FileNotFoundError, ValueError):
+            state = {"name": d.name}
+        if not isinstance(state, dict):
+            state = {"name": d.name}
+        state["owner"] = self.spool.cfg.instance
+        durable.write_json(d / ITEM, state, replace=True, sync=False, compact=True)

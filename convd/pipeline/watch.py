@@ -91,14 +91,20 @@ class Watcher:
     def scan(self) -> None:
         """Note every candidate name in ``incoming/`` (the directory is the truth)."""
         refused_now: dict[str, int] = {}
-        for entry in self.spool.scan_incoming():
-            refused = name_refused(entry.name) if entry.name not in self.intake.pending else None
-            if refused:
-                refused_now[entry.name] = inode = entry.inode()
-                if self._refused.get(entry.name) != inode:  # once per file, not at every rescan
-                    log.error("name refused; left in incoming/", item=entry.name, reason=refused)
-                continue
-            self.intake.saw(entry.name)
+        try:
+            for entry in self.spool.scan_incoming():
+                refused = name_refused(entry.name) if entry.name not in self.intake.pending else None
+                if refused:
+                    refused_now[entry.name] = inode = entry.inode()
+                    if self._refused.get(entry.name) != inode:  # once per file, not at every rescan
+                        log.error("name refused; left in incoming/", item=entry.name, reason=refused)
+                    continue
+                self.intake.saw(entry.name)
+        except OSError as exc:
+            # A shared filesystem's client cut off or evicted (ceph-fuse answers
+            # ESHUTDOWN until remounted): the next rescan looks again.
+            log.warning("cannot list incoming/; rescanning later", error=str(exc))
+            return
         self._refused = refused_now
         self.on_cancel_request()
         self.on_change()

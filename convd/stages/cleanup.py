@@ -30,6 +30,7 @@ async def cleanup(item: Item, ctx: Context) -> Stage:
 
 def reject(spool: Spool, item: Item, error: ItemError) -> dict[str, Any]:
     """Move the item's original bytes to ``failed/`` with its record; returns the record (blocking)."""
+    spool.fence(item.claim)  # adopted while this node was cut off: the adopter decides
     rec = record.build(item, "failed", error=error)
     spool.discard_output(item.claim)
     final = spool.free_failed_name(item.name)

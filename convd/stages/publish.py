@@ -128,6 +128,7 @@ async def publish(item: Item, ctx: Context) -> Stage:
     rec = record.build(item, status, target=target)
 
     def handoff() -> None:
+        ctx.spool.fence(claim)  # cut off and adopted meanwhile: never published twice
         ctx.spool.stage_handoff(claim, "outgoing", item.name, payload, rec)
         try:
             ctx.spool.complete_handoff(claim)

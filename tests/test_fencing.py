@@ -1,0 +1,93 @@
+"""Fencing on one spool: a daemon whose instance lock was dropped under it (its node cut off
+the shared filesystem longer than the lease) abandons what a survivor adopted, and rejoins.
+
+The real partitions, on kernel NFSv4.2 and on CephFS, are tests/test_partition.py (slow).
+Here the lock is dropped with ``flock(LOCK_UN)`` on the holder's own descriptor: on a local
+filesystem nothing else can take a live process's lock away, and that is exactly what the NFS
+server (lease expired) or the Ceph MDS (session evicted) does to a client that went quiet.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+from pathlib import Path
+
+import pytest
+
+from convd.cluster import instance_lock_state
+from convd.config import SpoolConfig
+from convd.pipeline.layout import Claim
+from convd.pipeline.spool import ClaimLost
+from convd.pipeline.spool import Spool as SpoolOf
+
+
+def spool_of(root: Path, instance: str) -> SpoolOf:
+    sp = SpoolOf(SpoolConfig(root=root, incoming=root / "incoming", work=root / "work",
+                             outgoing=root / "outgoing", failed=root / "failed", instance=instance))
+    sp.prepare()
+    return sp
+
+
+def drop_lock(sp: SpoolOf) -> None:
+    """What the filesystem does to a client cut off past its lease: its lock is gone, its fd stays."""
+    assert sp._lock_fd is not None
+    fcntl.flock(sp._lock_fd, fcntl.LOCK_UN)
+
+
+def test_a_node_whose_lock_lapsed_abandons_what_a_survivor_adopted_and_rejoins(tmp_path):
+    root = tmp_path / "spool"
+    node1, node2 = spool_of(root, "node1"), spool_of(root, "node2")
+    try:
+        (root / "incoming" / "disk").write_bytes(b"x" * 4096)
+        claim = node1.claim("disk")
+        assert claim is not None
+        node1.note_attempt(claim)
+        claim.output.write_bytes(b"half-written")
+        drop_lock(node1)
+
+        adopted, stopped = node2.take_over()
+        assert [c.name for c in adopted] == ["disk"] and stopped == ["node1"]
+        theirs = node2.claims / "disk"
+        assert json.loads((theirs / "item.json").read_bytes())["owner"] == "node2"
+
+        # Back on the network: node1 finds out before any handoff, and touches nothing.
+        with pytest.raises(ClaimLost):
+            node1.fence(claim)
+        assert node1.epoch == 1
+        node1.discard_output(claim)
+        node1.note_attempt(claim)
+        assert (theirs / "source").read_bytes() == b"x" * 4096
+        assert json.loads((theirs / "item.json").read_bytes())["owner"] == "node2"
+        # A path that still leads node1 to the adopted item (an NFS client's cached
+        # lookup of work/node1/disk) finds the adopter's name in it.
+        assert not node1.owns(Claim(name="disk", dir=theirs, epoch=node1.epoch))
+
+        # Rejoined without a restart: it holds its lock again, its new claims are its own,
+        # and the survivor adopts nothing of it.
+        assert instance_lock_state(node1.claims) == "held"
+        (root / "incoming" / "disk2").write_bytes(b"y" * 4096)
+        again = node1.claim("disk2")
+        assert again is not None and again.epoch == 1
+        node1.fence(again)
+        assert node2.take_over() == ([], [])
+    finally:
+        node1.close()
+        node2.close()
+
+
+def test_a_node_whose_lock_held_through_the_cut_keeps_its_claims(tmp_path):
+    # Cut off for less than the lease: the server kept the lock, nothing is adopted.
+    root = tmp_path / "spool"
+    node1, node2 = spool_of(root, "node1"), spool_of(root, "node2")
+    try:
+        (root / "incoming" / "disk").write_bytes(b"x" * 4096)
+        claim = node1.claim("disk")
+        assert claim is not None
+        assert node2.take_over() == ([], [])
+        assert node1.keep_lock() is True and node1.epoch == 0
+        node1.fence(claim)
+        assert node1.owns(claim)
+    finally:
+        node1.close()
+        node2.close()
