@@ -20,6 +20,7 @@ from convd.config import SpoolConfig
 from convd.pipeline.layout import Claim
 from convd.pipeline.spool import ClaimLost
 from convd.pipeline.spool import Spool as SpoolOf
+from convd.pipeline.takeover import TakeOver
 
 
 def spool_of(root: Path, instance: str) -> SpoolOf:
@@ -46,7 +47,7 @@ def test_a_node_whose_lock_lapsed_abandons_what_a_survivor_adopted_and_rejoins(t
         claim.output.write_bytes(b"half-written")
         drop_lock(node1)
 
-        adopted, stopped = node2.take_over()
+        adopted, stopped = TakeOver(node2).run()
         assert [c.name for c in adopted] == ["disk"] and stopped == ["node1"]
         theirs = node2.claims / "disk"
         assert json.loads((theirs / "item.json").read_bytes())["owner"] == "node2"
@@ -70,7 +71,7 @@ def test_a_node_whose_lock_lapsed_abandons_what_a_survivor_adopted_and_rejoins(t
         again = node1.claim("disk2")
         assert again is not None and again.epoch == 1
         node1.fence(again)
-        assert node2.take_over() == ([], [])
+        assert TakeOver(node2).run() == ([], [])
     finally:
         node1.close()
         node2.close()
@@ -84,7 +85,7 @@ def test_a_node_whose_lock_held_through_the_cut_keeps_its_claims(tmp_path):
         (root / "incoming" / "disk").write_bytes(b"x" * 4096)
         claim = node1.claim("disk")
         assert claim is not None
-        assert node2.take_over() == ([], [])
+        assert TakeOver(node2).run() == ([], [])
         assert node1.keep_lock() is True and node1.epoch == 0
         node1.fence(claim)
         assert node1.owns(claim)
