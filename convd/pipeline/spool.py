@@ -23,6 +23,7 @@ lookup) says whose it is now.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -589,14 +590,22 @@ class Spool:
         durable.remove_tree(claim.dir)
 
 
+# What I/O through a lost lock answers: NFSv4 after a lease the client could
+# not reclaim (EIO), an evicted ceph-fuse (ESHUTDOWN, ENOTCONN), a server that
+# forgot the file (ESTALE).  A full disk or quota (ENOSPC, EDQUOT) says nothing
+# about the lock: taking it for a lost one abandoned every item on a full disk.
+_LOCK_GONE = frozenset({errno.EIO, errno.ESHUTDOWN, errno.ENOTCONN, errno.ESTALE, errno.ENOLCK, errno.EBADF})
+
+
 def _still_answers(fd: int) -> bool:
     """Whether I/O through the lock's descriptor still works (a byte written and fsynced;
-    nobody reads ``.lock``'s content)."""
+    nobody reads ``.lock``'s content): False only for the errors of a lost lock or a
+    dead mount (:data:`_LOCK_GONE`)."""
     try:
         os.pwrite(fd, b"\0", 0)
         os.fsync(fd)
-    except OSError:
-        return False
+    except OSError as exc:
+        return exc.errno not in _LOCK_GONE
     return True
 
 
