@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -89,6 +90,49 @@ def test_a_node_whose_lock_held_through_the_cut_keeps_its_claims(tmp_path):
         assert node1.keep_lock() is True and node1.epoch == 0
         node1.fence(claim)
         assert node1.owns(claim)
+    finally:
+        node1.close()
+        node2.close()
+
+
+def test_a_staged_rbd_handoff_adopted_while_cut_off_is_left_to_the_adopter(tmp_path):
+    # Recovery of an RBD publish renames an image in the Ceph pool, which the spool's
+    # filesystem does not fence: the node that lost its lock must stop at its own fence
+    # before any Ceph call.  No cluster is needed (nothing may reach one): the pool
+    # settings name a ceph.conf that does not exist, so a call that got through would fail.
+    import anyio
+
+    from convd.config import Config
+    from convd.pipeline.item import Item
+    from convd.pipeline.layout import RECORD
+    from convd.stages import rbd as rbd_stages
+
+    root = tmp_path / "spool"
+    node1, node2 = spool_of(root, "node1"), spool_of(root, "node2")
+    try:
+        (root / "incoming" / "disk").write_bytes(b"x" * 4096)
+        claim = node1.claim("disk")
+        assert claim is not None
+        pending = {"dest": "outgoing", "final_name": "disk", "record": {"name": "disk"},
+                   "rbd": {"pool": "images", "ceph_conf": str(tmp_path / "no-ceph.conf"), "user": "convd",
+                           "keyring": "", "snapshot": "", "tmp": "convd-tmp.node1.disk", "name": "disk",
+                           "id": "abc123"}}
+        claim.pending = pending
+        (claim.dir / RECORD).write_text(json.dumps(pending))
+        drop_lock(node1)
+        adopted, _ = TakeOver(node2).run()
+        assert [c.name for c in adopted] == ["disk"]
+        theirs = node2.claims / "disk"
+        staged = (theirs / RECORD).read_bytes()
+
+        # node1 back, led into the adopted directory by a cached lookup (NFS), runs its recovery.
+        stale = Claim(name="disk", dir=theirs, epoch=claim.epoch, pending=pending)
+        ctx = SimpleNamespace(spool=node1)  # finish_handoff reaches only the spool before its fence
+        assert anyio.run(rbd_stages.finish_handoff, Item(claim=stale, cfg=Config()), ctx) is True
+
+        assert (theirs / RECORD).read_bytes() == staged
+        assert (theirs / "source").read_bytes() == b"x" * 4096
+        assert not (root / "outgoing" / "disk.json").exists()
     finally:
         node1.close()
         node2.close()

@@ -46,6 +46,7 @@ from convd.image.inspection import RAW_FAMILY, inspect_fd
 from convd.pipeline.item import Item, Stage
 from convd.pipeline.layout import RECORD
 from convd.pipeline.ledger import Ledger
+from convd.pipeline.spool import ClaimLost
 from convd.qemu import img as qemu
 from convd.stages.reserve import MARGIN_BYTES, MARGIN_FRACTION
 
@@ -264,6 +265,12 @@ async def publish(item: Item, ctx: Context) -> Stage:
                    "rbd": {"pool": cfg.pool, "ceph_conf": str(cfg.ceph_conf), "user": cfg.user,
                            "keyring": cfg.keyring, "snapshot": cfg.snapshot, "tmp": tmp, "name": item.name,
                            "id": image}}
+        try:
+            # Cut off and adopted meanwhile: the adopter publishes it, never this daemon too.
+            await anyio.to_thread.run_sync(ctx.spool.fence, item.claim)
+        except ClaimLost:
+            await _discard_tmp(cfg, tmp)  # this attempt's own image (its name has our instance and a token)
+            raise
         await anyio.to_thread.run_sync(_stage, item.claim, pending)
         staged = True
         with anyio.CancelScope(shield=True):
@@ -337,6 +344,13 @@ async def finish_handoff(item: Item, ctx: Context) -> bool:
     p = claim.pending or {}
     if "rbd" not in p:
         return False
+    try:
+        # Adopted while this node was cut off: the adopter finishes it.
+        await anyio.to_thread.run_sync(ctx.spool.fence, claim)
+    except ClaimLost as lost:
+        log.warning("claim lost to another instance; abandoned without publishing, moving or removing anything",
+                    reason=str(lost))
+        return True
     try:
         await _complete(ctx.spool, claim)
     except (NameConflict, ConvertFailed) as exc:
