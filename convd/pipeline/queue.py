@@ -184,7 +184,7 @@ class Intake:
         """
         try:
             st = os.lstat(self.incoming / name)
-        except FileNotFoundError:
+        except OSError:  # gone, or the filesystem cut off (ready() says so): not now
             return False
         recent = time.time_ns() - st.st_mtime_ns < self.settle * 1e9
         renamed_after_write = st.st_ctime_ns > st.st_mtime_ns
@@ -207,6 +207,12 @@ class Intake:
             except FileNotFoundError:
                 del self.pending[name]
                 continue
+            except OSError as exc:
+                # The spool's filesystem answers errors (an evicted ceph-fuse
+                # answers ESHUTDOWN until it is mounted again): nothing more is
+                # taken now, and the daemon looks again in a second.
+                log.warning("cannot look at incoming/; trying again", item=name, error=str(exc))
+                return out, self._sooner(wait, 1.0)
             if not stat.S_ISREG(st.st_mode):
                 out.append(name)  # detect rejects it; nothing to wait for
                 continue
