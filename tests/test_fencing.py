@@ -136,3 +136,43 @@ def test_a_staged_rbd_handoff_adopted_while_cut_off_is_left_to_the_adopter(tmp_p
     finally:
         node1.close()
         node2.close()
+
+
+def test_a_lost_lock_begins_a_new_epoch_even_when_taking_it_again_fails(tmp_path, monkeypatch):
+    # An evicted ceph-fuse: I/O through the held descriptor fails, and so does the
+    # re-take (ESHUTDOWN until it is mounted again).  The epoch must move at once:
+    # once the mount is back the re-take finds no old hold to compare with, and
+    # a loss noticed only then was never noticed at all (a CI run saw node1
+    # publish after its eviction without ever logging the loss).
+    import errno
+    import os
+
+    import convd.pipeline.spool as spool_module
+
+    sp = spool_of(tmp_path / "spool", "node1")
+    try:
+        (sp.incoming / "disk").write_bytes(b"x" * 4096)
+        claim = sp.claim("disk")
+        assert claim is not None
+        held = sp._lock_fd
+        assert held is not None
+        sp._lock_fd = os.open(os.devnull, os.O_RDONLY)  # a write through it fails (EBADF), as on a dead mount
+        os.close(held)
+        real = spool_module.try_flock
+
+        def dead_mount(path: Path) -> int | None:
+            if path.name == ".lock":
+                raise OSError(errno.ESHUTDOWN, "Cannot send after transport endpoint shutdown")
+            return real(path)
+
+        monkeypatch.setattr(spool_module, "try_flock", dead_mount)
+        with pytest.raises(OSError):
+            sp.keep_lock()
+        assert sp.epoch == 1
+        monkeypatch.setattr(spool_module, "try_flock", real)  # mounted again
+        assert sp.keep_lock() is True
+        assert sp.epoch == 1
+        with pytest.raises(ClaimLost):
+            sp.fence(claim)
+    finally:
+        sp.close()

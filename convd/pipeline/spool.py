@@ -212,25 +212,35 @@ class Spool:
         lost = False
         try:
             if self._lock_fd is not None and not _still_answers(self._lock_fd):
+                # Lost: the new epoch begins now, before anything below can
+                # fail on a dead mount (the re-take is tried again at the next
+                # check; had the epoch waited for it, a later re-take would
+                # have found no old hold and the loss would never be seen).
                 lost = True
-                with contextlib.suppress(OSError):  # a lost lock's descriptor, perhaps on a dead mount
-                    os.close(self._lock_fd)
-                self._lock_fd = None
+                self._lose()
             fd = try_flock(self.claims / LOCK)
         finally:
             os.close(door)
         if fd is not None:
             if self._lock_fd is not None:
                 lost = True
-                with contextlib.suppress(OSError):
-                    os.close(self._lock_fd)
+                self._lose()
             self._lock_fd = fd
-        if lost:
-            self.epoch += 1
-            log.error("this instance had lost its lock on the spool (cut off longer than the filesystem's lease?);"
-                      " took it again: items claimed before are abandoned to whoever adopted them",
-                      instance=self.cfg.instance, epoch=self.epoch, taken_again=fd is not None)
+            if lost:
+                log.info("took this instance's lock again", instance=self.cfg.instance, epoch=self.epoch)
         return not lost and self._lock_fd is not None
+
+    def _lose(self) -> None:
+        """The hold on ``.lock`` is lost: drop it and begin a new epoch (claims of earlier
+        ones are abandoned, :meth:`fence`)."""
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):  # a lost lock's descriptor, perhaps on a dead mount
+                os.close(self._lock_fd)
+            self._lock_fd = None
+        self.epoch += 1
+        log.error("this instance had lost its lock on the spool (cut off longer than the filesystem's lease?);"
+                  " took it again: items claimed before are abandoned to whoever adopted them",
+                  instance=self.cfg.instance, epoch=self.epoch)
 
     def owns(self, claim: Claim) -> bool:
         """Whether ``claim`` is still this daemon's as far as it can tell without the lock:
