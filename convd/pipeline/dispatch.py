@@ -23,7 +23,7 @@ from convd.pipeline.item import Item
 from convd.pipeline.layout import Claim
 from convd.pipeline.queue import Intake
 from convd.pipeline.runner import finish_handoff, run_item
-from convd.pipeline.spool import Spool
+from convd.pipeline.spool import ClaimNotDurable, Spool
 
 __all__ = ["STUCK_RETRY", "STUCK_RETRY_MAX", "Dispatcher"]
 
@@ -155,6 +155,12 @@ class Dispatcher:
             for name, claim in claimed.items():
                 if isinstance(claim, FileExistsError):
                     self.intake.defer(name)  # an earlier item's work dir, kept after an internal error
+                    continue
+                if isinstance(claim, ClaimNotDurable):
+                    log.error("claimed, but not durably; left in work/ for the next start or a take-over",
+                              item=name, error=str(claim))
+                    self.intake.taken(name)
+                    self.intake.forget(name)
                     continue
                 if isinstance(claim, OSError):
                     # e.g. a producer's directory we may not move, or a full disk:

@@ -54,7 +54,7 @@ from convd.pipeline.layout import (
     is_item,
 )
 
-__all__ = ["ClaimLost", "Spool", "instance_lock_state"]
+__all__ = ["ClaimLost", "ClaimNotDurable", "Spool", "instance_lock_state"]
 
 log = structlog.get_logger(__name__)
 
@@ -70,6 +70,13 @@ _FAILED_NEXT_KEPT = 4096
 
 
 _BOOT_ID: str | None = None
+
+
+class ClaimNotDurable(OSError):
+    """Moved into ``work/<instance>/``, but the directories' ``fsync`` failed (a shared
+    filesystem cut off mid-claim): not started, since a filesystem that logs fsyncs per
+    inode could bring the name back to ``incoming/`` after a power cut; the next start,
+    or a peer's take-over, recovers it from ``work/``."""
 
 
 class ClaimLost(Exception):
@@ -370,7 +377,7 @@ class Spool:
         except OSError as exc:
             # Moved but not durable: not started now; the next start recovers them.
             for claim in taken:
-                out[claim.name] = exc
+                out[claim.name] = ClaimNotDurable(exc.errno, exc.strerror)
         return out
 
     def _take_sidecar(self, name: str, d: Path, prefix: str, key: str,
