@@ -167,7 +167,7 @@ def convd_once(daemon: Daemon, src: Path, name: str, timeout: float = LARGE_TIME
     spool = daemon.spool
     staged = spool.stage_copy(src, name)
     settle_fs(spool.root)  # as bare_convert does after staging its copy
-    with spool.watch() as watch:
+    with DirWatch([spool.outgoing, spool.failed]) as watch:
         wall0 = time.time()
         t0 = time.monotonic()
         spool.drop_staged(staged, name)
@@ -197,7 +197,7 @@ def drain(daemon: Daemon, sources: Sequence[Path], tag: str) -> dict[str, Any]:
     staged = [spool.stage_copy(src, n) for src, n in zip(sources, names)]
     settle_fs(spool.root)  # as bare_sequential does after staging its copies
     cpu0 = daemon.cpu()
-    with spool.watch() as watch:
+    with DirWatch([spool.outgoing, spool.failed]) as watch:
         wall0 = time.time()
         t0 = time.monotonic()
         for s, n in zip(staged, names):
