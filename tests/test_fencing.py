@@ -9,8 +9,10 @@ server (lease expired) or the Ceph MDS (session evicted) does to a client that w
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,6 +33,25 @@ def spool_of(root: Path, instance: str) -> SpoolOf:
     return sp
 
 
+@contextlib.contextmanager
+def two_nodes(root: Path) -> Iterator[tuple[SpoolOf, SpoolOf]]:
+    """Two daemons' spools on one root, each holding its instance lock until the end."""
+    node1, node2 = spool_of(root, "node1"), spool_of(root, "node2")
+    try:
+        yield node1, node2
+    finally:
+        node1.close()
+        node2.close()
+
+
+def claim_disk(sp: SpoolOf) -> Claim:
+    """``incoming/disk`` (4 KiB) dropped and claimed by ``sp``."""
+    (sp.incoming / "disk").write_bytes(b"x" * 4096)
+    claim = sp.claim("disk")
+    assert claim is not None
+    return claim
+
+
 def drop_lock(sp: SpoolOf) -> None:
     """What the filesystem does to a client cut off past its lease: its lock is gone, its fd stays."""
     assert sp._lock_fd is not None
@@ -39,11 +60,8 @@ def drop_lock(sp: SpoolOf) -> None:
 
 def test_a_node_whose_lock_lapsed_abandons_what_a_survivor_adopted_and_rejoins(tmp_path):
     root = tmp_path / "spool"
-    node1, node2 = spool_of(root, "node1"), spool_of(root, "node2")
-    try:
-        (root / "incoming" / "disk").write_bytes(b"x" * 4096)
-        claim = node1.claim("disk")
-        assert claim is not None
+    with two_nodes(root) as (node1, node2):
+        claim = claim_disk(node1)
         node1.note_attempt(claim)
         claim.output.write_bytes(b"half-written")
         drop_lock(node1)
@@ -73,26 +91,17 @@ def test_a_node_whose_lock_lapsed_abandons_what_a_survivor_adopted_and_rejoins(t
         assert again is not None and again.epoch == 1
         node1.fence(again)
         assert TakeOver(node2).run() == ([], [])
-    finally:
-        node1.close()
-        node2.close()
 
 
 def test_a_node_whose_lock_held_through_the_cut_keeps_its_claims(tmp_path):
     # Cut off for less than the lease: the server kept the lock, nothing is adopted.
     root = tmp_path / "spool"
-    node1, node2 = spool_of(root, "node1"), spool_of(root, "node2")
-    try:
-        (root / "incoming" / "disk").write_bytes(b"x" * 4096)
-        claim = node1.claim("disk")
-        assert claim is not None
+    with two_nodes(root) as (node1, node2):
+        claim = claim_disk(node1)
         assert TakeOver(node2).run() == ([], [])
         assert node1.keep_lock() is True and node1.epoch == 0
         node1.fence(claim)
         assert node1.owns(claim)
-    finally:
-        node1.close()
-        node2.close()
 
 
 def test_a_staged_rbd_handoff_adopted_while_cut_off_is_left_to_the_adopter(tmp_path):
@@ -108,11 +117,8 @@ def test_a_staged_rbd_handoff_adopted_while_cut_off_is_left_to_the_adopter(tmp_p
     from convd.stages import rbd as rbd_stages
 
     root = tmp_path / "spool"
-    node1, node2 = spool_of(root, "node1"), spool_of(root, "node2")
-    try:
-        (root / "incoming" / "disk").write_bytes(b"x" * 4096)
-        claim = node1.claim("disk")
-        assert claim is not None
+    with two_nodes(root) as (node1, node2):
+        claim = claim_disk(node1)
         pending = {"dest": "outgoing", "final_name": "disk", "record": {"name": "disk"},
                    "rbd": {"pool": "images", "ceph_conf": str(tmp_path / "no-ceph.conf"), "user": "convd",
                            "keyring": "", "snapshot": "", "tmp": "convd-tmp.node1.disk", "name": "disk",
@@ -133,9 +139,6 @@ def test_a_staged_rbd_handoff_adopted_while_cut_off_is_left_to_the_adopter(tmp_p
         assert (theirs / RECORD).read_bytes() == staged
         assert (theirs / "source").read_bytes() == b"x" * 4096
         assert not (root / "outgoing" / "disk.json").exists()
-    finally:
-        node1.close()
-        node2.close()
 
 
 def test_a_lost_lock_begins_a_new_epoch_even_when_taking_it_again_fails(tmp_path, monkeypatch):
@@ -151,9 +154,7 @@ def test_a_lost_lock_begins_a_new_epoch_even_when_taking_it_again_fails(tmp_path
 
     sp = spool_of(tmp_path / "spool", "node1")
     try:
-        (sp.incoming / "disk").write_bytes(b"x" * 4096)
-        claim = sp.claim("disk")
-        assert claim is not None
+        claim = claim_disk(sp)
         held = sp._lock_fd
         assert held is not None
         sp._lock_fd = os.open(os.devnull, os.O_RDONLY)  # a write through it fails (EBADF), as on a dead mount
