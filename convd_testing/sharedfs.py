@@ -459,8 +459,20 @@ def _wait_group_gone(pgid: int, timeout: float = 30.0) -> None:
         if not left:
             return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"UML processes {left} outlived SIGKILL for {timeout:.0f} s")
+            raise RuntimeError(f"UML processes outlived SIGKILL for {timeout:.0f} s:\n"
+                               + "\n".join(_describe(pid) for pid in left))
         time.sleep(0.01)
+
+
+def _describe(pid: str) -> str:
+    """One process as the kernel sees it: name, state, what it waits in, its kernel stack."""
+    parts = []
+    for name in ("stat", "wchan", "stack"):
+        try:
+            parts.append(Path(f"/proc/{pid}/{name}").read_text().strip().replace("\n", " | "))
+        except OSError as e:
+            parts.append(f"({name}: {e.strerror})")
+    return f"  {pid}: " + " ; ".join(parts)
 
 
 class UmlDisks:

@@ -57,7 +57,16 @@ def test_qemu_img_info_reads_the_image_under_hard_cpu_and_memory_limits(tmp_path
         task = asyncio.ensure_future(qemu.info(str(fifo), "qcow2", cpu_time=7, address_space=256 * MiB))
         pids = await asyncio.to_thread(wait_for, lambda: _pids_under(tmp_path), 20, 0.02, "qemu-img info")
         pid = seen["pid"] = pids[0]
-        seen["limits"] = _limits(pid)
+        # The soft limits are in force from execve on (inherited); the launcher
+        # makes them hard with prlimit on the new pid just after posix_spawn
+        # returns, so a child seen in that instant still shows the old hard
+        # limit (CI saw ('7', 'unlimited') once).  Soft at first sight, hard
+        # once the launcher has made them (CPU time first).
+        first = _limits(pid)
+        seen["soft_at_first_sight"] = (first["Max cpu time"][0], first["Max address space"][0])
+        seen["limits"] = await asyncio.to_thread(
+            wait_for, lambda: (lim := _limits(pid))["Max address space"][1] != "unlimited" and lim, 10, 0.01,
+            "the launcher's prlimit")
         seen["caps"] = (_status(pid, "CapInh"), _status(pid, "CapAmb"))
         seen["sid"] = os.getsid(pid)
         seen["exe"] = os.readlink(f"/proc/{pid}/exe")
@@ -68,6 +77,7 @@ def test_qemu_img_info_reads_the_image_under_hard_cpu_and_memory_limits(tmp_path
 
     asyncio.run(main())
     assert os.path.basename(seen["exe"]) == "qemu-img"  # no wrapper in between
+    assert seen["soft_at_first_sight"] == ("7", str(256 * MiB))
     assert seen["limits"]["Max cpu time"] == ("7", "7")
     assert seen["limits"]["Max address space"] == (str(256 * MiB), str(256 * MiB))
     assert seen["caps"] == ("0000000000000000", "0000000000000000")
