@@ -40,11 +40,14 @@ def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
 
 def digest_file(fd: int, algorithms: Sequence[str],
                 on_bytes: Callable[[int], None] | None = None,
-                stop: threading.Event | None = None) -> dict[str, str]:
+                stop: threading.Event | None = None,
+                poll: Callable[[], None] | None = None) -> dict[str, str]:
     """Hex digests of the whole file behind ``fd`` (read with pread; fd offset untouched).
 
     Raises ``Stopped`` soon after ``stop`` is set: a thread cannot be
     cancelled, and shutdown must not wait for a terabyte to be hashed.
+    ``poll`` is called before each buffer, holes' zeros too, and may raise
+    to end the read (``on_bytes`` counts only bytes read).
     """
     if not algorithms:
         return {}
@@ -57,6 +60,8 @@ def digest_file(fd: int, algorithms: Sequence[str],
     def feed(data: memoryview | bytes) -> None:
         if stop is not None and stop.is_set():
             raise Stopped("checksum interrupted by shutdown")
+        if poll is not None:
+            poll()
         for h in hashers:
             h.update(data)
 

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -61,6 +62,24 @@ def test_without_an_expectation_the_record_holds_the_configured_digests(
     spool.drop(image, NAME)
     rec = spool.wait_record(NAME)
     assert rec["source"]["checksums"] == digests(image, "sha256")
+
+
+def test_digests_taken_beside_the_conversion_reach_every_kind_of_record(
+        daemon: Daemon, spool: Spool, image: Path, tmp_path: Path) -> None:
+    # Without a stated digest they are read beside qemu-img, not before it:
+    # a record of an item that fails first (a backing file: refused at
+    # detect) and a passthrough's (nothing converted) have them all the same.
+    backed = tmp_path / "backed.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image), str(backed)],
+                   check=True)
+    raw = make_image(tmp_path / "disk.raw", "raw", 4 * MiB)
+    spool.drop(backed, "backed.qcow2")
+    spool.drop(raw, "disk.raw")
+    rejected, passed = spool.wait_record("backed.qcow2"), spool.wait_record("disk.raw")
+    assert rejected["status"] == "failed" and rejected["error"]["code"] == "unsafe_image", rejected
+    assert rejected["source"]["checksums"] == digests(backed, "sha256")
+    assert passed["status"] == "passthrough", passed
+    assert passed["source"]["checksums"] == digests(raw, "sha256") == passed["target"]["checksums"]
 
 
 def test_a_containers_checksums_are_of_the_container_file(

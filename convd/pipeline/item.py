@@ -51,6 +51,10 @@ class Item:
     passthrough: bool = False
     # Digests of the bytes as dropped (the record's source.checksums), once verified.
     source_checksums: dict[str, str] | None = None
+    # The algorithms of those digests when they are still to be taken: no
+    # stated digest had to be checked before converting, so they are read
+    # beside the conversion (convd.stages.verify.beside), not before it.
+    source_digests_due: tuple[str, ...] | None = None
     estimate: int = 0
     reservation: Reservation | None = None
     unpack_reservation: Reservation | None = None  # the unpacked disk's bytes, until the item ends

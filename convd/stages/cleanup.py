@@ -12,6 +12,7 @@ from convd.errors import ItemError
 from convd.pipeline.item import Item, Stage
 from convd.pipeline.layout import SOURCE
 from convd.pipeline.spool import Spool
+from convd.stages import verify
 
 if TYPE_CHECKING:
     from convd.pipeline.context import Context
@@ -43,5 +44,6 @@ def reject(spool: Spool, item: Item, error: ItemError) -> dict[str, Any]:
 async def quarantine(item: Item, ctx: Context, error: ItemError) -> None:
     """The original bytes, untouched, to ``failed/`` with a record saying why."""
     ctx.release(item)
+    await verify.settle(item, ctx, failing=True)  # an item that failed before its digests were taken
     rec = await anyio.to_thread.run_sync(reject, ctx.spool, item, error)
     ctx.failed(item, rec)

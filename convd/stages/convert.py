@@ -10,6 +10,7 @@ import anyio
 from convd.errors import UnsafeImage
 from convd.pipeline.item import Item, Stage
 from convd.qemu import img as qemu
+from convd.stages import verify
 from convd.stages.reserve import settle
 
 # Stages of an item that will convert soon: they count when the budget is split.
@@ -48,7 +49,8 @@ async def convert(item: Item, ctx: Context) -> Stage:
         soon = sum(1 for i in ctx.items.values() if i.stage in _CONVERTING_SOON and not i.passthrough)
         try:
             # [convert] rate_limit: this child's share, as -r (convd.bandwidth).
-            async with ctx.bandwidth.share(expected=min(soon, cfg.convert.max_workers)) as rate:
+            async with ctx.bandwidth.share(expected=min(soon, cfg.convert.max_workers)) as rate, \
+                    verify.beside(item, ctx):  # the dropped file's digests, on the other core
                 await qemu.convert(
                     str(item.claim.source), src_fmt, str(item.claim.output), item.target_format,
                     extra_args=[*args, "-r", str(rate)] if rate else args, timeout=cfg.convert.timeout,

@@ -23,6 +23,7 @@ from convd.errors import (
 from convd.image.inspection import RAW_FAMILY, inspect_fd
 from convd.pipeline.item import Item, Stage
 from convd.pipeline.layout import OUTPUT
+from convd.stages import verify
 
 if TYPE_CHECKING:
     from convd.pipeline.context import Context
@@ -125,6 +126,12 @@ async def publish(item: Item, ctx: Context) -> Stage:
         target = await anyio.to_thread.run_sync(_finish_output, str(path), item, ctx, Throttle(rate, ctx.stop))
     item.timings["publish"] += time.monotonic() - t0
     status = "passthrough" if item.passthrough else "converted"
+    due = item.source_digests_due
+    if item.passthrough and item.claim.unpacked is None and due and set(due) <= target["checksums"].keys():
+        # A passthrough of the dropped bytes themselves (or their private copy): the same digests.
+        item.source_checksums = {a: target["checksums"][a] for a in due}
+        item.source_digests_due = None
+    await verify.settle(item, ctx)
     rec = record.build(item, status, target=target)
 
     def handoff() -> None:

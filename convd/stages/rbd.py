@@ -48,6 +48,7 @@ from convd.pipeline.layout import RECORD
 from convd.pipeline.ledger import Ledger
 from convd.pipeline.spool import ClaimLost
 from convd.qemu import img as qemu
+from convd.stages import verify
 from convd.stages.reserve import MARGIN_BYTES, MARGIN_FRACTION
 
 if TYPE_CHECKING:
@@ -174,7 +175,7 @@ async def convert(item: Item, ctx: Context) -> Stage:
         ok = False
         try:
             # [convert] rate_limit and the source driver's options hold here as for a file target.
-            async with ctx.bandwidth.share() as rate:
+            async with ctx.bandwidth.share() as rate, verify.beside(item, ctx):
                 await qemu.convert(str(item.claim.source), src_fmt, rbd.qemu_target(tgt.cfg, tmp), "raw",
                                    extra_args=[*args, "-r", str(rate)] if rate else args,
                                    timeout=cfg.convert.timeout, on_progress=progress,
@@ -260,6 +261,7 @@ async def publish(item: Item, ctx: Context) -> Stage:
         target = {"format": "raw", "size": back.size, "virtual_size": vsize, "checksums": back.checksums,
                   "location": where}
         item.timings["publish"] += time.monotonic() - t0
+        await verify.settle(item, ctx)  # due still only if beside() did not run (never, today)
         rec = record.build(item, "converted", target=target)
         pending = {"dest": "outgoing", "final_name": item.name, "record": rec,
                    "rbd": {"pool": cfg.pool, "ceph_conf": str(cfg.ceph_conf), "user": cfg.user,

@@ -5,21 +5,30 @@ dropped (for a container, the container file).
 The digests come from a read convd makes anyway where it can: unpacking a
 compressed stream reads the whole container in order (``containers.unpack``'s
 ``tap``).  Otherwise (a plain disk, a tar read by seeking, an unpack that
-stopped early) they cost one read of their own.
+stopped early) they cost one read of their own: before converting when the
+expectation states a digest (the contract checks stated values first),
+else beside the conversion (:func:`beside`), where the other core is
+mostly idle, and not on the item's critical path.  The bytes are in
+convd's custody from unpack on (no producer can change them), so a digest
+taken later is of the same bytes.  An item that fails first gets them at
+its quarantine (:func:`settle`): a record in ``failed/`` has them too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import stat
+import threading
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from convd.checksum import digest_file
-from convd.errors import Cancelled, CorruptImage
+from convd.errors import Cancelled, CorruptImage, Stopped
 from convd.image.inspection import open_regular
 from convd.pipeline.item import Item
 from convd.pipeline.layout import EXPECT
@@ -28,7 +37,7 @@ from convd.protocol import EXPECT_PREFIX
 if TYPE_CHECKING:
     from convd.pipeline.context import Context
 
-__all__ = ["Verifier", "begin"]
+__all__ = ["Verifier", "begin", "beside", "settle"]
 
 
 def _expectation(item: Item) -> dict[str, Any]:
@@ -61,29 +70,22 @@ class Verifier:
             h.update(data)
         self._fed += len(data)
 
-    async def finish(self) -> None:
+    async def finish(self, *, now: bool = False) -> None:
         """Digests from what was fed if that was the whole file, else from a read of their own;
-        then the check.  Sets ``item.source_checksums``; raises ``CorruptImage`` on a mismatch."""
+        then the check.  Sets ``item.source_checksums``; raises ``CorruptImage`` on a mismatch.
+
+        With nothing stated but the size (checked already), the read is left
+        for :func:`beside` (``item.source_digests_due``) unless ``now``."""
         if self._fed == self.size:
             sums = {a: h.hexdigest() for a, h in zip(self.algorithms, self._hashers)}
+        elif not now and set(self.expect) <= {"size"}:
+            self.item.source_digests_due = tuple(self.algorithms)
+            self._check({})  # the size
+            return
         else:
-            sums = await anyio.to_thread.run_sync(self._read)
+            sums = await anyio.to_thread.run_sync(_read, self.item, self.ctx, self.algorithms, None)
         self.item.source_checksums = sums
         self._check(sums)
-
-    def _read(self) -> dict[str, str]:
-        item, ctx = self.item, self.ctx
-
-        def on_bytes(n: int) -> None:  # from the hashing thread
-            if item.withdrawn is not None:
-                raise Cancelled(item.withdrawn)
-            ctx.count_hashed(n)
-
-        fd = open_regular(item.claim.dropped)
-        try:
-            return digest_file(fd, self.algorithms, on_bytes, ctx.stop)
-        finally:
-            os.close(fd)
 
     def _check(self, sums: dict[str, str]) -> None:
         item = self.item
@@ -123,3 +125,70 @@ async def begin(item: Item, ctx: Context) -> Verifier | None:
         item.source = {"format": None, "size": verifier.size}
         await verifier.finish()  # the record's digests, then the mismatch
     return verifier
+
+
+def _read(item: Item, ctx: Context, algorithms: Sequence[str], abandon: threading.Event | None) -> dict[str, str]:
+    """The dropped file's digests (blocking); ``Cancelled`` once withdrawn or ``abandon`` is set."""
+
+    def poll() -> None:  # from the hashing thread, before each buffer
+        if item.withdrawn is not None:
+            raise Cancelled(item.withdrawn)
+        if abandon is not None and abandon.is_set():
+            raise Cancelled("the conversion beside it ended first")
+
+    fd = open_regular(item.claim.dropped)
+    try:
+        return digest_file(fd, algorithms, ctx.count_hashed, ctx.stop, poll)
+    finally:
+        os.close(fd)
+
+
+@contextlib.asynccontextmanager
+async def beside(item: Item, ctx: Context) -> AsyncIterator[None]:
+    """Take the digests still due (``item.source_digests_due``) while the body runs.
+
+    Used around ``qemu-img convert``: both read the same custody-held bytes,
+    mostly from the page cache.  The body's outcome wins: if it fails, the
+    read is abandoned (the item's quarantine takes the digests, see
+    :func:`settle`); if the read fails (withdrawn, shutdown), that error
+    is raised once the body is done.
+    """
+    algorithms = item.source_digests_due
+    if algorithms is None:
+        yield
+        return
+    abandon = threading.Event()
+    done: dict[str, Any] = {}
+
+    async def digest() -> None:
+        try:
+            done["sums"] = await anyio.to_thread.run_sync(_read, item, ctx, algorithms, abandon)
+        except Exception as exc:  # noqa: BLE001 - reported after the body, which wins
+            done["error"] = exc
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(digest)
+        try:
+            yield
+        except BaseException:
+            abandon.set()
+            raise
+    if "error" in done:
+        raise done["error"]
+    item.source_checksums = done["sums"]
+    item.source_digests_due = None
+
+
+async def settle(item: Item, ctx: Context, *, failing: bool = False) -> None:
+    """Take the digests still due now (a passthrough, which converts nothing; an item
+    that failed before converting).  ``failing``: for a record in ``failed/``,
+    where a digest that cannot be taken (withdrawn, shutdown, gone) is left out."""
+    algorithms = item.source_digests_due
+    if algorithms is None:
+        return
+    try:
+        item.source_checksums = await anyio.to_thread.run_sync(_read, item, ctx, algorithms, None)
+    except (Cancelled, Stopped, OSError):
+        if not failing:
+            raise
+    item.source_digests_due = None
