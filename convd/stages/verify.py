@@ -16,6 +16,7 @@ its quarantine (:func:`settle`): a record in ``failed/`` has them too.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -158,24 +159,17 @@ async def beside(item: Item, ctx: Context) -> AsyncIterator[None]:
         yield
         return
     abandon = threading.Event()
-    done: dict[str, Any] = {}
-
-    async def digest() -> None:
-        try:
-            done["sums"] = await anyio.to_thread.run_sync(_read, item, ctx, algorithms, abandon)
-        except Exception as exc:  # noqa: BLE001 - reported after the body, which wins
-            done["error"] = exc
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(digest)
-        try:
-            yield
-        except BaseException:
-            abandon.set()
-            raise
-    if "error" in done:
-        raise done["error"]
-    item.source_checksums = done["sums"]
+    # A thread of the loop's executor, not a task group: the body's own
+    # exception must reach the stage as it is (a task group would wrap it).
+    reading = asyncio.get_running_loop().run_in_executor(None, _read, item, ctx, algorithms, abandon)
+    try:
+        yield
+        sums = await reading
+    except BaseException:
+        abandon.set()  # the thread ends at its next buffer; its outcome is not wanted
+        reading.add_done_callback(lambda f: f.cancelled() or f.exception())
+        raise
+    item.source_checksums = sums
     item.source_digests_due = None
 
 
