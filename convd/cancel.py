@@ -50,6 +50,7 @@ class Where:
     place: str | None
     instance: str | None = None
     inode: int | None = None
+    uid: int | None = None  # in incoming/: whose file it is (whose cancel requests count)
 
 
 def locate(cfg: Config, name: str) -> Where:
@@ -58,7 +59,8 @@ def locate(cfg: Config, name: str) -> Where:
     there, ``Where("work")`` with no instance, which only a daemon can act on."""
     sp = cfg.spool
     with contextlib.suppress(FileNotFoundError):
-        return Where("incoming", inode=os.lstat(sp.incoming / name).st_ino)
+        st = os.lstat(sp.incoming / name)
+        return Where("incoming", inode=st.st_ino, uid=st.st_uid)
     with contextlib.suppress(FileNotFoundError):
         try:
             instances = sorted(os.listdir(sp.work))
