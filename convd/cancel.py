@@ -158,6 +158,10 @@ def cancel(cfg: Config, name: str, *, wait: float = 30.0, reason: str = OPERATOR
             if now.place is not None and (where.inode is None or now.inode in (None, where.inode)):
                 _withdraw_here(cfg, name, now, reason)
             if time.monotonic() > deadline:
+                if not os.path.lexists(paths.incoming / f"{protocol.CANCEL_PREFIX}{name}") \
+                        and protocol.find_record(paths, name, where.inode) is None:
+                    return 1, (f"{name}: a daemon set the cancel request aside: only the item's producer "
+                               "(the owner of the file dropped), root or convd's user may cancel it")
                 return 1, (f"{name}: no daemon acted on the cancel within {wait:.0f} s; the request "
                            f"stays in incoming/ and the next daemon to start honours it")
             time.sleep(POLL)

@@ -450,11 +450,11 @@ def test_another_producers_cancel_request_waiting_at_start_is_set_aside_and_the_
 
 
 @NEEDS_USERS
-@pytest.mark.parametrize("asker", ["B", "A", "root", "convd"])
+@pytest.mark.parametrize("asker", ["B", "B-cli", "A", "root", "convd"])
 def test_a_cancel_request_for_an_item_in_work_counts_only_from_its_producer_root_or_convd(
         hosted: Hosted, producers: tuple[int, int], tmp_path: Path, asker: str) -> None:
-    if asker == "convd" and not hosted.as_user:
-        pytest.skip("convd's own user differs from root only with `make glance-venv`")
+    if asker in ("convd", "B-cli") and not hosted.as_user:
+        pytest.skip("convd's own user, and a convd another user can run, need `make glance-venv`")
     uid_a, uid_b = producers
     _sticky(hosted)
     # qemu-img convert -r: a convert of 16 s, long enough to ask in (see test_cancel's SLOW).
@@ -478,10 +478,15 @@ def test_a_cancel_request_for_an_item_in_work_counts_only_from_its_producer_root
         _plant(PRODUCER_A if asker == "A" else PRODUCER_B, request, "json", body)
     elif asker == "convd":
         _plant(CONVD_USER, request, "json", body)
+    elif asker == "B-cli":
+        # B may run `convd cancel` too: its request is B's, and the command says it was set aside.
+        done = run(*as_user(PRODUCER_B, hosted.convd, "cancel", "big", "-c", str(hosted.config), "--wait", "5"),
+                   check=False)
+        assert done.returncode == 1 and "set the cancel request aside" in done.stdout + done.stderr, done
     else:
         _request(request, body)
     rec = wait_for(lambda: hosted.record("big"), 120, what="record of big")
-    if asker == "B":
+    if asker.startswith("B"):
         assert rec["status"] == "converted", rec
         wait_for(lambda: not os.path.lexists(request), 30, what="B's request to be set aside")
         logged = _set_aside(hosted, request.name)
