@@ -50,6 +50,7 @@ class Where:
     place: str | None
     instance: str | None = None
     inode: int | None = None
+    uid: int | None = None  # in incoming/: whose file it is (whose cancel requests count)
 
 
 def locate(cfg: Config, name: str) -> Where:
@@ -58,7 +59,8 @@ def locate(cfg: Config, name: str) -> Where:
     there, ``Where("work")`` with no instance, which only a daemon can act on."""
     sp = cfg.spool
     with contextlib.suppress(FileNotFoundError):
-        return Where("incoming", inode=os.lstat(sp.incoming / name).st_ino)
+        st = os.lstat(sp.incoming / name)
+        return Where("incoming", inode=st.st_ino, uid=st.st_uid)
     with contextlib.suppress(FileNotFoundError):
         try:
             instances = sorted(os.listdir(sp.work))
@@ -156,6 +158,10 @@ def cancel(cfg: Config, name: str, *, wait: float = 30.0, reason: str = OPERATOR
             if now.place is not None and (where.inode is None or now.inode in (None, where.inode)):
                 _withdraw_here(cfg, name, now, reason)
             if time.monotonic() > deadline:
+                if not os.path.lexists(paths.incoming / f"{protocol.CANCEL_PREFIX}{name}") \
+                        and protocol.find_record(paths, name, where.inode) is None:
+                    return 1, (f"{name}: a daemon set the cancel request aside: only the item's producer "
+                               "(the owner of the file dropped), root or convd's user may cancel it")
                 return 1, (f"{name}: no daemon acted on the cancel within {wait:.0f} s; the request "
                            f"stays in incoming/ and the next daemon to start honours it")
             time.sleep(POLL)

@@ -83,11 +83,15 @@ class CancelRequests:
             except FileNotFoundError:
                 inode = None
             if req.matches(inode):
+                if self._foreign(req, item.claim.producer_uid):
+                    return
                 if item.withdrawn is None and item.withdraw(msg):
                     log.info("cancel requested", item=name, stage=item.stage.value, reason=req.reason)
                 return  # settled when it lands (a publish under way finishes: the cancel is refused)
         where = cancel.locate(cfg, name)
         if where.place == "incoming" and req.matches(where.inode) and item is None:
+            if self._foreign(req, where.uid):
+                return  # nothing claimed: the intake takes it in its turn
             try:
                 claim = await anyio.to_thread.run_sync(self.spool.claim, name)
             except FileExistsError:
@@ -95,6 +99,10 @@ class CancelRequests:
             if claim is not None:
                 self.intake.forget(name)
                 protocol.clear_priority(self.spool.incoming, name)
+                # Checked again on what was claimed: another file may have taken the name since.
+                if self._foreign(req, claim.producer_uid):
+                    self.start_item(claim)
+                    return
                 log.info("cancelled before conversion", item=name, reason=req.reason)
                 # Run like any claim, withdrawn from the start: the runner
                 # rejects it, and a failing disk leaves it to the dispatcher's
@@ -112,6 +120,19 @@ class CancelRequests:
             # Settled (in failed/, or published before the request: refused),
             # or naming nothing: a stale request must not cancel a later item.
             self.book.clear(name)
+
+
+    def _foreign(self, req: protocol.CancelRequest, producer: int | None) -> bool:
+        """Whether ``req`` is not the producer's of the item it would cancel (nor root's or
+        convd's): then it is set aside and logged, and the item goes on uncancelled."""
+        foreign = protocol.foreign_sidecar(req.uid, producer)
+        if foreign is None:
+            return False
+        log.warning("sidecar not the producer's; set aside", item=req.name,
+                    sidecar=f"{protocol.CANCEL_PREFIX}{req.name}", reason=str(foreign), uid=req.uid,
+                    producer_uid=producer)
+        self.book.refuse(req.name)
+        return True
 
 
 def _names_with_records(paths: protocol.SpoolPaths) -> set[str]:

@@ -32,7 +32,11 @@ takes it with the item at claim and applies the section of the format it
 makes over its own ``[target.FMT]``.
 
 Every sidecar is the producer's file: convd reads it with :func:`read_sidecar`
-(no link followed, never blocking, a few KiB at most, bounded JSON).
+(no link followed, never blocking, a few KiB at most, bounded JSON).  Every
+producer may write in ``incoming/``, so a sidecar counts only when it belongs
+(``st_uid`` of the descriptor read) to the user that owns the file it is about,
+to root, or to convd's own user (:func:`foreign_sidecar`); another's is set
+aside and the item goes on as if it were absent.
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ __all__ = [
     "SIDECAR_MAX",
     "CancelRequest",
     "DirWatch",
+    "ForeignSidecar",
     "SidecarError",
     "SpoolPaths",
     "clear_cancel_request",
@@ -75,6 +80,7 @@ __all__ = [
     "daemons_running",
     "expectation",
     "find_record",
+    "foreign_sidecar",
     "hand_in",
     "is_cancel_request",
     "item_progress",
@@ -86,6 +92,7 @@ __all__ = [
     "read_priority",
     "read_record",
     "read_sidecar",
+    "read_sidecar_owned",
     "request_cancel",
     "set_aside",
     "write_expectation",
@@ -206,18 +213,25 @@ def mark_priority(paths: SpoolPaths, name: str) -> Path:
     return _write_sidecar(paths, PRIORITY_PREFIX, name, {"priority": "high"})
 
 
-def read_priority(incoming: Path, name: str) -> str:
+def read_priority(incoming: Path, name: str, producer: int | None = None) -> str:
     """``"high"`` if ``incoming/.convd-priority.NAME`` says so, else ``"normal"``.
 
     The sidecar is a producer's file, read as every sidecar is
     (:func:`read_sidecar`); anything else (absent, unreadable, not JSON,
-    another value) is ``"normal"``.
+    another value) is ``"normal"``.  ``producer``: the uid owning ``NAME``
+    (None: not known, so only root's or convd's own mark counts); a mark of
+    anyone else raises :class:`ForeignSidecar` (the caller sets it aside).
     """
     try:
-        body = read_sidecar(incoming / f"{PRIORITY_PREFIX}{name}")
+        body, owner = read_sidecar_owned(incoming / f"{PRIORITY_PREFIX}{name}")
     except (OSError, SidecarError):
         return "normal"
-    return "high" if body.get("priority") == "high" else "normal"
+    if body.get("priority") != "high":
+        return "normal"
+    foreign = foreign_sidecar(owner, producer)
+    if foreign is not None:
+        raise foreign
+    return "high"
 
 
 def clear_priority(incoming: Path, name: str) -> None:
@@ -327,41 +341,115 @@ REASON_MAX = 500
 
 
 class SidecarError(ValueError):
-    """A sidecar (cancel request, expectation) that convd will not act on; the message says why."""
+    """A sidecar (cancel request, expectation, layout request) that convd will not act on;
+    the message says why.  ``owner``: the uid the file belongs to, when it could be looked
+    at (``fstat`` of the descriptor opened on it), else None."""
+
+    def __init__(self, message: str, owner: int | None = None) -> None:
+        super().__init__(message)
+        self.owner = owner
+
+
+class ForeignSidecar(SidecarError):
+    """A sidecar that belongs to neither the producer of its item, root, nor convd's user.
+
+    Another producer planted it under this item's name: it is set aside, logged,
+    and the item goes on as if there were none (never the item's failure).
+    """
+
+    def __init__(self, owner: int | None, producer: int | None) -> None:
+        whose = "cannot be told" if owner is None else f"is uid {owner}"
+        super().__init__(f"its owner {whose}, not the producer of the item (uid {producer}), root, "
+                         f"or convd (uid {os.geteuid()})", owner)
+        self.producer = producer
+
+
+def foreign_sidecar(owner: int | None, producer: int | None) -> ForeignSidecar | None:
+    """The one rule on whose sidecar counts: None when ``owner`` (a sidecar's ``st_uid``, from
+    ``fstat`` of the descriptor read) is ``producer`` (the uid owning the dropped file it is
+    about, as convd found it at claim; None if unknown), root (0) or convd's own euid (an
+    operator, or the Glance plugin run as convd's user); else the refusal to raise or log.
+    """
+    if owner is not None and owner in (producer, 0, os.geteuid()):
+        return None
+    return ForeignSidecar(owner, producer)
 
 
 def read_sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The JSON object in the sidecar at ``path``, read without following a link or blocking.
+    """The JSON object in the sidecar at ``path`` (see :func:`read_sidecar_owned`)."""
+    return read_sidecar_owned(path)[0]
 
-    Opened with ``O_NOFOLLOW | O_NONBLOCK`` (a symlink, a FIFO or a device
-    never makes convd wait or read without end), it must be a regular file
-    of at most ``SIDECAR_MAX`` bytes holding one JSON object nested at most
-    ``SIDECAR_DEPTH`` deep.  Raises ``FileNotFoundError`` when it is gone and
-    ``SidecarError`` (the reason, in a producer's words) for anything else.
+
+_PROC_FD = "/proc/self/fd"
+
+
+def read_sidecar_owned(path: str | os.PathLike[str]) -> tuple[dict[str, Any], int]:
+    """The JSON object in the sidecar at ``path`` and the uid it belongs to, read without
+    following a link or blocking.
+
+    Looked at first through an ``O_PATH | O_NOFOLLOW`` descriptor, whose ``fstat``
+    gives its owner and type before anything is opened (a symlink, a FIFO or a
+    device is never followed, waited on or read); it must be a regular file of
+    at most ``SIDECAR_MAX`` bytes, then opened for reading through that very
+    descriptor (``/proc/self/fd``, ``O_NONBLOCK``), holding one JSON object
+    nested at most ``SIDECAR_DEPTH`` deep.  Raises ``FileNotFoundError`` when it
+    is gone and ``SidecarError`` (the reason, in a producer's words, and the
+    owner whenever the file could be looked at) for anything else.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        held = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         raise
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise SidecarError("it is a symbolic link") from None
         raise SidecarError(f"it cannot be opened: {exc.strerror}") from None
     try:
-        st = os.fstat(fd)
+        st = os.fstat(held)
+        owner = st.st_uid
+        if stat.S_ISLNK(st.st_mode):
+            raise SidecarError("it is a symbolic link", owner)
         if not stat.S_ISREG(st.st_mode):
-            raise SidecarError("it is not a regular file (a directory, FIFO, socket or device)")
+            raise SidecarError("it is not a regular file (a directory, FIFO, socket or device)", owner)
         if st.st_size > SIDECAR_MAX:
-            raise SidecarError(f"it is {st.st_size} bytes; a sidecar has at most {SIDECAR_MAX}")
+            raise SidecarError(f"it is {st.st_size} bytes; a sidecar has at most {SIDECAR_MAX}", owner)
+        fd = _reopen(held, path, st)
         try:
             data = os.read(fd, SIDECAR_MAX + 1)
         except OSError as exc:
-            raise SidecarError(f"it cannot be read: {exc.strerror}") from None
+            raise SidecarError(f"it cannot be read: {exc.strerror}", owner) from None
+        finally:
+            os.close(fd)
     finally:
-        os.close(fd)
+        os.close(held)
     if len(data) > SIDECAR_MAX:
-        raise SidecarError(f"it holds more than {SIDECAR_MAX} bytes")
-    return parse_sidecar(data)
+        raise SidecarError(f"it holds more than {SIDECAR_MAX} bytes", owner)
+    try:
+        return parse_sidecar(data), owner
+    except SidecarError as exc:
+        raise SidecarError(str(exc), owner) from None
+
+
+def _reopen(held: int, path: str | os.PathLike[str], st: os.stat_result) -> int:
+    """A read descriptor on the regular file that ``held`` (an ``O_PATH`` descriptor) refers to."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        return os.open(f"{_PROC_FD}/{held}", flags)
+    except FileNotFoundError:
+        pass  # no /proc mounted (the magic link opens even a file removed meanwhile)
+    except OSError as exc:
+        raise SidecarError(f"it cannot be opened: {exc.strerror}", st.st_uid) from None
+    # By name again, then, and only if it is still the file looked at.
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        why = "it is a symbolic link" if exc.errno == errno.ELOOP else f"it cannot be opened: {exc.strerror}"
+        raise SidecarError(why, st.st_uid) from None
+    now = os.fstat(fd)
+    if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        raise SidecarError("it was replaced while it was read", st.st_uid)
+    return fd
 
 
 def _depth(text: str) -> int:
@@ -420,6 +508,7 @@ class CancelRequest:
     inode: int | None
     reason: str
     requested_at: float  # as the producer stated it: informational, never trusted for expiry
+    uid: int | None = None  # whose the request file is (fstat of the descriptor read): see foreign_sidecar
 
     def matches(self, inode: int | None) -> bool:
         """Whether this request is for the bytes with ``inode`` (any, if it names none)."""
@@ -452,9 +541,9 @@ def read_cancel_request(path: str | os.PathLike[str], name: str) -> CancelReques
     Fields: ``name`` (optional; if given, ``NAME``), ``inode`` (a non-negative
     integer or null), ``reason`` (text, at most ``REASON_MAX`` characters),
     ``requested_at`` (a number, informational).  Unknown fields are ignored.
-    Raises ``FileNotFoundError`` or ``SidecarError`` as :func:`read_sidecar`.
+    Raises ``FileNotFoundError`` or ``SidecarError`` as :func:`read_sidecar_owned`.
     """
-    body = read_sidecar(path)
+    body, owner = read_sidecar_owned(path)
     stated = body.get("name", name)
     if stated != name:
         raise SidecarError(f'its "name" ({_printable(str(stated))[:80]!r}) is not the name in the file name')
@@ -469,7 +558,7 @@ def read_cancel_request(path: str | os.PathLike[str], name: str) -> CancelReques
     at = body.get("requested_at") or 0.0
     if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at):
         raise SidecarError('its "requested_at" is not a number')
-    return CancelRequest(name=name, inode=inode, reason=_printable(reason), requested_at=float(at))
+    return CancelRequest(name=name, inode=inode, reason=_printable(reason), requested_at=float(at), uid=owner)
 
 
 def read_cancel_requests(paths: SpoolPaths) -> Iterator[CancelRequest]:

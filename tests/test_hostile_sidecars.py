@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -15,11 +16,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
+from convd import protocol
+from convd.pipeline.queue import Intake
 from convd.pipeline.sidecars import MAX_CANCEL_REQUESTS
 from convd_testing.glance_server import GLANCE_VENV, reachable_convd
 
-from conftest import MiB, convd_bin, make_image, run, system_users, wait_for, write_config
+from conftest import MiB, as_user, convd_bin, make_image, run, system_users, wait_for, write_config
 
 CONVD_USER = "convdtest-convd"
 SECRET = "outside-the-spool-secret-reason"
@@ -308,3 +312,238 @@ def test_convd_cancel_of_a_refused_name_moves_nothing(tmp_path: Path) -> None:
     assert done.returncode == 1 and "not an item" in done.stdout + done.stderr
     assert (incoming / "victim.json").exists()
     assert not (tmp_path / "spool" / "failed" / "victim.json").exists()
+
+
+# -- another producer's sidecars: planted under a victim's name, they count for nothing -----------
+
+# Names of this module's own (other suites make and remove theirs at the same time).
+PRODUCER_A, PRODUCER_B = "convdtest-sidecar-a", "convdtest-sidecar-b"
+NEEDS_USERS = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                                 reason="producers as other users need root and setpriv (util-linux)")
+
+# Run as a producer: put a file in incoming/ the way producers do, through a
+# dot-temp and a rename (which, in the sticky incoming/, can never replace
+# another user's file).
+_PLANT = """
+import os, shutil, sys
+kind, dest, what = sys.argv[1:4]
+tmp = os.path.join(os.path.dirname(dest), "." + os.path.basename(dest) + ".part")
+if kind == "json":
+    with open(tmp, "w") as f:
+        f.write(what)
+elif kind == "symlink":
+    os.symlink(what, tmp)
+else:
+    shutil.copyfile(what, tmp)
+if kind != "symlink":
+    os.chmod(tmp, 0o644)
+os.rename(tmp, dest)
+"""
+
+
+@pytest.fixture
+def producers(convd_user: None) -> Iterator[tuple[int, int]]:
+    """Two producer users, A and B: their uids."""
+    with system_users(None, PRODUCER_A, PRODUCER_B):
+        yield pwd.getpwnam(PRODUCER_A).pw_uid, pwd.getpwnam(PRODUCER_B).pw_uid
+
+
+def _plant(user: str, dest: Path, kind: str, what: object) -> None:
+    """As ``user``: ``dest`` holding ``what`` (``json``: a body; ``symlink``: a target; ``copy``: a file)."""
+    text = what if isinstance(what, str) else json.dumps(what)
+    run(*as_user(user, "/usr/bin/python3", "-c", _PLANT, kind, str(dest), text))
+
+
+def _sticky(hosted: Hosted) -> None:
+    # As the unit's tmpfiles snippet makes it: nobody removes or replaces another's file.
+    hosted.incoming.chmod(0o3777)
+
+
+def _readable(hosted: Hosted, src: Path, name: str) -> Path:
+    """``src`` copied where the producers can read it."""
+    dst = hosted.base / name
+    shutil.copyfile(src, dst)
+    dst.chmod(0o644)
+    return dst
+
+
+def _set_aside(hosted: Hosted, sidecar: str) -> list[dict[str, object]]:
+    return [e for e in hosted.events("sidecar not the producer's; set aside") if e.get("sidecar") == sidecar]
+
+
+@NEEDS_USERS
+def test_another_producers_layout_and_expectation_are_set_aside_and_the_victim_converts_as_configured(
+        hosted: Hosted, producers: tuple[int, int], image: Path) -> None:
+    uid_a, uid_b = producers
+    _sticky(hosted)
+    src = _readable(hosted, image, "victim.qcow2")
+    # B plants both before A drops (the order a producer's own sidecars come in),
+    # a layout the daemon would make and an expectation the bytes would fail.
+    _plant(PRODUCER_B, hosted.incoming / ".convd-layout.victim", "json", {"raw": {"preallocation": "full"}})
+    _plant(PRODUCER_B, hosted.incoming / ".convd-expect.victim", "json", {"size": 1})
+    # ... and, under a second name, ones that could not even be read: links.
+    _plant(PRODUCER_B, hosted.incoming / ".convd-layout.victim2", "symlink", "/etc/passwd")
+    _plant(PRODUCER_B, hosted.incoming / ".convd-expect.victim2", "symlink", "/nonexistent")
+    hosted.start()
+    _plant(PRODUCER_A, hosted.incoming / "victim", "copy", str(src))
+    _plant(PRODUCER_A, hosted.incoming / "victim2", "copy", str(src))
+    for name in ("victim", "victim2"):
+        rec = wait_for(lambda n=name: hosted.record(n), 60, what=f"record of {name}")
+        assert rec["status"] == "converted", rec
+        assert rec["target"]["layout"] == {"preallocation": "off"}, rec  # the daemon's own [target.raw]
+        for prefix in (".convd-layout.", ".convd-expect."):
+            sidecar = f"{prefix}{name}"
+            assert not os.path.lexists(hosted.incoming / sidecar)
+            logged = _set_aside(hosted, sidecar)
+            assert len(logged) == 1, hosted.log()[-3000:]
+            assert (logged[0]["uid"], logged[0]["producer_uid"], logged[0]["item"]) == (uid_b, uid_a, name)
+    # A's own sidecars still count.
+    _plant(PRODUCER_A, hosted.incoming / ".convd-layout.own", "json", {"raw": {"preallocation": "full"}})
+    _plant(PRODUCER_A, hosted.incoming / ".convd-expect.own", "json", {"size": 1})
+    _plant(PRODUCER_A, hosted.incoming / "own", "copy", str(src))
+    rec = wait_for(lambda: hosted.record("own"), 60, what="record of own")
+    assert rec["status"] == "failed" and rec["error"]["code"] == "corrupt_image", rec
+    assert "the producer stated size 1 bytes" in rec["error"]["message"], rec
+    _plant(PRODUCER_A, hosted.incoming / ".convd-layout.own2", "json", {"raw": {"preallocation": "full"}})
+    _plant(PRODUCER_A, hosted.incoming / "own2", "copy", str(src))
+    rec = wait_for(lambda: hosted.record("own2"), 60, what="record of own2")
+    assert rec["status"] == "converted" and rec["target"]["layout"] == {"preallocation": "full"}, rec
+    assert not _set_aside(hosted, ".convd-layout.own") and not _set_aside(hosted, ".convd-layout.own2")
+    assert hosted.stop() == 0
+
+
+@NEEDS_USERS
+def test_another_producers_cancel_request_waiting_at_start_is_set_aside_and_the_victim_converts(
+        hosted: Hosted, producers: tuple[int, int], image: Path) -> None:
+    # No daemon runs: B's request for A's name waits, then A drops. A starting
+    # daemon looks at every request at once and would claim A's item to cancel it.
+    uid_a, uid_b = producers
+    _sticky(hosted)
+    src = _readable(hosted, image, "victim.qcow2")
+    _plant(PRODUCER_B, hosted.incoming / ".convd-cancel.victim", "json", {"inode": None, "reason": "B was here"})
+    _plant(PRODUCER_A, hosted.incoming / "victim", "copy", str(src))
+    # A may not even remove it: the directory is sticky.
+    gone = run(*as_user(PRODUCER_A, "rm", "-f", str(hosted.incoming / ".convd-cancel.victim")), check=False)
+    assert gone.returncode != 0 and os.path.lexists(hosted.incoming / ".convd-cancel.victim")
+    hosted.start()
+    rec = wait_for(lambda: hosted.record("victim"), 60, what="record of victim")
+    assert rec["status"] == "converted", rec
+    wait_for(lambda: not os.path.lexists(hosted.incoming / ".convd-cancel.victim"), 30,
+             what="B's request to be set aside")
+    logged = _set_aside(hosted, ".convd-cancel.victim")
+    assert [(e["uid"], e["producer_uid"]) for e in logged] == [(uid_b, uid_a)], hosted.log()[-3000:]
+    assert "B was here" not in json.dumps(rec)
+    # A's own request, and root's, waiting the same way, still cancel.
+    assert hosted.stop() == 0
+    _plant(PRODUCER_A, hosted.incoming / ".convd-cancel.mine", "json", {"inode": None, "reason": "A's own"})
+    _plant(PRODUCER_A, hosted.incoming / "mine", "copy", str(src))
+    _plant(PRODUCER_A, hosted.incoming / "by-root", "copy", str(src))
+    _request(hosted.incoming / ".convd-cancel.by-root", {"inode": None, "reason": "root's"})
+    hosted.start()
+    for name, reason in (("mine", "A's own"), ("by-root", "root's")):
+        rec = wait_for(lambda n=name: hosted.record(n), 60, what=f"record of {name}")
+        assert rec["status"] == "failed" and rec["error"]["code"] == "cancelled", rec
+        assert rec["error"]["message"] == f"cancelled: {reason}"
+        assert (hosted.failed / name).read_bytes() == src.read_bytes()
+    assert len(_set_aside(hosted, ".convd-cancel.victim")) == 1 and not _set_aside(hosted, ".convd-cancel.mine")
+    assert hosted.stop() == 0
+
+
+@NEEDS_USERS
+@pytest.mark.parametrize("asker", ["B", "B-cli", "A", "root", "convd"])
+def test_a_cancel_request_for_an_item_in_work_counts_only_from_its_producer_root_or_convd(
+        hosted: Hosted, producers: tuple[int, int], tmp_path: Path, asker: str) -> None:
+    if asker in ("convd", "B-cli") and not hosted.as_user:
+        pytest.skip("convd's own user, and a convd another user can run, need `make glance-venv`")
+    uid_a, uid_b = producers
+    _sticky(hosted)
+    # qemu-img convert -r: a convert of 16 s, long enough to ask in (see test_cancel's SLOW).
+    with open(hosted.config, "a") as f:
+        f.write('[convert.qemu_args]\nqcow2 = ["-r", "1M"]\n')
+    src = tmp_path / "big.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", src, str(32 * MiB))
+    run("qemu-io", "-f", "qcow2", "-c", f"write -P 9 0 {16 * MiB}", src)
+    src = _readable(hosted, src, "big.qcow2")
+    hosted.start()
+    _plant(PRODUCER_A, hosted.incoming / "big", "copy", str(src))
+    paths = protocol.SpoolPaths.under(hosted.root)
+    try:
+        wait_for(lambda: (protocol.item_progress(paths, "big") or {}).get("stage") == "convert", 60,
+                 what="the item to convert")
+    except AssertionError:
+        raise AssertionError(hosted.log()[-4000:]) from None
+    request = hosted.incoming / ".convd-cancel.big"
+    body = {"inode": None, "reason": f"asked by {asker}"}
+    if asker in ("A", "B"):
+        _plant(PRODUCER_A if asker == "A" else PRODUCER_B, request, "json", body)
+    elif asker == "convd":
+        _plant(CONVD_USER, request, "json", body)
+    elif asker == "B-cli":
+        # B may run `convd cancel` too: its request is B's, and the command says it was set aside.
+        done = run(*as_user(PRODUCER_B, hosted.convd, "cancel", "big", "-c", str(hosted.config), "--wait", "5"),
+                   check=False)
+        assert done.returncode == 1 and "set the cancel request aside" in done.stdout + done.stderr, done
+    else:
+        _request(request, body)
+    rec = wait_for(lambda: hosted.record("big"), 120, what="record of big")
+    if asker.startswith("B"):
+        assert rec["status"] == "converted", rec
+        wait_for(lambda: not os.path.lexists(request), 30, what="B's request to be set aside")
+        logged = _set_aside(hosted, request.name)
+        assert [(e["uid"], e["producer_uid"]) for e in logged] == [(uid_b, uid_a)], hosted.log()[-3000:]
+    else:
+        assert rec["status"] == "failed" and rec["error"]["code"] == "cancelled", rec
+        assert rec["error"]["message"] == f"cancelled: asked by {asker}"
+        assert not _set_aside(hosted, request.name)
+    assert hosted.stop() == 0
+
+
+@NEEDS_USERS
+def test_another_producers_priority_mark_is_set_aside_and_the_producers_own_counts(
+        tmp_path: Path, producers: tuple[int, int]) -> None:
+    uid_a, uid_b = producers
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    for name, marker in (("victim", uid_b), ("own", uid_a), ("by-root", 0)):
+        (incoming / name).write_bytes(b"\0" * 512)
+        os.chown(incoming / name, uid_a, uid_a)
+        (incoming / f"{protocol.PRIORITY_PREFIX}{name}").write_text('{"priority": "high"}')
+        os.chown(incoming / f"{protocol.PRIORITY_PREFIX}{name}", marker, marker)
+    intake = Intake(incoming, 0.5)
+    with structlog.testing.capture_logs() as logs:
+        for name in ("victim", "own", "by-root"):
+            intake.saw(name, renamed=True)
+    assert {n: c.priority for n, c in intake.pending.items()} == {"victim": False, "own": True, "by-root": True}
+    assert not (incoming / f"{protocol.PRIORITY_PREFIX}victim").exists()
+    assert (incoming / f"{protocol.PRIORITY_PREFIX}own").exists()  # removed at claim, as ever
+    refused = [e for e in logs if e["event"] == "sidecar not the producer's; set aside"]
+    assert [(e["sidecar"], e["uid"], e["producer_uid"]) for e in refused] == \
+        [(f"{protocol.PRIORITY_PREFIX}victim", uid_b, uid_a)]
+
+
+@NEEDS_USERS
+@pytest.mark.parametrize("kind", ["file", "symlink", "directory", "fifo"])
+def test_a_sidecar_is_attributed_to_its_owner_whatever_it_is(
+        tmp_path: Path, producers: tuple[int, int], kind: str) -> None:
+    uid_a, uid_b = producers
+    path = tmp_path / ".convd-expect.victim"
+    if kind == "file":
+        path.write_text('{"size": 1}')
+    elif kind == "symlink":
+        os.symlink("/etc/passwd", path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        os.mkfifo(path)
+    os.lchown(path, uid_b, uid_b)
+    if kind == "file":
+        assert protocol.read_sidecar_owned(path) == ({"size": 1}, uid_b)
+    else:
+        with pytest.raises(protocol.SidecarError) as err:
+            protocol.read_sidecar_owned(path)
+        assert err.value.owner == uid_b  # from the descriptor looked at, never a second lookup
+    assert protocol.foreign_sidecar(uid_b, uid_a) is not None
+    assert protocol.foreign_sidecar(None, uid_a) is not None
+    for honoured in (uid_a, 0, os.geteuid()):
+        assert protocol.foreign_sidecar(honoured, uid_a) is None
+    assert protocol.foreign_sidecar(uid_a, None) is not None  # producer unknown: root's and convd's only

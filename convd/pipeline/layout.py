@@ -15,7 +15,8 @@ one), and in it one directory per item (``work/<instance>/<NAME>/``) holding
 * ``private``      a copy of ``source`` read instead of it where convd cannot
                    take the inode itself (``convd.custody``); made again after a crash;
 * ``output``       qemu-img's output while it is being written;
-* ``item.json``    attempts so far, and unpacks begun but never finished: the
+* ``item.json``    the producer's uid (the dropped file's owner at claim),
+                   attempts so far, and unpacks begun but never finished: the
                    daemon died in them (see ``note_reading``);
 * ``record.json``  the final record and destination, written durably just
                    before the handoff, so recovery can finish it.
@@ -64,7 +65,8 @@ IGNORED_SUFFIXES = (".part", ".tmp")
 LEDGER, LEDGER_LOCK = ".ledger", ".ledger.lock"  # in work/
 SOURCE, OUTPUT, ITEM, RECORD = "source", "output", "item.json", "record.json"
 # The producer's expectation (contract section 8) as convd read it at claim:
-# {"expect": {...}} or {"unreadable": "why"}; written by convd, never the producer's file.
+# {"expect": {...}} or {"unreadable": "why"}, and "uid": whose file it was; written
+# by convd, never the producer's file.
 EXPECT = "expect.json"
 # The producer's layout request (contract section 9), likewise: {"layout": {...}} or {"unreadable": "why"}.
 LAYOUT = "layout.json"
@@ -119,6 +121,9 @@ class Claim:
     private: Path | None = None  # the private copy of a source convd could not take (convd.custody)
     epoch: int = 0  # the Spool's lock epoch it was claimed or loaded in (see Spool.fence)
     owner: str | None = None  # item.json's owner: the instance that last adopted it (None: its claimer)
+    # The uid that owned the dropped file when it was claimed (item.json's producer_uid: custody
+    # makes the file convd's later), whose sidecars count for it (protocol.foreign_sidecar).
+    producer_uid: int | None = None
 
     @property
     def dropped(self) -> Path:

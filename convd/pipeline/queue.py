@@ -33,7 +33,7 @@ from pathlib import Path
 
 import structlog
 
-from convd.protocol import read_priority
+from convd.protocol import PRIORITY_PREFIX, ForeignSidecar, read_priority, set_aside
 
 __all__ = ["Candidate", "Intake", "Writer", "writer_state"]
 
@@ -134,7 +134,7 @@ class Intake:
         if c is None:
             c = self.pending[name] = Candidate(name=name, seen=now, still_since=now)
             # The producer writes the mark before renaming NAME in.
-            c.priority = read_priority(self.incoming, name) == "high"
+            c.priority = self._marked(name)
             # watchfiles reports a rename into incoming/ and a file created in
             # place alike ("added"); without inotify's word, timestamps decide.
             c.in_place = (not renamed) if renamed is not None else self._looks_in_place(name)
@@ -142,6 +142,21 @@ class Intake:
             c.in_place = True
         if modified:
             c.in_place = True
+
+    def _marked(self, name: str) -> bool:
+        """Whether ``NAME``'s producer marked it; another producer's mark is set aside, logged."""
+        try:
+            producer: int | None = os.lstat(self.incoming / name).st_uid
+        except OSError:
+            producer = None  # gone already: only root's or convd's own mark would count
+        try:
+            return read_priority(self.incoming, name, producer) == "high"
+        except ForeignSidecar as exc:
+            mark = f"{PRIORITY_PREFIX}{name}"
+            log.warning("sidecar not the producer's; set aside", item=name, sidecar=mark, reason=str(exc),
+                        uid=exc.owner, producer_uid=producer)
+            set_aside(self.incoming / mark)
+            return False
 
     def forget(self, name: str) -> None:
         self.pending.pop(name, None)

@@ -4,7 +4,9 @@ its layout request applied to the item's ``[target.*]``.
 
 A sidecar is the producer's file: read bounded and without following links
 (:func:`convd.protocol.read_sidecar`), and a bad one is logged once and set
-aside.  Time is convd's own clock, never a date the file states.
+aside.  One another producer planted under an item's name counts for nothing
+(:func:`convd.protocol.foreign_sidecar`).  Time is convd's own clock, never a
+date the file states.
 """
 
 from __future__ import annotations
@@ -16,22 +18,24 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from convd.config import target_with
 from convd.errors import ConfigError, UnsupportedFormat
 from convd.pipeline.item import Item
-from convd.pipeline.layout import LAYOUT
+from convd.pipeline.layout import LAYOUT, Claim
 from convd.protocol import (
     CANCEL_PREFIX,
     LAYOUT_PREFIX,
     CancelRequest,
     SidecarError,
+    foreign_sidecar,
     is_cancel_request,
     read_cancel_request,
     set_aside,
 )
 
-__all__ = ["MAX_CANCEL_REQUESTS", "CancelBook", "apply_layout"]
+__all__ = ["MAX_CANCEL_REQUESTS", "CancelBook", "apply_layout", "taken_sidecar"]
 
 # Most cancel requests held at once; one more is refused (and removed).  A
 # real request is settled within seconds, so this only bounds a flood.
@@ -136,6 +140,31 @@ class CancelBook:
         except FileNotFoundError:
             pass
 
+    def refuse(self, name: str) -> None:
+        """Set the request for ``NAME`` aside unread from now on (not its item's producer's); one
+        that cannot be removed is remembered, so it is neither acted on nor logged again."""
+        entry = self.entries.pop(name, None)
+        filename = f"{CANCEL_PREFIX}{name}"
+        if not set_aside(self.incoming / filename) and entry is not None:
+            if len(self._stuck) >= _REMEMBERED_MAX:
+                self._stuck.clear()
+            self._stuck[filename] = entry.ident
+
+
+def taken_sidecar(claim: Claim, dest: str) -> dict[str, Any] | None:
+    """What the claim took from a sidecar into ``claim.dir/DEST`` (``Spool._take_sidecars``), or
+    None: none was taken, or it was not the producer's (the claim logged and dropped it; this
+    sees one a crash kept from being dropped)."""
+    try:
+        state = json.loads((claim.dir / dest).read_bytes())
+    except FileNotFoundError:
+        return None
+    if not isinstance(state, dict):
+        return None
+    if "uid" in state and foreign_sidecar(state["uid"], claim.producer_uid) is not None:
+        return None  # (taken before the uid was kept: as it was taken)
+    return state
+
 
 def apply_layout(item: Item) -> None:
     """Lay the producer's layout request, taken at claim (``Spool._take_sidecars``), over
@@ -148,9 +177,8 @@ def apply_layout(item: Item) -> None:
     """
     if item.claim.source_path is not None:
         return  # `convd convert`: no spool, no request
-    try:
-        state = json.loads((item.claim.dir / LAYOUT).read_bytes())
-    except FileNotFoundError:
+    state = taken_sidecar(item.claim, LAYOUT)
+    if state is None:
         return
     sidecar = f"{LAYOUT_PREFIX}{item.name}"
     if "unreadable" in state:

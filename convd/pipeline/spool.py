@@ -308,6 +308,8 @@ class Spool:
         try:
             state = json.loads((d / ITEM).read_bytes())
             claim.owner = state.get("owner")
+            uid = state.get("producer_uid")
+            claim.producer_uid = uid if isinstance(uid, int) and not isinstance(uid, bool) else None
             claim.attempts = int(state.get("attempts", 0))
             claim.reads_unfinished = int(state.get("reads_unfinished", 0))
             if claim.reads_unfinished and state.get("reading_boot") != boot_id():
@@ -317,6 +319,12 @@ class Spool:
                 claim.reads_unfinished -= 1
         except (FileNotFoundError, ValueError, AttributeError, TypeError):
             pass
+        if claim.producer_uid is None:
+            # No item.json (a claim cut short): the drop is still the producer's
+            # unless custody took it, and then convd's (only root's and convd's
+            # own sidecars count).
+            with contextlib.suppress(OSError):
+                claim.producer_uid = os.lstat(d / SOURCE).st_uid
         try:
             claim.pending = json.loads((d / RECORD).read_bytes())
         except FileNotFoundError:
@@ -381,28 +389,33 @@ class Spool:
         return out
 
     def _take_sidecar(self, name: str, d: Path, prefix: str, key: str,
-                      parse: Callable[[Any], Any], dest: str) -> Path | None:
-        """Read ``incoming/PREFIX+NAME`` (bounded, link-free: :func:`protocol.read_sidecar`)
-        into ``d/DEST`` as ``{KEY: parse(value)}``, or ``{"unreadable": why}``; its
-        path in ``incoming/`` (to remove once the claim is won), or None when there is none."""
+                      parse: Callable[[Any], Any], dest: str) -> tuple[Path, str, int | None] | None:
+        """Read ``incoming/PREFIX+NAME`` (bounded, link-free: :func:`protocol.read_sidecar_owned`)
+        into ``d/DEST`` as ``{KEY: parse(value)}``, or ``{"unreadable": why}``, with ``"uid"``,
+        whose file it was; ``(its path in incoming/ (to remove once the claim is won), DEST,
+        that uid)``, or None when there is none."""
         path = self.incoming / f"{prefix}{name}"
         if not os.path.lexists(path):
             return None
+        owner: int | None = None
         try:
-            state: dict[str, Any] = {key: parse(protocol.read_sidecar(path))}
+            body, owner = protocol.read_sidecar_owned(path)
+            state: dict[str, Any] = {key: parse(body)}
         except FileNotFoundError:
             return None
         except protocol.SidecarError as exc:
             state = {"unreadable": str(exc)}
+            owner = exc.owner if owner is None else owner
+        state["uid"] = owner
         durable.write_json(d / dest, state, sync=False, compact=True)
-        return path
+        return path, dest, owner
 
-    def _take_sidecars(self, name: str, d: Path) -> list[Path]:
+    def _take_sidecars(self, name: str, d: Path) -> list[tuple[Path, str, int | None]]:
         """The producer's expectation (contract section 8) into ``d/expect.json`` and
-        its layout request (section 9) into ``d/layout.json``: the paths taken."""
+        its layout request (section 9) into ``d/layout.json``: what was taken."""
         taken = (self._take_sidecar(name, d, protocol.EXPECT_PREFIX, "expect", protocol.expectation, EXPECT),
                  self._take_sidecar(name, d, protocol.LAYOUT_PREFIX, "layout", protocol.layout_request, LAYOUT))
-        return [path for path in taken if path is not None]
+        return [t for t in taken if t is not None]
 
     def _claim(self, name: str) -> Claim | OSError | None:
         d = self.claims / name
@@ -413,6 +426,7 @@ class Spool:
         except OSError as exc:
             return exc
         try:
+            # Before the move: a sidecar written after it is the next item's.
             taken = self._take_sidecars(name, d)
         except OSError as exc:
             _unclaim(d)
@@ -429,9 +443,26 @@ class Spool:
         except OSError as exc:
             _unclaim(d)
             return exc
-        for path in taken:
+        claim = Claim(name=name, dir=d, epoch=self.epoch)
+        # Whose drop it is, now that no producer can swap it (d is convd's alone);
+        # custody makes the file convd's later, so item.json keeps it.
+        with contextlib.suppress(OSError):
+            claim.producer_uid = os.lstat(d / SOURCE).st_uid
+        for path, dest, owner in taken:
+            foreign = protocol.foreign_sidecar(owner, claim.producer_uid)
+            if foreign is not None:
+                # Another producer's, planted under this name: as if there were none.
+                log.warning("sidecar not the producer's; set aside", item=name, sidecar=path.name,
+                            reason=str(foreign), uid=owner, producer_uid=claim.producer_uid)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(d / dest)
             protocol.set_aside(path)  # taken with the item: removed (a directory, renamed away)
-        return Claim(name=name, dir=d, epoch=self.epoch)
+        with contextlib.suppress(OSError):
+            # Not durable yet (claim_all fsyncs the directory): lost, it is
+            # read again from source while custody has not taken it, and
+            # otherwise only root's and convd's own sidecars count.
+            self._write_item(claim, sync=False)
+        return claim
 
     # -- per-item state ---------------------------------------------------
 
@@ -452,7 +483,8 @@ class Spool:
     def _write_item(self, claim: Claim, *, sync: bool) -> None:
         if not self.owns(claim):
             return  # adopted meanwhile: its item.json (and owner) are the adopter's
-        durable.write_json(claim.dir / ITEM, {"name": claim.name, "attempts": claim.attempts,
+        durable.write_json(claim.dir / ITEM, {"name": claim.name, "producer_uid": claim.producer_uid,
+                                              "attempts": claim.attempts,
                                               "reads_unfinished": claim.reads_unfinished,
                                               "reading_boot": boot_id(), "owner": self.cfg.instance,
                                               "updated_at": time.time()}, replace=True, sync=sync,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import os
 import stat
 import threading
@@ -33,6 +32,7 @@ from convd.errors import Cancelled, CorruptImage, Stopped
 from convd.image.inspection import open_regular
 from convd.pipeline.item import Item
 from convd.pipeline.layout import EXPECT
+from convd.pipeline.sidecars import taken_sidecar
 from convd.protocol import EXPECT_PREFIX
 
 if TYPE_CHECKING:
@@ -45,9 +45,8 @@ def _expectation(item: Item) -> dict[str, Any]:
     """What the claim took from ``incoming/.convd-expect.NAME`` (see ``Spool._take_sidecars``)."""
     if item.claim.source_path is not None:
         return {}  # `convd convert`: no spool, no expectation
-    try:
-        state = json.loads((item.claim.dir / EXPECT).read_bytes())
-    except FileNotFoundError:
+    state = taken_sidecar(item.claim, EXPECT)
+    if state is None:
         return {}
     if "unreadable" in state:
         raise CorruptImage(f"the expectation {EXPECT_PREFIX}{item.name} cannot be used: {state['unreadable']}; "
