@@ -98,7 +98,7 @@ class CancelRequests:
                 return  # an earlier item's work dir; the request waits
             if claim is not None:
                 self.intake.forget(name)
-                protocol.clear_priority(self.spool.incoming, name)
+                protocol.clear_priority(self.spool.incoming, name, claim.producer_uid)
                 # Checked again on what was claimed: another file may have taken the name since.
                 if self._foreign(req, claim.producer_uid):
                     self.start_item(claim)
@@ -128,7 +128,7 @@ class CancelRequests:
         foreign = protocol.foreign_sidecar(req.uid, producer)
         if foreign is None:
             return False
-        log.warning("sidecar not the producer's; set aside", item=req.name,
+        log.warning("sidecar not the producer's; ignored", item=req.name,
                     sidecar=f"{protocol.CANCEL_PREFIX}{req.name}", reason=str(foreign), uid=req.uid,
                     producer_uid=producer)
         self.book.refuse(req.name)

@@ -168,13 +168,25 @@ def hand_in(src: str | os.PathLike[str], paths: SpoolPaths, name: str, *, priori
                 os.unlink(expect_path)
         raise
     renamed = True
+
+    def unwrite() -> None:
+        for sidecar in (expect_path, layout_path):
+            if sidecar is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(sidecar)
+
     try:
         os.rename(src, part)
     except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
         renamed = False
-        _copy(Path(src), part)
+        if exc.errno != errno.EXDEV:
+            unwrite()  # e.g. another producer holds .NAME.part in a sticky incoming/
+            raise
+        try:
+            _copy(Path(src), part)  # removes its own partial copy; never one it did not make
+        except BaseException:
+            unwrite()
+            raise
     try:
         fd = os.open(part, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
@@ -195,10 +207,7 @@ def hand_in(src: str | os.PathLike[str], paths: SpoolPaths, name: str, *, priori
                 os.rename(part, src)  # the caller's file stays where it was
             else:
                 os.unlink(part)
-        for sidecar in (expect_path, layout_path):
-            if sidecar is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(sidecar)
+        unwrite()
         raise
     if not renamed:
         os.unlink(src)
@@ -234,15 +243,21 @@ def read_priority(incoming: Path, name: str, producer: int | None = None) -> str
     return "high"
 
 
-def clear_priority(incoming: Path, name: str) -> None:
+def clear_priority(incoming: Path, name: str, producer: int | None = None) -> None:
     """Take ``NAME``'s priority sidecar away once ``NAME`` is claimed; never raises.
 
     A producer's file: a directory there is set aside like any sidecar
     convd will not act on, and a name too long for the prefix
-    (ENAMETOOLONG) has no sidecar at all.
+    (ENAMETOOLONG) has no sidecar at all.  One that is not ``producer``'s
+    (the claimed file's owner; :func:`foreign_sidecar`) stays: it may be for
+    its owner's own drop of that name, which another file took first.
     """
+    path = incoming / f"{PRIORITY_PREFIX}{name}"
     try:
-        set_aside(incoming / f"{PRIORITY_PREFIX}{name}")
+        st = os.lstat(path)
+        if foreign_sidecar(st.st_uid if st.st_nlink == 1 or stat.S_ISDIR(st.st_mode) else None,
+                           producer) is None:
+            set_aside(path)
     except OSError:
         pass
 
@@ -409,6 +424,10 @@ def read_sidecar_owned(path: str | os.PathLike[str]) -> tuple[dict[str, Any], in
             raise SidecarError("it is a symbolic link", owner)
         if not stat.S_ISREG(st.st_mode):
             raise SidecarError("it is not a regular file (a directory, FIFO, socket or device)", owner)
+        if st.st_nlink != 1:
+            # A hard link to someone's file says nothing of who wrote it there:
+            # attributed to no one, so it counts for no item (foreign_sidecar).
+            raise SidecarError(f"it has {st.st_nlink} hard links; a sidecar has one", None)
         if st.st_size > SIDECAR_MAX:
             raise SidecarError(f"it is {st.st_size} bytes; a sidecar has at most {SIDECAR_MAX}", owner)
         fd = _reopen(held, path, st)

@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def main() -> int:
     for i, root in enumerate(roots, start=1):
         cfg = config(args.workdir / f"node{i}.toml", root, f"node{i}", 1.0)
         if i == 1:  # node1 converts slowly, so the cut finds it mid-conversion
-            cfg.write_text(cfg.read_text().replace("[convert]\n", "[convert]\nrate_limit = \"2MiB\"\n"))
+            cfg.write_text(cfg.read_text().replace("[convert]\n", "[convert]\nrate_limit = \"1MiB\"\n"))
         log = args.workdir / f"node{i}.log"
         logs.append(log)
         with open(log, "wb") as fh:
@@ -79,8 +80,15 @@ def main() -> int:
                 raise RuntimeError("daemons did not start: " + " / ".join(log.read_text()[-1500:] for log in logs))
             time.sleep(0.1)
         first = sorted(args.images.iterdir())
-        for k, src in enumerate(first):
-            result["dropped"][src.name] = drop(src, roots[k % 2] / "incoming")
+
+        def drop_first() -> None:
+            for src in first:
+                result["dropped"][src.name] = drop(src, roots[1] / "incoming")  # node2's link stays up
+
+        # node1 is watched while the producer drops, and cut at once, not after the
+        # drops: it could finish what it holds meanwhile and find nothing left.
+        dropping = threading.Thread(target=drop_first, daemon=True)
+        dropping.start()
         vdir = roots[0] / "work" / "node1"
         deadline = time.monotonic() + 60
         while not [n for n in os.listdir(vdir) if not n.startswith(".")]:
@@ -96,6 +104,9 @@ def main() -> int:
         subprocess.run(["ip", "-n", "node1", "link", "set", "n1", "up"], check=True)
         result["cut"] = {"at": cut, "restored_at": time.time(), "held": held, "held_at_restore": during,
                          "node1_alive": procs[0].poll() is None}
+        dropping.join(timeout=120)
+        if dropping.is_alive():
+            raise RuntimeError("the producer's drops did not finish")
         names = {src.name for src in first}
         result["first_batch_done"] = wait_records(roots[1], names, 150)
         result["first_batch_done_at"] = time.time()

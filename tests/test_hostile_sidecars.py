@@ -368,7 +368,7 @@ def _readable(hosted: Hosted, src: Path, name: str) -> Path:
 
 
 def _set_aside(hosted: Hosted, sidecar: str) -> list[dict[str, object]]:
-    return [e for e in hosted.events("sidecar not the producer's; set aside") if e.get("sidecar") == sidecar]
+    return [e for e in hosted.events("sidecar not the producer's; ignored") if e.get("sidecar") == sidecar]
 
 
 @NEEDS_USERS
@@ -393,7 +393,8 @@ def test_another_producers_layout_and_expectation_are_set_aside_and_the_victim_c
         assert rec["target"]["layout"] == {"preallocation": "off"}, rec  # the daemon's own [target.raw]
         for prefix in (".convd-layout.", ".convd-expect."):
             sidecar = f"{prefix}{name}"
-            assert not os.path.lexists(hosted.incoming / sidecar)
+            # Left for B's own drop of that name, if any: never B's to take A's away either.
+            assert os.path.lexists(hosted.incoming / sidecar)
             logged = _set_aside(hosted, sidecar)
             assert len(logged) == 1, hosted.log()[-3000:]
             assert (logged[0]["uid"], logged[0]["producer_uid"], logged[0]["item"]) == (uid_b, uid_a, name)
@@ -514,9 +515,14 @@ def test_another_producers_priority_mark_is_set_aside_and_the_producers_own_coun
         for name in ("victim", "own", "by-root"):
             intake.saw(name, renamed=True)
     assert {n: c.priority for n, c in intake.pending.items()} == {"victim": False, "own": True, "by-root": True}
-    assert not (incoming / f"{protocol.PRIORITY_PREFIX}victim").exists()
+    assert (incoming / f"{protocol.PRIORITY_PREFIX}victim").exists()  # B's, for B's own drop of the name
     assert (incoming / f"{protocol.PRIORITY_PREFIX}own").exists()  # removed at claim, as ever
-    refused = [e for e in logs if e["event"] == "sidecar not the producer's; set aside"]
+    # At claim only the producer's (or root's) mark goes.
+    for name in ("victim", "own", "by-root"):
+        protocol.clear_priority(incoming, name, uid_a)
+    assert sorted(f for f in os.listdir(incoming) if f.startswith(protocol.PRIORITY_PREFIX)) == \
+        [f"{protocol.PRIORITY_PREFIX}victim"]
+    refused = [e for e in logs if e["event"] == "sidecar not the producer's; ignored"]
     assert [(e["sidecar"], e["uid"], e["producer_uid"]) for e in refused] == \
         [(f"{protocol.PRIORITY_PREFIX}victim", uid_b, uid_a)]
 
@@ -547,3 +553,90 @@ def test_a_sidecar_is_attributed_to_its_owner_whatever_it_is(
     for honoured in (uid_a, 0, os.geteuid()):
         assert protocol.foreign_sidecar(honoured, uid_a) is None
     assert protocol.foreign_sidecar(uid_a, None) is not None  # producer unknown: root's and convd's only
+
+
+@NEEDS_USERS
+def test_another_producers_file_claimed_first_under_the_name_leaves_the_victims_sidecars_for_its_own_drop(
+        hosted: Hosted, producers: tuple[int, int], image: Path) -> None:
+    # The trial's race: A writes its sidecars, then (a slow copy) its file; B
+    # renames a file of its own in under A's name between the two.  B's claim
+    # must not take A's sidecars away: A's drop, when it lands, has them.
+    uid_a, uid_b = producers
+    _sticky(hosted)
+    src = _readable(hosted, image, "raced.qcow2")
+    junk = hosted.base / "junk"
+    junk.write_bytes(b"")
+    junk.chmod(0o644)
+    hosted.start()
+    _plant(PRODUCER_A, hosted.incoming / ".convd-layout.raced", "json", {"raw": {"preallocation": "full"}})
+    _plant(PRODUCER_A, hosted.incoming / ".convd-expect.raced", "json", {"size": src.stat().st_size})
+    _plant(PRODUCER_B, hosted.incoming / "raced", "copy", str(junk))
+    first = wait_for(lambda: hosted.record("raced"), 60, what="the record of B's file")
+    assert first["status"] == "failed", first  # B's empty file, on its own merits
+    for sidecar in (".convd-layout.raced", ".convd-expect.raced"):
+        assert os.path.lexists(hosted.incoming / sidecar), sidecar
+        logged = _set_aside(hosted, sidecar)
+        assert [(e["uid"], e["producer_uid"]) for e in logged] == [(uid_a, uid_b)]
+    _plant(PRODUCER_A, hosted.incoming / "raced", "copy", str(src))
+    rec = wait_for(lambda: hosted.outgoing.joinpath("raced.json").exists() and hosted.record("raced"), 60,
+                   what="the record of A's file")
+    assert rec["status"] == "converted" and rec["target"]["layout"] == {"preallocation": "full"}, rec
+    assert not os.path.lexists(hosted.incoming / ".convd-layout.raced")  # taken with A's item
+    assert hosted.stop() == 0
+
+
+@NEEDS_USERS
+def test_one_producers_flood_of_cancel_requests_does_not_refuse_anothers(
+        tmp_path: Path, producers: tuple[int, int]) -> None:
+    from convd.pipeline.sidecars import CancelBook
+
+    uid_a, uid_b = producers
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+
+    def request(name: str, uid: int) -> None:
+        path = incoming / f"{protocol.CANCEL_PREFIX}{name}"
+        path.write_text(json.dumps({"name": name, "inode": None}))
+        os.chown(path, uid, uid)
+
+    for i in range(MAX_CANCEL_REQUESTS + 10):
+        request(f"ghost{i}", uid_b)
+    request("mine", uid_a)
+    book = CancelBook(incoming, lambda name: None)
+    refused, over = book.refresh()
+    assert over == 10 and refused == []
+    assert "mine" in book.entries and book.entries["mine"].request.uid == uid_a
+    assert sum(1 for e in book.entries.values() if e.request.uid == uid_b) == MAX_CANCEL_REQUESTS
+
+
+@NEEDS_USERS
+def test_a_hard_linked_sidecar_belongs_to_no_one_and_counts_for_no_item(
+        tmp_path: Path, producers: tuple[int, int]) -> None:
+    # B links a file of A's (one A left writable, or any with protected_hardlinks
+    # off) under a sidecar name: its owner says nothing of who put it there.
+    uid_a, _ = producers
+    mine = tmp_path / "a-file"
+    mine.write_text('{"raw": {"preallocation": "full"}}')
+    os.chown(mine, uid_a, uid_a)
+    linked = tmp_path / ".convd-layout.victim"
+    os.link(mine, linked)
+    with pytest.raises(protocol.SidecarError, match="2 hard links") as caught:
+        protocol.read_sidecar_owned(linked)
+    assert caught.value.owner is None
+    assert protocol.foreign_sidecar(caught.value.owner, uid_a) is not None
+
+
+def test_a_failed_hand_in_leaves_none_of_its_sidecars_behind(tmp_path: Path, image: Path) -> None:
+    # E.g. another producer holds incoming/.NAME.part (here a directory: the
+    # rename of the caller's file onto it fails before anything is copied).
+    paths = protocol.SpoolPaths.under(tmp_path / "spool")
+    for d in (paths.incoming, paths.work, paths.outgoing, paths.failed):
+        d.mkdir(parents=True)
+    (paths.incoming / ".held.part").mkdir()
+    src = tmp_path / "src.qcow2"
+    shutil.copyfile(image, src)
+    with pytest.raises(OSError):
+        protocol.hand_in(src, paths, "held", expect={"size": src.stat().st_size},
+                         layout={"raw": {"preallocation": "full"}})
+    assert sorted(os.listdir(paths.incoming)) == [".held.part"]
+    assert src.exists()

@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -225,15 +226,23 @@ def run_ceph(ceph: CephCluster, tmp_path: Path, images: tuple[Path, Path], *, pa
     for d in ("incoming", "work", "outgoing", "failed"):
         (roots[0] / d).mkdir(parents=True)
     # node1 converts slowly, so the cut finds it mid-conversion.
-    daemons = [Daemon(_config(tmp_path, "node1", roots[0], rate_limit="2MiB")),
+    daemons = [Daemon(_config(tmp_path, "node1", roots[0], rate_limit="1MiB")),
                Daemon(_config(tmp_path, "node2", roots[1]))]
     res: dict[str, Any] = {}
     try:
         for d in daemons:
             d.wait_ready(timeout=60)
         first = sorted(images[0].iterdir())
-        for k, src in enumerate(first):
-            _drop(src, roots[k % 2] / "incoming")
+
+        def drop_first() -> None:
+            for src in first:
+                _drop(src, roots[1] / "incoming")  # through node2's client: it stays up
+
+        # Watched while the producer drops, and cut at once, not after the drops: node1
+        # could finish what it holds meanwhile and find nothing left at its next look
+        # (a CI run timed out so).
+        dropping = threading.Thread(target=drop_first, daemon=True)
+        dropping.start()
         # Listed through node1's own client just before it goes silent: through node2's, the
         # listing would wait for node1 to give up its caps on the directory, i.e. for its eviction.
         held = wait_for(lambda: _items(roots[0], "node1") or None, timeout=120, interval=0.05,
@@ -258,6 +267,8 @@ def run_ceph(ceph: CephCluster, tmp_path: Path, images: tuple[Path, Path], *, pa
             ceph.remount(0)
             res["remounted_at"] = time.time()
         res["cut"] = {"at": cut, "restored_at": restored, "held": held, "node1_alive": daemons[0].proc.poll() is None}
+        dropping.join(timeout=120)  # a create in incoming/ may have waited for node1's caps
+        assert not dropping.is_alive(), "the producer's drops did not finish"
         names = {src.name for src in first}
         wait_for(lambda: _records(roots[1]) >= names or None, timeout=240, interval=0.5,
                  what="every image of the first batch to have a record")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -165,15 +166,22 @@ def test_three_daemons_on_cephfs_convert_each_image_exactly_once(ceph, nodes, tm
 
 def test_survivors_finish_a_killed_daemon_claims_without_a_restart(ceph, nodes, tmp_path):
     images = make_images(tmp_path, 60, "kill")
-    daemons = [n.start() for n in nodes]
     victim = nodes[0]
-    drop_all(images, nodes)
+    # The victim converts slowly, so its claims last: unslowed, it could finish
+    # its share while the producers were still dropping and never hold two at
+    # a look (a CI run timed out here so).
+    victim.config.write_text(victim.config.read_text().replace("[convert]\n", '[convert]\nrate_limit = "1MiB"\n'))
+    daemons = [n.start() for n in nodes]
+    # The producers drop while the victim is watched, not before.
+    dropping = threading.Thread(target=drop_all, args=(images, nodes), daemon=True)
+    dropping.start()
     # kill -9 once the victim holds at least two claims mid-batch.
     held = wait_for(lambda: (lambda w: w if len(w) >= 2 else None)(items_in_work(victim.root).get(victim.name, [])),
                     timeout=120, interval=0.05, what="the victim to hold two claims")
     victim.daemon.kill_group()
     killed_at = time.monotonic()
     held = items_in_work(victim.root).get(victim.name, [])
+    dropping.join()
     # Nobody restarts anything: the two survivors must adopt and finish them.
     wait_for(lambda: set(records(victim.root)) >= set(held), timeout=120, interval=0.2,
              what="the killed daemon's claims to be finished")

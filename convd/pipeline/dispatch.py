@@ -182,5 +182,5 @@ class Dispatcher:
         claimed = self.spool.claim_all(names)
         for name, claim in claimed.items():
             if claim is not None and not isinstance(claim, OSError):
-                protocol.clear_priority(self.spool.incoming, name)
+                protocol.clear_priority(self.spool.incoming, name, claim.producer_uid)
         return claimed

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import structlog
 
-from convd.protocol import PRIORITY_PREFIX, ForeignSidecar, read_priority, set_aside
+from convd.protocol import PRIORITY_PREFIX, ForeignSidecar, read_priority
 
 __all__ = ["Candidate", "Intake", "Writer", "writer_state"]
 
@@ -153,9 +153,9 @@ class Intake:
             return read_priority(self.incoming, name, producer) == "high"
         except ForeignSidecar as exc:
             mark = f"{PRIORITY_PREFIX}{name}"
-            log.warning("sidecar not the producer's; set aside", item=name, sidecar=mark, reason=str(exc),
+            # Left where it is: it may be for its owner's own drop of this name.
+            log.warning("sidecar not the producer's; ignored", item=name, sidecar=mark, reason=str(exc),
                         uid=exc.owner, producer_uid=producer)
-            set_aside(self.incoming / mark)
             return False
 
     def forget(self, name: str) -> None:

@@ -11,6 +11,7 @@ date the file states.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -37,8 +38,9 @@ from convd.protocol import (
 
 __all__ = ["MAX_CANCEL_REQUESTS", "CancelBook", "apply_layout", "taken_sidecar"]
 
-# Most cancel requests held at once; one more is refused (and removed).  A
-# real request is settled within seconds, so this only bounds a flood.
+# Most cancel requests held at once per owner (uid); one more of that owner is
+# refused (and removed).  A real request is settled within seconds, so this only
+# bounds a flood, and one producer's flood leaves another's requests alone.
 MAX_CANCEL_REQUESTS = 256
 # Files that could be neither read nor set aside, remembered so each is logged once.
 _REMEMBERED_MAX = 10_000
@@ -81,6 +83,8 @@ class CancelBook:
         refused: list[tuple[str, str]] = []
         over = 0
         seen: set[str] = set()
+        # The limit holds per owner: one producer's flood must not refuse another's request.
+        held = collections.Counter(e.request.uid for e in self.entries.values())
         requests = [n for n in names if is_cancel_request(n)]
         for filename in requests:
             name = filename[len(CANCEL_PREFIX):]
@@ -101,9 +105,9 @@ class CancelBook:
                 why = self.name_refused(name)
                 if why is not None:
                     raise SidecarError(f"it names {name!r}, which the intake refuses: {why}")
-                if entry is None and len(self.entries) >= self.limit:
+                if entry is None and held[st.st_uid] >= self.limit:
                     overflow = True
-                    raise SidecarError(f"more than {self.limit} cancel requests are waiting")
+                    raise SidecarError(f"more than {self.limit} cancel requests of uid {st.st_uid} are waiting")
                 req = read_cancel_request(path, name)
             except FileNotFoundError:
                 continue
@@ -118,6 +122,9 @@ class CancelBook:
                     self._stuck[filename] = ident
                 continue
             # A rewritten request is a new one: its age starts again.
+            if entry is not None:
+                held[entry.request.uid] -= 1
+            held[req.uid] += 1
             self.entries[name] = _Entry(ident, req, self.clock())
             seen.add(name)
         for name in [n for n in self.entries if n not in seen]:

@@ -451,11 +451,14 @@ class Spool:
         for path, dest, owner in taken:
             foreign = protocol.foreign_sidecar(owner, claim.producer_uid)
             if foreign is not None:
-                # Another producer's, planted under this name: as if there were none.
-                log.warning("sidecar not the producer's; set aside", item=name, sidecar=path.name,
+                # Another producer's: as if there were none.  Left where it is, not
+                # removed: it may be for its owner's own drop of this name, which
+                # another file took first (removing it would strip that drop's).
+                log.warning("sidecar not the producer's; ignored", item=name, sidecar=path.name,
                             reason=str(foreign), uid=owner, producer_uid=claim.producer_uid)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(d / dest)
+                continue
             protocol.set_aside(path)  # taken with the item: removed (a directory, renamed away)
         with contextlib.suppress(OSError):
             # Not durable yet (claim_all fsyncs the directory): lost, it is
