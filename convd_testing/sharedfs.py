@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from convd_testing.glance_server import track, untrack
 
@@ -362,22 +363,13 @@ class UmlNfs:
                                      .replace("{leases}", "" if leases else "sysctl -w fs.leases-enable=0"))
         (d / "job.sh").write_text(job)
         with open(d / "console.log", "wb") as console:
-            p = subprocess.Popen(
+            p, token = _start_uml(
                 ["linux.uml", f"mem={mem}", "rootfstype=hostfs", "rootflags=/", "rw", f"init={d / 'init.sh'}",
-                 f"ubd0={img}", "con=null", "con0=null"],
-                stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT, start_new_session=True)
-            track(p)
+                 f"ubd0={img}", "con=null", "con0=null"], console)
             try:
-                p.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
+                _wait_exit(p, timeout)
             finally:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.wait()
-                untrack(p)
+                _end_uml(p, token)
                 img.unlink(missing_ok=True)
         log = (d / "guest.log").read_text(errors="replace") if (d / "guest.log").exists() else ""
         if "NFS-UP" not in log:
@@ -441,27 +433,77 @@ def uml_has_filesystem(fstype: str) -> bool:
         return False
 
 
-def _wait_group_gone(pgid: int, timeout: float = 30.0) -> None:
-    """Wait until no live process (zombies aside) is left in process group ``pgid``."""
+# Every process of one UML boot carries this in its environment (UML's kernel
+# process and its I/O helpers share its memory), so the boot's processes are
+# found by what they are, not by a process-group number: once a boot's group
+# is gone, the kernel may give that number to another session (pid_max is
+# 32768 here and a suite wraps it within minutes), and a CI run waited 30 s
+# on another test's processes that way.
+_UML_BOOT = "CONVD_UML_BOOT"
+
+
+def _start_uml(argv: list[str], console: Any) -> tuple[subprocess.Popen[bytes], str]:
+    """``linux.uml`` in a session of its own, tagged with a token of its own (see ``_UML_BOOT``)."""
+    token = uuid.uuid4().hex
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
+                         start_new_session=True, env={**os.environ, _UML_BOOT: token})
+    track(p)
+    return p, token
+
+
+def _uml_processes(token: str) -> list[str]:
+    """The live (not zombie) processes of the boot tagged ``token``."""
+    tag = f"{_UML_BOOT}={token}".encode()
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if tag not in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                continue
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if stat[stat.rindex(")") + 2] != "Z":
+            out.append(pid)
+    return out
+
+
+def _wait_exit(p: subprocess.Popen[bytes], timeout: float) -> None:
+    """Until the UML process has exited (the guest powered off) or ``timeout`` s, without
+    reaping it (``WNOWAIT``): :func:`_end_uml` may then still signal its process group."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is not None:
+            return
+        time.sleep(0.05)
+
+
+def _end_uml(p: subprocess.Popen[bytes], token: str, timeout: float = 30.0) -> None:
+    """Power off by SIGKILL: the UML process group while its leader is not yet reaped (then the
+    group's number is still its own), then any process of the boot left; returns once none is
+    alive, so the next boot cannot meet a write of this one still on its way to a disk image."""
+    if p.returncode is None:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     deadline = time.monotonic() + timeout
     while True:
-        left = []
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, ...
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                left.append(pid)
+        left = _uml_processes(token)
         if not left:
-            return
+            break
+        for pid in left:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         if time.monotonic() > deadline:
             raise RuntimeError(f"UML processes outlived SIGKILL for {timeout:.0f} s:\n"
                                + "\n".join(_describe(pid) for pid in left))
         time.sleep(0.01)
+    p.wait()
+    untrack(p)
 
 
 def _describe(pid: str) -> str:
@@ -530,29 +572,19 @@ class UmlDisks:
         (d / "job.sh").write_text(job)
         ubds = [f"ubd{n}={img}" for n, img in enumerate(self.images)]
         with open(d / "console.log", "wb") as console:
-            p = subprocess.Popen(
+            p, token = _start_uml(
                 ["linux.uml", f"mem={mem}", "rootfstype=hostfs", "rootflags=/", "rw", f"init={d / 'init.sh'}",
-                 *ubds, "con=null", "con0=null"],
-                stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT, start_new_session=True)
-            track(p)
+                 *ubds, "con=null", "con0=null"], console)
             try:
                 if until is not None:
                     until(p)
                 else:
-                    p.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
+                    _wait_exit(p, timeout)
             finally:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.wait()
                 # UML's block-device I/O runs in a process of its own (a clone
                 # sharing memory, not a thread): the next boot must not start
                 # while it could still be writing.
-                _wait_group_gone(p.pid)
-                untrack(p)
+                _end_uml(p, token)
         return (d / "guest.log").read_text(errors="replace") if (d / "guest.log").exists() else ""
 
     def fsck(self, log: str) -> dict[int, tuple[int | None, str]]:
