@@ -20,7 +20,7 @@ import structlog
 
 from convd import durable
 from convd.cluster import ADOPT, LOCK, try_flock
-from convd.pipeline.layout import ITEM, Claim, is_item
+from convd.pipeline.layout import ITEM, RECORD, SOURCE, Claim, is_item
 from convd.pipeline.spool import Spool
 
 __all__ = ["TakeOver"]
@@ -119,9 +119,15 @@ class TakeOver:
                     log.error("cannot adopt an item of a stopped instance", item=item.name,
                               instance=peer, error=exc.strerror)
                     continue
-            self._mark_owner(self.spool.claims / item.name)
-            adopted.append(item.name)
-            log.warning("adopted an item of a stopped instance", item=item.name, instance=peer)
+            taken = self.spool.claims / item.name
+            self._mark_owner(taken)
+            adopted.append(item.name)  # recovered next: an empty one is removed there
+            if os.path.lexists(taken / SOURCE) or os.path.lexists(taken / RECORD):
+                log.warning("adopted an item of a stopped instance", item=item.name, instance=peer)
+            else:
+                # A claim its owner began and never finished (cut off between the mkdir and
+                # the move): the file is still in incoming/, and nothing was adopted.
+                log.info("took over an empty claim of a stopped instance", item=item.name, instance=peer)
         if adopted:
             durable.fsync_dir(pdir)
         return adopted
