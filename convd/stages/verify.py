@@ -70,15 +70,15 @@ class Verifier:
             h.update(data)
         self._fed += len(data)
 
-    async def finish(self, *, now: bool = False) -> None:
+    async def finish(self) -> None:
         """Digests from what was fed if that was the whole file, else from a read of their own;
         then the check.  Sets ``item.source_checksums``; raises ``CorruptImage`` on a mismatch.
 
         With nothing stated but the size (checked already), the read is left
-        for :func:`beside` (``item.source_digests_due``) unless ``now``."""
+        for :func:`beside` (``item.source_digests_due``)."""
         if self._fed == self.size:
             sums = {a: h.hexdigest() for a, h in zip(self.algorithms, self._hashers)}
-        elif not now and set(self.expect) <= {"size"}:
+        elif set(self.expect) <= {"size"}:
             self.item.source_digests_due = tuple(self.algorithms)
             self._check({})  # the size
             return
