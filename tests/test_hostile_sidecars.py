@@ -20,7 +20,7 @@ import structlog
 
 from convd import protocol
 from convd.pipeline.queue import Intake
-from convd.pipeline.sidecars import MAX_CANCEL_REQUESTS
+from convd.pipeline.sidecars import MAX_CANCEL_REQUESTS, CancelBook
 from convd_testing.glance_server import GLANCE_VENV, reachable_convd
 
 from conftest import MiB, as_user, convd_bin, make_image, run, system_users, wait_for, write_config
@@ -354,6 +354,12 @@ def _plant(user: str, dest: Path, kind: str, what: object) -> None:
     run(*as_user(user, "/usr/bin/python3", "-c", _PLANT, kind, str(dest), text))
 
 
+def _owned(path: Path, data: bytes, uid: int) -> None:
+    """``path`` holding ``data``, owned by ``uid`` (as that producer would have made it)."""
+    path.write_bytes(data)
+    os.chown(path, uid, uid)
+
+
 def _sticky(hosted: Hosted) -> None:
     # As the unit's tmpfiles snippet makes it: nobody removes or replaces another's file.
     hosted.incoming.chmod(0o3777)
@@ -506,10 +512,8 @@ def test_another_producers_priority_mark_is_set_aside_and_the_producers_own_coun
     incoming = tmp_path / "incoming"
     incoming.mkdir()
     for name, marker in (("victim", uid_b), ("own", uid_a), ("by-root", 0)):
-        (incoming / name).write_bytes(b"\0" * 512)
-        os.chown(incoming / name, uid_a, uid_a)
-        (incoming / f"{protocol.PRIORITY_PREFIX}{name}").write_text('{"priority": "high"}')
-        os.chown(incoming / f"{protocol.PRIORITY_PREFIX}{name}", marker, marker)
+        _owned(incoming / name, b"\0" * 512, uid_a)
+        _owned(incoming / f"{protocol.PRIORITY_PREFIX}{name}", b'{"priority": "high"}', marker)
     intake = Intake(incoming, 0.5)
     with structlog.testing.capture_logs() as logs:
         for name in ("victim", "own", "by-root"):
@@ -588,16 +592,12 @@ def test_another_producers_file_claimed_first_under_the_name_leaves_the_victims_
 @NEEDS_USERS
 def test_one_producers_flood_of_cancel_requests_does_not_refuse_anothers(
         tmp_path: Path, producers: tuple[int, int]) -> None:
-    from convd.pipeline.sidecars import CancelBook
-
     uid_a, uid_b = producers
     incoming = tmp_path / "incoming"
     incoming.mkdir()
 
     def request(name: str, uid: int) -> None:
-        path = incoming / f"{protocol.CANCEL_PREFIX}{name}"
-        path.write_text(json.dumps({"name": name, "inode": None}))
-        os.chown(path, uid, uid)
+        _owned(incoming / f"{protocol.CANCEL_PREFIX}{name}", json.dumps({"name": name, "inode": None}).encode(), uid)
 
     for i in range(MAX_CANCEL_REQUESTS + 10):
         request(f"ghost{i}", uid_b)
