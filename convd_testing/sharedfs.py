@@ -23,7 +23,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +39,21 @@ class CephUnavailable(RuntimeError):
     """The machine cannot run the cluster (not root, tools missing, no FUSE)."""
 
 
+def _tools_missing(tools: Iterable[str], packages: str) -> str | None:
+    """Which of ``tools`` are not on PATH, and the Debian ``packages`` that bring them; None: all are."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        return f"missing {', '.join(missing)}: run `make sharedfs-deps` (apt-get install {packages})"
+    return None
+
+
 def ceph_missing() -> str | None:
     """Why a Ceph cluster cannot be run here, or None if it can."""
     if os.geteuid() != 0:
         return "needs root (ceph daemons and FUSE mounts)"
-    missing = [t for t in CEPH_TOOLS if shutil.which(t) is None]
+    missing = _tools_missing(CEPH_TOOLS, "ceph-mon ceph-osd ceph-mds ceph-mgr ceph-fuse")
     if missing:
-        return (f"missing {', '.join(missing)}: run `make sharedfs-deps` "
-                "(apt-get install ceph-mon ceph-osd ceph-mds ceph-mgr ceph-fuse)")
+        return missing
     if not os.path.exists("/dev/fuse"):
         return "no /dev/fuse"
     return None
@@ -320,11 +327,7 @@ def uml_missing() -> str | None:
     """Why the UML NFS lab cannot run here, or None if it can."""
     if os.geteuid() != 0:
         return "needs root"
-    missing = [t for t in UML_TOOLS if shutil.which(t) is None]
-    if missing:
-        return (f"missing {', '.join(missing)}: run `make sharedfs-deps` "
-                "(apt-get install user-mode-linux nfs-kernel-server iproute2 kmod)")
-    return None
+    return _tools_missing(UML_TOOLS, "user-mode-linux nfs-kernel-server iproute2 kmod")
 
 
 class UmlNfs:
@@ -414,11 +417,7 @@ def uml_disks_missing(fstypes: tuple[str, ...] = ("ext4", "xfs")) -> str | None:
     if os.geteuid() != 0:
         return "needs root"
     tools = ("linux.uml", *(t for fs in fstypes for t in DISK_TOOLS[fs]))
-    missing = [t for t in tools if shutil.which(t) is None]
-    if missing:
-        return (f"missing {', '.join(missing)}: run `make sharedfs-deps` "
-                "(apt-get install user-mode-linux e2fsprogs xfsprogs)")
-    return None
+    return _tools_missing(tools, "user-mode-linux e2fsprogs xfsprogs")
 
 
 def uml_has_filesystem(fstype: str) -> bool:
